@@ -1,0 +1,167 @@
+//! SMTP command lines (RFC 5321 §4.1.1), parsed without I/O.
+
+use crate::address::{parse_path, Address, AddressError, PathKind};
+
+/// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
+pub const MAX_COMMAND_LINE: usize = 512;
+/// MAIL and RCPT may be longer by their ESMTP parameters (RFC 5321 §4.5.3.1.4, RFC 1869 §4.1.2).
+pub const MAX_MAIL_RCPT_LINE: usize = 2048;
+
+/// An ESMTP parameter `KEYWORD[=value]`, keyword uppercased.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Param {
+    pub keyword: String,
+    pub value: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Helo(String),
+    Ehlo(String),
+    /// `from` is `None` for the null reverse-path `<>`.
+    Mail { from: Option<Address>, params: Vec<Param> },
+    Rcpt { to: Address, params: Vec<Param> },
+    Data,
+    Rset,
+    Noop,
+    Quit,
+    Help,
+    Vrfy(String),
+    StartTls,
+    Auth(String),
+    /// A command RFC 5321 knows that Postroom does not offer (EXPN, SEND, SOML, SAML, TURN).
+    NotImplemented(String),
+    Unknown(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("syntax error in parameters")]
+    Syntax(&'static str),
+    #[error("bad address: {0}")]
+    Address(#[from] AddressError),
+}
+
+/// Parse one command line without its CRLF.
+pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
+    let (verb, args) = match line.iter().position(|&b| b == b' ') {
+        Some(i) => (&line[..i], &line[i + 1..]),
+        None => (line, &b""[..]),
+    };
+    let verb = String::from_utf8_lossy(verb).to_ascii_uppercase();
+    let text = || String::from_utf8_lossy(args).trim().to_string();
+    Ok(match verb.as_str() {
+        "HELO" | "EHLO" => {
+            let domain = text();
+            if domain.is_empty() || domain.contains(' ') {
+                return Err(CommandError::Syntax("domain name required"));
+            }
+            if verb == "HELO" { Command::Helo(domain) } else { Command::Ehlo(domain) }
+        }
+        "MAIL" => {
+            let rest = strip_prefix_ci(args, b"FROM:").ok_or(CommandError::Syntax("MAIL FROM:<address> expected"))?;
+            let (from, rest) = parse_path(rest, PathKind::ReversePath)?;
+            Command::Mail { from, params: parse_params(rest)? }
+        }
+        "RCPT" => {
+            let rest = strip_prefix_ci(args, b"TO:").ok_or(CommandError::Syntax("RCPT TO:<address> expected"))?;
+            let (to, rest) = parse_path(rest, PathKind::ForwardPath)?;
+            Command::Rcpt { to: to.ok_or(CommandError::Syntax("recipient required"))?, params: parse_params(rest)? }
+        }
+        "DATA" | "RSET" | "QUIT" | "STARTTLS" if !args.iter().all(|&b| b == b' ') => {
+            return Err(CommandError::Syntax("no parameters allowed"));
+        }
+        "DATA" => Command::Data,
+        "RSET" => Command::Rset,
+        "QUIT" => Command::Quit,
+        "STARTTLS" => Command::StartTls,
+        "NOOP" => Command::Noop,
+        "HELP" => Command::Help,
+        "VRFY" => Command::Vrfy(text()),
+        "AUTH" => Command::Auth(text()),
+        "EXPN" | "SEND" | "SOML" | "SAML" | "TURN" => Command::NotImplemented(verb),
+        _ => Command::Unknown(verb),
+    })
+}
+
+/// RFC 5321 §4.1.2: parameters after the path, separated by spaces.
+fn parse_params(rest: &[u8]) -> Result<Vec<Param>, CommandError> {
+    if !rest.is_empty() && rest[0] != b' ' {
+        return Err(CommandError::Syntax("space expected after address"));
+    }
+    let text = std::str::from_utf8(rest).map_err(|_| CommandError::Syntax("parameters must be ASCII"))?;
+    text.split(' ')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = match p.split_once('=') {
+                Some((k, v)) => (k, Some(v.to_string())),
+                None => (p, None),
+            };
+            if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return Err(CommandError::Syntax("bad parameter keyword"));
+            }
+            Ok(Param { keyword: k.to_ascii_uppercase(), value: v })
+        })
+        .collect()
+}
+
+fn strip_prefix_ci<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    if s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        Some(&s[prefix.len()..])
+    } else {
+        None
+    }
+}
+
+/// The line limit that applies to a command line starting with these bytes.
+pub fn line_limit(line_start: &[u8]) -> usize {
+    let verb = &line_start[..line_start.len().min(4)];
+    if verb.eq_ignore_ascii_case(b"MAIL") || verb.eq_ignore_ascii_case(b"RCPT") {
+        MAX_MAIL_RCPT_LINE
+    } else {
+        MAX_COMMAND_LINE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mail_with_params() {
+        let c = parse(b"mail from:<jane@example.test> SIZE=1000 BODY=8BITMIME").unwrap();
+        let Command::Mail { from, params } = c else { panic!() };
+        assert_eq!(from.unwrap().key(), "jane@example.test");
+        assert_eq!(params[0], Param { keyword: "SIZE".into(), value: Some("1000".into()) });
+        assert_eq!(params[1].keyword, "BODY");
+    }
+
+    #[test]
+    fn mail_without_brackets_is_an_address_error() {
+        assert_eq!(parse(b"MAIL FROM:jane@example.test"), Err(CommandError::Address(AddressError::NoBrackets)));
+        assert!(parse(b"MAIL jane").is_err());
+    }
+
+    #[test]
+    fn space_after_colon_is_tolerated() {
+        assert!(matches!(parse(b"RCPT TO: <sam@example.test>"), Ok(Command::Rcpt { .. })));
+    }
+
+    #[test]
+    fn verbs() {
+        assert_eq!(parse(b"EHLO client.example").unwrap(), Command::Ehlo("client.example".into()));
+        assert!(parse(b"EHLO").is_err());
+        assert_eq!(parse(b"data").unwrap(), Command::Data);
+        assert!(parse(b"DATA now").is_err());
+        assert_eq!(parse(b"EXPN staff").unwrap(), Command::NotImplemented("EXPN".into()));
+        assert_eq!(parse(b"FOO").unwrap(), Command::Unknown("FOO".into()));
+        assert_eq!(parse(b"\xff\xfe").unwrap(), Command::Unknown("\u{fffd}\u{fffd}".into()));
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(line_limit(b"MAIL FROM"), MAX_MAIL_RCPT_LINE);
+        assert_eq!(line_limit(b"NOOP"), MAX_COMMAND_LINE);
+        assert_eq!(line_limit(b"NO"), MAX_COMMAND_LINE);
+    }
+}
