@@ -100,3 +100,7 @@ CREATE TABLE journal (
 );
 CREATE INDEX journal_at ON journal(at);
 CREATE INDEX journal_qid ON journal(qid);
+
+-- UIDLs are "<epoch>.<mailbox id>": the epoch differs per database, so a recreated database
+-- never hands out a UIDL a client has seen for another message (P4).
+INSERT INTO meta (key, value) VALUES ('uidl_epoch', lower(hex(randomblob(4))));

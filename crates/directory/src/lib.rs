@@ -1,1 +1,54 @@
+//! Users, addresses, local domains and mailboxes (SPEC D1-D4), a typed API over the store.
+//!
+//! Passwords are argon2 PHC strings, hashed and verified on a small bounded thread pool
+//! ([`passwords::PasswordPool`]), never on async workers. Management functions (`admin`) are
+//! blocking and meant for the CLI; the lookups the servers use per session are async.
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod mailbox;
+pub mod passwords;
+pub mod resolve;
+
+pub use passwords::PasswordPool;
+pub use resolve::{LocalDomains, Resolution};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    #[error("user {0} already exists")]
+    UserExists(String),
+    #[error("no such user: {0}")]
+    NoSuchUser(String),
+    #[error("address {0} already belongs to user {1}")]
+    AddressTaken(String, String),
+    #[error("bad address {0}: expected local@domain")]
+    BadAddress(String),
+    #[error("domain {0} is not a local domain (add it with `postroom domain add {0}`)")]
+    NotLocalDomain(String),
+    #[error("bad user name {0}: use letters, digits, '.', '_' or '-' (at most 64)")]
+    BadUserName(String),
+    #[error("bad domain name {0}")]
+    BadDomain(String),
+    #[error("domain {0} is set in the configuration file; remove it there")]
+    ConfiguredDomain(String),
+    #[error("domain {0} still has addresses: {1}")]
+    DomainInUse(String, String),
+    #[error("no such domain: {0}")]
+    NoSuchDomain(String),
+    #[error("password must not be empty")]
+    EmptyPassword,
+    #[error("password hashing failed: {0}")]
+    Hash(String),
+    #[error("the password service is busy")]
+    Busy,
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+impl From<rusqlite::Error> for DirectoryError {
+    fn from(e: rusqlite::Error) -> Self {
+        DirectoryError::Store(e.into())
+    }
+}
+
+pub type Result<T, E = DirectoryError> = std::result::Result<T, E>;

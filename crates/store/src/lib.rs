@@ -11,6 +11,7 @@
 //! 0700 directory (SPEC D4).
 #![forbid(unsafe_code)]
 
+pub mod journal;
 mod migrate;
 mod pool;
 

@@ -1,0 +1,144 @@
+//! argon2 on a small bounded pool, with a cache of recently verified credentials.
+//!
+//! A flood of bad passwords fills the pool's queue and is refused ([`DirectoryError::Busy`])
+//! rather than starving sessions. Unknown users are verified against a dummy hash, so the
+//! answer takes as long as for a real user. The cache keeps, per stored hash, a keyed BLAKE2b
+//! digest of the last password that verified, so a POP client that polls every few minutes
+//! does not pay argon2 each time; changing the password changes the hash and voids the entry.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use argon2::Argon2;
+use blake2::{Blake2b512, Digest};
+use crossbeam_channel::{Sender, TrySendError};
+
+use crate::{DirectoryError, Result};
+
+/// Hash a password with argon2id and a fresh salt (blocking; for the CLI and the pool).
+pub fn hash_password(password: &str) -> Result<String> {
+    if password.is_empty() {
+        return Err(DirectoryError::EmptyPassword);
+    }
+    Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()).map_err(|e| DirectoryError::Hash(e.to_string()))
+}
+
+/// Verify against a PHC string (blocking).
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    match argon2::password_hash::phc::PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
+        Err(_) => false,
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+const CACHE_TTL: Duration = Duration::from_secs(3600);
+const CACHE_MAX: usize = 10_000;
+
+/// Bounded pool of argon2 threads.
+#[derive(Clone)]
+pub struct PasswordPool {
+    jobs: Sender<Job>,
+    dummy_hash: Arc<String>,
+    cache: Arc<Mutex<HashMap<String, ([u8; 64], Instant)>>>,
+    cache_key: Arc<[u8; 32]>,
+}
+
+impl PasswordPool {
+    /// `threads` workers and at most `queue` waiting verifications.
+    pub fn new(threads: usize, queue: usize) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(queue.max(1));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                })
+                .expect("spawn argon2 thread");
+        }
+        let mut key = [0u8; 32];
+        let _ = getrandom::fill(&mut key);
+        let dummy = hash_password("postroom-dummy-password").unwrap_or_default();
+        PasswordPool { jobs: tx, dummy_hash: Arc::new(dummy), cache: Arc::default(), cache_key: Arc::new(key) }
+    }
+
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        match self.jobs.try_send(job) {
+            Ok(()) => rx.await.map_err(|_| DirectoryError::Busy),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => Err(DirectoryError::Busy),
+        }
+    }
+
+    pub async fn hash(&self, password: String) -> Result<String> {
+        self.run(move || hash_password(&password)).await?
+    }
+
+    /// Verify `password` against `hash`; `None` (unknown user) costs the same and fails.
+    pub async fn verify(&self, hash: Option<String>, password: String) -> Result<bool> {
+        let Some(hash) = hash else {
+            let dummy = self.dummy_hash.clone();
+            self.run(move || verify_password(&dummy, &password)).await?;
+            return Ok(false);
+        };
+        let digest = self.digest(&hash, &password);
+        if let Some((d, at)) = self.cache.lock().expect("cache lock").get(&hash) {
+            if *d == digest && at.elapsed() < CACHE_TTL {
+                return Ok(true);
+            }
+        }
+        let h = hash.clone();
+        let ok = self.run(move || verify_password(&h, &password)).await?;
+        if ok {
+            let mut cache = self.cache.lock().expect("cache lock");
+            if cache.len() >= CACHE_MAX {
+                cache.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
+                if cache.len() >= CACHE_MAX {
+                    cache.clear();
+                }
+            }
+            cache.insert(hash, (digest, Instant::now()));
+        }
+        Ok(ok)
+    }
+
+    fn digest(&self, hash: &str, password: &str) -> [u8; 64] {
+        let mut h = Blake2b512::new();
+        h.update(self.cache_key.as_slice());
+        h.update(hash.as_bytes());
+        h.update([0u8]);
+        h.update(password.as_bytes());
+        h.finalize().into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn verify_and_cache() {
+        let pool = PasswordPool::new(1, 4);
+        let hash = pool.hash("secret".into()).await.unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(pool.verify(Some(hash.clone()), "secret".into()).await.unwrap());
+        // Second time comes from the cache; a wrong password still fails.
+        assert!(pool.verify(Some(hash.clone()), "secret".into()).await.unwrap());
+        assert!(!pool.verify(Some(hash.clone()), "Secret".into()).await.unwrap());
+        assert!(!pool.verify(None, "secret".into()).await.unwrap());
+    }
+
+    #[test]
+    fn empty_password_refused() {
+        assert!(matches!(hash_password(""), Err(DirectoryError::EmptyPassword)));
+    }
+}

@@ -1,0 +1,103 @@
+//! Is an address ours, and whose is it? Used at RCPT (smtp-server) and by the framework's
+//! address resolution snap-in, so both decide from the same rows.
+
+use std::sync::Arc;
+
+use mail_proto::Address;
+use rusqlite::{Connection, OptionalExtension};
+use store::Store;
+
+use crate::Result;
+
+/// The local domains: those of the configuration file plus those added with `domain add`.
+#[derive(Clone, Debug)]
+pub struct LocalDomains {
+    configured: Arc<Vec<String>>,
+    /// The configured postmaster address (SPEC S3: postmaster is delivered there).
+    postmaster: Arc<String>,
+}
+
+/// What an envelope recipient is to us.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// A user's mailbox.
+    Local { user_id: i64, user: String },
+    /// A local domain, but no user has this address (550 5.1.1 at RCPT).
+    Unknown,
+    /// Not one of our domains.
+    Remote,
+}
+
+impl LocalDomains {
+    pub fn new(configured: &[String], postmaster: &str) -> Self {
+        let configured = configured.iter().map(|d| normalise_domain(d)).collect();
+        LocalDomains { configured: Arc::new(configured), postmaster: Arc::new(postmaster.to_ascii_lowercase()) }
+    }
+
+    pub fn configured(&self) -> &[String] {
+        &self.configured
+    }
+
+    pub fn postmaster(&self) -> &str {
+        &self.postmaster
+    }
+
+    /// Is `domain` local (configured or in the `domains` table)?
+    pub fn contains(&self, conn: &Connection, domain: &str) -> Result<bool> {
+        let d = normalise_domain(domain);
+        if self.configured.iter().any(|c| *c == d) {
+            return Ok(true);
+        }
+        let mut stmt = conn.prepare_cached("SELECT 1 FROM domains WHERE name = ?1")?;
+        Ok(stmt.exists([&d])?)
+    }
+
+    /// Resolve an envelope recipient. `postmaster` in any case, with no domain or a local one,
+    /// is the configured postmaster address (RFC 5321 §4.5.1).
+    pub fn resolve(&self, conn: &Connection, address: &Address) -> Result<Resolution> {
+        let is_local_domain = address.domain.is_empty() || self.contains(conn, &address.domain)?;
+        if !is_local_domain {
+            return Ok(Resolution::Remote);
+        }
+        if address.is_postmaster() {
+            let pm = self.postmaster.as_str();
+            return match Address::parse(pm) {
+                Ok(a) if a.is_postmaster() && a.domain.is_empty() => Ok(Resolution::Unknown),
+                Ok(a) if !self.contains(conn, &a.domain)? => Ok(Resolution::Remote),
+                Ok(_) => lookup(conn, pm),
+                Err(_) => Ok(Resolution::Unknown),
+            };
+        }
+        lookup(conn, &address.key())
+    }
+
+    /// [`LocalDomains::resolve`] on a reader connection.
+    pub async fn resolve_async(&self, store: &Store, address: &Address) -> Result<Resolution> {
+        let me = self.clone();
+        let address = address.clone();
+        store.read(move |conn| me.resolve(conn, &address).map_err(into_store)).await.map_err(Into::into)
+    }
+}
+
+fn lookup(conn: &Connection, key: &str) -> Result<Resolution> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT u.id, u.name FROM addresses a JOIN users u ON u.id = a.user_id WHERE a.address = ?1 AND u.removed = 0",
+    )?;
+    let row = stmt.query_row([key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))).optional()?;
+    Ok(match row {
+        Some((user_id, user)) => Resolution::Local { user_id, user },
+        None => Resolution::Unknown,
+    })
+}
+
+/// Lowercase, without a trailing dot.
+pub fn normalise_domain(d: &str) -> String {
+    d.trim_end_matches('.').to_ascii_lowercase()
+}
+
+pub(crate) fn into_store(e: crate::DirectoryError) -> store::StoreError {
+    match e {
+        crate::DirectoryError::Store(s) => s,
+        other => store::StoreError::Invalid(other.to_string()),
+    }
+}

@@ -1,0 +1,17 @@
+//! The built-in snap-ins, in the order the framework calls them (F2).
+
+mod address_resolution;
+mod forwarding;
+mod local_delivery;
+mod non_delivery;
+
+pub use address_resolution::AddressResolution;
+pub use forwarding::Forwarding;
+pub use local_delivery::LocalDelivery;
+pub use non_delivery::NonDelivery;
+
+use crate::SnapIn;
+
+pub fn builtin() -> Vec<Box<dyn SnapIn>> {
+    vec![Box::new(AddressResolution), Box::new(LocalDelivery), Box::new(Forwarding), Box::new(NonDelivery)]
+}

@@ -1,0 +1,63 @@
+//! Journal rows (SPEC F4) with the i5/OS function codes of the seeds' "Mail server journal
+//! entries": the first character names the function, the second the action. Every writer of a
+//! journal row uses these constants, so the vocabulary lives in this one module.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rusqlite::{params, Connection};
+
+/// The journal codes Postroom writes.
+pub mod code {
+    /// SMTP server: mail received for local delivery (i5/OS 94).
+    pub const SMTP_RECEIVED_LOCAL: &str = "94";
+    /// SMTP server: mail received for relay (i5/OS 95).
+    pub const SMTP_RECEIVED_RELAY: &str = "95";
+    /// SMTP server: connection refused (9S).
+    pub const SMTP_CONNECTION_REFUSED: &str = "9S";
+    /// SMTP server: relay refused (9V).
+    pub const SMTP_RELAY_REFUSED: &str = "9V";
+    /// SMTP server: message rejected (9W).
+    pub const SMTP_REJECTED: &str = "9W";
+    /// Address resolution tagged a recipient (P2).
+    pub const RESOLVED: &str = "P2";
+    /// Local delivery into a POP mailbox (B8).
+    pub const DELIVERED_LOCAL: &str = "B8";
+    /// Recipient marked for non-delivery (A1).
+    pub const NON_DELIVERY: &str = "A1";
+    /// POP3 login (DL) and retrieval (DR), deletion at QUIT (DD).
+    pub const POP_LOGIN: &str = "DL";
+    pub const POP_LOGIN_FAILED: &str = "DF";
+    pub const POP_RETRIEVE: &str = "DR";
+    pub const POP_DELETE: &str = "DD";
+}
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// `[journal] enabled`: when false, [`append`] writes nothing.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// One journal row; empty strings for facts that do not apply.
+#[derive(Clone, Debug, Default)]
+pub struct Entry<'a> {
+    pub code: &'a str,
+    pub qid: &'a str,
+    pub originator: &'a str,
+    pub recipient: &'a str,
+    pub size: Option<i64>,
+    pub ip: &'a str,
+    pub detail: &'a str,
+}
+
+/// Append `entry` inside the caller's transaction, so it commits with the fact it records.
+pub fn append(conn: &Connection, entry: &Entry<'_>) -> rusqlite::Result<()> {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO journal (at, code, qid, originator, recipient, size, ip, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    stmt.execute(params![crate::now(), entry.code, entry.qid, entry.originator, entry.recipient, entry.size, entry.ip, entry.detail])?;
+    Ok(())
+}
