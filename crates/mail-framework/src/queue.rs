@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use crate::Result;
 
 /// A message's envelope, as the receiving door saw it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Envelope {
     /// Reverse-path; empty for the null sender `<>`.
     pub mail_from: String,

@@ -7,7 +7,10 @@
 
 pub mod address;
 pub mod data;
+pub mod date;
 pub mod dot;
+pub mod limits;
+pub mod net;
 pub mod reply;
 pub mod smtp_command;
 

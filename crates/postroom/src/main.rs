@@ -1,1 +1,67 @@
-fn main() {}
+//! `postroom`: the one binary — SMTP server, POP3 server and mail framework (`serve`), and the
+//! administrator's commands. See README.md for the i5/OS command map.
+#![forbid(unsafe_code)]
+
+mod commands;
+mod config;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A complete mail suite for a small office: SMTP in, POP3 out, one durable queue between.
+#[derive(Parser)]
+#[command(name = "postroom", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (TOML); without it the embedded default configuration is used.
+    #[arg(long, global = true, env = "POSTROOM_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (database, certificates); overrides `data_dir` of the configuration.
+    #[arg(long, global = true, env = "POSTROOM_DATA", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the SMTP server, POP3 server and mail framework (i5/OS STRTCPSVR *SMTP *POP).
+    Serve,
+    /// Manage users (i5/OS CRTUSRPRF + WRKDIRE).
+    #[command(subcommand)]
+    User(commands::UserCommand),
+    /// Manage local domains.
+    #[command(subcommand)]
+    Domain(commands::DomainCommand),
+    /// Inspect the framework queue (i5/OS WRKDSTQ / HLDDSTQ).
+    #[command(subcommand)]
+    Queue(commands::QueueCommand),
+    /// Show the journal (i5/OS DSPJRN QZMF).
+    Journal(commands::JournalArgs),
+    /// Check the configuration.
+    #[command(subcommand)]
+    Config(commands::ConfigCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let loaded = config::Config::load(cli.config.as_deref(), cli.data_dir.as_deref());
+    let result = match (cli.command, loaded) {
+        (Command::Config(c), loaded) => commands::config(c, loaded),
+        (_, Err(e)) => Err(anyhow::anyhow!("{e}")),
+        (Command::Serve, Ok(cfg)) => serve::serve(cfg),
+        (Command::User(c), Ok(cfg)) => commands::user(c, &cfg),
+        (Command::Domain(c), Ok(cfg)) => commands::domain(c, &cfg),
+        (Command::Queue(c), Ok(cfg)) => commands::queue(c, &cfg),
+        (Command::Journal(a), Ok(cfg)) => commands::journal(a, &cfg),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("postroom: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

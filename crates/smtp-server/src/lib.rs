@@ -1,1 +1,11 @@
+//! Postroom's inbound SMTP server (SPEC §2): a sans-IO session ([`session`]), the policy module
+//! that decides connect / relay ([`policy`]), and a thin tokio driver ([`server`]).
+//! It only receives and enqueues; it never delivers (DESIGN "Who depends on whom").
 #![forbid(unsafe_code)]
+
+pub mod policy;
+pub mod received;
+pub mod server;
+pub mod session;
+
+pub use server::{SmtpServer, SmtpSettings};

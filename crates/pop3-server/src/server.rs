@@ -1,0 +1,254 @@
+//! The tokio driver around [`crate::session::Session`].
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use directory::mailbox::{self, LoginUser};
+use directory::PasswordPool;
+use mail_proto::dot::TopFilter;
+use mail_proto::limits::SessionLimits;
+use mail_proto::net::normalise_ip;
+use mail_proto::DotStuffer;
+use store::journal::{self, code};
+use store::{Durability, Store};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::session::{Action, Event, LoginOutcome, MaildropMessage, Session, SessionConfig};
+
+/// Settings of the POP3 server.
+#[derive(Clone, Debug)]
+pub struct Pop3Settings {
+    pub hostname: String,
+    pub inactivity_timeout: Duration,
+    pub max_sessions: usize,
+    pub max_sessions_per_ip: usize,
+    /// USER/PASS without TLS only from loopback (`[tls] allow_plaintext_auth = "loopback"`).
+    pub plaintext_from_loopback: bool,
+}
+
+/// Shared by every POP3 connection.
+#[derive(Clone)]
+pub struct Pop3Server {
+    settings: Arc<Pop3Settings>,
+    store: Store,
+    passwords: PasswordPool,
+    limits: SessionLimits,
+    /// P3: the maildrop locks live in memory, so a crash never leaves a mailbox locked.
+    locks: Arc<Mutex<HashSet<i64>>>,
+}
+
+/// Holds a maildrop lock until dropped (QUIT, disconnect, timeout, error).
+struct MaildropLock {
+    locks: Arc<Mutex<HashSet<i64>>>,
+    user_id: i64,
+}
+
+impl Drop for MaildropLock {
+    fn drop(&mut self) {
+        self.locks.lock().expect("maildrop locks").remove(&self.user_id);
+    }
+}
+
+impl Pop3Server {
+    pub fn new(settings: Pop3Settings, store: Store, passwords: PasswordPool) -> Self {
+        let limits = SessionLimits::new(settings.max_sessions, settings.max_sessions_per_ip);
+        Pop3Server { settings: Arc::new(settings), store, passwords, limits, locks: Arc::default() }
+    }
+
+    pub async fn serve(self, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.connection(stream, peer).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pop3 accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn lock(&self, user_id: i64) -> Option<MaildropLock> {
+        self.locks.lock().expect("maildrop locks").insert(user_id).then(|| MaildropLock { locks: self.locks.clone(), user_id })
+    }
+
+    async fn connection(self, mut stream: TcpStream, peer: SocketAddr) {
+        let ip = normalise_ip(peer.ip());
+        let _ = stream.set_nodelay(true);
+        let Some(_slot) = self.limits.take(ip) else {
+            let _ = stream.write_all(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n").await;
+            return;
+        };
+        let config = SessionConfig {
+            hostname: self.settings.hostname.clone(),
+            allow_user_pass: self.settings.plaintext_from_loopback && ip.is_loopback(),
+            max_failed_logins: 3,
+            max_errors: 20,
+        };
+        let mut driver = Driver { server: &self, ip: ip.to_string(), session: Session::new(config), login: None, retrieved: 0 };
+        if let Err(e) = driver.run(&mut stream).await {
+            tracing::debug!(client = %ip, error = %e, "pop3 session ended with an error");
+        }
+        driver.journal_retrievals().await;
+    }
+}
+
+struct Driver<'a> {
+    server: &'a Pop3Server,
+    ip: String,
+    session: Session,
+    login: Option<(LoginUser, MaildropLock)>,
+    retrieved: usize,
+}
+
+impl Driver<'_> {
+    async fn run(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut out = Vec::new();
+        let mut actions = self.session.handle(Event::Connected);
+        loop {
+            let mut pending: std::collections::VecDeque<Action> = actions.into();
+            while let Some(action) = pending.pop_front() {
+                match action {
+                    Action::Reply(bytes) => out.extend_from_slice(&bytes),
+                    Action::Login { user, password } => {
+                        let outcome = self.login(&user, &password).await;
+                        pending.extend(self.session.handle(Event::LoginDone(outcome)));
+                    }
+                    Action::SendMessage { id, top_lines } => {
+                        self.send_message(stream, &mut out, id, top_lines).await?;
+                        if top_lines.is_none() {
+                            self.retrieved += 1;
+                        }
+                    }
+                    Action::Update { deleted } => {
+                        let ok = match &self.login {
+                            Some((user, _)) => self.delete(user.id, deleted).await,
+                            None => true,
+                        };
+                        pending.extend(self.session.handle(Event::UpdateDone(ok)));
+                    }
+                    Action::Close => {
+                        stream.write_all(&out).await?;
+                        let _ = stream.shutdown().await;
+                        return Ok(());
+                    }
+                }
+            }
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+                out.clear();
+            }
+            // P6: any input restarts the inactivity timer (RFC 1939 §3).
+            actions = match tokio::time::timeout(self.server.settings.inactivity_timeout, stream.read(&mut buf)).await {
+                Err(_) => self.session.handle(Event::Timeout),
+                Ok(Ok(0)) => self.session.handle(Event::Eof),
+                Ok(Ok(n)) => self.session.handle(Event::Bytes(&buf[..n])),
+                Ok(Err(e)) => return Err(e),
+            };
+        }
+    }
+
+    /// Credentials, then the lock, then the snapshot (P3).
+    async fn login(&mut self, name: &str, password: &str) -> LoginOutcome {
+        let s = self.server;
+        let user = match mailbox::authenticate(&s.store, &s.passwords, name, password).await {
+            Ok(Some(u)) => u,
+            Ok(None) => {
+                self.journal(code::POP_LOGIN_FAILED, name).await;
+                return LoginOutcome::BadCredentials;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pop3 login could not be checked");
+                return LoginOutcome::TempFail;
+            }
+        };
+        let Some(lock) = s.lock(user.id) else { return LoginOutcome::InUse };
+        let messages = match mailbox::snapshot(&s.store, user.id).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "maildrop snapshot failed");
+                return LoginOutcome::TempFail;
+            }
+        };
+        // P5: the login record rides on a later commit; the session does not wait for it.
+        let (store, u, ip) = (s.store.clone(), user.clone(), self.ip.clone());
+        tokio::spawn(async move {
+            if let Err(e) = mailbox::record_login(&store, &u, &ip).await {
+                tracing::warn!(error = %e, "could not record the POP3 login");
+            }
+        });
+        self.login = Some((user, lock));
+        LoginOutcome::Ok { messages: messages.into_iter().map(|m| MaildropMessage { id: m.id, size: m.size, uidl: m.uidl }).collect() }
+    }
+
+    /// Stream one message: the delivery prefix, then each stored chunk, dot-stuffed (P4).
+    async fn send_message(&self, stream: &mut TcpStream, out: &mut Vec<u8>, id: i64, top: Option<u64>) -> std::io::Result<()> {
+        let store = &self.server.store;
+        let mut stuffer = DotStuffer::default();
+        let mut top = top.map(TopFilter::new);
+        let layout = mailbox::layout(store, id).await.map_err(std::io::Error::other)?;
+        // The row cannot vanish while we hold the lock; treat a missing one as empty.
+        if let Some(layout) = layout {
+            let mut piece = layout.prefix;
+            let mut chunks = layout.chunks.into_iter();
+            loop {
+                let part = match top.as_mut() {
+                    Some(t) => t.filter(&piece),
+                    None => &piece[..],
+                };
+                stuffer.stuff(part, out);
+                if top.as_ref().is_some_and(TopFilter::is_done) {
+                    break;
+                }
+                if out.len() >= 64 * 1024 {
+                    stream.write_all(out).await?;
+                    out.clear();
+                }
+                let Some(chunk_id) = chunks.next() else { break };
+                piece = mailbox::chunk(store, chunk_id).await.map_err(std::io::Error::other)?;
+            }
+        }
+        stuffer.finish(out);
+        Ok(())
+    }
+
+    async fn delete(&self, user_id: i64, ids: Vec<i64>) -> bool {
+        let n = ids.len();
+        match mailbox::delete(&self.server.store, user_id, ids).await {
+            Ok(()) => {
+                if n > 0 {
+                    let name = self.session.user().unwrap_or_default().to_string();
+                    self.journal(code::POP_DELETE, &format!("{name}: {n} deleted")).await;
+                }
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pop3 deletions failed");
+                false
+            }
+        }
+    }
+
+    /// One DR journal row per session rather than per RETR.
+    async fn journal_retrievals(&self) {
+        if self.retrieved > 0 {
+            let name = self.session.user().unwrap_or_default().to_string();
+            self.journal(code::POP_RETRIEVE, &format!("{name}: {} retrieved", self.retrieved)).await;
+        }
+    }
+
+    async fn journal(&self, code: &'static str, what: &str) {
+        let (ip, what) = (self.ip.clone(), what.to_string());
+        let _ = self
+            .server
+            .store
+            .write(Durability::Normal, move |c| Ok(journal::append(c, &journal::Entry { code, recipient: &what, ip: &ip, ..Default::default() })?))
+            .await;
+    }
+}

@@ -1,0 +1,1622 @@
+//! POP3 session state machine (RFC 1939, RFC 2449, RFC 3206), sans-IO.
+//!
+//! The [`Session`] consumes [`Event`]s (socket bytes, results of work the
+//! driver did on its behalf, timeouts) and returns [`Action`]s (bytes to
+//! write, a login to check, a message to stream, deletions to commit, close).
+//! It performs no I/O of its own.
+//!
+//! States follow RFC 1939: AUTHORIZATION, TRANSACTION (over a snapshot of the
+//! maildrop taken at login), UPDATE (entered only by QUIT in TRANSACTION).
+//! A dropped connection or a timeout never produces [`Action::Update`], so
+//! nothing is deleted.
+//!
+//! Input may arrive split anywhere; complete lines (CRLF, or a bare LF) are
+//! processed in order. While a login or an update is pending
+//! ([`Session::is_waiting`]) further input is buffered and processed once the
+//! result event arrives, so replies to pipelined commands (RFC 2449) keep
+//! their order.
+//!
+//! Error accounting: protocol errors (unknown command, command not valid in
+//! the current state, syntax errors, over-long lines, refused plaintext
+//! authentication) count towards [`SessionConfig::max_errors`]; reaching it
+//! sends the error's reply, then `-ERR too many errors`, then closes.
+//! "No such message" and "already deleted" answers are not counted. Failed
+//! logins count towards [`SessionConfig::max_failed_logins`] instead. A limit
+//! of 0 behaves like 1.
+
+use std::fmt;
+
+/// Longest accepted command line in octets, line terminator included
+/// (RFC 2449 section 4).
+pub const MAX_LINE: usize = 255;
+
+/// Most unprocessed input kept while a login result is pending. A client that
+/// pipelines more than this behind a PASS is disconnected.
+pub const MAX_PENDING_INPUT: usize = 256 * 1024;
+
+/// Per-connection settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    pub hostname: String,
+    /// USER/PASS allowed on this connection (plaintext policy decided by the driver).
+    pub allow_user_pass: bool,
+    /// Max failed logins before the session is closed.
+    pub max_failed_logins: u32,
+    /// Max unknown/invalid commands before close.
+    pub max_errors: u32,
+}
+
+/// One message of the maildrop snapshot taken at login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaildropMessage {
+    /// Store row id.
+    pub id: i64,
+    /// Exact size in octets as it will be sent (CRLF line endings, before byte-stuffing).
+    pub size: u64,
+    /// Unique id (RFC 1939: 1 to 70 characters in 0x21..=0x7E).
+    pub uidl: String,
+}
+
+/// Result of an [`Action::Login`], fed back as [`Event::LoginDone`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginOutcome {
+    /// Credentials good, mailbox locked, snapshot loaded.
+    Ok { messages: Vec<MaildropMessage> },
+    /// Wrong user or password (indistinguishable), or disabled.
+    BadCredentials,
+    /// Another session holds the lock.
+    InUse,
+    /// Store error.
+    TempFail,
+}
+
+/// Something that happened to the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// Connection established: produces the greeting.
+    Connected,
+    /// Raw bytes from the socket, any split (partial lines, many lines).
+    Bytes(&'a [u8]),
+    /// Answer to [`Action::Login`].
+    LoginDone(LoginOutcome),
+    /// Answer to [`Action::Update`]: true = deletions committed.
+    UpdateDone(bool),
+    /// Inactivity deadline passed.
+    Timeout,
+    /// Peer closed.
+    Eof,
+}
+
+/// Something the driver must do, in order.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Bytes to write, CRLF included.
+    Reply(Vec<u8>),
+    /// Check credentials, lock the mailbox and load the snapshot; answer with
+    /// [`Event::LoginDone`].
+    Login { user: String, password: String },
+    /// Stream message `id` byte-stuffed, then ".\r\n". top_lines: None = whole (RETR),
+    /// Some(n) = headers, the blank line, then n body lines (TOP).
+    SendMessage { id: i64, top_lines: Option<u64> },
+    /// Enter UPDATE: delete these store ids; the driver answers with UpdateDone.
+    Update { deleted: Vec<i64> },
+    /// Close the connection (and release the mailbox lock, if held).
+    Close,
+}
+
+/// Never prints the password.
+impl fmt::Debug for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::Reply(bytes) => f
+                .debug_tuple("Reply")
+                .field(&String::from_utf8_lossy(bytes))
+                .finish(),
+            Action::Login { user, .. } => f
+                .debug_struct("Login")
+                .field("user", user)
+                .field("password", &"<redacted>")
+                .finish(),
+            Action::SendMessage { id, top_lines } => f
+                .debug_struct("SendMessage")
+                .field("id", id)
+                .field("top_lines", top_lines)
+                .finish(),
+            Action::Update { deleted } => {
+                f.debug_struct("Update").field("deleted", deleted).finish()
+            }
+            Action::Close => f.write_str("Close"),
+        }
+    }
+}
+
+/// The maildrop snapshot and its deletion marks.
+#[derive(Debug)]
+struct Maildrop {
+    messages: Vec<MaildropMessage>,
+    deleted: Vec<bool>,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Waiting for USER/PASS; `user` is set right after a successful USER.
+    Authorization {
+        user: Option<Vec<u8>>,
+    },
+    /// Action::Login issued, waiting for LoginDone.
+    LoginPending {
+        user: String,
+    },
+    Transaction(Maildrop),
+    /// Action::Update issued, waiting for UpdateDone; `remaining` is the
+    /// number of messages left if the deletions succeed.
+    Update {
+        remaining: usize,
+    },
+    Closed,
+}
+
+/// A command that failed; [`CmdError::counts`] tells whether it counts
+/// towards `max_errors`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CmdError {
+    Unknown,
+    WrongState,
+    Syntax,
+    LineTooLong,
+    PassWithoutUser,
+    PlaintextDisallowed,
+    NoSuchMessage,
+    AlreadyDeleted(u64),
+}
+
+impl CmdError {
+    fn counts(self) -> bool {
+        !matches!(self, CmdError::NoSuchMessage | CmdError::AlreadyDeleted(_))
+    }
+
+    fn line(self) -> String {
+        match self {
+            CmdError::Unknown => "-ERR unknown command".into(),
+            CmdError::WrongState => "-ERR command not valid in this state".into(),
+            CmdError::Syntax => "-ERR syntax error".into(),
+            CmdError::LineTooLong => "-ERR line too long".into(),
+            CmdError::PassWithoutUser => "-ERR PASS must directly follow USER".into(),
+            CmdError::PlaintextDisallowed => {
+                "-ERR [AUTH] Plaintext authentication disallowed without TLS".into()
+            }
+            CmdError::NoSuchMessage => "-ERR no such message".into(),
+            CmdError::AlreadyDeleted(n) => format!("-ERR message {n} already deleted"),
+        }
+    }
+}
+
+const AUTH_FAILED: &str = "-ERR [AUTH] Invalid user name or password";
+const IN_USE: &str = "-ERR [IN-USE] Mailbox is locked by another session";
+const TEMP_FAIL: &str = "-ERR [SYS/TEMP] Temporary failure, try again later";
+const UPDATE_FAILED: &str = "-ERR [SYS/TEMP] some deleted messages not removed";
+const TOO_MANY_ERRORS: &str = "-ERR too many errors";
+const TIMEOUT: &str = "-ERR Inactivity timeout, closing";
+
+/// Verbs valid only in TRANSACTION.
+const TRANSACTION_VERBS: &[&[u8]] = &[
+    b"STAT", b"LIST", b"RETR", b"DELE", b"RSET", b"TOP", b"UIDL", b"NOOP",
+];
+
+/// One POP3 connection's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    state: State,
+    greeted: bool,
+    /// Unprocessed input (at most one partial line unless waiting).
+    input: Vec<u8>,
+    /// Skipping the rest of an over-long line up to the next LF.
+    discarding: bool,
+    errors: u32,
+    failed_logins: u32,
+    user: Option<String>,
+}
+
+impl Session {
+    pub fn new(config: SessionConfig) -> Self {
+        Session {
+            config,
+            state: State::Authorization { user: None },
+            greeted: false,
+            input: Vec::new(),
+            discarding: false,
+            errors: 0,
+            failed_logins: 0,
+            user: None,
+        }
+    }
+
+    /// Feed one event; returns the actions to perform, in order.
+    pub fn handle(&mut self, event: Event<'_>) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.is_closed() {
+            return out;
+        }
+        match event {
+            Event::Connected => self.connected(&mut out),
+            Event::Bytes(bytes) => self.bytes(bytes, &mut out),
+            Event::LoginDone(outcome) => self.login_done(outcome, &mut out),
+            Event::UpdateDone(committed) => self.update_done(committed, &mut out),
+            Event::Timeout => {
+                reply(&mut out, TIMEOUT);
+                self.close(&mut out);
+            }
+            Event::Eof => self.close(&mut out),
+        }
+        out
+    }
+
+    /// True while waiting for LoginDone/UpdateDone (driver must not expect more replies until it feeds it).
+    pub fn is_waiting(&self) -> bool {
+        matches!(
+            self.state,
+            State::LoginPending { .. } | State::Update { .. }
+        )
+    }
+
+    /// Authenticated user name, for logs (kept after close).
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// True once [`Action::Close`] has been produced.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    // ----- events -----
+
+    fn connected(&mut self, out: &mut Vec<Action>) {
+        if self.greeted {
+            return;
+        }
+        self.greeted = true;
+        reply(
+            out,
+            &format!("+OK {} POP3 server ready", self.config.hostname),
+        );
+        // Input that (wrongly) arrived before Connected is answered after the greeting.
+        self.process_input(out);
+    }
+
+    fn bytes(&mut self, bytes: &[u8], out: &mut Vec<Action>) {
+        if matches!(self.state, State::Update { .. }) {
+            // After QUIT only UpdateDone matters; the session ends either way.
+            return;
+        }
+        self.input.extend_from_slice(bytes);
+        self.process_input(out);
+        if self.input.len() > MAX_PENDING_INPUT {
+            self.close(out);
+        }
+    }
+
+    fn login_done(&mut self, outcome: LoginOutcome, out: &mut Vec<Action>) {
+        let State::LoginPending { user } = &mut self.state else {
+            return; // not asked for: ignore
+        };
+        let user = std::mem::take(user);
+        self.state = State::Authorization { user: None };
+        match outcome {
+            LoginOutcome::Ok { messages } => {
+                let deleted = vec![false; messages.len()];
+                let maildrop = Maildrop { messages, deleted };
+                let (count, octets) = maildrop.totals();
+                reply(
+                    out,
+                    &format!("+OK Logged in, {count} messages ({octets} octets)"),
+                );
+                self.user = Some(user);
+                self.state = State::Transaction(maildrop);
+            }
+            LoginOutcome::BadCredentials => self.login_failed(out),
+            LoginOutcome::InUse => reply(out, IN_USE),
+            LoginOutcome::TempFail => reply(out, TEMP_FAIL),
+        }
+        self.process_input(out);
+    }
+
+    fn update_done(&mut self, committed: bool, out: &mut Vec<Action>) {
+        let State::Update { remaining } = self.state else {
+            return; // not asked for: ignore
+        };
+        if committed {
+            let host = &self.config.hostname;
+            reply(
+                out,
+                &format!("+OK {host} signing off ({remaining} messages left)"),
+            );
+        } else {
+            reply(out, UPDATE_FAILED);
+        }
+        self.close(out);
+    }
+
+    // ----- input -----
+
+    /// Process complete lines while the session can answer them.
+    fn process_input(&mut self, out: &mut Vec<Action>) {
+        let mut pos = 0;
+        while self.greeted
+            && matches!(
+                self.state,
+                State::Authorization { .. } | State::Transaction(_)
+            )
+        {
+            let rest = &self.input[pos..];
+            let newline = rest.iter().position(|&b| b == b'\n');
+            if self.discarding {
+                match newline {
+                    Some(i) => {
+                        pos += i + 1;
+                        self.discarding = false;
+                        continue;
+                    }
+                    None => {
+                        pos = self.input.len();
+                        break;
+                    }
+                }
+            }
+            match newline {
+                Some(i) if i + 1 > MAX_LINE => {
+                    pos += i + 1;
+                    self.fail(CmdError::LineTooLong, out);
+                }
+                Some(i) => {
+                    let line = rest[..i].to_vec();
+                    pos += i + 1;
+                    self.command(&line, out);
+                }
+                // Whatever follows, the line cannot fit any more.
+                None if rest.len() >= MAX_LINE => {
+                    pos = self.input.len();
+                    self.discarding = true;
+                    self.fail(CmdError::LineTooLong, out);
+                }
+                None => break,
+            }
+        }
+        // The session ends from UPDATE or CLOSED: nothing left will be answered.
+        if matches!(self.state, State::Update { .. } | State::Closed) {
+            self.input.clear();
+        } else {
+            self.input.drain(..pos);
+        }
+    }
+
+    /// One command line, terminator removed except possibly a CR.
+    fn command(&mut self, line: &[u8], out: &mut Vec<Action>) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let line = trim_start(line);
+        let (verb, rest) = match line.iter().position(|&b| b == b' ') {
+            Some(i) => (&line[..i], &line[i..]),
+            None => (line, &b""[..]),
+        };
+        let verb = verb.to_ascii_uppercase();
+        if matches!(self.state, State::Authorization { .. }) {
+            self.authorization_command(&verb, rest, out);
+        } else {
+            let args: Vec<&[u8]> = rest
+                .split(|&b| b == b' ')
+                .filter(|a| !a.is_empty())
+                .collect();
+            self.transaction_command(&verb, &args, out);
+        }
+    }
+
+    // ----- AUTHORIZATION -----
+
+    fn authorization_command(&mut self, verb: &[u8], rest: &[u8], out: &mut Vec<Action>) {
+        // PASS is only valid directly after USER: any command consumes the name.
+        let pending_user = match &mut self.state {
+            State::Authorization { user } => user.take(),
+            _ => None,
+        };
+        match verb {
+            b"USER" => self.cmd_user(rest, out),
+            // Everything after "PASS " is the password, spaces included.
+            b"PASS" => self.cmd_pass(pending_user, rest.get(1..), out),
+            b"QUIT" => {
+                reply(out, &format!("+OK {} signing off", self.config.hostname));
+                self.close(out);
+            }
+            b"CAPA" => self.cmd_capa(out),
+            v if TRANSACTION_VERBS.contains(&v) => self.fail(CmdError::WrongState, out),
+            _ => self.fail(CmdError::Unknown, out),
+        }
+    }
+
+    fn cmd_user(&mut self, rest: &[u8], out: &mut Vec<Action>) {
+        if !self.config.allow_user_pass {
+            return self.fail(CmdError::PlaintextDisallowed, out);
+        }
+        let name = trim_end(trim_start(rest));
+        if name.is_empty() {
+            return self.fail(CmdError::Syntax, out);
+        }
+        self.state = State::Authorization {
+            user: Some(name.to_vec()),
+        };
+        reply(out, "+OK");
+    }
+
+    fn cmd_pass(&mut self, user: Option<Vec<u8>>, password: Option<&[u8]>, out: &mut Vec<Action>) {
+        if !self.config.allow_user_pass {
+            return self.fail(CmdError::PlaintextDisallowed, out);
+        }
+        let Some(user) = user else {
+            return self.fail(CmdError::PassWithoutUser, out);
+        };
+        let password = match password {
+            Some(p) if !p.is_empty() => p,
+            _ => return self.fail(CmdError::Syntax, out),
+        };
+        match (String::from_utf8(user), std::str::from_utf8(password)) {
+            (Ok(user), Ok(password)) => {
+                out.push(Action::Login {
+                    user: user.clone(),
+                    password: password.to_owned(),
+                });
+                self.state = State::LoginPending { user };
+            }
+            // Non-UTF-8 credentials cannot match anything: same answer as a bad password.
+            _ => self.login_failed(out),
+        }
+    }
+
+    fn login_failed(&mut self, out: &mut Vec<Action>) {
+        self.failed_logins += 1;
+        reply(out, AUTH_FAILED);
+        if self.failed_logins >= self.config.max_failed_logins {
+            self.close(out);
+        }
+    }
+
+    fn cmd_capa(&mut self, out: &mut Vec<Action>) {
+        let mut lines = vec!["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"];
+        if self.config.allow_user_pass && matches!(self.state, State::Authorization { .. }) {
+            lines.push("USER");
+        }
+        lines.push("IMPLEMENTATION Postroom");
+        out.push(multiline("+OK Capability list follows", lines));
+    }
+
+    // ----- TRANSACTION -----
+
+    fn transaction_command(&mut self, verb: &[u8], args: &[&[u8]], out: &mut Vec<Action>) {
+        match verb {
+            b"QUIT" => return self.cmd_quit(out),
+            b"CAPA" => return self.cmd_capa(out),
+            _ => {}
+        }
+        let State::Transaction(maildrop) = &mut self.state else {
+            return;
+        };
+        let result = match verb {
+            b"STAT" => cmd_stat(maildrop),
+            b"LIST" => cmd_list(maildrop, args),
+            b"UIDL" => cmd_uidl(maildrop, args),
+            b"RETR" => cmd_retr(maildrop, args),
+            b"TOP" => cmd_top(maildrop, args),
+            b"DELE" => cmd_dele(maildrop, args),
+            b"RSET" => cmd_rset(maildrop),
+            b"NOOP" => Ok(vec![ok_line("+OK")]),
+            b"USER" | b"PASS" => Err(CmdError::WrongState),
+            _ => Err(CmdError::Unknown),
+        };
+        match result {
+            Ok(actions) => out.extend(actions),
+            Err(e) => self.fail(e, out),
+        }
+    }
+
+    fn cmd_quit(&mut self, out: &mut Vec<Action>) {
+        let State::Transaction(maildrop) = &self.state else {
+            return;
+        };
+        let deleted: Vec<i64> = maildrop
+            .messages
+            .iter()
+            .zip(&maildrop.deleted)
+            .filter(|&(_, &d)| d)
+            .map(|(m, _)| m.id)
+            .collect();
+        let remaining = maildrop.messages.len() - deleted.len();
+        // Pipelined input after QUIT is dropped by process_input.
+        self.state = State::Update { remaining };
+        out.push(Action::Update { deleted });
+    }
+
+    // ----- shared -----
+
+    /// Reply with a failed command's error line and apply the error limit.
+    fn fail(&mut self, error: CmdError, out: &mut Vec<Action>) {
+        reply(out, &error.line());
+        if error.counts() {
+            self.errors += 1;
+            if self.errors >= self.config.max_errors {
+                reply(out, TOO_MANY_ERRORS);
+                self.close(out);
+            }
+        }
+    }
+
+    fn close(&mut self, out: &mut Vec<Action>) {
+        self.state = State::Closed;
+        self.input.clear();
+        out.push(Action::Close);
+    }
+}
+
+impl Maildrop {
+    /// Non-deleted messages with their 1-based numbers.
+    fn visible(&self) -> impl Iterator<Item = (usize, &MaildropMessage)> {
+        self.messages
+            .iter()
+            .zip(&self.deleted)
+            .enumerate()
+            .filter(|&(_, (_, &deleted))| !deleted)
+            .map(|(i, (m, _))| (i + 1, m))
+    }
+
+    /// Count and total octets of the non-deleted messages.
+    fn totals(&self) -> (usize, u64) {
+        self.visible().fold((0, 0), |(n, octets), (_, m)| {
+            (n + 1, octets.saturating_add(m.size))
+        })
+    }
+
+    /// Index of the visible message named by a message-number argument.
+    fn lookup(&self, arg: &[u8]) -> Result<usize, CmdError> {
+        let number = parse_number(arg)?;
+        let index = usize::try_from(number)
+            .ok()
+            .and_then(|n| n.checked_sub(1))
+            .filter(|&i| i < self.messages.len())
+            .ok_or(CmdError::NoSuchMessage)?;
+        if self.deleted[index] {
+            return Err(CmdError::AlreadyDeleted(number));
+        }
+        Ok(index)
+    }
+}
+
+type CmdResult = Result<Vec<Action>, CmdError>;
+
+fn cmd_stat(maildrop: &Maildrop) -> CmdResult {
+    let (count, octets) = maildrop.totals();
+    Ok(vec![ok_line(&format!("+OK {count} {octets}"))])
+}
+
+fn cmd_list(maildrop: &Maildrop, args: &[&[u8]]) -> CmdResult {
+    match args {
+        [] => {
+            let (count, octets) = maildrop.totals();
+            let lines = maildrop.visible().map(|(n, m)| format!("{n} {}", m.size));
+            Ok(vec![multiline(
+                &format!("+OK {count} messages ({octets} octets)"),
+                lines,
+            )])
+        }
+        [arg] => {
+            let i = maildrop.lookup(arg)?;
+            Ok(vec![ok_line(&format!(
+                "+OK {} {}",
+                i + 1,
+                maildrop.messages[i].size
+            ))])
+        }
+        _ => Err(CmdError::Syntax),
+    }
+}
+
+fn cmd_uidl(maildrop: &Maildrop, args: &[&[u8]]) -> CmdResult {
+    match args {
+        [] => {
+            let lines = maildrop
+                .visible()
+                .map(|(n, m)| format!("{n} {}", clean_uidl(m)));
+            Ok(vec![multiline("+OK unique-id listing follows", lines)])
+        }
+        [arg] => {
+            let i = maildrop.lookup(arg)?;
+            Ok(vec![ok_line(&format!(
+                "+OK {} {}",
+                i + 1,
+                clean_uidl(&maildrop.messages[i])
+            ))])
+        }
+        _ => Err(CmdError::Syntax),
+    }
+}
+
+fn cmd_retr(maildrop: &Maildrop, args: &[&[u8]]) -> CmdResult {
+    let [arg] = args else {
+        return Err(CmdError::Syntax);
+    };
+    let message = &maildrop.messages[maildrop.lookup(arg)?];
+    Ok(vec![
+        ok_line(&format!("+OK {} octets", message.size)),
+        Action::SendMessage {
+            id: message.id,
+            top_lines: None,
+        },
+    ])
+}
+
+fn cmd_top(maildrop: &Maildrop, args: &[&[u8]]) -> CmdResult {
+    let [msg, lines] = args else {
+        return Err(CmdError::Syntax);
+    };
+    let lines = parse_number(lines)?;
+    let message = &maildrop.messages[maildrop.lookup(msg)?];
+    Ok(vec![
+        ok_line("+OK"),
+        Action::SendMessage {
+            id: message.id,
+            top_lines: Some(lines),
+        },
+    ])
+}
+
+fn cmd_dele(maildrop: &mut Maildrop, args: &[&[u8]]) -> CmdResult {
+    let [arg] = args else {
+        return Err(CmdError::Syntax);
+    };
+    let i = maildrop.lookup(arg)?;
+    maildrop.deleted[i] = true;
+    Ok(vec![ok_line(&format!("+OK message {} deleted", i + 1))])
+}
+
+fn cmd_rset(maildrop: &mut Maildrop) -> CmdResult {
+    maildrop.deleted.fill(false);
+    Ok(vec![ok_line("+OK")])
+}
+
+// ----- helpers -----
+
+/// Decimal digits only; values beyond u64 saturate (no such message / whole body).
+fn parse_number(arg: &[u8]) -> Result<u64, CmdError> {
+    if arg.is_empty() || !arg.iter().all(u8::is_ascii_digit) {
+        return Err(CmdError::Syntax);
+    }
+    Ok(arg.iter().fold(0u64, |n, &d| {
+        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    }))
+}
+
+/// The uidl restricted to 0x21..=0x7E so it can never break the protocol;
+/// falls back to the store id if nothing printable is left.
+fn clean_uidl(message: &MaildropMessage) -> String {
+    let clean: String = message
+        .uidl
+        .chars()
+        .filter(|c| ('!'..='~').contains(c))
+        .collect();
+    if clean.is_empty() {
+        message.id.to_string()
+    } else {
+        clean
+    }
+}
+
+fn trim_start(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|&b| b != b' ').unwrap_or(bytes.len());
+    &bytes[start..]
+}
+
+fn trim_end(bytes: &[u8]) -> &[u8] {
+    let end = bytes.iter().rposition(|&b| b != b' ').map_or(0, |i| i + 1);
+    &bytes[..end]
+}
+
+fn ok_line(text: &str) -> Action {
+    let mut bytes = Vec::with_capacity(text.len() + 2);
+    bytes.extend_from_slice(text.as_bytes());
+    bytes.extend_from_slice(b"\r\n");
+    Action::Reply(bytes)
+}
+
+fn reply(out: &mut Vec<Action>, text: &str) {
+    out.push(ok_line(text));
+}
+
+/// A multi-line response: first line, the lines, then ".". No line starts
+/// with '.', so no byte-stuffing is needed.
+fn multiline<S: AsRef<str>>(first: &str, lines: impl IntoIterator<Item = S>) -> Action {
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(first.as_bytes());
+    bytes.extend_from_slice(b"\r\n");
+    for line in lines {
+        bytes.extend_from_slice(line.as_ref().as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(b".\r\n");
+    Action::Reply(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: &str = "mail.example.test";
+
+    fn config() -> SessionConfig {
+        SessionConfig {
+            hostname: HOST.into(),
+            allow_user_pass: true,
+            max_failed_logins: 3,
+            max_errors: 20,
+        }
+    }
+
+    fn messages() -> Vec<MaildropMessage> {
+        vec![
+            MaildropMessage {
+                id: 10,
+                size: 120,
+                uidl: "uid-a".into(),
+            },
+            MaildropMessage {
+                id: 11,
+                size: 200,
+                uidl: "uid-b".into(),
+            },
+            MaildropMessage {
+                id: 12,
+                size: 300,
+                uidl: "uid-c".into(),
+            },
+        ]
+    }
+
+    fn r(text: &str) -> Action {
+        Action::Reply(text.as_bytes().to_vec())
+    }
+
+    fn login_action(user: &str, password: &str) -> Action {
+        Action::Login {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    /// Connected session with the greeting checked.
+    fn connected(config: SessionConfig) -> Session {
+        let mut s = Session::new(config);
+        assert_eq!(
+            s.handle(Event::Connected),
+            vec![r("+OK mail.example.test POP3 server ready\r\n")]
+        );
+        s
+    }
+
+    fn feed(s: &mut Session, bytes: &[u8]) -> Vec<Action> {
+        s.handle(Event::Bytes(bytes))
+    }
+
+    /// Session in TRANSACTION over `messages()`.
+    fn logged_in() -> Session {
+        let mut s = connected(config());
+        assert_eq!(feed(&mut s, b"USER alice\r\n"), vec![r("+OK\r\n")]);
+        assert_eq!(
+            feed(&mut s, b"PASS secret\r\n"),
+            vec![login_action("alice", "secret")]
+        );
+        assert!(s.is_waiting());
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::Ok {
+                messages: messages()
+            })),
+            vec![r("+OK Logged in, 3 messages (620 octets)\r\n")]
+        );
+        assert!(!s.is_waiting());
+        assert_eq!(s.user(), Some("alice"));
+        s
+    }
+
+    /// Concatenated Reply bytes as text; panics on other actions.
+    fn text(actions: &[Action]) -> String {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::Reply(b) => String::from_utf8_lossy(b).into_owned(),
+                other => panic!("unexpected action {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn greeting_only_once() {
+        let mut s = connected(config());
+        assert!(s.handle(Event::Connected).is_empty());
+        assert_eq!(s.user(), None);
+        assert!(!s.is_waiting());
+    }
+
+    #[test]
+    fn full_session() {
+        let mut s = logged_in();
+        assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 3 620\r\n")]);
+        assert_eq!(
+            feed(&mut s, b"LIST\r\n"),
+            vec![r(
+                "+OK 3 messages (620 octets)\r\n1 120\r\n2 200\r\n3 300\r\n.\r\n"
+            )]
+        );
+        assert_eq!(feed(&mut s, b"LIST 2\r\n"), vec![r("+OK 2 200\r\n")]);
+        assert_eq!(
+            feed(&mut s, b"UIDL\r\n"),
+            vec![r(
+                "+OK unique-id listing follows\r\n1 uid-a\r\n2 uid-b\r\n3 uid-c\r\n.\r\n"
+            )]
+        );
+        assert_eq!(feed(&mut s, b"UIDL 3\r\n"), vec![r("+OK 3 uid-c\r\n")]);
+        assert_eq!(
+            feed(&mut s, b"RETR 1\r\n"),
+            vec![
+                r("+OK 120 octets\r\n"),
+                Action::SendMessage {
+                    id: 10,
+                    top_lines: None
+                }
+            ]
+        );
+        assert_eq!(
+            feed(&mut s, b"TOP 2 5\r\n"),
+            vec![
+                r("+OK\r\n"),
+                Action::SendMessage {
+                    id: 11,
+                    top_lines: Some(5)
+                }
+            ]
+        );
+        assert_eq!(
+            feed(&mut s, b"TOP 3 0\r\n"),
+            vec![
+                r("+OK\r\n"),
+                Action::SendMessage {
+                    id: 12,
+                    top_lines: Some(0)
+                }
+            ]
+        );
+        assert_eq!(
+            feed(&mut s, b"DELE 1\r\n"),
+            vec![r("+OK message 1 deleted\r\n")]
+        );
+        assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 2 500\r\n")]);
+        assert_eq!(feed(&mut s, b"RSET\r\n"), vec![r("+OK\r\n")]);
+        assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 3 620\r\n")]);
+        assert_eq!(feed(&mut s, b"NOOP\r\n"), vec![r("+OK\r\n")]);
+        assert_eq!(
+            feed(&mut s, b"DELE 3\r\n"),
+            vec![r("+OK message 3 deleted\r\n")]
+        );
+        assert_eq!(
+            feed(&mut s, b"DELE 1\r\n"),
+            vec![r("+OK message 1 deleted\r\n")]
+        );
+        assert_eq!(
+            feed(&mut s, b"QUIT\r\n"),
+            vec![Action::Update {
+                deleted: vec![10, 12]
+            }]
+        );
+        assert!(s.is_waiting());
+        assert_eq!(
+            s.handle(Event::UpdateDone(true)),
+            vec![
+                r("+OK mail.example.test signing off (1 messages left)\r\n"),
+                Action::Close
+            ]
+        );
+        assert!(s.is_closed());
+        assert!(!s.is_waiting());
+        assert_eq!(s.user(), Some("alice"));
+    }
+
+    #[test]
+    fn quit_without_deletions_still_enters_update() {
+        let mut s = logged_in();
+        assert_eq!(
+            feed(&mut s, b"QUIT\r\n"),
+            vec![Action::Update { deleted: vec![] }]
+        );
+        assert_eq!(
+            s.handle(Event::UpdateDone(true)),
+            vec![
+                r("+OK mail.example.test signing off (3 messages left)\r\n"),
+                Action::Close
+            ]
+        );
+    }
+
+    #[test]
+    fn update_failure() {
+        let mut s = logged_in();
+        feed(&mut s, b"DELE 2\r\n");
+        assert_eq!(
+            feed(&mut s, b"QUIT\r\n"),
+            vec![Action::Update { deleted: vec![11] }]
+        );
+        assert_eq!(
+            s.handle(Event::UpdateDone(false)),
+            vec![
+                r("-ERR [SYS/TEMP] some deleted messages not removed\r\n"),
+                Action::Close
+            ]
+        );
+        assert!(s.handle(Event::UpdateDone(true)).is_empty());
+    }
+
+    #[test]
+    fn input_during_update_is_ignored() {
+        let mut s = logged_in();
+        assert_eq!(
+            feed(&mut s, b"QUIT\r\nNOOP\r\n"),
+            vec![Action::Update { deleted: vec![] }]
+        );
+        assert!(feed(&mut s, b"STAT\r\n").is_empty());
+        assert!(s.handle(Event::Timeout).len() == 2, "timeout still closes");
+        assert!(s.handle(Event::UpdateDone(true)).is_empty());
+    }
+
+    #[test]
+    fn pipelined_commands_wait_for_login_result() {
+        let mut s = connected(config());
+        let out = feed(
+            &mut s,
+            b"CAPA\r\nUSER bob\r\nPASS pw\r\nSTAT\r\nLIST 1\r\nQUIT\r\nNOOP",
+        );
+        assert_eq!(out.len(), 3);
+        assert!(text(&out[..2]).starts_with("+OK Capability list follows\r\n"));
+        assert_eq!(out[1], r("+OK\r\n"));
+        assert_eq!(out[2], login_action("bob", "pw"));
+        assert!(s.is_waiting());
+        // More input while waiting is only buffered.
+        assert!(feed(&mut s, b"\r\n").is_empty());
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::Ok {
+                messages: messages()
+            })),
+            vec![
+                r("+OK Logged in, 3 messages (620 octets)\r\n"),
+                r("+OK 3 620\r\n"),
+                r("+OK 1 120\r\n"),
+                Action::Update { deleted: vec![] },
+            ]
+        );
+        // NOOP after QUIT is never answered.
+        assert_eq!(
+            s.handle(Event::UpdateDone(true)),
+            vec![
+                r("+OK mail.example.test signing off (3 messages left)\r\n"),
+                Action::Close
+            ]
+        );
+    }
+
+    #[test]
+    fn pipelined_after_failed_login_continues_in_authorization() {
+        let mut s = connected(config());
+        let out = feed(
+            &mut s,
+            b"USER bob\r\nPASS bad\r\nSTAT\r\nUSER bob\r\nPASS good\r\n",
+        );
+        assert_eq!(out, vec![r("+OK\r\n"), login_action("bob", "bad")]);
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::BadCredentials)),
+            vec![
+                r("-ERR [AUTH] Invalid user name or password\r\n"),
+                r("-ERR command not valid in this state\r\n"),
+                r("+OK\r\n"),
+                login_action("bob", "good"),
+            ]
+        );
+        assert_eq!(s.user(), None);
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::Ok { messages: vec![] })),
+            vec![r("+OK Logged in, 0 messages (0 octets)\r\n")]
+        );
+        assert_eq!(s.user(), Some("bob"));
+    }
+
+    #[test]
+    fn byte_by_byte_feeding_matches_whole_feeding() {
+        let script: &[u8] = b"USER alice\r\nPASS secret\r\nSTAT\nLIST\r\nUIDL 2\r\nRETR 2\r\n\
+            TOP 1 3\r\nDELE 2\r\nLIST 2\r\nRSET\r\nXYZZY\r\nQUIT\r\n";
+        let run = |chunk: usize| {
+            let mut s = connected(config());
+            let mut all = Vec::new();
+            for piece in script.chunks(chunk) {
+                all.extend(feed(&mut s, piece));
+                if let State::LoginPending { .. } = s.state {
+                    let outcome = LoginOutcome::Ok {
+                        messages: messages(),
+                    };
+                    all.extend(s.handle(Event::LoginDone(outcome)));
+                }
+            }
+            all.extend(s.handle(Event::UpdateDone(true)));
+            all
+        };
+        let whole = run(script.len());
+        assert_eq!(run(1), whole);
+        assert_eq!(run(7), whole);
+        assert_eq!(whole.first(), Some(&r("+OK\r\n")));
+        assert_eq!(whole.last(), Some(&Action::Close));
+        assert!(whole.contains(&Action::Update { deleted: vec![] }));
+        assert!(whole.contains(&r("-ERR unknown command\r\n")));
+        assert!(whole.contains(&r("-ERR message 2 already deleted\r\n")));
+    }
+
+    #[test]
+    fn dropped_connection_deletes_nothing() {
+        let mut s = logged_in();
+        feed(&mut s, b"DELE 1\r\nDELE 2\r\n");
+        let out = s.handle(Event::Eof);
+        assert_eq!(out, vec![Action::Close]);
+        assert!(s.handle(Event::UpdateDone(true)).is_empty());
+        assert!(feed(&mut s, b"QUIT\r\n").is_empty());
+        assert!(s.handle(Event::Timeout).is_empty());
+        assert!(s.handle(Event::Eof).is_empty());
+        assert!(s.handle(Event::Connected).is_empty());
+    }
+
+    #[test]
+    fn timeout_deletes_nothing() {
+        let mut s = logged_in();
+        feed(&mut s, b"DELE 1\r\n");
+        assert_eq!(
+            s.handle(Event::Timeout),
+            vec![r("-ERR Inactivity timeout, closing\r\n"), Action::Close]
+        );
+        assert!(feed(&mut s, b"QUIT\r\n").is_empty());
+    }
+
+    #[test]
+    fn timeout_and_eof_while_login_pending() {
+        let mut s = connected(config());
+        feed(&mut s, b"USER a\r\nPASS b\r\nQUIT\r\n");
+        assert_eq!(s.handle(Event::Eof), vec![Action::Close]);
+        assert!(
+            s.handle(Event::LoginDone(LoginOutcome::Ok {
+                messages: messages()
+            }))
+            .is_empty()
+        );
+        assert_eq!(s.user(), None);
+    }
+
+    #[test]
+    fn deleted_messages_are_invisible() {
+        let mut s = logged_in();
+        assert_eq!(
+            feed(&mut s, b"DELE 2\r\n"),
+            vec![r("+OK message 2 deleted\r\n")]
+        );
+        assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 2 420\r\n")]);
+        assert_eq!(
+            feed(&mut s, b"LIST\r\n"),
+            vec![r("+OK 2 messages (420 octets)\r\n1 120\r\n3 300\r\n.\r\n")]
+        );
+        assert_eq!(
+            feed(&mut s, b"UIDL\r\n"),
+            vec![r(
+                "+OK unique-id listing follows\r\n1 uid-a\r\n3 uid-c\r\n.\r\n"
+            )]
+        );
+        let gone = r("-ERR message 2 already deleted\r\n");
+        for cmd in [
+            &b"LIST 2\r\n"[..],
+            b"UIDL 2\r\n",
+            b"RETR 2\r\n",
+            b"TOP 2 1\r\n",
+            b"DELE 2\r\n",
+        ] {
+            assert_eq!(
+                feed(&mut s, cmd),
+                vec![gone.clone()],
+                "{}",
+                String::from_utf8_lossy(cmd)
+            );
+        }
+        assert_eq!(feed(&mut s, b"RSET\r\n"), vec![r("+OK\r\n")]);
+        assert_eq!(feed(&mut s, b"LIST 2\r\n"), vec![r("+OK 2 200\r\n")]);
+        // Not counted as protocol errors: plenty of them do not close the session.
+        let mut s = logged_in();
+        feed(&mut s, b"DELE 1\r\n");
+        for _ in 0..50 {
+            assert_eq!(
+                feed(&mut s, b"RETR 1\r\n"),
+                vec![r("-ERR message 1 already deleted\r\n")]
+            );
+            assert_eq!(
+                feed(&mut s, b"RETR 9\r\n"),
+                vec![r("-ERR no such message\r\n")]
+            );
+        }
+    }
+
+    #[test]
+    fn message_numbers_and_syntax() {
+        let mut s = logged_in();
+        let none = r("-ERR no such message\r\n");
+        let syntax = r("-ERR syntax error\r\n");
+        let cases: &[(&[u8], &Action)] = &[
+            (b"LIST 0\r\n", &none),
+            (b"LIST 4\r\n", &none),
+            (b"LIST 99999999999999999999999999\r\n", &none),
+            (b"RETR 18446744073709551616\r\n", &none),
+            (b"LIST abc\r\n", &syntax),
+            (b"LIST -1\r\n", &syntax),
+            (b"LIST +1\r\n", &syntax),
+            (b"LIST 1 2\r\n", &syntax),
+            (b"RETR\r\n", &syntax),
+            (b"RETR 1 2\r\n", &syntax),
+            (b"DELE\r\n", &syntax),
+            (b"TOP 1\r\n", &syntax),
+            (b"TOP\r\n", &syntax),
+            (b"TOP 1 -1\r\n", &syntax),
+            (b"TOP x 1\r\n", &syntax),
+            (b"TOP 1 1 1\r\n", &syntax),
+            (b"TOP 9 1\r\n", &none),
+            (b"UIDL x\r\n", &syntax),
+        ];
+        for (cmd, want) in cases {
+            assert_eq!(
+                feed(&mut s, cmd),
+                vec![(*want).clone()],
+                "{}",
+                String::from_utf8_lossy(cmd)
+            );
+        }
+        // Huge line counts saturate rather than fail.
+        assert_eq!(
+            feed(&mut s, b"TOP 1 99999999999999999999999\r\n"),
+            vec![
+                r("+OK\r\n"),
+                Action::SendMessage {
+                    id: 10,
+                    top_lines: Some(u64::MAX)
+                }
+            ]
+        );
+        // Nothing was deleted along the way.
+        assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 3 620\r\n")]);
+    }
+
+    #[test]
+    fn case_insensitive_lenient_spaces_and_bare_lf() {
+        let mut s = connected(config());
+        assert_eq!(feed(&mut s, b"  user   alice  \n"), vec![r("+OK\r\n")]);
+        assert_eq!(
+            feed(&mut s, b"pAsS secret\n"),
+            vec![login_action("alice", "secret")]
+        );
+        s.handle(Event::LoginDone(LoginOutcome::Ok {
+            messages: messages(),
+        }));
+        assert_eq!(feed(&mut s, b"list   2  \r\n"), vec![r("+OK 2 200\r\n")]);
+        assert_eq!(
+            feed(&mut s, b"top  1   2\n"),
+            vec![
+                r("+OK\r\n"),
+                Action::SendMessage {
+                    id: 10,
+                    top_lines: Some(2)
+                }
+            ]
+        );
+        assert_eq!(
+            feed(&mut s, b"Stat\r\nnoop\n"),
+            vec![r("+OK 3 620\r\n"), r("+OK\r\n")]
+        );
+    }
+
+    #[test]
+    fn password_keeps_spaces() {
+        let mut s = connected(config());
+        feed(&mut s, b"USER carol\r\n");
+        assert_eq!(
+            feed(&mut s, b"PASS  correct horse battery staple \r\n"),
+            vec![login_action("carol", " correct horse battery staple ")]
+        );
+    }
+
+    #[test]
+    fn pass_rules() {
+        let mut s = connected(config());
+        let order = r("-ERR PASS must directly follow USER\r\n");
+        assert_eq!(feed(&mut s, b"PASS x\r\n"), vec![order.clone()]);
+        // Any command between USER and PASS consumes the name.
+        feed(&mut s, b"USER dave\r\n");
+        assert!(text(&feed(&mut s, b"CAPA\r\n")).starts_with("+OK Capability"));
+        assert_eq!(feed(&mut s, b"PASS x\r\n"), vec![order.clone()]);
+        // A second USER replaces the first.
+        feed(&mut s, b"USER dave\r\nUSER erin\r\n");
+        assert_eq!(feed(&mut s, b"PASS x\r\n"), vec![login_action("erin", "x")]);
+        s.handle(Event::LoginDone(LoginOutcome::TempFail));
+        // Missing name or password.
+        assert_eq!(feed(&mut s, b"USER\r\n"), vec![r("-ERR syntax error\r\n")]);
+        assert_eq!(
+            feed(&mut s, b"USER   \r\n"),
+            vec![r("-ERR syntax error\r\n")]
+        );
+        feed(&mut s, b"USER dave\r\n");
+        assert_eq!(feed(&mut s, b"PASS\r\n"), vec![r("-ERR syntax error\r\n")]);
+        feed(&mut s, b"USER dave\r\n");
+        assert_eq!(feed(&mut s, b"PASS \r\n"), vec![r("-ERR syntax error\r\n")]);
+    }
+
+    #[test]
+    fn bad_credentials_same_text_then_close() {
+        let mut s = connected(config());
+        let bad = r("-ERR [AUTH] Invalid user name or password\r\n");
+        feed(&mut s, b"USER nobody\r\nPASS x\r\n");
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::BadCredentials)),
+            vec![bad.clone()]
+        );
+        // Non-UTF-8 credentials: no Login action, same answer, counted.
+        assert_eq!(
+            feed(&mut s, b"USER alice\r\nPASS \xff\xfe\r\n"),
+            vec![r("+OK\r\n"), bad.clone()]
+        );
+        feed(&mut s, b"USER alice\r\nPASS wrong\r\n");
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::BadCredentials)),
+            vec![bad.clone(), Action::Close]
+        );
+        assert!(s.is_closed());
+        assert!(feed(&mut s, b"USER alice\r\n").is_empty());
+    }
+
+    #[test]
+    fn in_use_and_temp_fail_keep_session() {
+        let mut s = connected(config());
+        feed(&mut s, b"USER alice\r\nPASS secret\r\n");
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::InUse)),
+            vec![r("-ERR [IN-USE] Mailbox is locked by another session\r\n")]
+        );
+        feed(&mut s, b"USER alice\r\nPASS secret\r\n");
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::TempFail)),
+            vec![r("-ERR [SYS/TEMP] Temporary failure, try again later\r\n")]
+        );
+        // Neither counts as a failed login.
+        for _ in 0..5 {
+            feed(&mut s, b"USER alice\r\nPASS secret\r\n");
+            assert_eq!(s.handle(Event::LoginDone(LoginOutcome::InUse)).len(), 1);
+        }
+        assert_eq!(s.user(), None);
+        feed(&mut s, b"USER alice\r\nPASS secret\r\n");
+        s.handle(Event::LoginDone(LoginOutcome::Ok {
+            messages: messages(),
+        }));
+        assert_eq!(s.user(), Some("alice"));
+    }
+
+    #[test]
+    fn unexpected_results_are_ignored() {
+        let mut s = connected(config());
+        assert!(
+            s.handle(Event::LoginDone(LoginOutcome::Ok {
+                messages: messages()
+            }))
+            .is_empty()
+        );
+        assert!(s.handle(Event::UpdateDone(true)).is_empty());
+        assert_eq!(s.user(), None);
+        assert_eq!(
+            feed(&mut s, b"STAT\r\n"),
+            vec![r("-ERR command not valid in this state\r\n")]
+        );
+    }
+
+    #[test]
+    fn over_long_line() {
+        let mut s = logged_in();
+        let mut long = vec![b'A'; 300];
+        long.extend_from_slice(b"\r\nNOOP\r\n");
+        assert_eq!(
+            feed(&mut s, &long),
+            vec![r("-ERR line too long\r\n"), r("+OK\r\n")]
+        );
+
+        // Split over several events: error reported once, rest of the line skipped.
+        assert_eq!(feed(&mut s, &[b'N'; 200]), vec![]);
+        assert_eq!(
+            feed(&mut s, &[b'O'; 200]),
+            vec![r("-ERR line too long\r\n")]
+        );
+        assert_eq!(feed(&mut s, b"STAT STAT STAT"), vec![]);
+        assert_eq!(feed(&mut s, b"\r\nSTAT\r\n"), vec![r("+OK 3 620\r\n")]);
+
+        // 255 octets including CRLF is accepted, 256 is not.
+        let mut ok = b"NOOP ".to_vec();
+        ok.resize(253, b'x');
+        ok.extend_from_slice(b"\r\n");
+        assert_eq!(feed(&mut s, &ok), vec![r("+OK\r\n")]);
+        let mut too_long = b"NOOP ".to_vec();
+        too_long.resize(254, b'x');
+        too_long.extend_from_slice(b"\r\n");
+        assert_eq!(feed(&mut s, &too_long), vec![r("-ERR line too long\r\n")]);
+        assert_eq!(feed(&mut s, b"NOOP\r\n"), vec![r("+OK\r\n")]);
+    }
+
+    #[test]
+    fn error_limit_closes() {
+        let mut s = connected(SessionConfig {
+            max_errors: 3,
+            ..config()
+        });
+        assert_eq!(
+            feed(&mut s, b"FOO\r\n"),
+            vec![r("-ERR unknown command\r\n")]
+        );
+        assert_eq!(feed(&mut s, b"\r\n"), vec![r("-ERR unknown command\r\n")]);
+        assert_eq!(
+            feed(&mut s, b"RETR 1\r\nNOOP\r\n"),
+            vec![
+                r("-ERR command not valid in this state\r\n"),
+                r("-ERR too many errors\r\n"),
+                Action::Close
+            ]
+        );
+        assert!(feed(&mut s, b"QUIT\r\n").is_empty());
+
+        // Default limit of 20, reached in TRANSACTION; long lines count too.
+        let mut s = logged_in();
+        for _ in 0..18 {
+            assert_eq!(
+                feed(&mut s, b"bogus\r\n"),
+                vec![r("-ERR unknown command\r\n")]
+            );
+        }
+        assert_eq!(
+            feed(&mut s, b"USER x\r\n"),
+            vec![r("-ERR command not valid in this state\r\n")]
+        );
+        let mut long = vec![b'x'; 400];
+        long.extend_from_slice(b"\r\nQUIT\r\n");
+        assert_eq!(
+            feed(&mut s, &long),
+            vec![
+                r("-ERR line too long\r\n"),
+                r("-ERR too many errors\r\n"),
+                Action::Close
+            ]
+        );
+    }
+
+    #[test]
+    fn capa() {
+        let mut s = connected(config());
+        let with_user = "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n\
+            AUTH-RESP-CODE\r\nPIPELINING\r\nUSER\r\nIMPLEMENTATION Postroom\r\n.\r\n";
+        let without_user = "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n\
+            AUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION Postroom\r\n.\r\n";
+        assert_eq!(feed(&mut s, b"capa\r\n"), vec![r(with_user)]);
+
+        let mut s = logged_in();
+        assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(without_user)]);
+
+        let mut s = connected(SessionConfig {
+            allow_user_pass: false,
+            ..config()
+        });
+        assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(without_user)]);
+    }
+
+    #[test]
+    fn plaintext_disallowed() {
+        let mut s = connected(SessionConfig {
+            allow_user_pass: false,
+            ..config()
+        });
+        let refused = r("-ERR [AUTH] Plaintext authentication disallowed without TLS\r\n");
+        assert_eq!(feed(&mut s, b"USER alice\r\n"), vec![refused.clone()]);
+        assert_eq!(feed(&mut s, b"PASS secret\r\n"), vec![refused]);
+        assert_eq!(
+            feed(&mut s, b"QUIT\r\n"),
+            vec![r("+OK mail.example.test signing off\r\n"), Action::Close]
+        );
+    }
+
+    #[test]
+    fn quit_in_authorization_has_no_update() {
+        let mut s = connected(config());
+        assert_eq!(
+            feed(&mut s, b"USER a\r\nQUIT\r\nNOOP\r\n"),
+            vec![
+                r("+OK\r\n"),
+                r("+OK mail.example.test signing off\r\n"),
+                Action::Close
+            ]
+        );
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn wrong_state_commands() {
+        let mut s = connected(config());
+        for cmd in [
+            "STAT", "LIST", "RETR 1", "DELE 1", "RSET", "TOP 1 1", "UIDL", "NOOP",
+        ] {
+            let line = format!("{cmd}\r\n");
+            assert_eq!(
+                feed(&mut s, line.as_bytes()),
+                vec![r("-ERR command not valid in this state\r\n")],
+                "{cmd}"
+            );
+        }
+        assert_eq!(
+            feed(&mut s, b"APOP a b\r\n"),
+            vec![r("-ERR unknown command\r\n")]
+        );
+        let mut s = logged_in();
+        assert_eq!(
+            feed(&mut s, b"USER bob\r\n"),
+            vec![r("-ERR command not valid in this state\r\n")]
+        );
+        assert_eq!(
+            feed(&mut s, b"PASS pw\r\n"),
+            vec![r("-ERR command not valid in this state\r\n")]
+        );
+        assert_eq!(s.user(), Some("alice"));
+    }
+
+    #[test]
+    fn input_before_connected_is_answered_after_greeting() {
+        let mut s = Session::new(config());
+        assert!(feed(&mut s, b"CAPA\r\n").is_empty());
+        let out = s.handle(Event::Connected);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0], r("+OK mail.example.test POP3 server ready\r\n"));
+        assert!(text(&out[1..]).starts_with("+OK Capability list follows\r\n"));
+    }
+
+    #[test]
+    fn pending_input_is_bounded() {
+        let mut s = connected(config());
+        feed(&mut s, b"USER a\r\nPASS b\r\n");
+        let chunk = b"NOOP\r\n".repeat(1024);
+        let mut closed = false;
+        for _ in 0..100 {
+            let out = feed(&mut s, &chunk);
+            if out == vec![Action::Close] {
+                closed = true;
+                break;
+            }
+            assert!(out.is_empty());
+        }
+        assert!(closed);
+        assert!(s.is_closed());
+        assert!(
+            s.handle(Event::LoginDone(LoginOutcome::BadCredentials))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn uidl_is_sanitized() {
+        let mut s = connected(config());
+        feed(&mut s, b"USER a\r\nPASS b\r\n");
+        let messages = vec![
+            MaildropMessage {
+                id: 7,
+                size: 1,
+                uidl: "ab c\r\n.d".into(),
+            },
+            MaildropMessage {
+                id: 8,
+                size: 2,
+                uidl: " \u{e9}".into(),
+            },
+        ];
+        s.handle(Event::LoginDone(LoginOutcome::Ok { messages }));
+        assert_eq!(
+            feed(&mut s, b"UIDL\r\n"),
+            vec![r(
+                "+OK unique-id listing follows\r\n1 abc.d\r\n2 8\r\n.\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn debug_redacts_password() {
+        let shown = format!("{:?}", login_action("alice", "hunter2"));
+        assert!(shown.contains("alice"));
+        assert!(!shown.contains("hunter2"));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // Deterministic xorshift; mixes random bytes with command fragments.
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let fragments: &[&[u8]] = &[
+            b"USER a\r\n",
+            b"PASS b\r\n",
+            b"LIST ",
+            b"TOP 1 ",
+            b"RETR 2\r\n",
+            b"DELE 1\n",
+            b"\r\n",
+            b"\n",
+            b"\r",
+            b"\xff\xfe\x00",
+            b" ",
+            b"QUIT\r\n",
+            b"UIDL",
+            b"CAPA\r\n",
+        ];
+        for round in 0..300 {
+            let cfg = SessionConfig {
+                max_failed_logins: (round % 4) as u32,
+                max_errors: (round % 25) as u32,
+                allow_user_pass: round % 3 != 0,
+                ..config()
+            };
+            let mut s = Session::new(cfg);
+            s.handle(Event::Connected);
+            for _ in 0..60 {
+                let mut bytes = Vec::new();
+                for _ in 0..(next() % 6) {
+                    if next() % 2 == 0 {
+                        bytes.extend_from_slice(fragments[(next() as usize) % fragments.len()]);
+                    } else {
+                        let n = (next() % 300) as usize;
+                        bytes.extend((0..n).map(|_| next() as u8));
+                    }
+                }
+                let out = s.handle(Event::Bytes(&bytes));
+                if out.contains(&Action::Close) {
+                    assert_eq!(out.last(), Some(&Action::Close));
+                    assert!(s.is_closed());
+                }
+                match next() % 10 {
+                    0 => {
+                        let outcome = match next() % 4 {
+                            0 => LoginOutcome::Ok {
+                                messages: messages(),
+                            },
+                            1 => LoginOutcome::BadCredentials,
+                            2 => LoginOutcome::InUse,
+                            _ => LoginOutcome::TempFail,
+                        };
+                        s.handle(Event::LoginDone(outcome));
+                    }
+                    1 => {
+                        s.handle(Event::UpdateDone(next() % 2 == 0));
+                    }
+                    _ => {}
+                }
+                if s.is_closed() {
+                    assert!(s.handle(Event::Bytes(b"NOOP\r\n")).is_empty());
+                    break;
+                }
+                assert!(s.input.len() <= MAX_PENDING_INPUT);
+                if !s.is_waiting() {
+                    assert!(s.input.len() < MAX_LINE);
+                }
+            }
+        }
+    }
+}

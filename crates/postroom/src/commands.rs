@@ -1,0 +1,299 @@
+//! The administrator's commands (INTERFACE.md). They open the same SQLite file as a running
+//! server; SQLite's WAL locking lets both write.
+
+use std::io::BufRead;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use directory::admin::{Admin, UserInfo};
+use directory::LocalDomains;
+use store::{Store, StoreOptions};
+
+use crate::config::{Config, ConfigError};
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// Enrol a POP user with one or more addresses in local domains.
+    Add {
+        name: String,
+        /// An SMTP address (repeatable); the first is the preferred one.
+        #[arg(long = "address", required = true, value_name = "ADDR")]
+        addresses: Vec<String>,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Change a password (read from the first line of standard input).
+    Passwd {
+        name: String,
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+    /// List users.
+    List,
+    /// Show one user.
+    Show { name: String },
+    /// Refuse the user's logins; mail is still delivered.
+    Disable { name: String },
+    /// Allow logins again.
+    Enable { name: String },
+    /// Stop receiving mail for the user now; the account goes once the mailbox is empty.
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum DomainCommand {
+    /// Make a domain local.
+    Add { domain: String },
+    /// Stop treating a domain as local.
+    Remove { domain: String },
+    /// List local domains.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum QueueCommand {
+    /// Recipients not yet delivered (waiting for the framework or for the SMTP client).
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration and print the effective values.
+    Check,
+}
+
+#[derive(Args)]
+pub struct JournalArgs {
+    /// Only entries with this code (e.g. 94, P2, B8, DL) or code prefix (e.g. 9).
+    #[arg(long)]
+    code: Option<String>,
+    /// Only entries of this queue id.
+    #[arg(long = "message", value_name = "ID")]
+    message: Option<String>,
+    /// Only entries newer than this: seconds since the epoch, or an age like 30s, 10m, 2h, 7d.
+    #[arg(long)]
+    since: Option<String>,
+    /// Keep printing new entries as they arrive.
+    #[arg(long)]
+    follow: bool,
+}
+
+fn open(config: &Config) -> anyhow::Result<(Store, LocalDomains)> {
+    let store = Store::open(&config.data_dir, StoreOptions { readers: 1, ..Default::default() })
+        .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
+    Ok((store, LocalDomains::new(&config.domains, &config.postmaster)))
+}
+
+/// Passwords never appear on a command line (INTERFACE.md): one line from standard input.
+fn read_password() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).context("reading the password from standard input")?;
+    let pw = line.trim_end_matches(['\r', '\n']).to_string();
+    if pw.is_empty() {
+        bail!("empty password on standard input");
+    }
+    Ok(pw)
+}
+
+pub fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
+    let (store, domains) = open(config)?;
+    let admin = Admin { store: &store, domains: &domains };
+    match cmd {
+        UserCommand::Add { name, addresses, password_stdin } => {
+            let hash = if password_stdin { Some(directory::passwords::hash_password(&read_password()?)?) } else { None };
+            let has_password = hash.is_some();
+            admin.add_user(&name, &addresses, hash)?;
+            println!("user {name} added with {}", addresses.join(", "));
+            if !has_password {
+                println!("no password set: {name} cannot log in until `postroom user passwd {name} --password-stdin`");
+            }
+        }
+        UserCommand::Passwd { name, .. } => {
+            let hash = directory::passwords::hash_password(&read_password()?)?;
+            admin.set_password(&name, hash)?;
+            println!("password of {name} changed");
+        }
+        UserCommand::List => {
+            println!("{:<20} {:<9} {:>8} {:>12}  addresses", "user", "state", "messages", "bytes");
+            for u in admin.list_users()? {
+                println!("{:<20} {:<9} {:>8} {:>12}  {}", u.name, state(&u), u.messages, u.bytes, u.addresses.join(", "));
+            }
+        }
+        UserCommand::Show { name } => {
+            let u = admin.show_user(&name)?;
+            println!("user:      {}", u.name);
+            println!("state:     {}", state(&u));
+            println!("password:  {}", if u.has_password { "set" } else { "not set (no login)" });
+            println!("addresses: {}", u.addresses.join(", "));
+            println!("mailbox:   {} messages, {} bytes", u.messages, u.bytes);
+            if let Some(q) = u.quota_bytes {
+                println!("quota:     {q} bytes");
+            }
+            if let Some(f) = &u.forward_to {
+                println!("forward:   {f}");
+            }
+        }
+        UserCommand::Disable { name } => {
+            admin.set_enabled(&name, false)?;
+            println!("user {name} disabled: logins refused, mail still delivered");
+        }
+        UserCommand::Enable { name } => {
+            admin.set_enabled(&name, true)?;
+            println!("user {name} enabled");
+        }
+        UserCommand::Remove { name } => {
+            if admin.remove_user(&name)? {
+                println!("user {name} removed");
+            } else {
+                println!("user {name} removed: no more mail is accepted; POP3 login stays possible until the mailbox is empty");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn state(u: &UserInfo) -> &'static str {
+    match (u.removed, u.enabled) {
+        (true, _) => "removed",
+        (false, true) => "enabled",
+        (false, false) => "disabled",
+    }
+}
+
+pub fn domain(cmd: DomainCommand, config: &Config) -> anyhow::Result<()> {
+    let (store, domains) = open(config)?;
+    let admin = Admin { store: &store, domains: &domains };
+    match cmd {
+        DomainCommand::Add { domain } => {
+            if admin.add_domain(&domain)? {
+                println!("domain {domain} added");
+            } else {
+                println!("domain {domain} is already local");
+            }
+        }
+        DomainCommand::Remove { domain } => {
+            admin.remove_domain(&domain)?;
+            println!("domain {domain} removed");
+        }
+        DomainCommand::List => {
+            for (d, origin) in admin.list_domains()? {
+                println!("{d}\t{origin}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn queue(cmd: QueueCommand, config: &Config) -> anyhow::Result<()> {
+    let (store, _) = open(config)?;
+    match cmd {
+        QueueCommand::List => {
+            let rows = store.read_blocking(|c| Ok(mail_framework::queue::pending(c)?))?;
+            if rows.is_empty() {
+                println!("queue is empty");
+                return Ok(());
+            }
+            println!("{:<22} {:<8} {:>9} {:<25} {:<30} {:>8}  last reply", "id", "state", "size", "received", "recipient", "attempts");
+            for r in rows {
+                println!(
+                    "{:<22} {:<8} {:>9} {:<25} {:<30} {:>8}  {}",
+                    r.qid,
+                    r.state,
+                    r.size,
+                    mail_proto::date::rfc5322(r.received_at),
+                    r.address,
+                    r.attempts,
+                    r.last_reply.unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn journal(args: JournalArgs, config: &Config) -> anyhow::Result<()> {
+    let (store, _) = open(config)?;
+    let since = match &args.since {
+        Some(s) => parse_since(s).with_context(|| format!("--since {s}: expected seconds since the epoch or an age like 10m, 2h, 7d"))?,
+        None => 0,
+    };
+    let mut after_id = 0i64;
+    loop {
+        let (code, message) = (args.code.clone(), args.message.clone());
+        let rows = store.read_blocking(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, at, code, qid, originator, recipient, size, ip, detail FROM journal
+                  WHERE id > ?1 AND at >= ?2 AND (?3 IS NULL OR code LIKE ?3 || '%') AND (?4 IS NULL OR qid = ?4)
+                  ORDER BY id LIMIT 10000",
+            )?;
+            let rows = stmt.query_map(rusqlite_params(after_id, since, code, message), |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    format!(
+                        "{}  {:<3} {:<20} from={} to={} size={} ip={} {}",
+                        mail_proto::date::rfc5322(r.get(1)?),
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, Option<i64>>(6)?.map(|s| s.to_string()).unwrap_or_default(),
+                        r.get::<_, String>(7)?,
+                        r.get::<_, String>(8)?,
+                    ),
+                ))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })?;
+        for (id, line) in &rows {
+            println!("{line}");
+            after_id = *id;
+        }
+        if !args.follow {
+            return Ok(());
+        }
+        if rows.is_empty() {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+}
+
+fn rusqlite_params(after: i64, since: i64, code: Option<String>, qid: Option<String>) -> impl store::rusqlite::Params {
+    store::rusqlite::params_from_iter([
+        store::rusqlite::types::Value::Integer(after),
+        store::rusqlite::types::Value::Integer(since),
+        code.map_or(store::rusqlite::types::Value::Null, store::rusqlite::types::Value::Text),
+        qid.map_or(store::rusqlite::types::Value::Null, store::rusqlite::types::Value::Text),
+    ])
+}
+
+/// `1700000000` (epoch seconds) or an age: `30s`, `10m`, `2h`, `7d`.
+fn parse_since(s: &str) -> Option<i64> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Some(n);
+    }
+    let (n, unit) = s.split_at(s.len().checked_sub(1)?);
+    let n: i64 = n.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return None,
+    };
+    Some(store::now() - secs)
+}
+
+pub fn config(cmd: ConfigCommand, loaded: Result<Config, ConfigError>) -> anyhow::Result<()> {
+    match cmd {
+        ConfigCommand::Check => {
+            let config = loaded.map_err(|e| anyhow::anyhow!("{e}"))?;
+            for w in config.warnings() {
+                eprintln!("warning: {w}");
+            }
+            print!("{}", config.effective_toml());
+            eprintln!("configuration OK ({})", config.origin);
+            Ok(())
+        }
+    }
+}

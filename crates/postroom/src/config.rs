@@ -1,0 +1,965 @@
+//! Postroom's configuration: typed sections read from TOML, with the documented defaults embedded
+//! from `etc/postroom.toml`.
+//!
+//! The file comes from the administrator, but a typo must never start a server that quietly does
+//! something else: every struct refuses unknown keys (toml's message names the key and its line),
+//! and `validate` reports every problem at once, each naming its key. `warnings` says what is legal
+//! but risky, for `postroom config check`.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Debug};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The documented default configuration, embedded: it parses to exactly `Config::default()`.
+pub const DEFAULT_TOML: &str = include_str!("../../../etc/postroom.toml");
+
+/// The origin named in messages when no configuration file was given.
+pub const DEFAULT_ORIGIN: &str = "(built-in default)";
+
+/// Keys whose feature is not built yet: `warnings` notes each one set to a non-default value.
+/// `section.*` covers a whole section. Delete an entry when its feature lands.
+pub const NOT_YET: &[&str] = &[
+    "smtp.submission_listen",
+    "smtp.tls_listen",
+    "smtp.percent_routing",
+    "smtp.helo_verify",
+    "smtp.auth",
+    "smtp.verify_from_user",
+    "tls.*",
+    "pop3.tls_listen",
+    "pop3.socket_layer",
+    "relay.mode",
+    "relay.pop_minutes",
+    "relay.override_reject_connect",
+    "delivery.*",
+    "dns.servers",
+    "journal.retention_days",
+    "storage.min_free_mb",
+];
+
+/// The whole configuration. Field names are the TOML keys; `etc/postroom.toml` documents each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Database, certificate and quarantine directory (0700, SPEC D4).
+    pub data_dir: PathBuf,
+    /// This server's name in the greeting and Received headers.
+    pub hostname: String,
+    /// Local domains, lowercase without a trailing dot (more live in the directory).
+    pub domains: Vec<String>,
+    /// Where postmaster@ and double bounces go.
+    pub postmaster: String,
+    /// `[smtp]`: the SMTP server.
+    pub smtp: SmtpConfig,
+    /// `[tls]`: certificates and plaintext-password policy.
+    pub tls: TlsConfig,
+    /// `[pop3]`: the POP3 server.
+    pub pop3: Pop3Config,
+    /// `[relay]`: who may relay.
+    pub relay: RelayConfig,
+    /// `[delivery]`: the SMTP client.
+    pub delivery: DeliveryConfig,
+    /// `[dns]`: resolvers.
+    pub dns: DnsConfig,
+    /// `[journal]`: the i5/OS-style journal.
+    pub journal: JournalConfig,
+    /// `[storage]`: disk use.
+    pub storage: StorageConfig,
+    /// `[log]`: tracing output.
+    pub log: LogConfig,
+    /// Where these values came from (a file name or `DEFAULT_ORIGIN`); not a key.
+    #[serde(skip)]
+    pub origin: String,
+}
+
+/// `[smtp]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// MX-style listeners (STARTTLS offered).
+    pub listen: Vec<SocketAddr>,
+    /// Submission listeners (AUTH required).
+    pub submission_listen: Vec<SocketAddr>,
+    /// Implicit-TLS submission listeners (AUTH required).
+    pub tls_listen: Vec<SocketAddr>,
+    /// Bytes.
+    pub max_message_size: u64,
+    /// Recipients per message.
+    pub max_recipients: usize,
+    /// Concurrent sessions in total.
+    pub max_sessions: usize,
+    /// Concurrent sessions per client IP.
+    pub max_sessions_per_ip: usize,
+    /// Deadline for one command line.
+    pub command_timeout_secs: u64,
+    /// Total deadline for DATA.
+    pub data_timeout_secs: u64,
+    /// Errors before 421 and close.
+    pub max_errors: usize,
+    /// VRFY answered (252) or refused (502).
+    pub vrfy: bool,
+    /// Bare LF accepted as a line ending inside DATA.
+    pub allow_bare_lf: bool,
+    /// user%remote@local relayed.
+    pub percent_routing: bool,
+    /// Received headers allowed before 554 5.4.6.
+    pub max_hops: usize,
+    /// HELO/EHLO name check.
+    pub helo_verify: HeloVerify,
+    /// AUTH requirement on `listen`.
+    pub auth: AuthMode,
+    /// MAIL FROM must belong to the authenticated user.
+    pub verify_from_user: VerifyFromUser,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; empty = self-signed, generated into data_dir.
+    pub cert: PathBuf,
+    /// PEM private key; set together with `cert`.
+    pub key: PathBuf,
+    /// Passwords without TLS.
+    pub allow_plaintext_auth: PlaintextAuth,
+    /// Deadline for a TLS handshake.
+    pub handshake_timeout_secs: u64,
+}
+
+/// `[pop3]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pop3Config {
+    /// Plain listeners (STLS offered).
+    pub listen: Vec<SocketAddr>,
+    /// Implicit-TLS listeners.
+    pub tls_listen: Vec<SocketAddr>,
+    /// Which of the two run.
+    pub socket_layer: SocketLayer,
+    /// Seconds of silence before the session is closed.
+    pub inactivity_timeout_secs: u64,
+    /// Concurrent sessions in total.
+    pub max_sessions: usize,
+    /// Concurrent sessions per client IP.
+    pub max_sessions_per_ip: usize,
+}
+
+/// `[relay]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Relay mode (i5/OS ALWRLY).
+    pub mode: RelayMode,
+    /// POP-before-SMTP window in minutes; 0 = off.
+    pub pop_minutes: u32,
+    /// POP-logged-in clients pass the reject list and RBLs (OVERRJTCNN).
+    pub override_reject_connect: bool,
+}
+
+/// `[delivery]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// "host[:port]" all non-local mail goes through; empty = unset.
+    pub mail_router: String,
+    /// Port used to reach MX hosts.
+    pub remote_port: u16,
+    /// Host name (lowercase) → IP address, consulted before DNS.
+    pub host_table: BTreeMap<String, String>,
+    /// Source IP address for outbound connections; empty = unset.
+    pub bind_address: String,
+    /// Hours before undelivered mail bounces.
+    pub queue_lifetime_hours: u64,
+    /// Domains held until their server issues ETRN (lowercase).
+    pub etrn_domains: Vec<String>,
+}
+
+/// `[dns]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Resolvers; empty = the system's.
+    pub servers: Vec<SocketAddr>,
+}
+
+/// `[journal]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JournalConfig {
+    /// Journal written at all.
+    pub enabled: bool,
+    /// Days entries are kept.
+    pub retention_days: u32,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// MiB of free disk below which new mail waits (452); 0 = no threshold.
+    pub min_free_mb: u64,
+    /// KiB per stored body chunk.
+    pub body_chunk_kib: u32,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// Tracing filter: a level, optionally with `target=level` directives.
+    pub level: String,
+}
+
+/// `smtp.helo_verify` (SPEC R10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeloVerify {
+    Off,
+    Log,
+    Reject,
+}
+
+/// `smtp.auth` (SPEC A2, i5/OS ALWAUTH).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    None,
+    LocalAndRelay,
+    Relay,
+}
+
+/// `smtp.verify_from_user` (SPEC A3, i5/OS VFYFROMUSR).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyFromUser {
+    Off,
+    All,
+    NotOnAcceptList,
+}
+
+/// `tls.allow_plaintext_auth` (SPEC A1, P2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlaintextAuth {
+    Never,
+    Loopback,
+}
+
+/// `pop3.socket_layer` (SPEC P2, i5/OS ALWSSL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SocketLayer {
+    Secure,
+    Nonsecure,
+    Both,
+}
+
+/// `relay.mode` (SPEC R1, i5/OS ALWRLY).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RelayMode {
+    All,
+    None,
+    Near,
+    List,
+    Both,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// One listening address, named as in `data_dir/listening` and by its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    /// "smtp", "submission", "smtps", "pop3" or "pop3s".
+    pub name: &'static str,
+    /// The key it came from, e.g. "smtp.listen".
+    pub key: &'static str,
+    /// The address to bind.
+    pub addr: SocketAddr,
+}
+
+/// Configuration problems, each naming its key; reported all at once.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file (or `DEFAULT_ORIGIN`) the problems are in.
+    pub origin: String,
+    /// One entry per problem, e.g. `relay.pop_minutes = 5: must be 0 (off) or 15..65535`.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "\n" };
+            write!(f, "{sep}{}: {problem}", self.origin)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn one(origin: &str, problem: String) -> Self {
+        ConfigError { origin: origin.to_owned(), problems: vec![problem] }
+    }
+}
+
+// The defaults below must equal etc/postroom.toml; the tests hold the two together.
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: "postroom-data".into(),
+            hostname: "mail.example.test".into(),
+            domains: vec!["example.test".into()],
+            postmaster: "admin@example.test".into(),
+            smtp: SmtpConfig::default(),
+            tls: TlsConfig::default(),
+            pop3: Pop3Config::default(),
+            relay: RelayConfig::default(),
+            delivery: DeliveryConfig::default(),
+            dns: DnsConfig::default(),
+            journal: JournalConfig::default(),
+            storage: StorageConfig::default(),
+            log: LogConfig::default(),
+            origin: DEFAULT_ORIGIN.into(),
+        }
+    }
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: vec![loopback(2525)],
+            submission_listen: vec![loopback(2587)],
+            tls_listen: vec![loopback(2465)],
+            max_message_size: 50 * 1024 * 1024,
+            max_recipients: 100,
+            max_sessions: 200,
+            max_sessions_per_ip: 20,
+            command_timeout_secs: 300,
+            data_timeout_secs: 600,
+            max_errors: 20,
+            vrfy: true,
+            allow_bare_lf: false,
+            percent_routing: false,
+            max_hops: 100,
+            helo_verify: HeloVerify::Off,
+            auth: AuthMode::None,
+            verify_from_user: VerifyFromUser::Off,
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            allow_plaintext_auth: PlaintextAuth::Loopback,
+            handshake_timeout_secs: 30,
+        }
+    }
+}
+
+impl Default for Pop3Config {
+    fn default() -> Self {
+        Pop3Config {
+            listen: vec![loopback(1110)],
+            tls_listen: vec![loopback(1995)],
+            socket_layer: SocketLayer::Both,
+            inactivity_timeout_secs: 600,
+            max_sessions: 200,
+            max_sessions_per_ip: 20,
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig { mode: RelayMode::None, pop_minutes: 0, override_reject_connect: false }
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            mail_router: String::new(),
+            remote_port: 25,
+            host_table: BTreeMap::new(),
+            bind_address: String::new(),
+            queue_lifetime_hours: 120,
+            etrn_domains: Vec::new(),
+        }
+    }
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig { enabled: true, retention_days: 30 }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { min_free_mb: 512, body_chunk_kib: 256 }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Human, level: "info".into() }
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names the file in messages. Missing keys take the defaults.
+    /// A wrong type or an unknown key is refused with toml's message, which shows the key's line.
+    /// Domain names are lowercased and lose a trailing dot. Does not validate.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::one(origin, e.to_string().trim_end().to_owned()))?;
+        config.origin = origin.to_owned();
+        for d in config.domains.iter_mut().chain(&mut config.delivery.etrn_domains) {
+            *d = normalize_domain(d);
+        }
+        let table = std::mem::take(&mut config.delivery.host_table);
+        config.delivery.host_table = table.into_iter().map(|(h, ip)| (normalize_domain(&h), ip)).collect();
+        Ok(config)
+    }
+
+    /// Reads `path` (the caller resolves `--config` / `POSTROOM_CONFIG`) or, without one, the
+    /// embedded default; then `data_dir_override` (`--data-dir` / `POSTROOM_DATA`) wins; then
+    /// validates. Environment variables are left to the caller (clap's `env`) so this stays pure.
+    pub fn load(path: Option<&Path>, data_dir_override: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let origin = path.display().to_string();
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::one(&origin, format!("cannot read: {e}")))?;
+                Config::parse(&text, &origin)?
+            }
+            None => Config::parse(DEFAULT_TOML, DEFAULT_ORIGIN)?,
+        };
+        if let Some(dir) = data_dir_override {
+            config.data_dir = dir.to_owned();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every rule and reports all problems at once, each as `key = value: rule`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut need = |ok: bool, key: &str, value: &dyn Debug, rule: &str| {
+            if !ok {
+                problems.push(format!("{key} = {value:?}: {rule}"));
+            }
+        };
+        let (smtp, pop3, delivery, tls) = (&self.smtp, &self.pop3, &self.delivery, &self.tls);
+
+        let dir = &self.data_dir;
+        need(!dir.as_os_str().is_empty(), "data_dir", dir, "must not be empty");
+        // effective_toml must be able to write it back.
+        need(dir.to_str().is_some(), "data_dir", dir, "must be valid UTF-8");
+        let names = [("hostname", &self.hostname)]
+            .into_iter()
+            .chain(self.domains.iter().map(|d| ("domains", d)))
+            .chain(delivery.etrn_domains.iter().map(|d| ("delivery.etrn_domains", d)))
+            .chain(delivery.host_table.keys().map(|h| ("delivery.host_table", h)));
+        for (key, name) in names {
+            let rule = "not a domain name (letters, digits, hyphens; labels of 1..63 between dots)";
+            need(is_domain_name(name), key, name, rule);
+        }
+        let ips = [("delivery.bind_address", &delivery.bind_address)]
+            .into_iter()
+            .filter(|(_, ip)| !ip.is_empty())
+            .chain(delivery.host_table.values().map(|ip| ("delivery.host_table", ip)));
+        for (key, ip) in ips {
+            need(ip.parse::<IpAddr>().is_ok(), key, ip, "must be an IP address");
+        }
+        let postmaster = &self.postmaster;
+        need(is_address(postmaster), "postmaster", postmaster, "must be local@domain");
+
+        let at_least_one = [
+            ("smtp.max_recipients", smtp.max_recipients as u64),
+            ("smtp.max_sessions", smtp.max_sessions as u64),
+            ("smtp.command_timeout_secs", smtp.command_timeout_secs),
+            ("smtp.data_timeout_secs", smtp.data_timeout_secs),
+            ("smtp.max_errors", smtp.max_errors as u64),
+            ("smtp.max_hops", smtp.max_hops as u64),
+            ("tls.handshake_timeout_secs", tls.handshake_timeout_secs),
+            ("pop3.inactivity_timeout_secs", pop3.inactivity_timeout_secs),
+            ("pop3.max_sessions", pop3.max_sessions as u64),
+            ("delivery.remote_port", delivery.remote_port.into()),
+            ("delivery.queue_lifetime_hours", delivery.queue_lifetime_hours),
+            ("journal.retention_days", self.journal.retention_days.into()),
+            ("storage.body_chunk_kib", self.storage.body_chunk_kib.into()),
+        ];
+        for (key, value) in at_least_one {
+            need(value >= 1, key, &value, "must be at least 1");
+        }
+        for (section, max, per_ip) in [
+            ("smtp", smtp.max_sessions, smtp.max_sessions_per_ip),
+            ("pop3", pop3.max_sessions, pop3.max_sessions_per_ip),
+        ] {
+            let (key, rule) = (
+                format!("{section}.max_sessions_per_ip"),
+                format!("must be 1..{section}.max_sessions ({max})"),
+            );
+            need((1..=max.max(1)).contains(&per_ip), &key, &per_ip, &rule);
+        }
+        let size = smtp.max_message_size;
+        need(size >= 1024, "smtp.max_message_size", &size, "must be at least 1024 (bytes)");
+        let chunk = self.storage.body_chunk_kib;
+        need(chunk <= 65536, "storage.body_chunk_kib", &chunk, "must be at most 65536 (64 MiB)");
+        // i5/OS accepts 15..65535 minutes for the POP relay window.
+        let pop = self.relay.pop_minutes;
+        let pop_ok = pop == 0 || (15..=65535).contains(&pop);
+        need(pop_ok, "relay.pop_minutes", &pop, "must be 0 (off) or 15..65535");
+        let pair_ok = tls.cert.as_os_str().is_empty() == tls.key.as_os_str().is_empty();
+        need(pair_ok, "tls.cert", &tls.cert, "tls.cert and tls.key must both be set or both be empty");
+        let router = &delivery.mail_router;
+        let router_ok = router.is_empty() || is_host_port(router);
+        need(router_ok, "delivery.mail_router", router, "must be host[:port]");
+        for server in &self.dns.servers {
+            need(server.port() != 0, "dns.servers", server, "needs a port, e.g. 53");
+        }
+        let level = &self.log.level;
+        let rule = "must be off, error, warn, info, debug or trace, optionally with target=level directives";
+        need(is_log_filter(level), "log.level", level, rule);
+
+        let listeners = self.listeners();
+        if listeners.is_empty() {
+            problems.push(
+                "no listener at all: smtp.listen, smtp.submission_listen, smtp.tls_listen, \
+                 pop3.listen and pop3.tls_listen are all empty"
+                    .into(),
+            );
+        }
+        for (i, a) in listeners.iter().enumerate() {
+            if let Some(b) = listeners[..i].iter().find(|b| overlaps(a.addr, b.addr)) {
+                let (a_key, a_addr, b_key, b_addr) = (a.key, a.addr, b.key, b.addr);
+                problems.push(format!("{a_key} = {a_addr}: already taken by {b_key} = {b_addr}"));
+            }
+        }
+
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(ConfigError { origin: self.origin.clone(), problems })
+    }
+
+    /// Legal but risky settings, and keys (see `NOT_YET`) that have no effect yet, for `config check`.
+    pub fn warnings(&self) -> Vec<String> {
+        let (smtp, pop3, relay) = (&self.smtp, &self.pop3, &self.relay);
+        let (rcpts, command, idle) =
+            (smtp.max_recipients, smtp.command_timeout_secs, pop3.inactivity_timeout_secs);
+        let risky = [
+            (
+                relay.mode == RelayMode::All,
+                "OPEN RELAY: relay.mode = \"all\" lets anyone on the Internet send mail anywhere \
+                 through this server; it will be abused and blocklisted within hours. Use \"none\" or \
+                 \"list\", and AUTH on submission for your own users (SPEC R1)"
+                    .to_owned(),
+            ),
+            (
+                smtp.auth == AuthMode::LocalAndRelay && !smtp.listen.is_empty(),
+                "smtp.auth = \"local-and-relay\" demands AUTH on smtp.listen, the MX port: mail from the \
+                 Internet to local users will be refused. Submission always requires AUTH (SPEC A2)"
+                    .to_owned(),
+            ),
+            (rcpts < 100, format!("smtp.max_recipients = {rcpts}: RFC 5321 §4.5.3.1.8 asks for 100 or more")),
+            (
+                command < 300,
+                format!("smtp.command_timeout_secs = {command}: RFC 5321 §4.5.3.2.7 asks for at least 300"),
+            ),
+            (idle < 600, format!("pop3.inactivity_timeout_secs = {idle}: RFC 1939 §3 asks for at least 600")),
+            (
+                smtp.percent_routing,
+                "smtp.percent_routing = true relays user%remote@local, a classic relay trick (SPEC R7)"
+                    .into(),
+            ),
+            (
+                relay.override_reject_connect && relay.pop_minutes == 0,
+                "relay.override_reject_connect = true does nothing while relay.pop_minutes = 0".into(),
+            ),
+            (
+                !self.hostname.contains('.'),
+                format!("hostname = {:?} is not fully qualified; servers may refuse its EHLO", self.hostname),
+            ),
+            (
+                pop3.socket_layer == SocketLayer::Secure && !pop3.listen.is_empty(),
+                "pop3.listen is unused: pop3.socket_layer = \"secure\" runs only pop3.tls_listen".into(),
+            ),
+            (
+                pop3.socket_layer == SocketLayer::Nonsecure && !pop3.tls_listen.is_empty(),
+                "pop3.tls_listen is unused: pop3.socket_layer = \"nonsecure\" runs only pop3.listen".into(),
+            ),
+        ];
+        let mut warnings: Vec<String> =
+            risky.into_iter().filter_map(|(bad, text)| bad.then_some(text)).collect();
+
+        let defaults = Config::default().key_values();
+        for (key, value) in self.key_values() {
+            let not_yet =
+                NOT_YET.iter().any(|p| p.strip_suffix('*').map_or(*p == key, |s| key.starts_with(s)));
+            if not_yet && defaults.get(&key) != Some(&value) {
+                warnings
+                    .push(format!("{key} = {value} has no effect yet: this version does not implement it"));
+            }
+        }
+        warnings
+    }
+
+    /// The effective configuration as TOML text; it parses back to the same values.
+    pub fn effective_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot be shown as TOML: {e}\n"))
+    }
+
+    /// Every configured listening address, SMTP first. `pop3.socket_layer` is not applied here.
+    pub fn listeners(&self) -> Vec<Listener> {
+        let lists = [
+            ("smtp", "smtp.listen", &self.smtp.listen),
+            ("submission", "smtp.submission_listen", &self.smtp.submission_listen),
+            ("smtps", "smtp.tls_listen", &self.smtp.tls_listen),
+            ("pop3", "pop3.listen", &self.pop3.listen),
+            ("pop3s", "pop3.tls_listen", &self.pop3.tls_listen),
+        ];
+        lists
+            .into_iter()
+            .flat_map(|(name, key, addrs)| addrs.iter().map(move |&addr| Listener { name, key, addr }))
+            .collect()
+    }
+
+    /// "section.key" → value, for comparing against the defaults.
+    fn key_values(&self) -> BTreeMap<String, toml::Value> {
+        let mut out = BTreeMap::new();
+        let Ok(toml::Value::Table(top)) = toml::Value::try_from(self) else {
+            return out;
+        };
+        for (key, value) in top {
+            match value {
+                toml::Value::Table(section) => {
+                    out.extend(section.into_iter().map(|(k, v)| (format!("{key}.{k}"), v)))
+                }
+                value => {
+                    out.insert(key, value);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn normalize_domain(domain: &str) -> String {
+    domain.strip_suffix('.').unwrap_or(domain).to_ascii_lowercase()
+}
+
+/// RFC 1035 §2.3.1 / RFC 1123 §2.1 host names, ASCII only (IDNs are written as xn-- labels).
+fn is_domain_name(name: &str) -> bool {
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    (1..=253).contains(&name.len()) && name.split('.').all(label_ok)
+}
+
+/// local@domain with a plain local part (no spaces, controls or second @).
+fn is_address(address: &str) -> bool {
+    address.split_once('@').is_some_and(|(local, domain)| {
+        !local.is_empty()
+            && local.bytes().all(|b| b.is_ascii_graphic() && b != b'@')
+            && is_domain_name(domain)
+    })
+}
+
+/// "host", "host:port", "ip", "ip:port" or "[ipv6]:port", with a port of 1..65535.
+fn is_host_port(s: &str) -> bool {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return addr.port() != 0;
+    }
+    if s.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    let (host, port) = s.rsplit_once(':').map_or((s, None), |(h, p)| (h, Some(p)));
+    is_domain_name(host) && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
+/// `level` or `target=level` directives, comma-separated (a subset of tracing's EnvFilter syntax).
+fn is_log_filter(filter: &str) -> bool {
+    let level = |l: &str| {
+        ["off", "error", "warn", "info", "debug", "trace"].iter().any(|v| v.eq_ignore_ascii_case(l))
+    };
+    let target =
+        |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_:-".contains(&b));
+    filter.split(',').map(str::trim).all(|d| match d.split_once('=') {
+        Some((t, l)) => target(t) && level(l),
+        None => level(d),
+    })
+}
+
+/// Would binding `a` fail because `b` is bound? Port 0 never clashes; on Linux "[::]" is dual-stack
+/// by default, so it covers IPv4 addresses too.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wild: IpAddr, other: IpAddr| wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4());
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, "test.toml").unwrap()
+    }
+
+    /// The problems `validate` reports for `text`.
+    fn problems(text: &str) -> Vec<String> {
+        parse(text).validate().err().map(|e| e.problems).unwrap_or_default()
+    }
+
+    /// `text` must be refused with a problem that starts with `key = ` and mentions `rule`.
+    fn refused(text: &str, key: &str, rule: &str) {
+        let problems = problems(text);
+        let found = problems.iter().any(|p| p.starts_with(&format!("{key} = ")) && p.contains(rule));
+        assert!(found, "{text}: expected {key} ({rule}), got {problems:?}");
+    }
+
+    #[test]
+    fn embedded_default_is_the_default_and_valid() {
+        let config = Config::parse(DEFAULT_TOML, DEFAULT_ORIGIN).unwrap();
+        assert_eq!(config, Config::default());
+        config.validate().unwrap();
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+        assert_eq!(Config::load(None, None).unwrap(), Config::default());
+        assert_eq!(parse(""), Config { origin: "test.toml".into(), ..Config::default() });
+    }
+
+    #[test]
+    fn embedded_default_documents_every_key() {
+        let written: toml::Table = toml::from_str(DEFAULT_TOML).unwrap();
+        assert_eq!(toml::Value::Table(written), toml::Value::try_from(Config::default()).unwrap());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_naming_key_and_line() {
+        for (text, key, line) in [
+            ("hostname = \"a.test\"\nbogus = 1\n", "bogus", 2),
+            ("[smtp]\nvrfy = true\n\nbogus = 1\n", "bogus", 4),
+            ("[smpt]\nlisten = []\n", "smpt", 1),
+        ] {
+            let e = Config::parse(text, "my.toml").unwrap_err().to_string();
+            assert!(e.starts_with("my.toml: "), "{e}");
+            assert!(
+                e.contains(&format!("unknown field `{key}`")) && e.contains(&format!("line {line}")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_types_are_refused_naming_the_key() {
+        for (text, key) in [
+            (r#"smtp = { max_recipients = "many" }"#, "max_recipients"),
+            (r#"relay = { mode = "sometimes" }"#, "mode"),
+            (r#"pop3 = { listen = ["localhost"] }"#, "listen"),
+            ("delivery = { remote_port = 70000 }", "remote_port"),
+            (r#"domains = "example.test""#, "domains"),
+        ] {
+            let e = Config::parse(text, "my.toml").unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("line 1"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn domains_are_normalised_and_matched() {
+        let c = parse(
+            r#"domains = ["Example.TEST.", "b.test"]
+               delivery = { etrn_domains = ["Dial.Test"], host_table = { "MX.Test" = "127.0.0.1" } }"#,
+        );
+        assert_eq!(c.domains, ["example.test", "b.test"]);
+        assert_eq!(c.delivery.etrn_domains, ["dial.test"]);
+        assert!(c.delivery.host_table.contains_key("mx.test"));
+    }
+
+    #[test]
+    fn every_rule_names_its_key() {
+        refused(r#"data_dir = """#, "data_dir", "empty");
+        for bad in ["", "mail..test", "-mail.test", "mail_1.test", "mail.test."] {
+            refused(&format!("hostname = {bad:?}"), "hostname", "domain name");
+        }
+        refused(r#"domains = ["ok.test", "bad_domain.test"]"#, "domains", "domain name");
+        refused(r#"domains = ["a..test"]"#, "domains", "domain name");
+        refused(r#"postmaster = "admin""#, "postmaster", "local@domain");
+        refused(r#"postmaster = "@example.test""#, "postmaster", "local@domain");
+        refused("smtp = { max_message_size = 1023 }", "smtp.max_message_size", "1024");
+        for key in [
+            "smtp.max_recipients",
+            "smtp.max_sessions",
+            "smtp.command_timeout_secs",
+            "smtp.data_timeout_secs",
+            "smtp.max_errors",
+            "smtp.max_hops",
+            "tls.handshake_timeout_secs",
+            "pop3.inactivity_timeout_secs",
+            "pop3.max_sessions",
+            "delivery.remote_port",
+            "delivery.queue_lifetime_hours",
+            "journal.retention_days",
+            "storage.body_chunk_kib",
+        ] {
+            let (section, name) = key.split_once('.').unwrap();
+            refused(&format!("{section} = {{ {name} = 0 }}"), key, "at least 1");
+        }
+        refused(
+            "smtp = { max_sessions_per_ip = 0 }",
+            "smtp.max_sessions_per_ip",
+            "1..smtp.max_sessions (200)",
+        );
+        refused("smtp = { max_sessions = 10, max_sessions_per_ip = 11 }", "smtp.max_sessions_per_ip", "(10)");
+        refused("pop3 = { max_sessions_per_ip = 201 }", "pop3.max_sessions_per_ip", "1..pop3.max_sessions");
+        refused("storage = { body_chunk_kib = 65537 }", "storage.body_chunk_kib", "65536");
+        refused("relay = { pop_minutes = 5 }", "relay.pop_minutes", "must be 0 (off) or 15..65535");
+        refused("relay = { pop_minutes = 65536 }", "relay.pop_minutes", "15..65535");
+        refused(r#"tls = { cert = "cert.pem" }"#, "tls.cert", "both");
+        refused(r#"tls = { key = "key.pem" }"#, "tls.cert", "both");
+        refused(r#"delivery = { mail_router = "relay.test:0" }"#, "delivery.mail_router", "host[:port]");
+        refused(r#"delivery = { mail_router = "bad host" }"#, "delivery.mail_router", "host[:port]");
+        refused(r#"delivery = { bind_address = "eth0" }"#, "delivery.bind_address", "IP address");
+        refused(
+            r#"delivery = { host_table = { "mx.test" = "nowhere" } }"#,
+            "delivery.host_table",
+            "IP address",
+        );
+        refused(r#"delivery = { host_table = { "mx test" = "::1" } }"#, "delivery.host_table", "domain name");
+        refused(r#"delivery = { etrn_domains = ["a b"] }"#, "delivery.etrn_domains", "domain name");
+        refused(r#"dns = { servers = ["127.0.0.1:0"] }"#, "dns.servers", "port");
+        refused(r#"log = { level = "loud" }"#, "log.level", "error, warn");
+        refused(r#"log = { level = "info,=debug" }"#, "log.level", "error, warn");
+        refused(
+            r#"pop3 = { listen = ["127.0.0.1:2525"] }"#,
+            "pop3.listen",
+            "taken by smtp.listen = 127.0.0.1:2525",
+        );
+        refused(
+            r#"smtp = { listen = ["[::]:2587"] }"#,
+            "smtp.submission_listen",
+            "taken by smtp.listen = [::]:2587",
+        );
+
+        let silent = "smtp = { listen = [], submission_listen = [], tls_listen = [] }
+                      pop3 = { listen = [], tls_listen = [] }";
+        assert!(problems(silent).iter().any(|p| p.starts_with("no listener at all")));
+
+        // All problems come together; Display puts the file before each.
+        let e = parse("hostname = ''\nrelay = { pop_minutes = 5 }").validate().unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
+        assert_eq!(e.to_string().lines().filter(|l| l.starts_with("test.toml: ")).count(), 2);
+    }
+
+    #[test]
+    fn edge_values_are_accepted() {
+        let ok = r#"
+            hostname = "localhost"
+            domains = []
+            smtp = { listen = ["127.0.0.1:0"], submission_listen = ["127.0.0.1:0"], max_message_size = 1024 }
+            tls = { cert = "c.pem", key = "k.pem" }
+            relay = { pop_minutes = 65535 }
+            delivery = { mail_router = "[::1]:2525", bind_address = "::1" }
+            log = { level = "info,smtp_server=debug" }
+        "#;
+        assert_eq!(problems(ok), Vec::<String>::new());
+        for router in ["relay.test", "relay.test:587", "192.0.2.1", "192.0.2.1:25", "::1"] {
+            assert!(is_host_port(router), "{router}");
+        }
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(!overlaps(addr("0.0.0.0:25"), addr("[::1]:25")));
+        assert!(overlaps(addr("0.0.0.0:25"), addr("127.0.0.1:25")));
+    }
+
+    #[test]
+    fn warnings() {
+        let warned = |text: &str, needle: &str| {
+            let w = parse(text).warnings();
+            assert!(w.iter().any(|w| w.contains(needle)), "{text}: no {needle:?} in {w:?}");
+        };
+        warned(r#"relay = { mode = "all" }"#, "OPEN RELAY");
+        warned(r#"smtp = { auth = "local-and-relay" }"#, "MX port");
+        warned("smtp = { max_recipients = 50 }", "§4.5.3.1.8");
+        warned("smtp = { command_timeout_secs = 60 }", "§4.5.3.2");
+        warned("pop3 = { inactivity_timeout_secs = 60 }", "RFC 1939");
+        warned("smtp = { percent_routing = true }", "relay trick");
+        warned("relay = { override_reject_connect = true }", "pop_minutes = 0");
+        warned(r#"hostname = "localhost""#, "fully qualified");
+        warned(r#"pop3 = { socket_layer = "secure" }"#, "pop3.listen is unused");
+        warned(r#"pop3 = { socket_layer = "nonsecure" }"#, "pop3.tls_listen is unused");
+        warned(r#"smtp = { helo_verify = "log" }"#, r#"smtp.helo_verify = "log" has no effect yet"#);
+        warned("tls = { handshake_timeout_secs = 5 }", "tls.handshake_timeout_secs = 5 has no effect yet");
+        warned(r#"relay = { mode = "list" }"#, r#"relay.mode = "list" has no effect yet"#);
+        // A not-yet key set to its default says nothing.
+        assert_eq!(parse(r#"smtp = { helo_verify = "off" }"#).warnings(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn load_reads_a_file_and_the_override_wins() {
+        let dir = std::env::temp_dir().join(format!("postroom-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("postroom.toml");
+        std::fs::write(&file, "data_dir = \"/var/lib/postroom\"\n").unwrap();
+
+        let c = Config::load(Some(&file), None).unwrap();
+        assert_eq!(
+            (c.data_dir.to_str(), c.origin.as_str()),
+            (Some("/var/lib/postroom"), file.to_str().unwrap())
+        );
+        let c = Config::load(Some(&file), Some(Path::new("/srv/mail"))).unwrap();
+        assert_eq!(c.data_dir, Path::new("/srv/mail"));
+        assert_eq!(Config::load(None, Some(Path::new("here"))).unwrap().data_dir, Path::new("here"));
+        let e = Config::load(None, Some(Path::new(""))).unwrap_err().to_string();
+        assert_eq!(e, format!("{DEFAULT_ORIGIN}: data_dir = \"\": must not be empty"));
+
+        std::fs::write(&file, "relay = { pop_minutes = 5 }\n").unwrap();
+        let e = Config::load(Some(&file), None).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: relay.pop_minutes = 5", file.display())), "{e}");
+        let e = Config::load(Some(&dir.join("missing.toml")), None).unwrap_err().to_string();
+        assert!(e.contains("missing.toml: cannot read"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn effective_toml_round_trips() {
+        let changed = parse(
+            r#"domains = ["a.test", "b.test"]
+               relay = { mode = "both", pop_minutes = 30 }
+               delivery = { host_table = { "mx.b.test" = "127.0.0.1" } }
+               dns = { servers = ["[::1]:53"] }
+               tls = { cert = "c.pem", key = "k.pem" }
+               log = { format = "json" }"#,
+        );
+        assert!(changed.effective_toml().contains("mode = \"both\""));
+        for config in [Config::default(), changed] {
+            let text = config.effective_toml();
+            assert_eq!(Config::parse(&text, &config.origin).unwrap(), config, "{text}");
+        }
+    }
+}

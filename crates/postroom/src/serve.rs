@@ -1,0 +1,125 @@
+//! `postroom serve`: wire configuration, store, framework and servers together.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Context;
+use directory::{LocalDomains, PasswordPool};
+use mail_framework::{Framework, Queue};
+use pop3_server::{Pop3Server, Pop3Settings};
+use smtp_server::{SmtpServer, SmtpSettings};
+use store::{Store, StoreOptions};
+use tokio::net::TcpListener;
+
+use crate::config::{Config, LogFormat, PlaintextAuth, SocketLayer};
+
+/// The file `serve` writes once it listens: one `name address` line per listener.
+pub const LISTENING_FILE: &str = "listening";
+
+pub fn serve(config: Config) -> anyhow::Result<()> {
+    init_logging(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(config))
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    store::journal::set_enabled(config.journal.enabled);
+    let store = Store::open(&config.data_dir, StoreOptions::default())
+        .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
+    let queue = Queue::new(store.clone(), config.storage.body_chunk_kib as usize * 1024);
+    let dropped = queue.recover().await?;
+    if dropped > 0 {
+        tracing::info!(dropped, "removed messages whose DATA never finished (no 250 was given)");
+    }
+    let domains = LocalDomains::new(&config.domains, &config.postmaster);
+    let framework = Framework::new(queue.clone(), domains.clone());
+    tokio::spawn(framework.run());
+
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let smtp = SmtpServer::new(smtp_settings(&config), queue.clone(), domains);
+    let passwords = PasswordPool::new(2, 256);
+    let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords);
+
+    let mut bound = Vec::new();
+    for addr in &config.smtp.listen {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("smtp.listen: cannot listen on {addr}"))?;
+        bound.push(format!("smtp {}", listener.local_addr()?));
+        tokio::spawn(smtp.clone().serve(listener));
+    }
+    if config.pop3.socket_layer != SocketLayer::Secure {
+        for addr in &config.pop3.listen {
+            let listener = TcpListener::bind(addr).await.with_context(|| format!("pop3.listen: cannot listen on {addr}"))?;
+            bound.push(format!("pop3 {}", listener.local_addr()?));
+            tokio::spawn(pop3.clone().serve(listener));
+        }
+    }
+    write_listening(&config, &bound)?;
+    tracing::info!(listeners = ?bound, data_dir = %config.data_dir.display(), "postroom is ready");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = std::fs::remove_file(config.data_dir.join(LISTENING_FILE));
+    // Acknowledged mail is already committed; give in-flight commits a moment to land.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(())
+}
+
+fn smtp_settings(c: &Config) -> SmtpSettings {
+    SmtpSettings {
+        hostname: c.hostname.clone(),
+        max_message_size: c.smtp.max_message_size,
+        max_recipients: c.smtp.max_recipients,
+        max_sessions: c.smtp.max_sessions,
+        max_sessions_per_ip: c.smtp.max_sessions_per_ip,
+        command_timeout: Duration::from_secs(c.smtp.command_timeout_secs),
+        data_timeout: Duration::from_secs(c.smtp.data_timeout_secs),
+        vrfy: c.smtp.vrfy,
+        allow_bare_lf: c.smtp.allow_bare_lf,
+        max_hops: c.smtp.max_hops,
+        max_errors: c.smtp.max_errors as u32,
+    }
+}
+
+fn pop3_settings(c: &Config) -> Pop3Settings {
+    Pop3Settings {
+        hostname: c.hostname.clone(),
+        inactivity_timeout: Duration::from_secs(c.pop3.inactivity_timeout_secs),
+        max_sessions: c.pop3.max_sessions,
+        max_sessions_per_ip: c.pop3.max_sessions_per_ip,
+        plaintext_from_loopback: c.tls.allow_plaintext_auth == PlaintextAuth::Loopback,
+    }
+}
+
+/// Written atomically (temp file + rename), 0600, so a reader never sees half of it.
+fn write_listening(config: &Config, lines: &[String]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = config.data_dir.join(LISTENING_FILE);
+    let tmp = config.data_dir.join(".listening.tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    for line in lines {
+        writeln!(f, "{line}")?;
+    }
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
