@@ -1,0 +1,33 @@
+# Postroom: `make run` starts the server on its embedded defaults, `make test` runs every test.
+CARGO ?= cargo
+PYTHON ?= python3
+
+.PHONY: run build test deps unit e2e bench lint fmt
+
+run:
+	$(CARGO) run --release -p postroom -- serve
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+# The whole suite: Rust unit tests, then the end-to-end tests against the real binary.
+test: build unit e2e
+
+unit:
+	$(CARGO) nextest run --workspace --no-tests=pass
+
+# Python test clients (pytest, xdist, timeout) from PyPI.
+deps:
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+
+e2e: build deps
+	$(PYTHON) -m pytest -n auto tests/e2e
+
+bench:
+	bash bench/run.sh
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
