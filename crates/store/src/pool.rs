@@ -269,7 +269,7 @@ mod tests {
             .collect();
         let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 20);
-        let n: i64 = store.read_blocking(|c| Ok(c.query_row("SELECT count(*) FROM meta", [], |r| r.get(0))?)).unwrap();
+        let n: i64 = store.read_blocking(|c| Ok(c.query_row("SELECT count(*) FROM meta WHERE key LIKE 'k%'", [], |r| r.get(0))?)).unwrap();
         assert_eq!(n, 20);
     }
 
