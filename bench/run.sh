@@ -112,8 +112,8 @@ EOF
 pw() { echo "bench-pw-$1"; }
 USERS=(u1 u2 u3 u4 u5 u6 u7 u8 u9 u10)
 for u in "${USERS[@]}" admin; do
-    pw "$u" | timeout 60 "$POSTROOM" --config "$CFG" user add "$u" --address "$u@example.test" --password-stdin \
-        >/dev/null
+    pw "$u" | timeout 60 "$POSTROOM" --config "$CFG" user add "$u" --address "$u@example.test" \
+        --password-stdin >/dev/null || { echo "bench: user add $u failed" >&2; exit 1; }
 done
 
 "$POSTROOM" --config "$CFG" serve >"$TMP/serve.log" 2>&1 &
@@ -178,8 +178,8 @@ run_loadgen() {
     local name=$1 secs c0 c1
     shift
     secs=$(time_left)
-    OUT="" CPU_US="" NOTE_RUN=""
-    if ((secs < 5)); then
+    OUT="" CPU_US="" NOTE_RUN="" CPU_NOTE=""
+    if ((DEADLINE - $(date +%s) < 5)); then
         NOTE_RUN="skipped: time budget (BUDGET_SECONDS=$BUDGET_SECONDS) used up"
         return 0
     fi
@@ -189,12 +189,16 @@ run_loadgen() {
     c1=$(cpu_ticks)
     if [[ -n "$c0" && -n "$c1" ]]; then
         CPU_US=$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" 'BEGIN { print (b - a) / t * 1e6 }')
+        # Clock-tick resolution: flag short scenarios whose CPU figure is coarse.
+        if ((c1 - c0 < 100)); then
+            CPU_NOTE="server CPU from only $((c1 - c0)) clock ticks: coarse"
+        fi
     else
         NOTE_RUN="server not running"
     fi
     ((RC == 0)) || NOTE_RUN="${NOTE_RUN:+$NOTE_RUN; }loadgen exit $RC"
     grep -q 'max-seconds reached' "$TMP/$name.err" 2>/dev/null \
-        && NOTE_RUN="${NOTE_RUN:+$NOTE_RUN; }stopped at the ${secs} s bound"
+        && NOTE_RUN="${NOTE_RUN:+$NOTE_RUN; }stopped at the ${secs} s bound with $(jget "$OUT" unfinished) unfinished"
     [[ -s "$TMP/$name.err" ]] && ERRFILES+=("$name")
     return 0
 }
@@ -211,7 +215,7 @@ smtp_scenario() { # label name size messages extra-args...
     acc=$(jget "$OUT" accepted) err=$(jget "$OUT" errors) secs=$(jget "$OUT" seconds)
     row "$label" "$(fmt "$(jget "$OUT" msgs_per_sec)" 1) msg/s" "$(fmt "$(jget "$OUT" mb_per_sec)" 2)" \
         "$(fmt "$(per "$CPU_US" "$acc")" 0)" "$(fmt "$(jget "$OUT" p50_ms)" 2)" \
-        "${acc:-0}/$msgs accepted, ${err:-?} errors, $(fmt "$secs" 2) s, p99 $(fmt "$(jget "$OUT" p99_ms)" 2) ms, peak RSS $(peak_rss_mib) MiB${NOTE_RUN:+; $NOTE_RUN}"
+        "${acc:-0}/$msgs accepted, ${err:-?} errors, $(fmt "$secs" 2) s, p99 $(fmt "$(jget "$OUT" p99_ms)" 2) ms, peak RSS $(peak_rss_mib) MiB${NOTE_RUN:+; $NOTE_RUN}${CPU_NOTE:+; $CPU_NOTE}"
 }
 
 echo "bench: server pid $SERVER_PID, smtp $SMTP_ADDR, pop3 $POP_ADDR; N=$N SIZE=$SIZE C=$C" >&2
@@ -233,7 +237,7 @@ for u in "${USERS[@]}"; do
 done
 run_loadgen fill smtp --addr "$SMTP_ADDR" --messages "$POP_MSGS" --size "$POP_SIZE" \
     --concurrency "$POP_C" --reuse --from "bench@example.test" "${TO_ARGS[@]}"
-FILL_NOTE="fill: $(jget "$OUT" accepted)/$POP_MSGS accepted${NOTE_RUN:+ ($NOTE_RUN)}"
+FILL_NOTE="fill: $(jget "$OUT" accepted)/$POP_MSGS accepted${NOTE_RUN:+ ($NOTE_RUN)}, peak RSS then $(peak_rss_mib) MiB"
 # Delivery into mailboxes may lag the 250: poll STAT over POP3 until every box holds POP_MSGS.
 FILLED=""
 WAIT_UNTIL=$(($(date +%s) + $(time_left)))
@@ -261,7 +265,7 @@ n=$(jget "$OUT" retrieved)
 row "(d) POP3 RETR all, ${#USERS[@]} users × $POP_MSGS × $((POP_SIZE / 1024)) KiB, C=$POP_C" \
     "$(fmt "$(jget "$OUT" retr_per_sec)" 1) RETR/s" "$(fmt "$(jget "$OUT" mb_per_sec)" 2)" \
     "$(fmt "$(per "$CPU_US" "$n")" 0)" "—" \
-    "${n:-0} retrieved, $(jget "$OUT" errors) errors, $(fmt "$(jget "$OUT" seconds)" 2) s; $FILL_NOTE; peak RSS $(peak_rss_mib) MiB${NOTE_RUN:+; $NOTE_RUN}"
+    "${n:-0} retrieved, $(jget "$OUT" errors) errors, $(fmt "$(jget "$OUT" seconds)" 2) s; $FILL_NOTE; peak RSS $(peak_rss_mib) MiB${NOTE_RUN:+; $NOTE_RUN}${CPU_NOTE:+; $CPU_NOTE}"
 
 echo "bench: (e) POP3 login-one" >&2
 run_loadgen e pop3 --addr "$POP_ADDR" "${USER_ARGS[@]}" --mode login-one \
@@ -269,13 +273,13 @@ run_loadgen e pop3 --addr "$POP_ADDR" "${USER_ARGS[@]}" --mode login-one \
 n=$(jget "$OUT" sessions)
 row "(e) POP3 login + RETR 1 + QUIT, C=$POP_C" "$(fmt "$(jget "$OUT" sessions_per_sec)" 1) sessions/s" "—" \
     "$(fmt "$(per "$CPU_US" "$n")" 0)" "$(fmt "$(jget "$OUT" p50_ms)" 2)" \
-    "${n:-0}/$POP_SESSIONS sessions, $(jget "$OUT" errors) errors, $(fmt "$(jget "$OUT" seconds)" 2) s, p99 $(fmt "$(jget "$OUT" p99_ms)" 2) ms; µs per session; peak RSS $(peak_rss_mib) MiB${NOTE_RUN:+; $NOTE_RUN}"
+    "${n:-0}/$POP_SESSIONS sessions, $(jget "$OUT" errors) errors, $(fmt "$(jget "$OUT" seconds)" 2) s, p99 $(fmt "$(jget "$OUT" p99_ms)" 2) ms; µs per session; peak RSS $(peak_rss_mib) MiB${NOTE_RUN:+; $NOTE_RUN}${CPU_NOTE:+; $CPU_NOTE}"
 
 # Optional peer data point: Postfix's smtp-source, only if already installed (not installed here).
 SMTP_SOURCE=$(command -v smtp-source || { [[ -x /usr/sbin/smtp-source ]] && echo /usr/sbin/smtp-source; } || true)
 if [[ -n "$SMTP_SOURCE" ]]; then
     secs=$(time_left)
-    if ((secs >= 5)); then
+    if ((DEADLINE - $(date +%s) >= 5)); then
         echo "bench: (f) smtp-source" >&2
         c0=$(cpu_ticks)
         t0=$(date +%s.%N)

@@ -114,6 +114,7 @@ pub async fn run(opts: PopOpts) -> Result<()> {
                 ("mb_per_sec", J::F(rate(bytes as f64 / 1e6, secs), 3)),
                 ("users", J::U(st.get(&st.ok))),
                 ("errors", J::U(st.get(&st.errors))),
+                ("unfinished", J::U(st.unfinished())),
             ])
         }
         Mode::Stat => {
@@ -138,6 +139,7 @@ pub async fn run(opts: PopOpts) -> Result<()> {
                 ("p50_ms", J::F(p50, 3)),
                 ("p99_ms", J::F(p99, 3)),
                 ("errors", J::U(st.get(&st.errors))),
+                ("unfinished", J::U(st.unfinished())),
             ])
         }
     };
@@ -290,6 +292,7 @@ async fn login_one_worker(s: Arc<Shared>, t: usize, c: usize) {
             break;
         }
         let (user, pass) = &users[mine[k % mine.len()]];
+        s.stats.start();
         k += 1;
         let t0 = Instant::now();
         match login_one(&s, user, pass).await {

@@ -113,6 +113,7 @@ pub async fn run(opts: SmtpOpts) -> Result<()> {
             ),
             ("p50_ms", J::F(p50, 3)),
             ("p99_ms", J::F(p99, 3)),
+            ("unfinished", J::U(st.unfinished())),
             ("bytes", J::U(st.get(&st.bytes))),
             ("size", J::U(shared.opts.size as u64)),
             ("concurrency", J::U(concurrency as u64)),
@@ -133,6 +134,7 @@ async fn worker(s: Arc<Shared>) {
         if seq >= s.opts.messages {
             break;
         }
+        s.stats.start();
         let raw_len = s.factory.write_wire(seq, &mut wire);
         let t0 = Instant::now();
         let result = async {

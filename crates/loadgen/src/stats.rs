@@ -12,6 +12,9 @@ pub struct Stats {
     pub ok: AtomicU64,
     pub errors: AtomicU64,
     pub bytes: AtomicU64,
+    /// Units of work begun (messages, users, sessions); those neither ok nor failed were cut
+    /// off by --max-seconds.
+    pub started: AtomicU64,
     latencies_us: Mutex<Vec<u32>>,
     samples: Mutex<Vec<String>>,
     /// Errors beyond the printed samples.
@@ -44,6 +47,16 @@ impl Stats {
         } else {
             self.unsampled.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub fn start(&self) {
+        self.started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Work begun but neither finished nor failed (cut off by the time bound).
+    pub fn unfinished(&self) -> u64 {
+        let done = self.get(&self.ok) + self.get(&self.errors);
+        self.get(&self.started).saturating_sub(done)
     }
 
     pub fn get(&self, c: &AtomicU64) -> u64 {

@@ -8,4 +8,7 @@ pub mod received;
 pub mod server;
 pub mod session;
 
+#[cfg(test)]
+mod session_tests;
+
 pub use server::{SmtpServer, SmtpSettings};

@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use directory::Resolution;
-use mail_proto::Reply;
+use mail_proto::{Address, Reply};
 
 /// The rule behind a decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,6 +15,8 @@ pub enum Rule {
     NoConnectRestriction,
     /// R2: mail to a local user is never relay.
     LocalRecipient,
+    /// RFC 5321 §4.5.1: postmaster is always accepted, even before an owner is configured.
+    Postmaster,
     /// A local domain, but nobody has this address (D2: 550 at RCPT, never a bounce later).
     UnknownLocalUser,
     /// R1 relay mode *none*: recipients in other domains are refused.
@@ -26,6 +28,7 @@ impl fmt::Display for Rule {
         f.write_str(match self {
             Rule::NoConnectRestriction => "no connection restriction matched",
             Rule::LocalRecipient => "local recipient (R2)",
+            Rule::Postmaster => "postmaster is always accepted (RFC 5321 4.5.1)",
             Rule::UnknownLocalUser => "no such user in a local domain (D2)",
             Rule::RelayModeNone => "relay mode none (R1)",
         })
@@ -64,8 +67,9 @@ pub fn connect(_ip: IpAddr) -> Decision {
 }
 
 /// Is this recipient accepted from this client?
-pub fn recipient(resolution: &Resolution) -> Decision {
+pub fn recipient(address: &Address, resolution: &Resolution) -> Decision {
     match resolution {
+        Resolution::Unknown if address.is_postmaster() => Decision { allow: true, rule: Rule::Postmaster },
         Resolution::Local { .. } => Decision { allow: true, rule: Rule::LocalRecipient },
         Resolution::Unknown => Decision { allow: false, rule: Rule::UnknownLocalUser },
         Resolution::Remote => Decision { allow: false, rule: Rule::RelayModeNone },
@@ -78,11 +82,14 @@ mod tests {
 
     #[test]
     fn local_accepted_remote_refused_with_rule() {
-        let local = recipient(&Resolution::Local { user_id: 1, user: "sam".into() });
+        let sam = Address::parse("sam@example.test").unwrap();
+        let local = recipient(&sam, &Resolution::Local { user_id: 1, user: "sam".into() });
         assert!(local.allow);
-        let remote = recipient(&Resolution::Remote);
+        let remote = recipient(&sam, &Resolution::Remote);
         assert_eq!(remote.rule, Rule::RelayModeNone);
         assert_eq!(remote.rcpt_reply().unwrap().enhanced().as_deref(), Some("5.7.1"));
-        assert_eq!(recipient(&Resolution::Unknown).rcpt_reply().unwrap().enhanced().as_deref(), Some("5.1.1"));
+        assert_eq!(recipient(&sam, &Resolution::Unknown).rcpt_reply().unwrap().enhanced().as_deref(), Some("5.1.1"));
+        let pm = Address::parse("PostMaster@example.test").unwrap();
+        assert_eq!(recipient(&pm, &Resolution::Unknown).rule, Rule::Postmaster);
     }
 }

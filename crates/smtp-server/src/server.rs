@@ -199,7 +199,7 @@ impl Driver<'_> {
                 return RcptVerdict::Refuse(Reply::new(451, (3, 0), "Temporary lookup failure, try again later"));
             }
         };
-        let decision = policy::recipient(&resolution);
+        let decision = policy::recipient(addr, &resolution);
         match decision.rcpt_reply() {
             None => RcptVerdict::Accept,
             Some(reply) => {

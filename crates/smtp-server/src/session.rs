@@ -302,7 +302,7 @@ impl Session {
         for p in &params {
             match (p.keyword.as_str(), p.value.as_deref()) {
                 // RFC 1870: refuse at once what we would refuse after DATA.
-                ("SIZE", Some(v)) if v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()) => {
+                ("SIZE", Some(v)) if (1..=20).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()) => {
                     if v.parse::<u64>().map_or(true, |n| n > self.config.max_message_size) {
                         return self.reply(out, Reply::new(552, (3, 4), "Message size exceeds fixed limit"));
                     }
@@ -324,8 +324,10 @@ impl Session {
             return self.reply(out, Reply::new(555, (5, 4), format!("Unsupported parameter {}", p.keyword)));
         }
         if tx.rcpts.len() >= self.config.max_recipients {
-            // RFC 5321 §4.5.3.1.10: 452, the client sends the rest in another transaction.
-            return self.reply(out, Reply::new(452, (5, 3), "Error: too many recipients"));
+            // RFC 5321 §4.5.3.1.10: 452, the client sends the rest in another transaction. Not a
+            // client error, so it does not count towards the error limit.
+            out.push(Action::Reply(Reply::new(452, (5, 3), "Error: too many recipients")));
+            return;
         }
         out.push(Action::CheckRcpt(to.clone()));
         self.waiting = Waiting::Rcpt(to);
