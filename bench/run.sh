@@ -198,7 +198,10 @@ run_loadgen() {
     fi
     ((RC == 0)) || NOTE_RUN="${NOTE_RUN:+$NOTE_RUN; }loadgen exit $RC"
     grep -q 'max-seconds reached' "$TMP/$name.err" 2>/dev/null \
-        && NOTE_RUN="${NOTE_RUN:+$NOTE_RUN; }stopped at the ${secs} s bound with $(jget "$OUT" unfinished) unfinished"
+        && NOTE_RUN="${NOTE_RUN:+$NOTE_RUN; }stopped at the ${secs} s bound"
+    local unfinished
+    unfinished=$(jget "$OUT" unfinished)
+    [[ "${unfinished:-0}" == 0 ]] || NOTE_RUN="${NOTE_RUN:+$NOTE_RUN; }$unfinished cut off in flight"
     [[ -s "$TMP/$name.err" ]] && ERRFILES+=("$name")
     return 0
 }

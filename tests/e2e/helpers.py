@@ -587,11 +587,21 @@ class RawPop(LineSocket):
                 return out
             out.append(line)
 
-    def login(self, user: str, password: str) -> None:
-        r = self.cmd(f"USER {user}")
-        assert r.startswith(b"+OK"), r
-        r = self.cmd(f"PASS {password}")
-        assert r.startswith(b"+OK"), r
+    def login(self, user: str, password: str, in_use_wait: float = 5.0) -> None:
+        """USER/PASS; on -ERR [IN-USE] (a session that just ended may still hold the lock for a
+        moment, RFC 1939 §6) reconnect and retry for up to in_use_wait seconds."""
+        deadline = time.monotonic() + in_use_wait
+        while True:
+            r = self.cmd(f"USER {user}")
+            assert r.startswith(b"+OK"), r
+            r = self.cmd(f"PASS {password}")
+            if r.startswith(b"+OK"):
+                return
+            assert b"[IN-USE]" in r and time.monotonic() < deadline, r
+            addr, timeout = self.sock.getpeername(), self.sock.gettimeout() or IO_TIMEOUT
+            self.close()
+            time.sleep(0.1)
+            self.__init__(addr, timeout)
 
 
 def sha256(b: bytes) -> str:

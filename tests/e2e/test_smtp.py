@@ -9,6 +9,7 @@ from conftest import SAM
 from helpers import (
     JANE,
     Closed,
+    RawPop,
     SmtpClient,
     dot_stuff,
     expect,
@@ -339,7 +340,6 @@ def test_bare_lf_allowed_is_normalised_to_crlf(make_server):
     (m,) = wait_for_subjects(srv, NAME, PW, ["lf allowed"])
     assert strip_trace(m) == b"Subject: lf allowed\r\nX-Test: yes\r\n\r\nline one\r\nline two\r\n"
     # On the wire (raw POP3) every line ends in CRLF.
-    from helpers import RawPop
     p = RawPop(srv.pop3)
     p.login(NAME, PW)
     assert p.cmd("RETR 1").startswith(b"+OK")

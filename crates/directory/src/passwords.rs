@@ -6,12 +6,14 @@
 //! digest of the last password that verified, so a POP client that polls every few minutes
 //! does not pay argon2 each time; changing the password changes the hash and voids the entry.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use argon2::Argon2;
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::PasswordHasher;
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use blake2::{Blake2b512, Digest};
 use crossbeam_channel::{Sender, TrySendError};
 
@@ -26,14 +28,33 @@ pub fn hash_password(password: &str) -> Result<String> {
 }
 
 /// Verify against a PHC string (blocking).
+///
+/// The argon2 working memory (19 MiB with the default parameters) is kept per thread and reused:
+/// allocating it afresh for every verification makes glibc's heap grow by that much per login.
 pub fn verify_password(hash: &str, password: &str) -> bool {
-    match argon2::password_hash::phc::PasswordHash::new(hash) {
-        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
-        Err(_) => false,
+    thread_local! {
+        static MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
     }
+    let Ok(parsed) = PasswordHash::new(hash) else { return false };
+    let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else { return false };
+    let Ok(algorithm) = Algorithm::try_from(parsed.algorithm.as_str()) else { return false };
+    let Ok(version) = parsed.version.map(Version::try_from).transpose() else { return false };
+    let Ok(params) = Params::try_from(&parsed) else { return false };
+    let blocks = params.block_count();
+    let argon2 = Argon2::new(algorithm, version.unwrap_or_default(), params);
+    let mut out = vec![0u8; expected.as_bytes().len()];
+    let computed = MEMORY.with(|memory| {
+        let mut memory = memory.borrow_mut();
+        memory.resize(blocks, Block::new());
+        argon2.hash_password_into_with_memory(password.as_bytes(), salt.as_ref(), &mut out, &mut memory[..blocks])
+    });
+    // Constant-time comparison: the time taken does not depend on where the bytes differ.
+    computed.is_ok() && out.iter().zip(expected.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 type Job = Box<dyn FnOnce() + Send>;
+/// Digest of the password that last verified against a hash, and when.
+type CacheEntry = ([u8; 64], Instant);
 
 const CACHE_TTL: Duration = Duration::from_secs(3600);
 const CACHE_MAX: usize = 10_000;
@@ -43,7 +64,7 @@ const CACHE_MAX: usize = 10_000;
 pub struct PasswordPool {
     jobs: Sender<Job>,
     dummy_hash: Arc<String>,
-    cache: Arc<Mutex<HashMap<String, ([u8; 64], Instant)>>>,
+    cache: Arc<Mutex<HashMap<String, CacheEntry>>>,
     cache_key: Arc<[u8; 32]>,
 }
 
@@ -91,10 +112,11 @@ impl PasswordPool {
             return Ok(false);
         };
         let digest = self.digest(&hash, &password);
-        if let Some((d, at)) = self.cache.lock().expect("cache lock").get(&hash) {
-            if *d == digest && at.elapsed() < CACHE_TTL {
-                return Ok(true);
-            }
+        if let Some((d, at)) = self.cache.lock().expect("cache lock").get(&hash)
+            && *d == digest
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok(true);
         }
         let h = hash.clone();
         let ok = self.run(move || verify_password(&h, &password)).await?;
@@ -135,6 +157,16 @@ mod tests {
         assert!(pool.verify(Some(hash.clone()), "secret".into()).await.unwrap());
         assert!(!pool.verify(Some(hash.clone()), "Secret".into()).await.unwrap());
         assert!(!pool.verify(None, "secret".into()).await.unwrap());
+    }
+
+    #[test]
+    fn verifies_hashes_with_reused_memory() {
+        let h = hash_password("correct horse").unwrap();
+        for _ in 0..3 {
+            assert!(verify_password(&h, "correct horse"));
+            assert!(!verify_password(&h, "correct horsE"));
+        }
+        assert!(!verify_password("not a phc string", "x"));
     }
 
     #[test]

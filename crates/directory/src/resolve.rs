@@ -45,7 +45,7 @@ impl LocalDomains {
     /// Is `domain` local (configured or in the `domains` table)?
     pub fn contains(&self, conn: &Connection, domain: &str) -> Result<bool> {
         let d = normalise_domain(domain);
-        if self.configured.iter().any(|c| *c == d) {
+        if self.configured.contains(&d) {
             return Ok(true);
         }
         let mut stmt = conn.prepare_cached("SELECT 1 FROM domains WHERE name = ?1")?;

@@ -97,7 +97,16 @@ pub async fn run(opts: PopOpts) -> Result<()> {
     .is_err();
     if cut {
         tasks.abort_all();
-        eprintln!("postroom-loadgen: --max-seconds reached, stopped in-flight sessions");
+    }
+    if cut
+        || shared
+            .stats
+            .timed_out
+            .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        eprintln!(
+            "postroom-loadgen: --max-seconds reached, stopped taking work (in flight then: cut after 2 s)"
+        );
     }
     let secs = start.elapsed().as_secs_f64();
     let st = &shared.stats;
@@ -178,7 +187,7 @@ async fn quit(r: &mut R) -> std::io::Result<bool> {
 
 async fn per_user_worker(s: Arc<Shared>) {
     loop {
-        if Instant::now() >= s.deadline {
+        if s.stats.past(s.deadline) {
             break;
         }
         let i = s.next_user.fetch_add(1, Ordering::Relaxed);
@@ -285,7 +294,7 @@ async fn login_one_worker(s: Arc<Shared>, t: usize, c: usize) {
     };
     let mut k = 0usize;
     loop {
-        if Instant::now() >= s.deadline {
+        if s.stats.past(s.deadline) {
             break;
         }
         if s.next.fetch_add(1, Ordering::Relaxed) >= s.opts.sessions {

@@ -93,7 +93,16 @@ pub async fn run(opts: SmtpOpts) -> Result<()> {
     .is_err();
     if cut {
         tasks.abort_all();
-        eprintln!("postroom-loadgen: --max-seconds reached, stopped in-flight messages");
+    }
+    if cut
+        || shared
+            .stats
+            .timed_out
+            .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        eprintln!(
+            "postroom-loadgen: --max-seconds reached, stopped taking work (in flight then: cut after 2 s)"
+        );
     }
     let secs = start.elapsed().as_secs_f64();
     let st = &shared.stats;
@@ -127,7 +136,7 @@ async fn worker(s: Arc<Shared>) {
     let mut conn: Option<Conn> = None;
     let mut wire = Vec::with_capacity(s.opts.size + 1024);
     loop {
-        if Instant::now() >= s.deadline {
+        if s.stats.past(s.deadline) {
             break;
         }
         let seq = s.next.fetch_add(1, Ordering::Relaxed);

@@ -1,7 +1,7 @@
 //! Counters, latency samples, error samples and the one-line JSON report.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How many unexpected replies are printed on stderr.
@@ -17,6 +17,8 @@ pub struct Stats {
     pub started: AtomicU64,
     latencies_us: Mutex<Vec<u32>>,
     samples: Mutex<Vec<String>>,
+    /// Set when a task stopped taking work because --max-seconds was reached.
+    pub timed_out: AtomicBool,
     /// Errors beyond the printed samples.
     pub unsampled: AtomicU64,
 }
@@ -47,6 +49,15 @@ impl Stats {
         } else {
             self.unsampled.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// True (and remembered) once `deadline` has passed: the task should stop taking work.
+    pub fn past(&self, deadline: tokio::time::Instant) -> bool {
+        let past = tokio::time::Instant::now() >= deadline;
+        if past {
+            self.timed_out.store(true, Ordering::Relaxed);
+        }
+        past
     }
 
     pub fn start(&self) {

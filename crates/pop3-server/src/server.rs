@@ -131,6 +131,9 @@ impl Driver<'_> {
                             Some((user, _)) => self.delete(user.id, deleted).await,
                             None => true,
                         };
+                        // Unlock before the goodbye is written: a client that reconnects as
+                        // soon as it reads +OK must not find its own mailbox locked.
+                        self.login = None;
                         pending.extend(self.session.handle(Event::UpdateDone(ok)));
                     }
                     Action::Close => {

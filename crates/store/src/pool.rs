@@ -168,7 +168,7 @@ fn open_connection(path: &Path) -> Result<Connection> {
          PRAGMA synchronous = FULL;
          PRAGMA foreign_keys = ON;
          PRAGMA temp_store = MEMORY;
-         PRAGMA cache_size = -16000;",
+         PRAGMA cache_size = -4000;",
     )?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
