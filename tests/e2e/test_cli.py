@@ -224,3 +224,14 @@ def test_queue_list_runs(sam):
     send_mail(sam, ADDR, make_message("queued"))
     r = sam.cli("queue", "list")
     assert r.returncode == 0, (r.stdout, r.stderr)
+
+
+def test_sigterm_is_a_clean_shutdown(sam):
+    """O3: SIGTERM stops the server cleanly (exit 0) and a restart finds users and mail intact."""
+    send_mail(sam, ADDR, make_message("survives restart"))
+    wait_for_count(sam, NAME, PW, 1)
+    status = sam.stop()
+    assert status == 0, f"exit status {status} after SIGTERM"
+    sam.start()
+    msgs = fetch_all(sam, NAME, PW)
+    assert [subject_of(m) for m in msgs] == ["survives restart"]

@@ -1,6 +1,5 @@
 """The journey of one message (SPEC §1): Jane -> SMTP -> framework -> Sam's POP3 maildrop."""
 
-import os
 import random
 
 from conftest import SAM
@@ -105,6 +104,49 @@ def test_one_data_to_three_local_users(server):
         msgs = wait_for_subjects(server, name, pw, ["team meeting"])
         assert len(msgs) == 1, f"{name} has {len(msgs)} messages"
         assert strip_trace(msgs[0]) == msg
+    # One recipient deleting its copy leaves the others' copies intact.
+    p = pop_login(server, "sam", "pw-sam-1")
+    p.dele(1)
+    p.quit()
+    assert fetch_all(server, "sam", "pw-sam-1") == []
+    for name, _, pw in users[1:]:
+        (m,) = fetch_all(server, name, pw)
+        assert strip_trace(m) == msg
+
+
+def test_user_with_two_addresses_gets_both(server):
+    """D1: a user with several SMTP addresses receives mail sent to any of them in one maildrop."""
+    server.add_user("sam", ["SamJones@example.test", "sales@example.test"], "pw-sam-1")
+    send_mail(server, "SamJones@example.test", make_message("to preferred"))
+    send_mail(server, "sales@example.test", make_message("to sales", to="sales@example.test"))
+    msgs = wait_for_subjects(server, "sam", "pw-sam-1", ["to preferred", "to sales"])
+    assert len(msgs) == 2
+
+
+def test_null_sender_is_accepted(sam):
+    """S3 / RFC 5321 §4.5.5: MAIL FROM:<> (a bounce) is accepted and delivered with Return-Path: <>."""
+    msg = make_message("Undelivered Mail Returned to Sender", sender="MAILER-DAEMON@remote.example")
+    c = smtp_session(sam)
+    expect(c.cmd("MAIL FROM:<>"), 250)
+    expect(c.cmd(f"RCPT TO:<{ADDR}>"), 250)
+    expect(c.data(msg), 250)
+    c.quit()
+    (m,) = wait_for_subjects(sam, NAME, PW, ["Undelivered Mail Returned to Sender"])
+    rp, _, rest = split_trace(m)
+    assert rp == b"Return-Path: <>"
+    assert rest == msg
+
+
+def test_two_messages_in_one_session(sam):
+    """S1: after a completed transaction the session accepts another one; both are delivered."""
+    c = smtp_session(sam)
+    for subject in ("first of two", "second of two"):
+        expect(c.cmd(f"MAIL FROM:<{JANE}>"), 250)
+        expect(c.cmd(f"RCPT TO:<{ADDR}>"), 250)
+        expect(c.data(make_message(subject)), 250)
+    c.quit()
+    msgs = wait_for_subjects(sam, NAME, PW, ["first of two", "second of two"])
+    assert len(msgs) == 2
 
 
 def test_ten_megabyte_message_arrives_byte_exact(sam):

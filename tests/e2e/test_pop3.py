@@ -55,6 +55,20 @@ def test_capa_lists_top_uidl_user(server):
         assert cap in caps, caps
 
 
+def test_transaction_commands_need_login(sam):
+    """P1 (RFC 1939 §4): STAT, LIST, RETR, DELE before login are refused; PASS needs USER first."""
+    p = RawPop(sam.pop3)
+    assert p.greeting.startswith(b"+OK"), p.greeting
+    for cmd in ("STAT", "LIST", "RETR 1", "DELE 1", "UIDL", "TOP 1 0"):
+        r = p.cmd(cmd)
+        assert r.startswith(b"-ERR"), (cmd, r)
+    assert p.cmd(f"PASS {PW}").startswith(b"-ERR")
+    p.login(NAME, PW)
+    assert p.cmd("STAT").startswith(b"+OK 0 0")
+    assert p.cmd("QUIT").startswith(b"+OK")
+    p.close()
+
+
 def test_stat_list_retr_exact_octets(mailbox):
     """P1, P4: STAT and LIST give exact octet counts (RFC 1939: CRLF line ends, before
     dot-stuffing); RETR returns the messages in delivery order, byte-exact."""
@@ -198,8 +212,24 @@ def test_second_session_in_use_until_quit(mailbox):
     err = pop_login_fails(srv, NAME, PW, in_use_wait=0)
     assert err is not None and err.startswith(b"-ERR [IN-USE]"), err
     first.quit()
-    p = pop_login(srv, NAME, PW)
+    p = pop_login(srv, NAME, PW, in_use_wait=0)
     assert p.stat()[0] == 3
+    p.quit()
+
+
+def test_login_right_after_quit_is_never_in_use(mailbox):
+    """P3: the lock is released before the +OK to QUIT, so a client that logs in as soon as it
+    reads that +OK always gets in. The next connection is opened (and USER sent) before the
+    QUIT, so its PASS follows the +OK immediately; no retry is allowed."""
+    srv, _ = mailbox
+    p = pop_login(srv, NAME, PW, in_use_wait=0)
+    for _ in range(30):
+        nxt = pop_connect(srv)
+        nxt.user(NAME)
+        retr(p, 1)
+        p.quit()
+        nxt.pass_(PW)
+        p = nxt
     p.quit()
 
 
@@ -250,16 +280,34 @@ def test_uidl_stable_across_sessions_restart_never_reused(mailbox):
     assert uidls() == first
     srv.restart()
     assert uidls() == first
-    # Delete m1, then a new message arrives: its UIDL is new.
+    # Delete m1 (the oldest) and m3 (the newest: a reused row id would show here), restart,
+    # then new messages arrive: their UIDLs are new.
     p = pop_login(srv, NAME, PW)
     p.dele(1)
+    p.dele(3)
     p.quit()
-    send_mail(srv, ADDR, make_message("m4"))
-    wait_for_subjects(srv, NAME, PW, ["m4"])
+    srv.restart()
+    assert uidls() == {"m2": first["m2"]}
+    seen = set(first.values())
+    for subject in ("m4", "m5"):
+        send_mail(srv, ADDR, make_message(subject))
+        wait_for_subjects(srv, NAME, PW, [subject])
+        after = uidls()
+        assert after["m2"] == first["m2"]
+        assert after[subject] not in seen, f"{subject} reuses a UIDL: {after} vs {first}"
+        seen.add(after[subject])
+    # The same holds for a message delivered to another user in between (ids are global).
+    srv.add_user("bob", "bob@example.test", "bob-pw-1")
+    p = pop_login(srv, NAME, PW)
+    p.dele(len(p.uidl()[1]))  # the newest, m5
+    p.quit()
+    send_mail(srv, "bob@example.test", make_message("for bob"))
+    wait_for_subjects(srv, "bob", "bob-pw-1", ["for bob"])
+    send_mail(srv, ADDR, make_message("m6"))
+    wait_for_subjects(srv, NAME, PW, ["m6"])
     after = uidls()
-    assert sorted(after) == ["m2", "m3", "m4"]
-    assert after["m2"] == first["m2"] and after["m3"] == first["m3"]
-    assert after["m4"] not in set(first.values())
+    assert sorted(after) == ["m2", "m4", "m6"]
+    assert after["m6"] not in seen
 
 
 @pytest.mark.timeout(60)

@@ -1,6 +1,5 @@
 """SMTP server (SPEC §2, §3 R2/R3): exact reply codes on raw sockets."""
 
-import socket
 import time
 
 import pytest
@@ -219,8 +218,32 @@ def test_oversized_data_read_to_end_then_552(make_server):
     assert len(body) > 20000
     expect(c.data(make_message("too big", body)), 552, "5.3.4")
     expect(c.cmd("RSET"), 250)
+    # The same session can still send a message that fits.
+    expect(c.cmd(f"MAIL FROM:<{JANE}>"), 250)
+    expect(c.cmd(f"RCPT TO:<{ADDR}>"), 250)
+    expect(c.data(make_message("small enough")), 250)
     c.quit()
-    msgs = deliver_sentinel(srv)
+    msgs = wait_for_subjects(srv, NAME, PW, ["small enough"])
+    assert [subject_of(m) for m in msgs] == ["small enough"]
+
+
+def test_connection_lost_during_data_delivers_nothing(sam):
+    """§1 step 2, F1: a message whose DATA never reached CRLF.CRLF is not delivered."""
+    c = smtp_session(sam)
+    expect(c.cmd(f"MAIL FROM:<{JANE}>"), 250)
+    expect(c.cmd(f"RCPT TO:<{ADDR}>"), 250)
+    expect(c.cmd("DATA"), 354)
+    c.send(make_message("cut off", b"half a message\r\n"))
+    time.sleep(0.5)
+    c.close()
+    c = smtp_session(sam)
+    expect(c.cmd(f"MAIL FROM:<{JANE}>"), 250)
+    expect(c.cmd(f"RCPT TO:<{ADDR}>"), 250)
+    expect(c.cmd("DATA"), 354)
+    c.send(make_message("quit instead", b"no end\r\n") + b"QUIT\r\n")
+    time.sleep(0.5)
+    c.close()
+    msgs = deliver_sentinel(sam)
     assert [subject_of(m) for m in msgs] == ["sentinel"]
 
 
