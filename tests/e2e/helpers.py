@@ -606,3 +606,240 @@ class RawPop(LineSocket):
 
 def sha256(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Relay and connection rules (SPEC §3): clients from chosen 127.0.0.x source addresses,
+# POP-before-SMTP records, queue and journal inspection, `explain`.
+# --------------------------------------------------------------------------------------------
+
+import sqlite3  # noqa: E402  (pop_logins, for POP-before-SMTP tests)
+
+# List changes apply to new sessions within this many seconds (R11).
+LIST_APPLY_TIMEOUT = 2.0
+
+
+def _connect_from(addr, source_ip: str | None, timeout: float) -> socket.socket:
+    host, port = addr
+    if source_ip is None:
+        return socket.create_connection((host, port), timeout=timeout)
+    return socket.create_connection((host, port), timeout=timeout, source_address=(source_ip, 0))
+
+
+def smtp_from(srv_or_addr, source_ip: str | None, timeout: float = IO_TIMEOUT,
+              read_greeting: bool = True) -> SmtpClient:
+    """A raw SmtpClient whose socket is bound to source_ip (e.g. "127.0.0.5").
+    The greeting is read (c.greeting) unless read_greeting is False; a server that closes at
+    once raises Closed."""
+    addr = srv_or_addr.smtp if isinstance(srv_or_addr, Server) else srv_or_addr
+    c = SmtpClient.__new__(SmtpClient)
+    c.sock = _connect_from(addr, source_ip, timeout)
+    c.buf = b""
+    c.greeting = None
+    if read_greeting:
+        try:
+            c.greeting = c.read_reply()
+        except BaseException:
+            c.close()
+            raise
+    return c
+
+
+def greeting_from(srv_or_addr, source_ip: str | None, timeout: float = IO_TIMEOUT) -> Reply | None:
+    """The greeting a client from source_ip gets, then QUIT; None if the server closed (or reset)
+    the connection without a greeting."""
+    try:
+        c = smtp_from(srv_or_addr, source_ip, timeout=timeout)
+    except (Closed, ConnectionResetError, ConnectionRefusedError):
+        return None
+    g = c.greeting
+    c.quit()
+    return g
+
+
+def eventually(fn, timeout: float = LIST_APPLY_TIMEOUT, interval: float = 0.1):
+    """Call fn() until it returns a truthy value or timeout passes; returns the last value.
+    For list changes made while the server runs (they apply to new sessions within 2 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(interval)
+
+
+def rcpt_code(srv: Server, source_ip: str | None, rcpt: str, sender: str = JANE,
+              helo: str = CLIENT_NAME) -> Reply:
+    """One session from source_ip: EHLO, MAIL FROM sender, RCPT TO rcpt; returns the RCPT reply."""
+    c = smtp_from(srv, source_ip)
+    try:
+        expect(c.greeting, 220)
+        expect(c.cmd(f"EHLO {helo}"), 250)
+        expect(c.cmd(f"MAIL FROM:<{sender}>"), 250)
+        return c.cmd(f"RCPT TO:{rcpt if rcpt.startswith('<') else '<' + rcpt + '>'}")
+    finally:
+        c.quit()
+
+
+class SourcePop(RawPop):
+    """RawPop with its socket bound to a chosen source address."""
+
+    def __init__(self, addr, source_ip: str | None = None, timeout: float = IO_TIMEOUT):
+        self.source_ip = source_ip
+        self.sock = _connect_from(addr, source_ip, timeout)
+        self.buf = b""
+        self.greeting = self.read_line()
+
+    def login(self, user: str, password: str, in_use_wait: float = 5.0) -> None:
+        deadline = time.monotonic() + in_use_wait
+        while True:
+            r = self.cmd(f"USER {user}")
+            assert r.startswith(b"+OK"), r
+            r = self.cmd(f"PASS {password}")
+            if r.startswith(b"+OK"):
+                return
+            assert b"[IN-USE]" in r and time.monotonic() < deadline, r
+            addr, timeout = self.sock.getpeername(), self.sock.gettimeout() or IO_TIMEOUT
+            self.close()
+            time.sleep(0.1)
+            self.__init__(addr, self.source_ip, timeout)
+
+
+def db_path(srv: Server) -> Path:
+    return srv.data_dir / "postroom.db"
+
+
+def pop_login_row(srv: Server, ip: str):
+    """The pop_logins row (ip, user_id, at) for ip, or None."""
+    con = sqlite3.connect(str(db_path(srv)), timeout=10)
+    try:
+        return con.execute("SELECT ip, user_id, at FROM pop_logins WHERE ip = ?", (ip,)).fetchone()
+    finally:
+        con.close()
+
+
+def pop_login_from(srv: Server, source_ip: str, user: str, password: str,
+                   record_timeout: float = 10.0) -> None:
+    """Log in to POP3 (USER/PASS) from source_ip, QUIT, and wait until the server has recorded
+    the login for POP-before-SMTP (P5: the record is written asynchronously)."""
+    before = pop_login_row(srv, source_ip)
+    p = SourcePop(srv.pop3, source_ip)
+    try:
+        assert p.greeting.startswith(b"+OK"), p.greeting
+        p.login(user, password)
+        p.cmd("QUIT")
+    finally:
+        p.close()
+    deadline = time.monotonic() + record_timeout
+    while True:
+        row = pop_login_row(srv, source_ip)
+        if row is not None and (before is None or row[2] >= before[2]) and row[2] >= time.time() - 60:
+            return
+        if time.monotonic() > deadline:
+            con = sqlite3.connect(str(db_path(srv)), timeout=10)
+            try:
+                rows = con.execute("SELECT ip, user_id, at FROM pop_logins").fetchall()
+            finally:
+                con.close()
+            raise AssertionError(f"POP3 login from {source_ip} not recorded in pop_logins after "
+                                 f"{record_timeout}s; rows: {rows!r}")
+        time.sleep(0.05)
+
+
+def age_pop_login(srv: Server, source_ip: str, minutes: float) -> None:
+    """Make the recorded POP3 login of source_ip `minutes` old, by editing the SQLite database
+    directly (pop_logins.at is unix seconds): the only way to step outside the POP-before-SMTP
+    window without waiting for it."""
+    con = sqlite3.connect(str(db_path(srv)), timeout=10)
+    try:
+        with con:
+            n = con.execute("UPDATE pop_logins SET at = ? WHERE ip = ?",
+                            (int(time.time() - minutes * 60), source_ip)).rowcount
+        assert n == 1, f"no pop_logins row for {source_ip}"
+    finally:
+        con.close()
+
+
+def queue_entries(srv: Server) -> list[tuple[str, str]]:
+    """(state, recipient) of every line of `postroom queue list` (lowercased recipient)."""
+    r = srv.cli_ok("queue", "list")
+    out = []
+    for line in r.stdout.splitlines():
+        tokens = line.split()
+        if len(tokens) < 3 or tokens[0] == "id":
+            continue
+        state = tokens[1]
+        for t in tokens[2:]:
+            if "@" in t:
+                out.append((state, t.strip("<>").lower()))
+                break
+    return out
+
+
+def wait_queued(srv: Server, recipient: str, state: str = "forward", timeout: float = 10.0) -> list:
+    """Poll `queue list` until recipient shows in state; returns the entries seen."""
+    want = (state, recipient.lower())
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = queue_entries(srv)
+        if want in entries:
+            return entries
+        if time.monotonic() > deadline:
+            raise AssertionError(f"`queue list` does not show {recipient} in state {state} after "
+                                 f"{timeout}s:\n{srv.cli('queue', 'list').stdout}")
+        time.sleep(0.2)
+
+
+def journal_lines(srv: Server, code: str | None = None) -> list[str]:
+    args = ["journal"] + (["--code", code] if code else [])
+    return [line for line in srv.cli_ok(*args).stdout.splitlines() if line.strip()]
+
+
+def wait_journal(srv: Server, pred, code: str | None = None, timeout: float = 5.0) -> list[str]:
+    """Poll the journal until a line satisfies pred(line); returns the matching lines."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = journal_lines(srv, code)
+        hits = [line for line in lines if pred(line)]
+        if hits:
+            return hits
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no journal entry{' with code ' + code if code else ''} "
+                                 f"matching after {timeout}s; journal:\n" + "\n".join(journal_lines(srv)))
+        time.sleep(0.2)
+
+
+def has_ip(line: str, ip: str) -> bool:
+    """Does a journal line mention exactly this IP (not 127.0.0.10 for 127.0.0.1)?"""
+    return re.search(r"(?<![0-9.])" + re.escape(ip) + r"(?![0-9])", line) is not None
+
+
+def explain(srv: Server, ip: str, sender: str, recipients, pop_login: bool = False,
+            user: str | None = None) -> dict:
+    """Run `postroom explain`; returns {"connect": verdict, "sender": verdict,
+    "recipients": {addr_lower: verdict}, "raw": stdout} with verdict lowercased
+    ("accept", "refuse", "deliver locally", "relay")."""
+    args = ["explain", "--ip", ip]
+    if pop_login:
+        args.append("--pop-login")
+    if user:
+        args += ["--user", user]
+    args += ["--from", sender]
+    for r in ([recipients] if isinstance(recipients, str) else recipients):
+        args += ["--to", r]
+    r = srv.cli_ok(*args)
+    out = {"connect": None, "sender": None, "recipients": {}, "raw": r.stdout}
+    for line in r.stdout.splitlines():
+        line = line.strip()
+        m = re.match(r"(?i)connect\s*:\s*(accept|refuse)\b", line)
+        if m:
+            out["connect"] = m.group(1).lower()
+            continue
+        m = re.match(r"(?i)sender\s+<?([^\s>]*)>?\s*:\s*(accept|refuse)\b", line)
+        if m:
+            out["sender"] = m.group(2).lower()
+            continue
+        m = re.match(r"(?i)recipient\s+<?([^\s>]+?)>?\s*:\s*(deliver locally|relay|refuse)\b", line)
+        if m:
+            out["recipients"][m.group(1).lower()] = m.group(2).lower()
+    return out

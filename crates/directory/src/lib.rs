@@ -5,13 +5,15 @@
 //! blocking and meant for the CLI; the lookups the servers use per session are async.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod mailbox;
 pub mod passwords;
+pub mod penalty;
 pub mod resolve;
 
 pub use passwords::PasswordPool;
-pub use resolve::{LocalDomains, Resolution};
+pub use resolve::{into_store, LocalDomains, Resolution};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
@@ -35,6 +37,10 @@ pub enum DirectoryError {
     DomainInUse(String, String),
     #[error("no such domain: {0}")]
     NoSuchDomain(String),
+    #[error("bad list entry: {0}")]
+    BadListEntry(String),
+    #[error("no {0} list entry {1}")]
+    NoSuchListEntry(String, String),
     #[error("password must not be empty")]
     EmptyPassword,
     #[error("password hashing failed: {0}")]

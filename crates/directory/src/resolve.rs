@@ -95,7 +95,8 @@ pub fn normalise_domain(d: &str) -> String {
     d.trim_end_matches('.').to_ascii_lowercase()
 }
 
-pub(crate) fn into_store(e: crate::DirectoryError) -> store::StoreError {
+/// A directory error carried through the store's thread boundary, message kept.
+pub fn into_store(e: crate::DirectoryError) -> store::StoreError {
     match e {
         crate::DirectoryError::Store(s) => s,
         other => store::StoreError::Invalid(other.to_string()),

@@ -194,6 +194,11 @@ fn parse_domain(d: &[u8]) -> Result<String, AddressError> {
         };
         return if ok { Ok(String::from_utf8_lossy(d).into_owned()) } else { Err(AddressError::Syntax) };
     }
+    // A trailing dot names the same domain (an absolute name): `user@example.test.`.
+    let d = match d.strip_suffix(b".") {
+        Some(rest) if !rest.is_empty() && !rest.ends_with(b".") => rest,
+        _ => d,
+    };
     for label in d.split(|&b| b == b'.') {
         let ok = !label.is_empty()
             && label.len() <= 63
@@ -274,10 +279,11 @@ mod tests {
 
     #[test]
     fn bad_syntax_refused() {
-        for bad in ["<a@>", "<@b>", "<a..b@c>", "<a@b..c>", "<a@-b>", "<a@b", "<a b@c>", "<a@[1.2.3]>", "<a@b.>"] {
+        for bad in ["<a@>", "<@b>", "<a..b@c>", "<a@b..c>", "<a@-b>", "<a@b", "<a b@c>", "<a@[1.2.3]>", "<a@b..>", "<a@.>"] {
             assert!(fwd(bad).is_err(), "{bad}");
         }
         assert!(fwd("<a@[192.0.2.1]>").is_ok());
+        assert_eq!(fwd("<a@Example.Test.>").unwrap().0.unwrap().domain, "Example.Test", "trailing dot dropped");
         assert!(fwd("<a@[IPv6:::1]>").is_ok());
     }
 

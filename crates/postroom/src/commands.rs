@@ -79,7 +79,7 @@ pub struct JournalArgs {
     follow: bool,
 }
 
-fn open(config: &Config) -> anyhow::Result<(Store, LocalDomains)> {
+pub fn open(config: &Config) -> anyhow::Result<(Store, LocalDomains)> {
     let store = Store::open(&config.data_dir, StoreOptions { readers: 1, ..Default::default() })
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
     Ok((store, LocalDomains::new(&config.domains, &config.postmaster)))

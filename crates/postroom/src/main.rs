@@ -4,6 +4,7 @@
 
 mod commands;
 mod config;
+mod lists;
 mod serve;
 
 use std::path::PathBuf;
@@ -38,6 +39,11 @@ enum Command {
     /// Inspect the framework queue (i5/OS WRKDSTQ / HLDDSTQ).
     #[command(subcommand)]
     Queue(commands::QueueCommand),
+    /// Access lists: relay, reject, near, kill, rbl (i5/OS ADDSMTPLE / RMVSMTPLE).
+    #[command(subcommand)]
+    List(lists::ListCommand),
+    /// Which rule would accept or refuse a message from this client, and why.
+    Explain(lists::ExplainArgs),
     /// Show the journal (i5/OS DSPJRN QZMF).
     Journal(commands::JournalArgs),
     /// Check the configuration.
@@ -56,6 +62,8 @@ fn main() -> ExitCode {
         (Command::Domain(c), Ok(cfg)) => commands::domain(c, &cfg),
         (Command::Queue(c), Ok(cfg)) => commands::queue(c, &cfg),
         (Command::Journal(a), Ok(cfg)) => commands::journal(a, &cfg),
+        (Command::List(c), Ok(cfg)) => lists::list(c, &cfg),
+        (Command::Explain(a), Ok(cfg)) => lists::explain(a, &cfg),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

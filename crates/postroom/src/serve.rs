@@ -7,11 +7,13 @@ use anyhow::Context;
 use directory::{LocalDomains, PasswordPool};
 use mail_framework::{Framework, Queue};
 use pop3_server::{Pop3Server, Pop3Settings};
+use directory::penalty::PenaltyBox;
+use smtp_server::policy::{self, RelayPolicy};
 use smtp_server::{SmtpServer, SmtpSettings};
 use store::{Store, StoreOptions};
 use tokio::net::TcpListener;
 
-use crate::config::{Config, LogFormat, PlaintextAuth, SocketLayer};
+use crate::config::{Config, HeloVerify, LogFormat, PlaintextAuth, RelayMode, SocketLayer};
 
 /// The file `serve` writes once it listens: one `name address` line per listener.
 pub const LISTENING_FILE: &str = "listening";
@@ -47,7 +49,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    let smtp = SmtpServer::new(smtp_settings(&config), queue.clone(), domains);
+    // Reads the resolver configuration only; queries happen when a configured feature needs one.
+    let dns = match dns::Dns::new(&config.dns.servers) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(error = %e, "no DNS resolver: blackhole lists and HELO checks will fail open");
+            None
+        }
+    };
+    let penalty = PenaltyBox::new(Duration::from_secs(config.penalty.deny_minutes * 60));
+    let smtp = SmtpServer::new(smtp_settings(&config), queue.clone(), domains, dns, penalty);
     let passwords = PasswordPool::new(2, 256);
     let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords);
 
@@ -88,6 +99,29 @@ fn smtp_settings(c: &Config) -> SmtpSettings {
         allow_bare_lf: c.smtp.allow_bare_lf,
         max_hops: c.smtp.max_hops,
         max_errors: c.smtp.max_errors as u32,
+        policy: relay_policy(c),
+    }
+}
+
+/// The relay and connection settings the policy module decides with (also used by `explain`).
+pub fn relay_policy(c: &Config) -> RelayPolicy {
+    RelayPolicy {
+        mode: match c.relay.mode {
+            RelayMode::All => policy::RelayMode::All,
+            RelayMode::None => policy::RelayMode::None,
+            RelayMode::Near => policy::RelayMode::Near,
+            RelayMode::List => policy::RelayMode::List,
+            RelayMode::Both => policy::RelayMode::Both,
+        },
+        pop_minutes: c.relay.pop_minutes,
+        override_reject_connect: c.relay.override_reject_connect,
+        percent_routing: c.smtp.percent_routing,
+        helo_verify: match c.smtp.helo_verify {
+            HeloVerify::Off => policy::HeloVerify::Off,
+            HeloVerify::Log => policy::HeloVerify::Log,
+            HeloVerify::Reject => policy::HeloVerify::Reject,
+        },
+        primary_domain: c.domains.first().cloned().unwrap_or_default(),
     }
 }
 

@@ -1,41 +1,134 @@
-//! One place decides who may connect and which recipients are accepted (DESIGN "Decisions as
-//! data"). Every decision carries the rule that made it, so the SMTP reply, the journal entry
-//! and later `postroom explain` tell the same story.
+//! One place decides who may connect, who may send, and which recipients are accepted, local
+//! or relayed (SPEC §3; DESIGN "Decisions as data"). Every decision carries the rule that made
+//! it, so the SMTP reply, the journal entry and `postroom explain` tell the same story.
+//! Pure functions over facts gathered by the caller: no I/O here.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
+use directory::access::AccessLists;
 use directory::Resolution;
 use mail_proto::{Address, Reply};
+
+/// Relay mode (SPEC R1, i5/OS ALWRLY).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayMode {
+    All,
+    None,
+    Near,
+    List,
+    Both,
+}
+
+/// HELO/EHLO name verification (R10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeloVerify {
+    Off,
+    Log,
+    Reject,
+}
+
+/// The administrator's relay settings.
+#[derive(Clone, Debug)]
+pub struct RelayPolicy {
+    pub mode: RelayMode,
+    /// POP-before-SMTP window in minutes; 0 = off.
+    pub pop_minutes: u32,
+    pub override_reject_connect: bool,
+    pub percent_routing: bool,
+    pub helo_verify: HeloVerify,
+    /// The first local domain: `user@[our address]` is read as `user@primary_domain`.
+    pub primary_domain: String,
+}
+
+/// What is known about the client when a decision is made.
+#[derive(Clone, Debug)]
+pub struct ClientFacts {
+    /// Normalised (an IPv4-mapped IPv6 address is IPv4).
+    pub ip: IpAddr,
+    /// The server address the client connected to: an IP literal naming it is ours.
+    pub local_ip: IpAddr,
+    pub lists: Arc<AccessLists>,
+    /// The client's last POP3 login, unix seconds.
+    pub pop_login_at: Option<i64>,
+    /// Unix seconds at the moment of the decision.
+    pub now: i64,
+    /// The blackhole list zone and answer that listed the client, if any.
+    pub rbl_listed: Option<(String, Ipv4Addr)>,
+    /// In the penalty box (R9).
+    pub penalised: bool,
+    /// The authenticated user (AUTH comes with the TLS issue).
+    pub authenticated: Option<String>,
+}
 
 /// The rule behind a decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Rule {
-    /// No connection restriction applies (R4 lists come with the relay issue).
     NoConnectRestriction,
-    /// R2: mail to a local user is never relay.
+    RejectList(String),
+    RblListed { zone: String, answer: String },
+    /// R5: a rejected client that logged in to POP3 within the window.
+    RejectOverriddenByPop { refused_by: Box<Rule>, login_at: i64 },
+    HackAutoDeny,
+    SenderAccepted,
+    KillList(String),
+    HeloNotChecked,
+    HeloMatches,
+    HeloMismatch { name: String, logged_only: bool },
+    HeloLookupFailed(String),
     LocalRecipient,
-    /// RFC 5321 §4.5.1: postmaster is always accepted, even before an owner is configured.
     Postmaster,
-    /// A local domain, but nobody has this address (D2: 550 at RCPT, never a bounce later).
     UnknownLocalUser,
-    /// R1 relay mode *none*: recipients in other domains are refused.
+    Authenticated(String),
+    RelayModeAll,
+    RelayList(String),
+    NearDomain(String),
+    PopBeforeSmtp { login_at: i64, minutes: u32 },
     RelayModeNone,
+    NotInRelayList,
+    NotNearDomain,
+    NeitherNearNorListed,
+    RelayTrick(&'static str),
 }
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Rule::NoConnectRestriction => "no connection restriction matched",
-            Rule::LocalRecipient => "local recipient (R2)",
-            Rule::Postmaster => "postmaster is always accepted (RFC 5321 4.5.1)",
-            Rule::UnknownLocalUser => "no such user in a local domain (D2)",
-            Rule::RelayModeNone => "relay mode none (R1)",
-        })
+        match self {
+            Rule::NoConnectRestriction => write!(f, "no connection restriction matched (R4)"),
+            Rule::RejectList(e) => write!(f, "reject list entry {e} (R4)"),
+            Rule::RblListed { zone, answer } => write!(f, "listed by {zone} ({answer}) (R4)"),
+            Rule::RejectOverriddenByPop { refused_by, login_at } => {
+                write!(f, "{refused_by}, overridden by a POP3 login at {} (R5)", mail_proto::date::rfc5322(*login_at))
+            }
+            Rule::HackAutoDeny => write!(f, "hack auto-deny: command line beyond the limits (R9)"),
+            Rule::SenderAccepted => write!(f, "no kill list entry matched (R8)"),
+            Rule::KillList(e) => write!(f, "kill list entry {e} (R8)"),
+            Rule::HeloNotChecked => write!(f, "HELO verification off (R10)"),
+            Rule::HeloMatches => write!(f, "HELO name resolves to the client address (R10)"),
+            Rule::HeloMismatch { name, logged_only: true } => write!(f, "HELO name {name} does not resolve to the client address, logged only (R10)"),
+            Rule::HeloMismatch { name, logged_only: false } => write!(f, "HELO name {name} does not resolve to the client address (R10)"),
+            Rule::HeloLookupFailed(e) => write!(f, "HELO name could not be checked ({e}), accepted (R10)"),
+            Rule::LocalRecipient => write!(f, "local recipient (R2)"),
+            Rule::Postmaster => write!(f, "postmaster is always accepted (RFC 5321 4.5.1)"),
+            Rule::UnknownLocalUser => write!(f, "no such user in a local domain (D2)"),
+            Rule::Authenticated(u) => write!(f, "authenticated as {u} (A2)"),
+            Rule::RelayModeAll => write!(f, "relay mode all: open relay (R1)"),
+            Rule::RelayList(e) => write!(f, "relay list entry {e} (R1)"),
+            Rule::NearDomain(d) => write!(f, "near domain {d} (R1)"),
+            Rule::PopBeforeSmtp { login_at, minutes } => {
+                write!(f, "POP3 login at {} within {minutes} minutes (R1 pop)", mail_proto::date::rfc5322(*login_at))
+            }
+            Rule::RelayModeNone => write!(f, "relay mode none (R1)"),
+            Rule::NotInRelayList => write!(f, "relay mode list: client not in the relay list (R1)"),
+            Rule::NotNearDomain => write!(f, "relay mode near: recipient domain not a near domain (R1)"),
+            Rule::NeitherNearNorListed => write!(f, "relay mode both: client not listed and domain not near (R1)"),
+            Rule::RelayTrick(t) => write!(f, "relay trick: {t} (R7)"),
+        }
     }
 }
 
-/// A policy outcome.
+/// A policy outcome and the rule that made it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub allow: bool,
@@ -43,53 +136,397 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// The refusal reply for a recipient decision.
+    fn allow(rule: Rule) -> Self {
+        Decision { allow: true, rule }
+    }
+
+    fn refuse(rule: Rule) -> Self {
+        Decision { allow: false, rule }
+    }
+
+    /// A refused recipient that was a relay attempt (journal 9V), rather than an unknown user.
+    pub fn is_relay_refusal(&self) -> bool {
+        !self.allow && self.rule != Rule::UnknownLocalUser
+    }
+
+    /// The greeting for a refused connection (R4: 554; R9: the client is not told why).
+    pub fn connect_reply(&self, hostname: &str) -> Option<Reply> {
+        if self.allow {
+            return None;
+        }
+        Some(match &self.rule {
+            Rule::HackAutoDeny => Reply::new(421, (7, 0), format!("{hostname} Service temporarily unavailable, try again later")),
+            Rule::RblListed { zone, .. } => Reply::new(554, (7, 1), format!("{hostname} Service unavailable; client blocked using {zone}")),
+            _ => Reply::new(554, (7, 1), format!("{hostname} Service unavailable; client blocked by local policy")),
+        })
+    }
+
+    /// The refusal reply for MAIL FROM.
+    pub fn sender_reply(&self) -> Option<Reply> {
+        (!self.allow).then(|| Reply::new(501, (7, 1), "Unacceptable mail address"))
+    }
+
+    /// The refusal reply for HELO/EHLO.
+    pub fn helo_reply(&self) -> Option<Reply> {
+        (!self.allow).then(|| Reply::new(550, (7, 1), "Helo command rejected: host name does not match your address"))
+    }
+
+    /// The refusal reply for a recipient.
     pub fn rcpt_reply(&self) -> Option<Reply> {
         if self.allow {
             return None;
         }
         Some(match self.rule {
             Rule::UnknownLocalUser => Reply::new(550, (1, 1), "Recipient address rejected: user unknown"),
+            Rule::RelayTrick(_) => Reply::new(550, (7, 1), "Relay access denied: routed addresses are not accepted"),
             // R3: IMail's wording.
             _ => Reply::new(550, (7, 1), "Relay access denied: unknown local host, not a gateway"),
         })
     }
+}
 
-    /// Journal code for a refusal (9V relay refused).
-    pub fn is_relay_refusal(&self) -> bool {
-        !self.allow && self.rule == Rule::RelayModeNone
+/// A RCPT decision, and the address to record when the screen rewrote the recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RcptOutcome {
+    pub decision: Decision,
+    pub record_as: Option<Address>,
+}
+
+/// What a recipient address asks for, after the relay-trick screen (R7).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Screened {
+    /// Decide on this address (source route dropped, own IP literal mapped to a local domain).
+    Address(Address),
+    /// `user%remote@…` with percent routing on: if the domain is local, the mail is for
+    /// `user@remote` and is relay.
+    PercentRouted { original: Address, routed: Address },
+    Refused(Decision),
+}
+
+impl RelayPolicy {
+    /// Is the client's POP3 login recent enough (R1 pop, R5)? Returns the login time.
+    fn pop_window(&self, c: &ClientFacts) -> Option<i64> {
+        let at = c.pop_login_at?;
+        (self.pop_minutes > 0 && c.now - at <= i64::from(self.pop_minutes) * 60 && at <= c.now + 60).then_some(at)
     }
-}
 
-/// May this client connect?
-pub fn connect(_ip: IpAddr) -> Decision {
-    Decision { allow: true, rule: Rule::NoConnectRestriction }
-}
+    /// May this client connect? (R4, R5, R9.)
+    pub fn connect(&self, c: &ClientFacts) -> Decision {
+        if c.penalised {
+            return Decision::refuse(Rule::HackAutoDeny);
+        }
+        let refused_by = if let Some(e) = c.lists.reject_match(c.ip) {
+            Rule::RejectList(e.to_string())
+        } else if let Some((zone, answer)) = &c.rbl_listed {
+            Rule::RblListed { zone: zone.to_string(), answer: answer.to_string() }
+        } else {
+            return Decision::allow(Rule::NoConnectRestriction);
+        };
+        match self.pop_window(c) {
+            Some(login_at) if self.override_reject_connect => {
+                Decision::allow(Rule::RejectOverriddenByPop { refused_by: Box::new(refused_by), login_at })
+            }
+            _ => Decision::refuse(refused_by),
+        }
+    }
 
-/// Is this recipient accepted from this client?
-pub fn recipient(address: &Address, resolution: &Resolution) -> Decision {
-    match resolution {
-        Resolution::Unknown if address.is_postmaster() => Decision { allow: true, rule: Rule::Postmaster },
-        Resolution::Local { .. } => Decision { allow: true, rule: Rule::LocalRecipient },
-        Resolution::Unknown => Decision { allow: false, rule: Rule::UnknownLocalUser },
-        Resolution::Remote => Decision { allow: false, rule: Rule::RelayModeNone },
+    /// Is this client exempt from the hack auto-deny (R9)? Relay-listed and authenticated
+    /// clients are: a whole office behind one NAT address must not lock itself out.
+    pub fn exempt_from_penalty(&self, c: &ClientFacts) -> bool {
+        c.authenticated.is_some() || c.lists.relay_match(c.ip).is_some()
+    }
+
+    /// MAIL FROM against the kill list (R8). The null sender is never refused here.
+    pub fn sender(&self, c: &ClientFacts, from: Option<&Address>) -> Decision {
+        match from.and_then(|f| c.lists.kill_match(f)) {
+            Some(k) => Decision::refuse(Rule::KillList(k.to_string())),
+            None => Decision::allow(Rule::SenderAccepted),
+        }
+    }
+
+    /// HELO verification (R10) from the addresses the name resolved to.
+    pub fn helo(&self, c: &ClientFacts, name: &str, resolved: &dns::AddressAnswer) -> Decision {
+        if self.helo_verify == HeloVerify::Off {
+            return Decision::allow(Rule::HeloNotChecked);
+        }
+        let matches = match resolved {
+            dns::AddressAnswer::Found(ips) => ips.iter().any(|ip| mail_proto::net::normalise_ip(*ip) == c.ip),
+            dns::AddressAnswer::NotFound => false,
+            dns::AddressAnswer::Error(e) => return Decision::allow(Rule::HeloLookupFailed(e.clone())),
+        };
+        match (matches, self.helo_verify) {
+            (true, _) => Decision::allow(Rule::HeloMatches),
+            (false, HeloVerify::Log) => Decision::allow(Rule::HeloMismatch { name: name.to_string(), logged_only: true }),
+            (false, _) => Decision::refuse(Rule::HeloMismatch { name: name.to_string(), logged_only: false }),
+        }
+    }
+
+    /// The relay-trick screen (R7), before any lookup. An IP literal naming the address the
+    /// client connected to is ours, and maps to the primary domain.
+    pub fn screen(&self, address: &Address, local_ip: IpAddr) -> Screened {
+        let trick = |t| Screened::Refused(Decision::refuse(Rule::RelayTrick(t)));
+        let local = address.local.as_str();
+        if address.quoted && local.contains(['@', '%', '!']) {
+            return trick("quoted local part containing @, % or !");
+        }
+        if local.contains('!') {
+            return trick("bang path");
+        }
+        if let Some(literal) = address.domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+            let ip = literal.strip_prefix("IPv6:").or_else(|| literal.strip_prefix("ipv6:")).unwrap_or(literal).parse::<IpAddr>();
+            return match ip {
+                Ok(ip) if mail_proto::net::normalise_ip(ip) == mail_proto::net::normalise_ip(local_ip) => {
+                    Screened::Address(Address { domain: self.primary_domain.clone(), ..address.clone() })
+                }
+                _ => trick("IP literal that is not this server"),
+            };
+        }
+        if !address.quoted && local.contains('%') {
+            if !self.percent_routing {
+                return trick("percent hack (percent routing is off)");
+            }
+            let (user, remote) = local.rsplit_once('%').expect("contains %");
+            return match Address::parse(&format!("{user}@{remote}")) {
+                Ok(routed) => Screened::PercentRouted { original: address.clone(), routed },
+                Err(_) => trick("percent-routed address that is not an address"),
+            };
+        }
+        Screened::Address(address.clone())
+    }
+
+    /// Is this recipient accepted from this client? `resolution` is the directory's answer for
+    /// the address the screen produced; `routed` is true for percent-routed mail.
+    pub fn recipient(&self, c: &ClientFacts, address: &Address, resolution: &Resolution, routed: bool) -> Decision {
+        match resolution {
+            Resolution::Local { .. } => return Decision::allow(Rule::LocalRecipient),
+            Resolution::Unknown if address.is_postmaster() && !routed => return Decision::allow(Rule::Postmaster),
+            Resolution::Unknown => return Decision::refuse(Rule::UnknownLocalUser),
+            Resolution::Remote => {}
+        }
+        self.relay(c, &address.domain_lower())
+    }
+
+    /// The whole RCPT decision: screen, resolve, decide. `resolve` asks the directory; the
+    /// outcome says which address to record when the screen rewrote it.
+    pub fn rcpt<E>(
+        &self,
+        c: &ClientFacts,
+        address: &Address,
+        mut resolve: impl FnMut(&Address) -> Result<Resolution, E>,
+    ) -> Result<RcptOutcome, E> {
+        let (target, routed) = match self.screen(address, c.local_ip) {
+            Screened::Refused(decision) => return Ok(RcptOutcome { decision, record_as: None }),
+            Screened::Address(a) => (a, false),
+            // `user%x@remote`: the % belongs to a remote address; decide on it as it is.
+            Screened::PercentRouted { original, routed } => match resolve(&original)? {
+                Resolution::Remote => (original, false),
+                _ => (routed, true),
+            },
+        };
+        let resolution = resolve(&target)?;
+        let decision = self.recipient(c, &target, &resolution, routed);
+        let record_as = (decision.allow && target != *address).then_some(target);
+        Ok(RcptOutcome { decision, record_as })
+    }
+
+    /// May this client relay to `domain`? (R1.)
+    pub fn relay(&self, c: &ClientFacts, domain: &str) -> Decision {
+        if let Some(user) = &c.authenticated {
+            return Decision::allow(Rule::Authenticated(user.clone()));
+        }
+        let listed = || c.lists.relay_match(c.ip).map(|e| Rule::RelayList(e.to_string()));
+        let near = || c.lists.near_match(domain).map(|d| Rule::NearDomain(d.to_string()));
+        let (by_mode, refusal) = match self.mode {
+            RelayMode::All => (Some(Rule::RelayModeAll), Rule::RelayModeNone),
+            RelayMode::None => (None, Rule::RelayModeNone),
+            RelayMode::List => (listed(), Rule::NotInRelayList),
+            RelayMode::Near => (near(), Rule::NotNearDomain),
+            RelayMode::Both => (listed().or_else(near), Rule::NeitherNearNorListed),
+        };
+        if let Some(rule) = by_mode {
+            return Decision::allow(rule);
+        }
+        match self.pop_window(c) {
+            Some(login_at) => Decision::allow(Rule::PopBeforeSmtp { login_at, minutes: self.pop_minutes }),
+            None => Decision::refuse(refusal),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use directory::access::ListKind;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn lists() -> Arc<AccessLists> {
+        let mut l = AccessLists::default();
+        l.relay.push(ListKind::Relay.canonical("127.0.0.16/30").unwrap().parse().unwrap());
+        l.reject.push("127.0.0.66".parse().unwrap());
+        l.near.push("partner.example".into());
+        l.kill.push("@*spam.example".parse().unwrap());
+        Arc::new(l)
+    }
+
+    fn policy(mode: RelayMode, pop_minutes: u32) -> RelayPolicy {
+        RelayPolicy {
+            mode,
+            pop_minutes,
+            override_reject_connect: true,
+            percent_routing: false,
+            helo_verify: HeloVerify::Reject,
+            primary_domain: "example.test".into(),
+        }
+    }
+
+    fn client(lists: &Arc<AccessLists>, ip: &str, pop_ago: Option<i64>) -> ClientFacts {
+        ClientFacts {
+            ip: ip.parse().unwrap(),
+            local_ip: "127.0.0.1".parse().unwrap(),
+            lists: lists.clone(),
+            pop_login_at: pop_ago.map(|a| NOW - a),
+            now: NOW,
+            rbl_listed: None,
+            penalised: false,
+            authenticated: None,
+        }
+    }
+
+    fn addr(s: &str) -> Address {
+        Address::parse(s).unwrap()
+    }
+
+    /// Every relay mode × client kind × recipient kind (R1, R2).
+    #[test]
+    fn relay_matrix() {
+        let l = lists();
+        let local = Resolution::Local { user_id: 1, user: "sam".into() };
+        // mode, pop window, client ip, POP login seconds ago, recipient, relayed?
+        type Case = (RelayMode, u32, &'static str, Option<i64>, &'static str, bool);
+        let cases: &[Case] = &[
+            (RelayMode::None, 0, "127.0.0.17", None, "x@remote.example", false),
+            (RelayMode::None, 0, "127.0.0.17", None, "x@partner.example", false),
+            (RelayMode::All, 0, "127.0.0.9", None, "x@remote.example", true),
+            (RelayMode::List, 0, "127.0.0.17", None, "x@remote.example", true),
+            (RelayMode::List, 0, "127.0.0.20", None, "x@remote.example", false),
+            (RelayMode::List, 0, "127.0.0.20", None, "x@partner.example", false),
+            (RelayMode::Near, 0, "127.0.0.20", None, "x@partner.example", true),
+            (RelayMode::Near, 0, "127.0.0.20", None, "x@mail.partner.example", true),
+            (RelayMode::Near, 0, "127.0.0.17", None, "x@remote.example", false),
+            (RelayMode::Both, 0, "127.0.0.17", None, "x@remote.example", true),
+            (RelayMode::Both, 0, "127.0.0.20", None, "x@partner.example", true),
+            (RelayMode::Both, 0, "127.0.0.20", None, "x@remote.example", false),
+            (RelayMode::None, 15, "127.0.0.20", Some(60), "x@remote.example", true),
+            (RelayMode::None, 15, "127.0.0.20", Some(16 * 60), "x@remote.example", false),
+            (RelayMode::None, 0, "127.0.0.20", Some(60), "x@remote.example", false),
+            (RelayMode::List, 15, "127.0.0.20", Some(14 * 60), "x@remote.example", true),
+        ];
+        for &(mode, pop, ip, ago, rcpt, relayed) in cases {
+            let p = policy(mode, pop);
+            let c = client(&l, ip, ago);
+            let d = p.recipient(&c, &addr(rcpt), &Resolution::Remote, false);
+            assert_eq!(d.allow, relayed, "{mode:?} pop={pop} {ip} {ago:?} {rcpt}: {}", d.rule);
+            assert!(p.recipient(&c, &addr("sam@example.test"), &local, false).allow, "R2: local always accepted");
+            if !relayed {
+                assert_eq!(d.rcpt_reply().unwrap().enhanced().as_deref(), Some("5.7.1"));
+                assert!(d.is_relay_refusal());
+            }
+        }
+    }
 
     #[test]
-    fn local_accepted_remote_refused_with_rule() {
-        let sam = Address::parse("sam@example.test").unwrap();
-        let local = recipient(&sam, &Resolution::Local { user_id: 1, user: "sam".into() });
-        assert!(local.allow);
-        let remote = recipient(&sam, &Resolution::Remote);
-        assert_eq!(remote.rule, Rule::RelayModeNone);
-        assert_eq!(remote.rcpt_reply().unwrap().enhanced().as_deref(), Some("5.7.1"));
-        assert_eq!(recipient(&sam, &Resolution::Unknown).rcpt_reply().unwrap().enhanced().as_deref(), Some("5.1.1"));
-        let pm = Address::parse("PostMaster@example.test").unwrap();
-        assert_eq!(recipient(&pm, &Resolution::Unknown).rule, Rule::Postmaster);
+    fn rules_name_the_entry_that_decided() {
+        let l = lists();
+        let d = policy(RelayMode::List, 0).relay(&client(&l, "127.0.0.18", None), "remote.example");
+        assert_eq!(d.rule.to_string(), "relay list entry 127.0.0.16/30 (R1)");
+        let d = policy(RelayMode::Near, 0).relay(&client(&l, "127.0.0.1", None), "a.partner.example");
+        assert_eq!(d.rule, Rule::NearDomain("partner.example".into()));
+        let mut c = client(&l, "127.0.0.1", None);
+        c.authenticated = Some("sam".into());
+        assert_eq!(policy(RelayMode::None, 0).relay(&c, "remote.example").rule, Rule::Authenticated("sam".into()));
+    }
+
+    #[test]
+    fn connect_reject_rbl_override_and_penalty() {
+        let l = lists();
+        let p = policy(RelayMode::None, 15);
+        assert!(p.connect(&client(&l, "127.0.0.65", None)).allow);
+        let d = p.connect(&client(&l, "127.0.0.66", None));
+        assert_eq!((d.allow, d.connect_reply("h").unwrap().code), (false, 554));
+        assert!(p.connect(&client(&l, "127.0.0.66", Some(60))).allow, "R5 override with a POP login");
+        let no_override = RelayPolicy { override_reject_connect: false, ..p.clone() };
+        assert!(!no_override.connect(&client(&l, "127.0.0.66", Some(60))).allow);
+        let mut listed = client(&l, "127.0.0.5", None);
+        let answer = "127.0.0.2".parse().unwrap();
+        listed.rbl_listed = Some(("rbl.test".into(), answer));
+        assert!(matches!(p.connect(&listed).rule, Rule::RblListed { .. }));
+        let mut penalised = client(&l, "127.0.0.5", Some(60));
+        penalised.penalised = true;
+        let d = p.connect(&penalised);
+        assert_eq!((d.allow, d.connect_reply("h").unwrap().code), (false, 421));
+        assert!(p.exempt_from_penalty(&client(&l, "127.0.0.17", None)));
+        assert!(!p.exempt_from_penalty(&client(&l, "127.0.0.5", None)));
+    }
+
+    #[test]
+    fn kill_list_and_null_sender() {
+        let l = lists();
+        let p = policy(RelayMode::None, 0);
+        let c = client(&l, "127.0.0.1", None);
+        assert!(!p.sender(&c, Some(&addr("a@mx.spam.example"))).allow);
+        assert_eq!(p.sender(&c, Some(&addr("a@mx.spam.example"))).sender_reply().unwrap().code, 501);
+        assert!(p.sender(&c, Some(&addr("a@ham.example"))).allow);
+        assert!(p.sender(&c, None).allow);
+    }
+
+    #[test]
+    fn relay_tricks_are_screened() {
+        let p = policy(RelayMode::All, 0);
+        let ours: IpAddr = "127.0.0.1".parse().unwrap();
+        let parse = |s: &str| mail_proto::address::parse_path(s.as_bytes(), mail_proto::address::PathKind::ForwardPath).unwrap().0.unwrap();
+        for trick in ["<user%remote.example@example.test>", "<\"user@remote.example\"@example.test>", "<remote.example!user@example.test>", "<user@[192.0.2.1]>", "<\"a%b\"@example.test>"] {
+            assert!(matches!(p.screen(&parse(trick), ours), Screened::Refused(_)), "{trick}");
+        }
+        assert_eq!(p.screen(&parse("<sam@[127.0.0.1]>"), ours), Screened::Address(addr("sam@example.test")));
+        let routed = parse("<@example.test:user@remote.example>");
+        assert_eq!(p.screen(&routed, ours), Screened::Address(routed.clone()));
+        let percent = RelayPolicy { percent_routing: true, ..p.clone() };
+        match percent.screen(&parse("<user%remote.example@example.test>"), ours) {
+            Screened::PercentRouted { routed, .. } => assert_eq!(routed.key(), "user@remote.example"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The full RCPT pipeline: percent routing relays only for clients that may relay.
+    #[test]
+    fn percent_routing_relays_only_when_relay_is_allowed() {
+        let l = lists();
+        let resolve = |a: &Address| -> Result<Resolution, ()> {
+            Ok(if a.domain_lower() == "example.test" { Resolution::Unknown } else { Resolution::Remote })
+        };
+        let on = RelayPolicy { percent_routing: true, ..policy(RelayMode::List, 0) };
+        let rcpt = addr("user%remote.example@example.test");
+        let listed = on.rcpt(&client(&l, "127.0.0.17", None), &rcpt, resolve).unwrap();
+        assert!(listed.decision.allow);
+        assert_eq!(listed.record_as.unwrap().key(), "user@remote.example");
+        let stranger = on.rcpt(&client(&l, "127.0.0.99", None), &rcpt, resolve).unwrap();
+        assert_eq!((stranger.decision.allow, stranger.decision.rule), (false, Rule::NotInRelayList));
+        let off = policy(RelayMode::All, 0).rcpt(&client(&l, "127.0.0.17", None), &rcpt, resolve).unwrap();
+        assert!(matches!(off.decision.rule, Rule::RelayTrick(_)), "percent hack refused even in mode all");
+    }
+
+    #[test]
+    fn helo_verification() {
+        let l = lists();
+        let c = client(&l, "127.0.0.5", None);
+        let p = policy(RelayMode::None, 0);
+        let found = |s: &str| dns::AddressAnswer::Found(vec![s.parse().unwrap()]);
+        assert!(p.helo(&c, "client.test", &found("127.0.0.5")).allow);
+        assert!(!p.helo(&c, "client.test", &found("127.0.0.6")).allow);
+        assert!(!p.helo(&c, "client.test", &dns::AddressAnswer::NotFound).allow);
+        assert!(p.helo(&c, "client.test", &dns::AddressAnswer::Error("timeout".into())).allow, "fail open");
+        let log = RelayPolicy { helo_verify: HeloVerify::Log, ..p.clone() };
+        assert!(log.helo(&c, "client.test", &dns::AddressAnswer::NotFound).allow);
     }
 }

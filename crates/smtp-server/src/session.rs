@@ -20,12 +20,17 @@ pub struct SessionConfig {
     pub line_endings: LineEndings,
     pub max_hops: usize,
     pub max_errors: u32,
+    /// Ask the driver about HELO/EHLO names (R10) before answering them.
+    pub verify_helo: bool,
 }
 
 /// Verdict on one RCPT, from the directory and the policy module.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RcptVerdict {
     Accept,
+    /// Accepted, recorded in the envelope as this address (a percent-routed or own-IP-literal
+    /// recipient after rewriting).
+    AcceptAs(Address),
     Refuse(Reply),
 }
 
@@ -34,6 +39,9 @@ pub enum Event<'a> {
     Connected,
     Bytes(&'a [u8]),
     RcptChecked(RcptVerdict),
+    /// Answer to `CheckHelo`: `None` accepts, `Some(reply)` refuses.
+    HeloChecked(Option<Reply>),
+
     /// The queue id on success.
     EnqueueDone(Result<String, String>),
     Timeout,
@@ -44,6 +52,10 @@ pub enum Action {
     Reply(Reply),
     /// Ask the directory and policy about a recipient; answer with `RcptChecked`.
     CheckRcpt(Address),
+    /// Verify a HELO/EHLO name (R10); answer with `HeloChecked`.
+    CheckHelo(String),
+    /// The client sent a command line beyond the limits (R9): the driver may deny its address.
+    Penalize,
     /// A message body starts: the driver opens an incoming message and writes Received.
     BeginData { helo: String, esmtp: bool, single_rcpt: Option<String> },
     /// Decoded message bytes (CRLF line ends, dots unstuffed).
@@ -71,6 +83,7 @@ struct Transaction {
 #[derive(Debug)]
 enum Waiting {
     Nothing,
+    Helo { name: String, esmtp: bool },
     Rcpt(Address),
     Enqueue,
 }
@@ -83,8 +96,13 @@ struct DataState {
     too_big: bool,
 }
 
+/// A synchronous policy check of MAIL FROM (R8): `Some(reply)` refuses. No I/O: the lists it
+/// consults were loaded when the connection was accepted.
+pub type SenderCheck = Box<dyn Fn(Option<&Address>) -> Option<Reply> + Send + Sync>;
+
 pub struct Session {
     config: SessionConfig,
+    sender_check: Option<SenderCheck>,
     client_ip: String,
     helo: Option<(String, bool)>,
     tx: Option<Transaction>,
@@ -102,6 +120,7 @@ impl Session {
     pub fn new(config: SessionConfig, client_ip: String) -> Self {
         Session {
             config,
+            sender_check: None,
             client_ip,
             helo: None,
             tx: None,
@@ -113,6 +132,12 @@ impl Session {
             commands: 0,
             closed: false,
         }
+    }
+
+    /// Check every MAIL FROM with `check`.
+    pub fn with_sender_check(mut self, check: SenderCheck) -> Self {
+        self.sender_check = Some(check);
+        self
     }
 
     pub fn phase(&self) -> Phase {
@@ -150,14 +175,25 @@ impl Session {
             }
             Event::RcptChecked(verdict) => {
                 let Waiting::Rcpt(addr) = std::mem::replace(&mut self.waiting, Waiting::Nothing) else { return out };
-                match verdict {
-                    RcptVerdict::Accept => {
-                        if let Some(tx) = self.tx.as_mut() {
-                            tx.rcpts.push(addr);
-                        }
-                        self.reply(&mut out, Reply::new(250, (1, 5), "Ok"));
+                let accepted = match verdict {
+                    RcptVerdict::Accept => addr,
+                    RcptVerdict::AcceptAs(rewritten) => rewritten,
+                    RcptVerdict::Refuse(r) => {
+                        self.reply(&mut out, r);
+                        self.process_input(&mut out);
+                        return out;
                     }
-                    RcptVerdict::Refuse(r) => self.reply(&mut out, r),
+                };
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.rcpts.push(accepted);
+                }
+                self.reply(&mut out, Reply::new(250, (1, 5), "Ok"));
+            }
+            Event::HeloChecked(verdict) => {
+                let Waiting::Helo { name, esmtp } = std::mem::replace(&mut self.waiting, Waiting::Nothing) else { return out };
+                match verdict {
+                    None => self.greet(name, esmtp, &mut out),
+                    Some(r) => self.reply(&mut out, r),
                 }
             }
             Event::EnqueueDone(result) => {
@@ -202,6 +238,7 @@ impl Session {
                     if !self.skipping_line {
                         self.skipping_line = true;
                         self.reply(out, Reply::new(500, (5, 2), "Error: line too long"));
+                        out.push(Action::Penalize);
                     }
                 }
                 return;
@@ -212,6 +249,7 @@ impl Session {
             }
             if line.len() > smtp_command::line_limit(&line) {
                 self.reply(out, Reply::new(500, (5, 2), "Error: line too long"));
+                out.push(Action::Penalize);
                 continue;
             }
             line.truncate(line.len() - 1);
@@ -229,23 +267,8 @@ impl Session {
             Err(e) => return self.syntax_error(line, e, out),
         };
         match cmd {
-            Command::Helo(name) => {
-                self.tx = None;
-                self.reply(out, Reply::plain(250, self.config.hostname.clone()));
-                self.helo = Some((name, false));
-            }
-            Command::Ehlo(name) => {
-                self.tx = None;
-                let lines = vec![
-                    self.config.hostname.clone(),
-                    "PIPELINING".into(),
-                    format!("SIZE {}", self.config.max_message_size),
-                    "8BITMIME".into(),
-                    "ENHANCEDSTATUSCODES".into(),
-                ];
-                self.reply(out, Reply::multiline(250, lines));
-                self.helo = Some((name, true));
-            }
+            Command::Helo(name) => self.hello(name, false, out),
+            Command::Ehlo(name) => self.hello(name, true, out),
             Command::Mail { from, params } => self.mail(from, params, out),
             Command::Rcpt { to, params } => self.rcpt(to, params, out),
             Command::Data => self.data_command(out),
@@ -274,6 +297,35 @@ impl Session {
             Command::NotImplemented(_) => self.reply(out, Reply::new(502, (5, 1), "Command not implemented")),
             Command::Unknown(_) => self.reply(out, Reply::new(500, (5, 2), "Error: command not recognized")),
         }
+    }
+
+    fn hello(&mut self, name: String, esmtp: bool, out: &mut Vec<Action>) {
+        self.tx = None;
+        if self.config.verify_helo {
+            out.push(Action::CheckHelo(name.clone()));
+            self.waiting = Waiting::Helo { name, esmtp };
+        } else {
+            self.greet(name, esmtp, out);
+        }
+    }
+
+    fn greet(&mut self, name: String, esmtp: bool, out: &mut Vec<Action>) {
+        let reply = if esmtp {
+            Reply::multiline(
+                250,
+                vec![
+                    self.config.hostname.clone(),
+                    "PIPELINING".into(),
+                    format!("SIZE {}", self.config.max_message_size),
+                    "8BITMIME".into(),
+                    "ENHANCEDSTATUSCODES".into(),
+                ],
+            )
+        } else {
+            Reply::plain(250, self.config.hostname.clone())
+        };
+        self.reply(out, reply);
+        self.helo = Some((name, esmtp));
     }
 
     fn syntax_error(&mut self, line: &[u8], e: CommandError, out: &mut Vec<Action>) {
@@ -311,6 +363,9 @@ impl Session {
                 ("SIZE" | "BODY", _) => return self.reply(out, Reply::new(501, (5, 4), format!("Bad {} parameter value", p.keyword))),
                 _ => return self.reply(out, Reply::new(555, (5, 4), format!("Unsupported parameter {}", p.keyword))),
             }
+        }
+        if let Some(refusal) = self.sender_check.as_ref().and_then(|check| check(from.as_ref())) {
+            return self.reply(out, refusal);
         }
         self.tx = Some(Transaction { from, rcpts: Vec::new() });
         self.reply(out, Reply::new(250, (1, 0), "Ok"));

@@ -24,6 +24,7 @@ fn config() -> SessionConfig {
         line_endings: LineEndings::Strict,
         max_hops: 100,
         max_errors: 20,
+        verify_helo: false,
     }
 }
 
@@ -59,6 +60,7 @@ struct Harness {
     enqueues: Vec<Envelope>,
     aborts: usize,
     closes: usize,
+    penalties: usize,
 }
 
 impl Harness {
@@ -75,6 +77,7 @@ impl Harness {
             enqueues: Vec::new(),
             aborts: 0,
             closes: 0,
+            penalties: 0,
         }
     }
 
@@ -138,6 +141,11 @@ impl Harness {
                     self.trace.push(Seen::Close);
                     self.closes += 1;
                 }
+                Action::CheckHelo(_) => {
+                    let more = self.session.handle(Event::HeloChecked(None));
+                    self.absorb(more, text);
+                }
+                Action::Penalize => self.penalties += 1,
             }
         }
     }
@@ -1253,6 +1261,12 @@ fn fuzz_pump(s: &mut Session, cfg: &SessionConfig, event: Event<'_>, rng: &mut X
                     assert!(text.ends_with("\r\n"));
                     assert!(!(r.code == 250 && text.contains("queued")) || from_commit, "250 before commit");
                 }
+                Action::CheckHelo(_) => {
+                    assert!(!st.rcpt_pending && !st.enqueue_pending && !st.in_data);
+                    let verdict = rng.chance(80).then_some(()).map_or(Some(Reply::new(550, (7, 1), "No")), |_| None);
+                    next = Some(Event::HeloChecked(verdict));
+                }
+                Action::Penalize => {}
                 Action::CheckRcpt(_) => {
                     assert!(!st.rcpt_pending && !st.enqueue_pending && !st.in_data);
                     let verdict = if rng.chance(85) {
@@ -1309,6 +1323,7 @@ fn random_input_never_panics() {
             line_endings: if rng.chance(50) { LineEndings::Strict } else { LineEndings::NormaliseBareLf },
             max_hops: rng.below(3),
             max_errors: 1 + rng.below(40) as u32,
+            verify_helo: rng.chance(30),
         };
         let mut s = Session::new(cfg.clone(), IP.into());
         let mut st = FuzzState::default();
@@ -1353,4 +1368,45 @@ fn random_input_never_panics() {
             assert!(s.is_closed());
         }
     }
+}
+
+// ---- policy hooks: R8 kill list, R9 hack auto-deny, R10 HELO verification ----------------
+
+#[test]
+fn over_long_command_line_asks_for_a_penalty() {
+    // R9: the driver decides whether the client is exempt; the session only reports it.
+    let mut h = Harness::connected(config());
+    h.send(format!("NOOP {}\r\n", "x".repeat(600)));
+    assert_eq!(h.penalties, 1);
+    h.send(format!("MAIL FROM:<{}@example.test>\r\n", "y".repeat(3000)));
+    assert_eq!(h.penalties, 2);
+}
+
+#[test]
+fn helo_waits_for_verification_when_enabled() {
+    let mut s = Session::new(config_with(|c| c.verify_helo = true), IP.into());
+    s.handle(Event::Connected);
+    let actions = s.handle(Event::Bytes(b"EHLO liar.example\r\nNOOP\r\n"));
+    assert_eq!(actions, vec![Action::CheckHelo("liar.example".into())], "nothing answered before the check");
+    let actions = s.handle(Event::HeloChecked(Some(Reply::new(550, (7, 1), "Helo command rejected"))));
+    assert!(is_reply(&actions[0], 550) && is_reply(&actions[1], 250), "{actions:?}");
+    // Refused: no HELO recorded, so MAIL needs one first.
+    let actions = s.handle(Event::Bytes(b"MAIL FROM:<a@b.example>\r\n"));
+    assert!(is_reply(&actions[0], 503), "{actions:?}");
+}
+
+#[test]
+fn sender_check_refuses_mail_from() {
+    let check: crate::session::SenderCheck =
+        Box::new(|from| from.filter(|a| a.domain_lower() == "spam.example").map(|_| Reply::new(501, (7, 1), "Unacceptable mail address")));
+    let mut s = Session::new(config(), IP.into()).with_sender_check(check);
+    s.handle(Event::Connected);
+    let text: String = s
+        .handle(Event::Bytes(b"EHLO c.example\r\nMAIL FROM:<x@spam.example>\r\nRCPT TO:<sam@example.test>\r\nMAIL FROM:<>\r\n"))
+        .iter()
+        .filter_map(|a| if let Action::Reply(r) = a { Some(r.to_string()) } else { None })
+        .collect();
+    assert!(text.contains("501 5.7.1 Unacceptable mail address"), "{text}");
+    assert!(text.contains("503 5.5.1 Error: need MAIL command"), "no transaction after a refused sender: {text}");
+    assert!(text.ends_with("250 2.1.0 Ok\r\n"), "the null sender passes: {text}");
 }

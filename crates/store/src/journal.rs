@@ -16,8 +16,14 @@ pub mod code {
     pub const SMTP_CONNECTION_REFUSED: &str = "9S";
     /// SMTP server: relay refused (9V).
     pub const SMTP_RELAY_REFUSED: &str = "9V";
-    /// SMTP server: message rejected (9W).
+    /// SMTP server: message, sender or recipient rejected (9W).
     pub const SMTP_REJECTED: &str = "9W";
+    /// SMTP server: a blackhole list could not be queried; the client was let in (fail open).
+    pub const SMTP_RBL_ERROR: &str = "9B";
+    /// SMTP server: HELO/EHLO name did not match the client address (logged or refused).
+    pub const SMTP_HELO_MISMATCH: &str = "9H";
+    /// SMTP server: client put on the temporary deny list (hack auto-deny, R9).
+    pub const SMTP_HACK_DENY: &str = "9D";
     /// Address resolution tagged a recipient (P2).
     pub const RESOLVED: &str = "P2";
     /// Local delivery into a POP mailbox (B8).

@@ -1,0 +1,411 @@
+//! Access lists (SPEC R4, R6, R8, R11): who may relay, who may not connect, near domains,
+//! refused senders and DNS blackhole list zones. Entries are parsed once into matchers; the
+//! servers hold an immutable snapshot and reload it when the lists' version number changes.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use mail_proto::Address;
+use rusqlite::{params, Connection, OptionalExtension};
+use store::Store;
+
+use crate::resolve::normalise_domain;
+use crate::Result;
+
+/// Which list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListKind {
+    /// Clients that may relay (i5/OS ACCEPTRLY, ADDSMTPLE *ACCEPT).
+    Relay,
+    /// Clients that may not connect (REJECTCNN, ADDSMTPLE *REJECT).
+    Reject,
+    /// Recipient domains relayed in *near* / *both* mode.
+    Near,
+    /// Refused senders (IMail kill.lst).
+    Kill,
+    /// DNS blackhole list zones.
+    Rbl,
+}
+
+impl ListKind {
+    pub const ALL: [ListKind; 5] = [ListKind::Relay, ListKind::Reject, ListKind::Near, ListKind::Kill, ListKind::Rbl];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListKind::Relay => "relay",
+            ListKind::Reject => "reject",
+            ListKind::Near => "near",
+            ListKind::Kill => "kill",
+            ListKind::Rbl => "rbl",
+        }
+    }
+
+    /// Check an entry and return its canonical text.
+    pub fn canonical(self, text: &str) -> Result<String, String> {
+        let text = text.trim();
+        match self {
+            ListKind::Relay | ListKind::Reject => IpEntry::from_str(text).map(|e| e.to_string()),
+            ListKind::Near => domain_entry(text.trim_start_matches("*.").trim_start_matches('.')),
+            ListKind::Rbl => domain_entry(text),
+            ListKind::Kill => KillPattern::from_str(text).map(|k| k.to_string()),
+        }
+    }
+}
+
+impl FromStr for ListKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ListKind::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown list {s:?}: expected relay, reject, near, kill or rbl"))
+    }
+}
+
+fn domain_entry(text: &str) -> Result<String, String> {
+    let d = normalise_domain(text);
+    let ok = !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-') && !l.ends_with('-')
+        });
+    if ok { Ok(d) } else { Err(format!("{text:?} is not a domain name")) }
+}
+
+/// An "address mask" entry (mask optional: one host) or CIDR, IPv4 or IPv6 (R6). Matching is
+/// `(ip & mask) == (entry & mask)`, so the non-contiguous masks of old i5/OS lists work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpEntry {
+    addr: IpAddr,
+    mask: IpAddr,
+    cidr: Option<u8>,
+}
+
+impl IpEntry {
+    pub fn matches(&self, ip: IpAddr) -> bool {
+        match (self.addr, self.mask, ip) {
+            (IpAddr::V4(a), IpAddr::V4(m), IpAddr::V4(c)) => (u32::from(a) & u32::from(m)) == (u32::from(c) & u32::from(m)),
+            (IpAddr::V6(a), IpAddr::V6(m), IpAddr::V6(c)) => (u128::from(a) & u128::from(m)) == (u128::from(c) & u128::from(m)),
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpEntry {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("{text:?} is not an address, \"address mask\" or CIDR entry");
+        let mut tokens = text.split_whitespace();
+        let first = tokens.next().ok_or_else(bad)?;
+        let second = tokens.next();
+        if tokens.next().is_some() {
+            return Err(bad());
+        }
+        if let Some((addr, len)) = first.split_once('/') {
+            if second.is_some() {
+                return Err(bad());
+            }
+            let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+            let len: u8 = len.parse().map_err(|_| bad())?;
+            let mask = match addr {
+                IpAddr::V4(_) if len <= 32 => IpAddr::V4((u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)).into()),
+                IpAddr::V6(_) if len <= 128 => IpAddr::V6((u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)).into()),
+                _ => return Err(bad()),
+            };
+            return Ok(IpEntry { addr, mask, cidr: Some(len) });
+        }
+        let addr: IpAddr = first.parse().map_err(|_| bad())?;
+        let mask = match (addr, second) {
+            (IpAddr::V4(_), None) => IpAddr::V4(u32::MAX.into()),
+            (IpAddr::V6(_), None) => IpAddr::V6(u128::MAX.into()),
+            (IpAddr::V4(_), Some(m)) => IpAddr::V4(m.parse().map_err(|_| bad())?),
+            (IpAddr::V6(_), Some(m)) => IpAddr::V6(m.parse().map_err(|_| bad())?),
+        };
+        Ok(IpEntry { addr, mask, cidr: None })
+    }
+}
+
+impl fmt::Display for IpEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = match self.mask {
+            IpAddr::V4(m) => u32::from(m) == u32::MAX,
+            IpAddr::V6(m) => u128::from(m) == u128::MAX,
+        };
+        match (self.cidr, host) {
+            (Some(len), _) => write!(f, "{}/{}", self.addr, len),
+            (None, true) => write!(f, "{}", self.addr),
+            (None, false) => write!(f, "{} {}", self.addr, self.mask),
+        }
+    }
+}
+
+/// A kill-list entry (R8): `user@host`, `@host` (anyone there) or `@*suffix` (hosts ending so).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KillPattern {
+    Address(String),
+    Host(String),
+    Suffix(String),
+}
+
+impl KillPattern {
+    pub fn matches(&self, sender: &Address) -> bool {
+        let domain = sender.domain_lower();
+        match self {
+            KillPattern::Address(a) => sender.key() == *a,
+            KillPattern::Host(h) => domain == *h,
+            KillPattern::Suffix(s) => domain.ends_with(s.as_str()),
+        }
+    }
+}
+
+impl FromStr for KillPattern {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let t = text.trim().to_ascii_lowercase();
+        let bad = || format!("{text:?} is not a kill entry: expected user@host, @host or @*suffix");
+        if let Some(suffix) = t.strip_prefix("@*") {
+            if suffix.is_empty() || suffix.contains(['@', ' ']) {
+                return Err(bad());
+            }
+            return Ok(KillPattern::Suffix(suffix.to_string()));
+        }
+        if let Some(host) = t.strip_prefix('@') {
+            return domain_entry(host).map(KillPattern::Host).map_err(|_| bad());
+        }
+        match Address::parse(&t) {
+            Ok(a) => Ok(KillPattern::Address(a.key())),
+            Err(_) => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for KillPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KillPattern::Address(a) => write!(f, "{a}"),
+            KillPattern::Host(h) => write!(f, "@{h}"),
+            KillPattern::Suffix(s) => write!(f, "@*{s}"),
+        }
+    }
+}
+
+/// A snapshot of every list, parsed.
+#[derive(Clone, Debug, Default)]
+pub struct AccessLists {
+    pub version: i64,
+    pub relay: Vec<IpEntry>,
+    pub reject: Vec<IpEntry>,
+    pub near: Vec<String>,
+    pub kill: Vec<KillPattern>,
+    pub rbl: Vec<String>,
+}
+
+impl AccessLists {
+    pub fn load(conn: &Connection) -> Result<AccessLists> {
+        let mut lists = AccessLists { version: lists_version(conn)?, ..Default::default() };
+        let mut stmt = conn.prepare("SELECT kind, entry FROM access_lists ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (kind, entry) = row?;
+            // Entries were checked when added; one that no longer parses is skipped, not fatal.
+            let parsed = match ListKind::from_str(&kind) {
+                Ok(ListKind::Relay) => entry.parse().map(|e| lists.relay.push(e)),
+                Ok(ListKind::Reject) => entry.parse().map(|e| lists.reject.push(e)),
+                Ok(ListKind::Near) => {
+                    lists.near.push(entry.clone());
+                    Ok(())
+                }
+                Ok(ListKind::Kill) => entry.parse().map(|k| lists.kill.push(k)),
+                Ok(ListKind::Rbl) => {
+                    lists.rbl.push(entry.clone());
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = parsed {
+                tracing::warn!(kind, entry, error = %e, "skipping an unreadable access list entry");
+            }
+        }
+        Ok(lists)
+    }
+
+    pub fn relay_match(&self, ip: IpAddr) -> Option<&IpEntry> {
+        self.relay.iter().find(|e| e.matches(ip))
+    }
+
+    pub fn reject_match(&self, ip: IpAddr) -> Option<&IpEntry> {
+        self.reject.iter().find(|e| e.matches(ip))
+    }
+
+    /// The near-domain entry covering `domain` (the domain itself or a parent of it).
+    pub fn near_match(&self, domain: &str) -> Option<&str> {
+        let d = normalise_domain(domain);
+        self.near.iter().map(String::as_str).find(|n| d == *n || d.ends_with(&format!(".{n}")))
+    }
+
+    pub fn kill_match(&self, sender: &Address) -> Option<&KillPattern> {
+        self.kill.iter().find(|k| k.matches(sender))
+    }
+}
+
+fn lists_version(conn: &Connection) -> Result<i64> {
+    let v: Option<String> = conn.prepare_cached("SELECT value FROM meta WHERE key = 'lists_version'")?.query_row([], |r| r.get(0)).optional()?;
+    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
+/// What a server needs to know about a new client before deciding anything.
+#[derive(Clone, Debug)]
+pub struct ClientRecord {
+    pub lists: Arc<AccessLists>,
+    /// Last POP3 login from this address (unix seconds), for POP-before-SMTP (R1, R5).
+    pub pop_login_at: Option<i64>,
+}
+
+/// The current lists, reloaded only when their version changed (R11: no restart needed).
+#[derive(Clone, Default)]
+pub struct ListCache {
+    current: Arc<Mutex<Arc<AccessLists>>>,
+}
+
+impl ListCache {
+    /// One short read per session: the lists' version and the client's POP login time.
+    pub async fn client(&self, store: &Store, ip: IpAddr) -> Result<ClientRecord> {
+        let cached = self.current.lock().expect("list cache").clone();
+        let known = cached.version;
+        let ip = ip.to_string();
+        let (lists, pop_login_at) = store
+            .read(move |c| {
+                let at: Option<i64> = c.prepare_cached("SELECT at FROM pop_logins WHERE ip = ?1")?.query_row([&ip], |r| r.get(0)).optional()?;
+                let version = lists_version(c).map_err(crate::resolve::into_store)?;
+                let fresh = if version != known { Some(Arc::new(AccessLists::load(c).map_err(crate::resolve::into_store)?)) } else { None };
+                Ok((fresh, at))
+            })
+            .await?;
+        let lists = match lists {
+            Some(fresh) => {
+                *self.current.lock().expect("list cache") = fresh.clone();
+                fresh
+            }
+            None => cached,
+        };
+        Ok(ClientRecord { lists, pop_login_at })
+    }
+}
+
+/// Add an entry (canonicalised); false when it was already there.
+pub fn add(conn: &Connection, kind: ListKind, text: &str) -> Result<(String, bool)> {
+    let entry = kind.canonical(text).map_err(crate::DirectoryError::BadListEntry)?;
+    let n = conn.execute("INSERT OR IGNORE INTO access_lists (kind, entry, added_at) VALUES (?1, ?2, ?3)", params![kind.as_str(), entry, store::now()])?;
+    Ok((entry, n > 0))
+}
+
+pub fn remove(conn: &Connection, kind: ListKind, text: &str) -> Result<String> {
+    let entry = kind.canonical(text).unwrap_or_else(|_| text.trim().to_string());
+    let n = conn.execute("DELETE FROM access_lists WHERE kind = ?1 AND entry = ?2", params![kind.as_str(), entry])?;
+    if n == 0 {
+        return Err(crate::DirectoryError::NoSuchListEntry(kind.as_str().into(), entry));
+    }
+    Ok(entry)
+}
+
+/// Every entry of a list with when it was added.
+pub fn show(conn: &Connection, kind: ListKind) -> Result<Vec<(String, i64)>> {
+    let mut stmt = conn.prepare("SELECT entry, added_at FROM access_lists WHERE kind = ?1 ORDER BY id")?;
+    let rows = stmt.query_map([kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+/// Read an i5/OS V4R ACCEPTRLY or REJECTCNN member: one "address [mask]" a line, with or
+/// without the 12-character sequence/date prefix a source-member dump carries. Returns the
+/// entries read and, for each line that could not be read, its number and text.
+pub fn parse_legacy(text: &str) -> (Vec<String>, Vec<(usize, String)>) {
+    let mut entries = Vec::new();
+    let mut bad = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim_end();
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut candidates = vec![line.to_string()];
+        if let Some(rest) = line.get(12..) {
+            candidates.push(rest.to_string());
+        }
+        // "0001.00 000000 1.2.3.4 255.255.0.0": leading sequence and date tokens.
+        let tokens: Vec<&str> = line.split_whitespace().collect();
+        let skip = tokens.iter().take_while(|t| t.bytes().all(|b| b.is_ascii_digit() || b == b'.') && t.parse::<IpAddr>().is_err()).count();
+        if skip > 0 {
+            candidates.push(tokens[skip..].join(" "));
+        }
+        match candidates.iter().find_map(|c| IpEntry::from_str(c).ok()) {
+            Some(e) => entries.push(e.to_string()),
+            None => bad.push((i + 1, raw.to_string())),
+        }
+    }
+    (entries, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn address_mask_and_cidr_entries() {
+        let e: IpEntry = "1.2.3.4 255.255.0.0".parse().unwrap();
+        assert!(e.matches(ip("1.2.5.6")) && !e.matches(ip("1.3.0.1")));
+        assert_eq!(e.to_string(), "1.2.3.4 255.255.0.0");
+        let host: IpEntry = "7.8.9.3 255.255.255.255".parse().unwrap();
+        assert_eq!(host.to_string(), "7.8.9.3");
+        assert!(host.matches(ip("7.8.9.3")) && !host.matches(ip("7.8.9.4")));
+        let cidr: IpEntry = "10.0.0.0/8".parse().unwrap();
+        assert!(cidr.matches(ip("10.200.1.1")) && !cidr.matches(ip("11.0.0.1")));
+        let all: IpEntry = "0.0.0.0/0".parse().unwrap();
+        assert!(all.matches(ip("192.0.2.1")));
+        let v6: IpEntry = "2001:db8::/32".parse().unwrap();
+        assert!(v6.matches(ip("2001:db8:1::5")) && !v6.matches(ip("2001:db9::1")) && !v6.matches(ip("10.0.0.1")));
+        for bad in ["", "1.2.3", "1.2.3.4/33", "1.2.3.4 255.255.0.0 x", "::1 255.0.0.0", "1.2.3.4/8 255.0.0.0", "7 .8.9.3"] {
+            assert!(bad.parse::<IpEntry>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn non_contiguous_mask_matches_bitwise() {
+        // Every client whose first and third octets are 10 and 5, whatever the second.
+        let e: IpEntry = "10.0.5.0 255.0.255.0".parse().unwrap();
+        assert!(e.matches(ip("10.77.5.9")));
+        assert!(!e.matches(ip("10.77.6.9")));
+    }
+
+    #[test]
+    fn kill_patterns() {
+        let sender = Address::parse("Spammer@Mail.Bad.Example").unwrap();
+        assert!(KillPattern::from_str("spammer@mail.bad.example").unwrap().matches(&sender));
+        assert!(KillPattern::from_str("@mail.bad.example").unwrap().matches(&sender));
+        assert!(!KillPattern::from_str("@bad.example").unwrap().matches(&sender));
+        assert!(KillPattern::from_str("@*bad.example").unwrap().matches(&sender));
+        assert!(!KillPattern::from_str("@*good.example").unwrap().matches(&sender));
+        assert!(KillPattern::from_str("nobody").is_err());
+    }
+
+    #[test]
+    fn near_domains_cover_subdomains() {
+        let lists = AccessLists { near: vec!["partner.example".into()], ..Default::default() };
+        assert_eq!(lists.near_match("Partner.Example"), Some("partner.example"));
+        assert_eq!(lists.near_match("mail.partner.example"), Some("partner.example"));
+        assert_eq!(lists.near_match("notpartner.example"), None);
+        assert_eq!(ListKind::Near.canonical("*.Partner.Example.").unwrap(), "partner.example");
+    }
+
+    #[test]
+    fn legacy_members_with_and_without_prefix() {
+        let member = "1.2.3.4 255.255.0.0\n0001000000007.8.9.3\n0002.00 000000 10.0.0.0 255.0.0.0\n\n7 .8.9.3\n000300000000 192.168.1.0 255.255.255.0\ngarbage\n";
+        let (entries, bad) = parse_legacy(member);
+        assert_eq!(entries, ["1.2.3.4 255.255.0.0", "7.8.9.3", "10.0.0.0 255.0.0.0", "192.168.1.0 255.255.255.0"]);
+        assert_eq!(bad, [(5, "7 .8.9.3".to_string()), (7, "garbage".to_string())]);
+    }
+}

@@ -1,0 +1,214 @@
+//! `postroom list ...` (SPEC R11: add, remove and — unlike i5/OS — show) and
+//! `postroom explain` (which rule would accept or refuse a message, and why).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use directory::access::{self, AccessLists, ListKind};
+use directory::into_store;
+use mail_proto::address::{parse_path, PathKind};
+use mail_proto::net::normalise_ip;
+use mail_proto::Address;
+use smtp_server::policy::ClientFacts;
+use store::Durability;
+
+use crate::commands::open;
+use crate::config::Config;
+
+#[derive(Subcommand)]
+pub enum ListCommand {
+    /// Add an entry: relay/reject "ADDRESS [MASK]" or CIDR; near DOMAIN; kill user@host, @host
+    /// or @*suffix; rbl ZONE (i5/OS ADDSMTPLE).
+    Add {
+        /// relay, reject, near, kill or rbl.
+        kind: String,
+        /// The entry; "192.168.1.0 255.255.255.0" may be given as one or two arguments.
+        #[arg(required = true, num_args = 1..)]
+        entry: Vec<String>,
+    },
+    /// Remove an entry (i5/OS RMVSMTPLE).
+    Remove {
+        kind: String,
+        #[arg(required = true, num_args = 1..)]
+        entry: Vec<String>,
+    },
+    /// Print every entry of a list with when it was added (the WRKSMTPLE i5/OS lacks).
+    Show { kind: String },
+    /// Read i5/OS V4R ACCEPTRLY / REJECTCNN source members (one "address [mask]" a line).
+    ImportLegacy {
+        /// An ACCEPTRLY member: addresses that may relay.
+        #[arg(long, value_name = "FILE")]
+        accept: Option<PathBuf>,
+        /// A REJECTCNN member: addresses that may not connect.
+        #[arg(long, value_name = "FILE")]
+        reject: Option<PathBuf>,
+    },
+}
+
+fn kind(text: &str) -> anyhow::Result<ListKind> {
+    if text.eq_ignore_ascii_case("hostauth") {
+        bail!("the hostauth list comes with authenticated outbound delivery; it is not available yet");
+    }
+    ListKind::from_str(text).map_err(|e| anyhow::anyhow!(e))
+}
+
+pub fn list(cmd: ListCommand, config: &Config) -> anyhow::Result<()> {
+    let (store, _) = open(config)?;
+    match cmd {
+        ListCommand::Add { kind: k, entry } => {
+            let (k, text) = (kind(&k)?, entry.join(" "));
+            let (entry, added) = store.write_blocking(Durability::Full, move |c| access::add(c, k, &text).map_err(into_store))?;
+            if added {
+                println!("{} list: added {entry}", k.as_str());
+            } else {
+                println!("{} list: {entry} is already there", k.as_str());
+            }
+        }
+        ListCommand::Remove { kind: k, entry } => {
+            let (k, text) = (kind(&k)?, entry.join(" "));
+            let entry = store.write_blocking(Durability::Full, move |c| access::remove(c, k, &text).map_err(into_store))?;
+            println!("{} list: removed {entry}", k.as_str());
+        }
+        ListCommand::Show { kind: k } => {
+            let k = kind(&k)?;
+            let rows = store.read_blocking(move |c| access::show(c, k).map_err(into_store))?;
+            if rows.is_empty() {
+                println!("{} list is empty", k.as_str());
+            }
+            for (entry, added) in rows {
+                println!("{entry:<40} added {}", mail_proto::date::rfc5322(added));
+            }
+        }
+        ListCommand::ImportLegacy { accept, reject } => {
+            if accept.is_none() && reject.is_none() {
+                bail!("give --accept FILE, --reject FILE, or both");
+            }
+            let mut unreadable = 0;
+            for (k, path) in [(ListKind::Relay, accept), (ListKind::Reject, reject)] {
+                let Some(path) = path else { continue };
+                let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                let (entries, bad) = access::parse_legacy(&String::from_utf8_lossy(&text));
+                for (line, content) in &bad {
+                    eprintln!("{}:{line}: cannot read {content:?}: expected \"address [mask]\"", path.display());
+                }
+                unreadable += bad.len();
+                let n = entries.len();
+                store.write_blocking(Durability::Full, move |c| {
+                    for e in &entries {
+                        access::add(c, k, e).map_err(into_store)?;
+                    }
+                    Ok(())
+                })?;
+                println!("{}: {n} entries imported into the {} list, {} unreadable", path.display(), k.as_str(), bad.len());
+            }
+            if unreadable > 0 {
+                bail!("{unreadable} line(s) could not be read (see above); the others were imported");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// The client address.
+    #[arg(long)]
+    ip: IpAddr,
+    /// Pretend the client logged in to POP3 from this address just now.
+    #[arg(long)]
+    pop_login: bool,
+    /// Pretend the client authenticated as this user.
+    #[arg(long)]
+    user: Option<String>,
+    /// The envelope sender (MAIL FROM); "<>" for the null sender.
+    #[arg(long)]
+    from: String,
+    /// An envelope recipient (repeatable).
+    #[arg(long = "to", required = true)]
+    to: Vec<String>,
+}
+
+/// Walk one message through the policy module, exactly as the SMTP server would.
+pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<()> {
+    let (store, domains) = open(config)?;
+    let policy = crate::serve::relay_policy(config);
+    let ip = normalise_ip(args.ip);
+    let ip_text = ip.to_string();
+    let (lists, recorded_login) = store.read_blocking(move |c| {
+        let lists = AccessLists::load(c).map_err(into_store)?;
+        let at: Option<i64> =
+            c.query_row("SELECT at FROM pop_logins WHERE ip = ?1", [&ip_text], |r| r.get(0)).map(Some).or_else(|e| match e {
+                store::rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        Ok((lists, at))
+    })?;
+    let now = store::now();
+    let rbl_listed = rbl_listed(config, ip, &lists);
+    let facts = ClientFacts {
+        ip,
+        // An IP literal is ours when it names the first SMTP listener.
+        local_ip: config.smtp.listen.first().map(|a| a.ip()).unwrap_or(IpAddr::from([127, 0, 0, 1])),
+        lists: Arc::new(lists),
+        pop_login_at: if args.pop_login { Some(now) } else { recorded_login },
+        now,
+        rbl_listed,
+        penalised: false,
+        authenticated: args.user.clone(),
+    };
+    let d = policy.connect(&facts);
+    println!("connect: {} (rule: {})", verdict(d.allow), d.rule);
+    let from = if args.from == "<>" { None } else { Some(parse_address(&args.from).context("--from")?) };
+    let d = policy.sender(&facts, from.as_ref());
+    println!("sender {}: {} (rule: {})", args.from, verdict(d.allow), d.rule);
+    for to in &args.to {
+        let rcpt = parse_address(to).with_context(|| format!("--to {to}"))?;
+        let (p, f, dom, r) = (policy.clone(), facts.clone(), domains.clone(), rcpt.clone());
+        let outcome = store.read_blocking(move |c| p.rcpt(&f, &r, |a| dom.resolve(c, a)).map_err(into_store))?;
+        let d = &outcome.decision;
+        let what = match (&d.rule, d.allow) {
+            (_, false) => "refuse".to_string(),
+            (smtp_server::policy::Rule::LocalRecipient | smtp_server::policy::Rule::Postmaster, true) => "deliver locally".to_string(),
+            (_, true) => "relay".to_string(),
+        };
+        let rewritten = outcome.record_as.map(|a| format!(" as {a}")).unwrap_or_default();
+        println!("recipient {to}: {what}{rewritten} (rule: {})", d.rule);
+    }
+    Ok(())
+}
+
+fn verdict(allow: bool) -> &'static str {
+    if allow { "accept" } else { "refuse" }
+}
+
+/// An address as a client would write it in RCPT TO, with or without angle brackets.
+fn parse_address(text: &str) -> anyhow::Result<Address> {
+    let bracketed = if text.starts_with('<') { text.to_string() } else { format!("<{text}>") };
+    match parse_path(bracketed.as_bytes(), PathKind::ForwardPath) {
+        Ok((Some(a), b"")) => Ok(a),
+        _ => bail!("{text:?} is not an address"),
+    }
+}
+
+/// Query the blackhole lists the way the server does (only when some are configured).
+fn rbl_listed(config: &Config, ip: IpAddr, lists: &AccessLists) -> Option<(String, std::net::Ipv4Addr)> {
+    if lists.rbl.is_empty() {
+        return None;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    runtime.block_on(async {
+        let dns = dns::Dns::new(&config.dns.servers).ok()?;
+        for zone in &lists.rbl {
+            match dns.rbl(ip, zone).await {
+                dns::RblAnswer::Listed(answer) => return Some((zone.clone(), answer)),
+                dns::RblAnswer::NotListed => {}
+                dns::RblAnswer::Error(e) => println!("note: {e}; the server would let the client in (fail open)"),
+            }
+        }
+        None
+    })
+}
