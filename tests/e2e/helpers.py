@@ -817,8 +817,8 @@ def has_ip(line: str, ip: str) -> bool:
 def explain(srv: Server, ip: str, sender: str, recipients, pop_login: bool = False,
             user: str | None = None) -> dict:
     """Run `postroom explain`; returns {"connect": verdict, "sender": verdict,
-    "recipients": {addr_lower: verdict}, "raw": stdout} with verdict lowercased
-    ("accept", "refuse", "deliver locally", "relay")."""
+    "recipients": {addr_lower: verdict}, "order": [(addr as printed, verdict)...], "raw": stdout}
+    with verdict lowercased ("accept", "refuse", "deliver locally", "relay")."""
     args = ["explain", "--ip", ip]
     if pop_login:
         args.append("--pop-login")
@@ -828,7 +828,7 @@ def explain(srv: Server, ip: str, sender: str, recipients, pop_login: bool = Fal
     for r in ([recipients] if isinstance(recipients, str) else recipients):
         args += ["--to", r]
     r = srv.cli_ok(*args)
-    out = {"connect": None, "sender": None, "recipients": {}, "raw": r.stdout}
+    out = {"connect": None, "sender": None, "recipients": {}, "order": [], "raw": r.stdout}
     for line in r.stdout.splitlines():
         line = line.strip()
         m = re.match(r"(?i)connect\s*:\s*(accept|refuse)\b", line)
@@ -842,4 +842,7 @@ def explain(srv: Server, ip: str, sender: str, recipients, pop_login: bool = Fal
         m = re.match(r"(?i)recipient\s+<?([^\s>]+?)>?\s*:\s*(deliver locally|relay|refuse)\b", line)
         if m:
             out["recipients"][m.group(1).lower()] = m.group(2).lower()
+        m = re.match(r"(?i)recipient\s+(.*?):\s*(deliver locally|relay|refuse)\s*(\(rule:.*)?$", line)
+        if m:
+            out["order"].append((m.group(1), m.group(2).lower()))
     return out

@@ -18,14 +18,16 @@ from helpers import (
     JANE,
     LIST_APPLY_TIMEOUT,
     Closed,
-    Server,
+    SourcePop,
     age_pop_login,
     eventually,
     expect,
+    explain,
     greeting_from,
     has_ip,
     journal_lines,
     pop_login_from,
+    pop_login_row,
     smtp_from,
     wait_journal,
 )
@@ -293,15 +295,18 @@ def test_relay_listed_client_is_exempt_from_auto_deny(make_server):
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("entry,refused,passing", [
-    pytest.param("spammer@bad.example", ["spammer@bad.example", "spammer@BAD.Example"],
+    pytest.param("spammer@bad.example", ["spammer@bad.example", "spammer@BAD.Example",
+                                         '"spammer"@bad.example', "spammer@bad.example.",
+                                         "@relay.example:spammer@bad.example"],
                  ["other@bad.example", "spammer@good.example"], id="user@host"),
-    pytest.param("@junk.example", ["anyone@junk.example", "Someone@JUNK.example"],
+    pytest.param("@junk.example", ["anyone@junk.example", "Someone@JUNK.example", "x@junk.example."],
                  ["anyone@notjunk.example", "anyone@good.example"], id="@host"),
     pytest.param("@*.spam.example", ["x@a.spam.example", "x@deep.a.spam.example"],
                  ["x@notspam.example", "x@spam.example.org"], id="@*suffix"),
 ])
 def test_kill_list(make_server, entry, refused, passing):
-    """R8: MAIL FROM matching a kill entry gets 501 5.7.1; other senders pass (250)."""
+    """R8: MAIL FROM matching a kill entry gets 501 5.7.1 - also when quoted, with a trailing
+    dot, upper case or behind a source route; other senders pass (250)."""
     srv = make_server(start=False)
     srv.cli_ok("list", "add", "kill", entry)
     srv.start()
@@ -640,3 +645,210 @@ def test_ipv4_mapped_clients_are_normalised(make_server):
     v = [line for line in journal_lines(srv, "9V") if "::ffff:" in line.lower()]
     assert not v, v
     wait_journal(srv, lambda line: has_ip(line, "127.0.0.93"), code="9V")
+
+
+# ------------------------------------------------------------------------------------------
+# More: explain for connections and senders, RCPT length, several RBLs, IPv6 clients
+# ------------------------------------------------------------------------------------------
+
+def test_explain_connect_and_sender_agree_with_server(make_server, dns_stub):
+    """explain says refuse for a connection the server refuses (reject list, RBL) and for a
+    killed sender, accept otherwise; with the override and --pop-login a rejected address is
+    accepted, as the server does after a real POP3 login."""
+    dns_stub.a("31.0.0.127.rbl.test", "127.0.0.2")
+    srv = make_server(start=False, relay={"mode": "none", "pop_minutes": 15,
+                                          "override_reject_connect": True},
+                      dns={"servers": [dns_stub.address]})
+    srv.add_user(*SAM)
+    srv.cli_ok("list", "add", "reject", "127.0.30.0 255.255.255.0")
+    srv.cli_ok("list", "add", "rbl", "rbl.test")
+    srv.cli_ok("list", "add", "kill", "@junk.example")
+    srv.start()
+    for ip in ("127.0.30.1", "127.0.0.31"):
+        assert_refused_at_greeting(srv, ip)
+        ex = explain(srv, ip, JANE, [ADDR])
+        assert ex["connect"] == "refuse", ex["raw"]
+        ex = explain(srv, ip, JANE, [REMOTE], pop_login=True)
+        assert ex["connect"] == "accept", ex["raw"]
+        assert ex["recipients"].get(REMOTE) == "relay", ex["raw"]
+    assert_greeted(srv, "127.0.0.32")
+    ex = explain(srv, "127.0.0.32", JANE, [ADDR])
+    assert ex["connect"] == "accept" and ex["sender"] == "accept", ex["raw"]
+    assert ex["recipients"].get(ADDR.lower()) == "deliver locally", ex["raw"]
+    c = session(srv, "127.0.0.32")
+    try:
+        r = c.cmd("MAIL FROM:<boss@junk.example>")
+        assert r.code == 501, r
+    finally:
+        c.quit()
+    ex = explain(srv, "127.0.0.32", "boss@junk.example", [ADDR])
+    assert ex["sender"] == "refuse", ex["raw"]
+    # After a real POP3 login the server agrees with explain --pop-login.
+    pop_login_from(srv, "127.0.30.1", NAME, PW)
+    c = session(srv, "127.0.30.1")
+    try:
+        expect(c.cmd(f"MAIL FROM:<{JANE}>"), 250)
+        expect(c.cmd(f"RCPT TO:<{REMOTE}>"), 250)
+    finally:
+        c.quit()
+
+
+def test_overlong_rcpt_denies_the_ip(make_server):
+    """R9: an RCPT line beyond 2048 octets gets 500, closes, and denies the IP."""
+    srv = make_server()
+    ip = "127.0.0.104"
+    c = session(srv, ip)
+    expect(c.cmd(f"MAIL FROM:<{JANE}>"), 250)
+    r = c.cmd("RCPT TO:<" + "b" * 2100 + "@example.test>")
+    assert r.code == 500, r
+    closed, _ = c.wait_closed(5.0)
+    c.close()
+    assert closed, "connection not closed after an overlong RCPT"
+    assert eventually(lambda: denied(srv, ip)), f"{ip} still greeted 220"
+    assert_greeted(srv, "127.0.0.105")
+
+
+def test_second_rbl_zone_lists_the_client(make_server, dns_stub):
+    """R4: every configured RBL zone is asked; one listing is enough."""
+    dns_stub.a("40.0.0.127.rbl2.test", "127.0.0.4")
+    srv = make_server(start=False, dns={"servers": [dns_stub.address]})
+    srv.cli_ok("list", "add", "rbl", "rbl1.test")
+    srv.cli_ok("list", "add", "rbl", "rbl2.test")
+    srv.start()
+    assert_refused_at_greeting(srv, "127.0.0.40")
+    assert dns_stub.asked("40.0.0.127.rbl2.test", "A"), dns_stub.queries
+    assert_greeted(srv, "127.0.0.41")
+
+
+def test_ipv6_client_and_entries(make_server):
+    """R4, R6: an IPv6 client (::1 on a [::] listener) is matched by IPv6 reject entries."""
+    srv = make_server(start=False, smtp={"listen": ["[::]:0"]})
+    try:
+        srv.start()
+    except AssertionError as e:
+        pytest.skip(f"cannot listen on [::]: {str(e)[:200]}")
+    v6 = ("::1", srv.smtp[1])
+    try:
+        socket.create_connection(v6, timeout=5).close()
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback ({e})")
+    assert greeting_from(v6, None).code == 220
+    srv.cli_ok("list", "add", "reject", "::1")
+    g = eventually(lambda: (lambda g: g if g is not None and g.code == 554 else None)(
+        greeting_from(v6, None)))
+    assert g is not None and g.code == 554, g
+    wait_journal(srv, lambda line: "ip=::1" in line or has_ip(line, "::1"), code="9S")
+    assert greeting_from(("127.0.0.1", srv.smtp[1]), "127.0.0.1").code == 220
+
+
+def test_ipv4_mapped_pop_login_and_rbl_query_are_normalised(make_server, dns_stub):
+    """R4: on [::] listeners, an IPv4 client's POP3 login is recorded under its IPv4 address
+    (so POP-before-SMTP works for it) and its RBL query uses the reversed IPv4 octets."""
+    dns_stub.a("95.0.0.127.rbl.test", "127.0.0.2")
+    srv = make_server(start=False, smtp={"listen": ["[::]:0"]}, pop3={"listen": ["[::]:0"]},
+                      relay={"mode": "none", "pop_minutes": 15},
+                      dns={"servers": [dns_stub.address]})
+    srv.add_user(*SAM)
+    srv.cli_ok("list", "add", "rbl", "rbl.test")
+    try:
+        srv.start()
+    except AssertionError as e:
+        pytest.skip(f"cannot listen on [::]: {str(e)[:200]}")
+    smtp4, pop4 = ("127.0.0.1", srv.smtp[1]), ("127.0.0.1", srv.pop3[1])
+    try:
+        socket.create_connection(smtp4, timeout=5).close()
+        socket.create_connection(pop4, timeout=5).close()
+    except OSError as e:
+        pytest.skip(f"the [::] listeners do not accept IPv4 ({e})")
+    ip = "127.0.0.94"
+    p = SourcePop(pop4, ip)
+    try:
+        p.login(NAME, PW)
+        p.cmd("QUIT")
+    finally:
+        p.close()
+    row = eventually(lambda: pop_login_row(srv, ip), timeout=10)
+    assert row is not None, "POP3 login over [::] not recorded under the IPv4 address " + ip
+    c = smtp_from(smtp4, ip)
+    try:
+        expect(c.greeting, 220)
+        c.ehlo()
+        expect(c.cmd(f"MAIL FROM:<{JANE}>"), 250)
+        expect(c.cmd(f"RCPT TO:<{REMOTE}>"), 250)
+    finally:
+        c.quit()
+    g = greeting_from(smtp4, "127.0.0.95")
+    assert g is not None and g.code == 554, g
+    assert dns_stub.asked("95.0.0.127.rbl.test", "A"), dns_stub.queries
+    assert not [n for n in dns_stub.names() if "ffff" in n], dns_stub.queries
+
+
+def test_overlong_line_without_line_end(make_server):
+    """R9/S4: a command that never ends (600+ octets, no CRLF) is not waited for: 500 and close
+    within 5 s, and the IP is denied."""
+    srv = make_server()
+    ip = "127.0.0.106"
+    c = session(srv, ip)
+    c.send("NOOP " + "x" * 3000)
+    closed, got = c.wait_closed(5.0)
+    c.close()
+    assert closed and got.startswith(b"500"), f"closed={closed}, got {got[:200]!r}"
+    assert eventually(lambda: denied(srv, ip)), f"{ip} still greeted 220"
+
+
+def test_helo_lookup_timeout_is_bounded(make_server, dns_stub):
+    """R10: a HELO name whose DNS never answers does not hang the session: the EHLO reply comes
+    within 5 s and the session goes on."""
+    srv = helo_server(make_server, dns_stub, "reject")
+    dns_stub.drop("slow.client.test")
+    c = smtp_from(srv, "127.0.0.5")
+    try:
+        expect(c.greeting, 220)
+        t0 = time.monotonic()
+        r = c.cmd("EHLO slow.client.test")
+        elapsed = time.monotonic() - t0
+        assert elapsed < 5.0, f"EHLO reply after {elapsed:.1f}s"
+        assert r.code in (250, 450, 451, 550), r
+        expect(c.cmd("NOOP"), 250)
+    finally:
+        c.quit()
+
+
+def test_import_legacy_member_layouts(make_server, tmp_path):
+    """R6: member dumps as they come off an i5/OS system: CRLF line ends, records padded with
+    blanks, a prefix directly followed by an address that starts with digits, a prefix followed
+    by a blank, no newline after the last record."""
+    srv = make_server(start=False)
+    acc = tmp_path / "ACCEPTRLY.txt"
+    records = [
+        "00010000000010.0.0.1",                  # prefix + 10.0.0.1
+        "0002000000001.2.3.4 255.255.255.255",   # prefix + 1.2.3.4 with a host mask
+        "10.1.2.3",                              # plain address starting with digits
+        "0004.00 000010.9.9.9",                  # dotted prefix + 10.9.9.9
+        "000500000000 10.7.7.7",                 # prefix, blank, address
+        "   ",                                   # blank record
+        "\t127.0.0.85",
+    ]
+    acc.write_bytes(("\r\n".join(r.ljust(80) for r in records) + "\r\n127.0.0.86").encode())
+    r = srv.cli("list", "import-legacy", "--accept", str(acc))
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    out = srv.cli_ok("list", "show", "relay").stdout
+    for ip in ("10.0.0.1", "1.2.3.4", "10.1.2.3", "10.9.9.9", "10.7.7.7", "127.0.0.85", "127.0.0.86"):
+        assert has_ip(out, ip), f"{ip} missing from the relay list:\n{out}"
+    assert len([line for line in out.splitlines() if line.strip()]) == 7, out
+
+
+@pytest.mark.timeout(150)
+def test_auto_deny_is_temporary(make_server):
+    """R9: the deny lasts [penalty] deny_minutes: with 1 minute, the address is greeted 220
+    again a little over a minute later (and not before ~50 s)."""
+    srv = make_server(penalty={"deny_minutes": 1})
+    ip = "127.0.0.107"
+    overlong(srv, ip, "NOOP " + "x" * 600)
+    t0 = time.monotonic()
+    assert eventually(lambda: denied(srv, ip)), f"{ip} not denied"
+    while denied(srv, ip):
+        assert time.monotonic() - t0 < 80, f"{ip} still denied {time.monotonic() - t0:.0f}s later"
+        time.sleep(2)
+    assert time.monotonic() - t0 > 50, f"{ip} forgiven after only {time.monotonic() - t0:.0f}s"
+    assert_greeted(srv, ip)

@@ -20,11 +20,12 @@ import pytest
 from conftest import SAM
 from helpers import (
     JANE,
+    SourcePop,
+    age_pop_login,
     eventually,
     expect,
     explain,
     has_ip,
-    age_pop_login,
     make_message,
     pop_login_from,
     queue_entries,
@@ -187,18 +188,27 @@ def test_explain_names_the_rule(make_server):
 # Journal and queue
 # ------------------------------------------------------------------------------------------
 
-def test_relay_refusal_is_journaled_9v(make_server):
-    """R3: a refused relay is journaled with code 9V, the client IP, the recipient and the rule."""
-    srv = relay_server(make_server, "none")
-    r = rcpt(srv, UNLISTED, "victim@remote.example")
+@pytest.mark.parametrize("mode,recipient", [
+    pytest.param("none", "victim@remote.example", id="none"),
+    pytest.param("near", "victim@remote.example", id="near"),
+    pytest.param("list", "victim@remote.example", id="list"),
+    pytest.param("both", "victim@remote.example", id="both"),
+    pytest.param("all", "victim%remote.example@example.test", id="all-percent-hack"),
+])
+def test_relay_refusal_is_journaled_9v(make_server, mode, recipient):
+    """R3: a refused relay is journaled with code 9V, the client IP, the recipient and the rule -
+    the same rule text `explain` gives for it."""
+    srv = relay_server(make_server, mode)
+    r = rcpt(srv, UNLISTED, recipient)
     expect(r, 550, "5.7.1")
-    hits = wait_journal(srv, lambda line: has_ip(line, UNLISTED) and "victim@remote.example" in line,
-                        code="9V")
+    hits = wait_journal(srv, lambda line: has_ip(line, UNLISTED) and recipient in line, code="9V")
     line = hits[0]
     assert " 9V " in f" {line} ", line
-    # Something after the address fields says which rule refused it.
-    detail = line.split(f"ip={UNLISTED}", 1)[-1].strip() if f"ip={UNLISTED}" in line else line
-    assert detail, f"9V entry without a rule text: {line!r}"
+    ex = explain(srv, UNLISTED, JANE, [recipient])
+    assert ex["order"] and ex["order"][0][1] == "refuse", ex["raw"]
+    rline = [x for x in ex["raw"].splitlines() if x.strip().lower().startswith("recipient")][0]
+    rule = rline.split("(rule:", 1)[1].strip()[:-1].strip()
+    assert rule and rule in line, f"9V entry {line!r} does not give the rule {rule!r}"
     # Local mail from the same client is not a relay and is not journaled as 9V.
     expect(rcpt(srv, UNLISTED, ADDR), 250)
     assert not [x for x in srv.cli_ok("journal", "--code", "9V").stdout.splitlines()
@@ -309,3 +319,54 @@ def test_bad_relay_settings_are_refused(make_server, relay, key):
     r = srv.cli("config", "check")
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
     assert key in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# POP-before-SMTP details
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pop_minutes,age,code", [
+    pytest.param(15, 14, 250, id="15min-window-14min-old-250"),
+    pytest.param(15, 16, 550, id="15min-window-16min-old-550"),
+    pytest.param(60, 20, 250, id="60min-window-20min-old-250"),
+    pytest.param(60, 61, 550, id="60min-window-61min-old-550"),
+])
+def test_pop_window_length(make_server, pop_minutes, age, code):
+    """R1: the POP-before-SMTP window is pop_minutes long (the login is aged by editing
+    pop_logins.at in the SQLite file)."""
+    srv = make_server(start=False, relay={"mode": "none", "pop_minutes": pop_minutes})
+    srv.add_user(*SAM)
+    srv.start()
+    pop_login_from(srv, POP_INSIDE, NAME, PW)
+    age_pop_login(srv, POP_INSIDE, age)
+    r = rcpt(srv, POP_INSIDE, RECIPIENTS["remote"])
+    assert r.code == code, f"login {age} min old, window {pop_minutes} min: {r!r}"
+
+
+def test_failed_pop_login_grants_no_relay(make_server):
+    """R1/P5: only a successful POP3 login opens the window; a wrong password does not."""
+    srv = relay_server(make_server, "none+pop")
+    p = SourcePop(srv.pop3, POP_INSIDE)
+    try:
+        assert p.cmd(f"USER {NAME}").startswith(b"+OK")
+        assert p.cmd("PASS wrong-password").startswith(b"-ERR")
+        p.cmd("QUIT")
+    finally:
+        p.close()
+    r = rcpt(srv, POP_INSIDE, RECIPIENTS["remote"])
+    expect(r, 550, "5.7.1")
+    # A login from another address does not help this one either.
+    pop_login_from(srv, "127.0.0.31", NAME, PW)
+    expect(rcpt(srv, POP_INSIDE, RECIPIENTS["remote"]), 550, "5.7.1")
+    expect(rcpt(srv, "127.0.0.31", RECIPIENTS["remote"]), 250)
+
+
+def test_explain_pop_login_only_pretends(make_server):
+    """explain --pop-login answers as if the address had logged in, but records nothing: the
+    server still refuses that address afterwards."""
+    srv = relay_server(make_server, "none+pop")
+    ex = explain(srv, UNLISTED, JANE, [RECIPIENTS["remote"]], pop_login=True)
+    assert ex["recipients"].get(RECIPIENTS["remote"]) == "relay", ex["raw"]
+    ex = explain(srv, UNLISTED, JANE, [RECIPIENTS["remote"]])
+    assert ex["recipients"].get(RECIPIENTS["remote"]) == "refuse", ex["raw"]
+    expect(rcpt(srv, UNLISTED, RECIPIENTS["remote"]), 550, "5.7.1")

@@ -11,12 +11,16 @@ Setups (client address in brackets; * = the client may relay):
   pop-login* (none + pop_minutes 15, the client logged in to POP3 just before).
 """
 
+import re
+import time
+
 import pytest
 
 from conftest import SAM
 from helpers import (
     JANE,
     expect,
+    explain,
     fetch_all,
     make_message,
     pop_login_from,
@@ -181,3 +185,87 @@ def test_other_tricks_refused_with_percent_routing(make_server, trick):
     r = try_trick(srv, client, trick, "still refused")
     assert r.code == 550 and r.enhanced == "5.7.1", f"RCPT {trick}: {r!r}"
     assert_nothing_smuggled(srv, "still refused")
+
+
+# ------------------------------------------------------------------------------------------
+# Decided on the final mailbox
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("trick", [
+    pytest.param("<@example.test:user@remote.example>", id="source-route"),
+    pytest.param("user@remote.example.", id="trailing-dot"),
+    pytest.param("USER@REMOTE.EXAMPLE", id="uppercase"),
+])
+def test_disguised_remote_relayed_as_final_mailbox(make_server, trick):
+    """R7: where the client may relay, the disguised address is relayed to its final mailbox
+    user@remote.example (the route dropped, the trailing dot and case ignored)."""
+    srv, client = trick_server(make_server, "list-listed")
+    r = try_trick(srv, client, trick, "relayed disguise")
+    assert r.code == 250, r
+    entries = queue_entries(srv)
+    deadline = time.monotonic() + 10
+    while not any(st == "forward" and a.rstrip(".") == "user@remote.example" for st, a in entries):
+        assert time.monotonic() < deadline, f"user@remote.example not queued as forward: {entries}"
+        time.sleep(0.2)
+        entries = queue_entries(srv)
+    assert all("example.test:" not in a for _, a in entries), entries
+
+
+@pytest.mark.parametrize("rcpt", [
+    pytest.param(f"<@remote.example:{ADDR}>", id="source-route-to-local"),
+    pytest.param(f"{ADDR}.", id="trailing-dot-local"),
+    pytest.param(ADDR.upper(), id="uppercase-local"),
+    pytest.param("SamJones@[127.0.0.1]", id="our-ip-literal"),
+])
+def test_final_mailbox_local_is_delivered(make_server, rcpt):
+    """R2, R7: a source route, trailing dot, upper case or an IP literal naming this server
+    (the client connects to 127.0.0.1) whose final mailbox is local is local mail: accepted in
+    mode none and delivered to Sam."""
+    srv, client = trick_server(make_server, "none")
+    c = smtp_from(srv, client)
+    try:
+        expect(c.greeting, 220)
+        c.ehlo()
+        expect(c.cmd(f"MAIL FROM:<{JANE}>"), 250)
+        expect(c.cmd(rcpt_line(rcpt)), 250)
+        expect(c.data(make_message("final mailbox local")), 250)
+    finally:
+        c.quit()
+    wait_for_subjects(srv, NAME, PW, ["final mailbox local"])
+
+
+@pytest.mark.parametrize("trick", ALWAYS_REFUSED)
+def test_explain_refuses_tricks(make_server, trick):
+    """explain says refuse for every trick, even in mode all, as the server does."""
+    srv, client = trick_server(make_server, "all")
+    ex = explain(srv, client, JANE, [trick.strip("<>")])
+    assert [v for _, v in ex["order"]] == ["refuse"], ex["raw"]
+
+
+@pytest.mark.parametrize("trick", SYNTAX)
+def test_explain_double_at(make_server, trick):
+    """explain refuses user@remote@local too: a refuse line, or a user error (exit 1) that
+    names the address."""
+    srv, client = trick_server(make_server, "all")
+    r = srv.cli("explain", "--ip", client, "--from", JANE, "--to", trick)
+    if r.returncode == 1:
+        assert trick in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+        assert re.search(r"(?mi)^recipient .*: refuse\b", r.stdout), r.stdout
+
+
+@pytest.mark.parametrize("trick,percent_routing", [
+    pytest.param("user@[IPv6:2001:db8::1]", False, id="ipv6-literal"),
+    pytest.param('"user@remote.example"@[127.0.0.1]', False, id="quoted-at-our-literal"),
+    pytest.param("user%remote.example@[127.0.0.1]", False, id="percent-at-our-literal"),
+    pytest.param("user%[192.0.2.1]@example.test", True, id="percent-routed-to-literal"),
+    pytest.param("user%remote.example!x@example.test", True, id="percent-routed-bang"),
+])
+def test_more_tricks_never_relay(make_server, trick, percent_routing):
+    """R7: combinations of tricks are refused (a 5xx reply) even in mode all, and nothing is
+    queued or delivered."""
+    srv, client = trick_server(make_server, "all", smtp={"percent_routing": percent_routing})
+    r = try_trick(srv, client, trick, "combined trick")
+    assert 500 <= r.code < 600, f"RCPT {trick}: {r!r}"
+    assert_nothing_smuggled(srv, "combined trick")

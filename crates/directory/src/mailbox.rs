@@ -50,6 +50,17 @@ pub async fn authenticate(store: &Store, pool: &PasswordPool, name: &str, passwo
     Ok(if ok { user } else { None })
 }
 
+/// A user's addresses (sender verification, A3).
+pub async fn addresses(store: &Store, user_id: i64) -> Result<Vec<String>> {
+    Ok(store
+        .read(move |c| {
+            let mut stmt = c.prepare_cached("SELECT address FROM addresses WHERE user_id = ?1")?;
+            let rows = stmt.query_map([user_id], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+        })
+        .await?)
+}
+
 /// Remember that `user_id` logged in from `ip` (P5), for POP-before-SMTP. No fsync of its own:
 /// it rides on the next durable commit.
 pub async fn record_login(store: &Store, user: &LoginUser, ip: &str) -> Result<()> {

@@ -80,6 +80,18 @@ impl Incoming {
         self.size
     }
 
+    /// Insert bytes at `pos` of the message, which is possible while nothing has been written
+    /// to the store yet (the first chunk is still in memory): used to add header fields to
+    /// submitted mail once its header section has been seen. False when it was too late.
+    pub fn insert_at(&mut self, pos: usize, bytes: &[u8]) -> bool {
+        if self.message_id.is_some() || pos > self.buf.len() {
+            return false;
+        }
+        self.buf.splice(pos..pos, bytes.iter().copied());
+        self.size += bytes.len() as u64;
+        true
+    }
+
     /// Append message bytes; writes a chunk to the store whenever one fills up.
     pub async fn push(&mut self, bytes: &[u8]) -> Result<()> {
         self.size += bytes.len() as u64;

@@ -143,11 +143,14 @@ impl DataDecoder {
     }
 }
 
-/// Counts `Received:` header fields while the header section of a message streams past
-/// (RFC 5321 §6.3 loop detection). Stops looking at the first empty line.
+/// Watches the header section of a message as it streams past: counts `Received:` fields
+/// (RFC 5321 §6.3 loop detection) and notes whether `Message-ID:` and `Date:` are present
+/// (S3: submitted mail without them gets them). Stops looking at the first empty line.
 #[derive(Debug, Default)]
 pub struct ReceivedCounter {
     count: usize,
+    message_id: bool,
+    date: bool,
     prefix: Vec<u8>,
     mid_line: bool,
     body: bool,
@@ -168,10 +171,15 @@ impl ReceivedCounter {
                 continue;
             }
             self.mid_line = true;
-            if self.prefix.len() < 9 {
+            if self.prefix.len() < 11 {
                 self.prefix.push(b);
-                if self.prefix.len() == 9 && self.prefix.eq_ignore_ascii_case(b"received:") {
+                let p = self.prefix.as_slice();
+                if p.eq_ignore_ascii_case(b"received:") {
                     self.count += 1;
+                } else if p.eq_ignore_ascii_case(b"date:") {
+                    self.date = true;
+                } else if p.eq_ignore_ascii_case(b"message-id:") {
+                    self.message_id = true;
                 }
             }
         }
@@ -179,6 +187,14 @@ impl ReceivedCounter {
 
     pub fn count(&self) -> usize {
         self.count
+    }
+
+    pub fn has_message_id(&self) -> bool {
+        self.message_id
+    }
+
+    pub fn has_date(&self) -> bool {
+        self.date
     }
 }
 
@@ -276,5 +292,9 @@ mod tests {
             c.feed(chunk);
         }
         assert_eq!(c.count(), 3);
+        assert!(!c.has_date() && !c.has_message_id());
+        let mut c = ReceivedCounter::default();
+        c.feed(b"DATE: x\r\nMessage-Id: <a@b>\r\n\r\nDate: body\r\n");
+        assert!(c.has_date() && c.has_message_id());
     }
 }

@@ -12,6 +12,7 @@ pub mod dot;
 pub mod limits;
 pub mod net;
 pub mod reply;
+pub mod sasl;
 pub mod smtp_command;
 
 pub use address::{Address, AddressError};

@@ -1,11 +1,13 @@
 //! The tokio driver around [`crate::session::Session`].
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use directory::mailbox::{self, LoginUser};
+use directory::access::ListCache;
+use directory::penalty::PenaltyBox;
 use directory::PasswordPool;
 use mail_proto::dot::TopFilter;
 use mail_proto::limits::SessionLimits;
@@ -15,6 +17,7 @@ use store::journal::{self, code};
 use store::{Durability, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tls::{ServerTls, Stream};
 
 use crate::session::{Action, Event, LoginOutcome, MaildropMessage, Session, SessionConfig};
 
@@ -27,6 +30,7 @@ pub struct Pop3Settings {
     pub max_sessions_per_ip: usize,
     /// USER/PASS without TLS only from loopback (`[tls] allow_plaintext_auth = "loopback"`).
     pub plaintext_from_loopback: bool,
+    pub tls_handshake_timeout: Duration,
 }
 
 /// Shared by every POP3 connection.
@@ -35,6 +39,12 @@ pub struct Pop3Server {
     settings: Arc<Pop3Settings>,
     store: Store,
     passwords: PasswordPool,
+    /// Without it no STLS is offered and the implicit-TLS listener cannot run.
+    tls: Option<ServerTls>,
+    /// Failed-login throttling, shared with the SMTP server (A5).
+    penalty: PenaltyBox,
+    /// The relay list decides whether failed logins count per user or per address.
+    lists: ListCache,
     limits: SessionLimits,
     /// P3: the maildrop locks live in memory, so a crash never leaves a mailbox locked.
     locks: Arc<Mutex<HashSet<i64>>>,
@@ -53,17 +63,18 @@ impl Drop for MaildropLock {
 }
 
 impl Pop3Server {
-    pub fn new(settings: Pop3Settings, store: Store, passwords: PasswordPool) -> Self {
+    pub fn new(settings: Pop3Settings, store: Store, passwords: PasswordPool, tls: Option<ServerTls>, penalty: PenaltyBox) -> Self {
         let limits = SessionLimits::new(settings.max_sessions, settings.max_sessions_per_ip);
-        Pop3Server { settings: Arc::new(settings), store, passwords, limits, locks: Arc::default() }
+        Pop3Server { settings: Arc::new(settings), store, passwords, tls, penalty, lists: ListCache::default(), limits, locks: Arc::default() }
     }
 
-    pub async fn serve(self, listener: TcpListener) {
+    /// Accept connections forever; `implicit_tls` for the pop3s listener (P2).
+    pub async fn serve(self, listener: TcpListener, implicit_tls: bool) {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     let me = self.clone();
-                    tokio::spawn(async move { me.connection(stream, peer).await });
+                    tokio::spawn(async move { me.connection(stream, peer, implicit_tls).await });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "pop3 accept failed");
@@ -77,20 +88,33 @@ impl Pop3Server {
         self.locks.lock().expect("maildrop locks").insert(user_id).then(|| MaildropLock { locks: self.locks.clone(), user_id })
     }
 
-    async fn connection(self, mut stream: TcpStream, peer: SocketAddr) {
+    async fn connection(self, tcp: TcpStream, peer: SocketAddr, implicit_tls: bool) {
         let ip = normalise_ip(peer.ip());
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let mut stream = Stream::Plain(tcp);
         let Some(_slot) = self.limits.take(ip) else {
             let _ = stream.write_all(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n").await;
             return;
         };
+        if implicit_tls {
+            let Some(tls) = &self.tls else { return };
+            stream = match stream.upgrade(tls.acceptor(), self.settings.tls_handshake_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(client = %ip, error = %e, "implicit TLS handshake failed");
+                    return;
+                }
+            };
+        }
         let config = SessionConfig {
             hostname: self.settings.hostname.clone(),
-            allow_user_pass: self.settings.plaintext_from_loopback && ip.is_loopback(),
+            allow_plaintext_auth: self.settings.plaintext_from_loopback && ip.is_loopback(),
+            stls_available: self.tls.is_some() && !implicit_tls,
+            tls_active: implicit_tls,
             max_failed_logins: 3,
             max_errors: 20,
         };
-        let mut driver = Driver { server: &self, ip: ip.to_string(), session: Session::new(config), login: None, retrieved: 0 };
+        let mut driver = Driver { server: &self, ip, session: Session::new(config), login: None, retrieved: 0 };
         if let Err(e) = driver.run(&mut stream).await {
             tracing::debug!(client = %ip, error = %e, "pop3 session ended with an error");
         }
@@ -100,14 +124,14 @@ impl Pop3Server {
 
 struct Driver<'a> {
     server: &'a Pop3Server,
-    ip: String,
+    ip: IpAddr,
     session: Session,
     login: Option<(LoginUser, MaildropLock)>,
     retrieved: usize,
 }
 
 impl Driver<'_> {
-    async fn run(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+    async fn run(&mut self, stream: &mut Stream) -> std::io::Result<()> {
         let mut buf = vec![0u8; 16 * 1024];
         let mut out = Vec::new();
         let mut actions = self.session.handle(Event::Connected);
@@ -116,6 +140,14 @@ impl Driver<'_> {
             while let Some(action) = pending.pop_front() {
                 match action {
                     Action::Reply(bytes) => out.extend_from_slice(&bytes),
+                    Action::StartTls => {
+                        stream.write_all(&out).await?;
+                        out.clear();
+                        let Some(tls) = &self.server.tls else { return Ok(()) };
+                        let plain = std::mem::replace(stream, Stream::Broken);
+                        *stream = plain.upgrade(tls.acceptor(), self.server.settings.tls_handshake_timeout).await?;
+                        pending.extend(self.session.handle(Event::TlsUp));
+                    }
                     Action::Login { user, password } => {
                         let outcome = self.login(&user, &password).await;
                         pending.extend(self.session.handle(Event::LoginDone(outcome)));
@@ -157,13 +189,25 @@ impl Driver<'_> {
         }
     }
 
-    /// Credentials, then the lock, then the snapshot (P3).
+    /// Credentials (throttled, A5), then the lock, then the snapshot (P3).
     async fn login(&mut self, name: &str, password: &str) -> LoginOutcome {
         let s = self.server;
+        // Office networks (relay-listed) are throttled per user, everyone else per address.
+        let relay_listed = match s.lists.client(&s.store, self.ip).await {
+            Ok(record) => record.lists.relay_match(self.ip).is_some(),
+            Err(_) => false,
+        };
+        let offender = PenaltyBox::offender(self.ip, name, relay_listed);
+        if !s.penalty.login_allowed(&offender) {
+            self.journal(code::POP_LOGIN_FAILED, &format!("{name}: refused during a cool-down after failed logins (A5)")).await;
+            return LoginOutcome::TempFail;
+        }
         let user = match mailbox::authenticate(&s.store, &s.passwords, name, password).await {
             Ok(Some(u)) => u,
             Ok(None) => {
-                self.journal(code::POP_LOGIN_FAILED, name).await;
+                let locked = s.penalty.login_failed(offender);
+                let note = if locked { "failed login; cool-down started (A5)" } else { "failed login (A5)" };
+                self.journal(code::POP_LOGIN_FAILED, &format!("{name}: {note}")).await;
                 return LoginOutcome::BadCredentials;
             }
             Err(e) => {
@@ -180,7 +224,7 @@ impl Driver<'_> {
             }
         };
         // P5: the login record rides on a later commit; the session does not wait for it.
-        let (store, u, ip) = (s.store.clone(), user.clone(), self.ip.clone());
+        let (store, u, ip) = (s.store.clone(), user.clone(), self.ip.to_string());
         tokio::spawn(async move {
             if let Err(e) = mailbox::record_login(&store, &u, &ip).await {
                 tracing::warn!(error = %e, "could not record the POP3 login");
@@ -191,7 +235,7 @@ impl Driver<'_> {
     }
 
     /// Stream one message: the delivery prefix, then each stored chunk, dot-stuffed (P4).
-    async fn send_message(&self, stream: &mut TcpStream, out: &mut Vec<u8>, id: i64, top: Option<u64>) -> std::io::Result<()> {
+    async fn send_message(&self, stream: &mut Stream, out: &mut Vec<u8>, id: i64, top: Option<u64>) -> std::io::Result<()> {
         let store = &self.server.store;
         let mut stuffer = DotStuffer::default();
         let mut top = top.map(TopFilter::new);
@@ -247,7 +291,7 @@ impl Driver<'_> {
     }
 
     async fn journal(&self, code: &'static str, what: &str) {
-        let (ip, what) = (self.ip.clone(), what.to_string());
+        let (ip, what) = (self.ip.to_string(), what.to_string());
         let _ = self
             .server
             .store

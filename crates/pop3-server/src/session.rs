@@ -1,4 +1,5 @@
-//! POP3 session state machine (RFC 1939, RFC 2449, RFC 3206), sans-IO.
+//! POP3 session state machine (RFC 1939, RFC 2449, RFC 3206, RFC 2595 STLS,
+//! RFC 5034 SASL AUTH with the PLAIN mechanism of RFC 4616), sans-IO.
 //!
 //! The [`Session`] consumes [`Event`]s (socket bytes, results of work the
 //! driver did on its behalf, timeouts) and returns [`Action`]s (bytes to
@@ -16,19 +17,38 @@
 //! result event arrives, so replies to pipelined commands (RFC 2449) keep
 //! their order.
 //!
+//! STLS (AUTHORIZATION state only) answers `+OK`, emits [`Action::StartTls`]
+//! and then waits for [`Event::TlsUp`]; every byte the client sent after the
+//! STLS line in plaintext is discarded, never executed, and the upgrade
+//! resets the AUTHORIZATION state (a pending USER is forgotten). Credentials
+//! (USER/PASS, AUTH PLAIN) are accepted only over TLS or when
+//! [`SessionConfig::allow_plaintext_auth`] says so.
+//!
+//! `AUTH PLAIN` takes an optional initial response; otherwise the server
+//! sends `+ ` and the next line (up to [`MAX_SASL_LINE`] octets) is the
+//! base64 response, or `*` to cancel. A decoded response becomes the same
+//! [`Action::Login`] as USER/PASS.
+//!
 //! Error accounting: protocol errors (unknown command, command not valid in
 //! the current state, syntax errors, over-long lines, refused plaintext
-//! authentication) count towards [`SessionConfig::max_errors`]; reaching it
-//! sends the error's reply, then `-ERR too many errors`, then closes.
-//! "No such message" and "already deleted" answers are not counted. Failed
-//! logins count towards [`SessionConfig::max_failed_logins`] instead. A limit
-//! of 0 behaves like 1.
+//! authentication, unavailable STLS, unsupported SASL mechanism, invalid
+//! base64, malformed PLAIN response) count towards
+//! [`SessionConfig::max_errors`]; reaching it sends the error's reply, then
+//! `-ERR too many errors`, then closes. "No such message", "already deleted"
+//! and a cancelled AUTH are not counted. Failed logins (including an AUTH
+//! PLAIN authorization identity other than the authentication identity)
+//! count towards [`SessionConfig::max_failed_logins`] instead. Neither count
+//! is reset by STLS. A limit of 0 behaves like 1.
 
 use std::fmt;
 
 /// Longest accepted command line in octets, line terminator included
 /// (RFC 2449 section 4).
 pub const MAX_LINE: usize = 255;
+
+/// Longest accepted SASL response line (the client's answer to `+ `) in
+/// octets, line terminator included (RFC 4954's figure, also used here).
+pub const MAX_SASL_LINE: usize = 12_288;
 
 /// Most unprocessed input kept while a login result is pending. A client that
 /// pipelines more than this behind a PASS is disconnected.
@@ -38,8 +58,13 @@ pub const MAX_PENDING_INPUT: usize = 256 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
     pub hostname: String,
-    /// USER/PASS allowed on this connection (plaintext policy decided by the driver).
-    pub allow_user_pass: bool,
+    /// USER/PASS and AUTH PLAIN allowed while the connection is NOT encrypted
+    /// (the driver decides from `[tls] allow_plaintext_auth` and the client address).
+    pub allow_plaintext_auth: bool,
+    /// STLS can be offered on this connection (TLS configured and the connection is plain).
+    pub stls_available: bool,
+    /// The connection is already encrypted (implicit-TLS listener, pop3s).
+    pub tls_active: bool,
     /// Max failed logins before the session is closed.
     pub max_failed_logins: u32,
     /// Max unknown/invalid commands before close.
@@ -81,6 +106,9 @@ pub enum Event<'a> {
     LoginDone(LoginOutcome),
     /// Answer to [`Action::Update`]: true = deletions committed.
     UpdateDone(bool),
+    /// The TLS handshake requested by [`Action::StartTls`] succeeded (on
+    /// failure the driver closes the connection instead).
+    TlsUp,
     /// Inactivity deadline passed.
     Timeout,
     /// Peer closed.
@@ -100,6 +128,11 @@ pub enum Action {
     SendMessage { id: i64, top_lines: Option<u64> },
     /// Enter UPDATE: delete these store ids; the driver answers with UpdateDone.
     Update { deleted: Vec<i64> },
+    /// Write the replies produced so far, then perform the server side of the
+    /// TLS handshake and answer with [`Event::TlsUp`] (or close on failure).
+    /// Plaintext input already received is discarded by the session; bytes
+    /// fed before TlsUp are ignored.
+    StartTls,
     /// Close the connection (and release the mailbox lock, if held).
     Close,
 }
@@ -125,6 +158,7 @@ impl fmt::Debug for Action {
             Action::Update { deleted } => {
                 f.debug_struct("Update").field("deleted", deleted).finish()
             }
+            Action::StartTls => f.write_str("StartTls"),
             Action::Close => f.write_str("Close"),
         }
     }
@@ -143,6 +177,10 @@ enum State {
     Authorization {
         user: Option<Vec<u8>>,
     },
+    /// `AUTH PLAIN` answered with `+ `: the next line is the SASL response.
+    SaslPlain,
+    /// Action::StartTls issued, waiting for TlsUp.
+    StartTls,
     /// Action::Login issued, waiting for LoginDone.
     LoginPending {
         user: String,
@@ -166,13 +204,24 @@ enum CmdError {
     LineTooLong,
     PassWithoutUser,
     PlaintextDisallowed,
+    /// Credentials refused on a plain connection that offers STLS.
+    UseStls,
+    StlsUnavailable,
+    TlsActive,
+    UnsupportedMechanism,
+    InvalidBase64,
+    MalformedPlain,
+    AuthCancelled,
     NoSuchMessage,
     AlreadyDeleted(u64),
 }
 
 impl CmdError {
     fn counts(self) -> bool {
-        !matches!(self, CmdError::NoSuchMessage | CmdError::AlreadyDeleted(_))
+        !matches!(
+            self,
+            CmdError::NoSuchMessage | CmdError::AlreadyDeleted(_) | CmdError::AuthCancelled
+        )
     }
 
     fn line(self) -> String {
@@ -185,6 +234,15 @@ impl CmdError {
             CmdError::PlaintextDisallowed => {
                 "-ERR [AUTH] Plaintext authentication disallowed without TLS".into()
             }
+            CmdError::UseStls => "-ERR [AUTH] Authentication requires TLS: use STLS".into(),
+            CmdError::StlsUnavailable => "-ERR STLS not available".into(),
+            CmdError::TlsActive => "-ERR Command not permitted when TLS active".into(),
+            CmdError::UnsupportedMechanism => {
+                "-ERR [AUTH] Unsupported authentication mechanism".into()
+            }
+            CmdError::InvalidBase64 => "-ERR [AUTH] Invalid base64".into(),
+            CmdError::MalformedPlain => "-ERR [AUTH] Malformed PLAIN response".into(),
+            CmdError::AuthCancelled => "-ERR Authentication cancelled".into(),
             CmdError::NoSuchMessage => "-ERR no such message".into(),
             CmdError::AlreadyDeleted(n) => format!("-ERR message {n} already deleted"),
         }
@@ -192,6 +250,7 @@ impl CmdError {
 }
 
 const AUTH_FAILED: &str = "-ERR [AUTH] Invalid user name or password";
+const AUTHZ_NOT_ALLOWED: &str = "-ERR [AUTH] Authorization identity not allowed";
 const IN_USE: &str = "-ERR [IN-USE] Mailbox is locked by another session";
 const TEMP_FAIL: &str = "-ERR [SYS/TEMP] Temporary failure, try again later";
 const UPDATE_FAILED: &str = "-ERR [SYS/TEMP] some deleted messages not removed";
@@ -216,11 +275,14 @@ pub struct Session {
     errors: u32,
     failed_logins: u32,
     user: Option<String>,
+    /// The connection is encrypted (implicit TLS, or STLS completed).
+    tls: bool,
 }
 
 impl Session {
     pub fn new(config: SessionConfig) -> Self {
         Session {
+            tls: config.tls_active,
             config,
             state: State::Authorization { user: None },
             greeted: false,
@@ -243,6 +305,7 @@ impl Session {
             Event::Bytes(bytes) => self.bytes(bytes, &mut out),
             Event::LoginDone(outcome) => self.login_done(outcome, &mut out),
             Event::UpdateDone(committed) => self.update_done(committed, &mut out),
+            Event::TlsUp => self.tls_up(),
             Event::Timeout => {
                 reply(&mut out, TIMEOUT);
                 self.close(&mut out);
@@ -252,12 +315,18 @@ impl Session {
         out
     }
 
-    /// True while waiting for LoginDone/UpdateDone (driver must not expect more replies until it feeds it).
+    /// True while waiting for LoginDone/UpdateDone/TlsUp (driver must not
+    /// expect more replies until it feeds it).
     pub fn is_waiting(&self) -> bool {
         matches!(
             self.state,
-            State::LoginPending { .. } | State::Update { .. }
+            State::LoginPending { .. } | State::Update { .. } | State::StartTls
         )
+    }
+
+    /// True once the connection is encrypted (implicit TLS or after TlsUp).
+    pub fn tls_active(&self) -> bool {
+        self.tls
     }
 
     /// Authenticated user name, for logs (kept after close).
@@ -286,8 +355,9 @@ impl Session {
     }
 
     fn bytes(&mut self, bytes: &[u8], out: &mut Vec<Action>) {
-        if matches!(self.state, State::Update { .. }) {
+        if matches!(self.state, State::Update { .. } | State::StartTls) {
             // After QUIT only UpdateDone matters; the session ends either way.
+            // Before TlsUp, plaintext bytes must never reach the TLS session.
             return;
         }
         self.input.extend_from_slice(bytes);
@@ -322,6 +392,18 @@ impl Session {
         self.process_input(out);
     }
 
+    fn tls_up(&mut self) {
+        if !matches!(self.state, State::StartTls) {
+            return; // not asked for: ignore
+        }
+        // RFC 2595 section 4: forget everything learnt before the upgrade.
+        // No new greeting; the client talks first (usually CAPA).
+        self.tls = true;
+        self.state = State::Authorization { user: None };
+        self.input.clear();
+        self.discarding = false;
+    }
+
     fn update_done(&mut self, committed: bool, out: &mut Vec<Action>) {
         let State::Update { remaining } = self.state else {
             return; // not asked for: ignore
@@ -346,9 +428,10 @@ impl Session {
         while self.greeted
             && matches!(
                 self.state,
-                State::Authorization { .. } | State::Transaction(_)
+                State::Authorization { .. } | State::Transaction(_) | State::SaslPlain
             )
         {
+            let limit = self.line_limit();
             let rest = &self.input[pos..];
             let newline = rest.iter().position(|&b| b == b'\n');
             if self.discarding {
@@ -365,9 +448,9 @@ impl Session {
                 }
             }
             match newline {
-                Some(i) if i + 1 > MAX_LINE => {
+                Some(i) if i + 1 > limit => {
                     pos += i + 1;
-                    self.fail(CmdError::LineTooLong, out);
+                    self.line_too_long(out);
                 }
                 Some(i) => {
                     let line = rest[..i].to_vec();
@@ -375,25 +458,50 @@ impl Session {
                     self.command(&line, out);
                 }
                 // Whatever follows, the line cannot fit any more.
-                None if rest.len() >= MAX_LINE => {
+                None if rest.len() >= limit => {
                     pos = self.input.len();
                     self.discarding = true;
-                    self.fail(CmdError::LineTooLong, out);
+                    self.line_too_long(out);
                 }
                 None => break,
             }
         }
         // The session ends from UPDATE or CLOSED: nothing left will be answered.
-        if matches!(self.state, State::Update { .. } | State::Closed) {
+        // After STLS, whatever the client pipelined in plaintext is dropped
+        // (RFC 2595 section 4: no command injection across the upgrade).
+        if matches!(
+            self.state,
+            State::Update { .. } | State::Closed | State::StartTls
+        ) {
             self.input.clear();
         } else {
             self.input.drain(..pos);
         }
     }
 
+    /// Longest line accepted in the current state, terminator included.
+    fn line_limit(&self) -> usize {
+        if matches!(self.state, State::SaslPlain) {
+            MAX_SASL_LINE
+        } else {
+            MAX_LINE
+        }
+    }
+
+    /// An over-long line; one in place of a SASL response aborts the exchange.
+    fn line_too_long(&mut self, out: &mut Vec<Action>) {
+        if matches!(self.state, State::SaslPlain) {
+            self.state = State::Authorization { user: None };
+        }
+        self.fail(CmdError::LineTooLong, out);
+    }
+
     /// One command line, terminator removed except possibly a CR.
     fn command(&mut self, line: &[u8], out: &mut Vec<Action>) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if matches!(self.state, State::SaslPlain) {
+            return self.sasl_response(line, out);
+        }
         let line = trim_start(line);
         let (verb, rest) = match line.iter().position(|&b| b == b' ') {
             Some(i) => (&line[..i], &line[i..]),
@@ -423,6 +531,8 @@ impl Session {
             b"USER" => self.cmd_user(rest, out),
             // Everything after "PASS " is the password, spaces included.
             b"PASS" => self.cmd_pass(pending_user, rest.get(1..), out),
+            b"AUTH" => self.cmd_auth(rest, out),
+            b"STLS" => self.cmd_stls(rest, out),
             b"QUIT" => {
                 reply(out, &format!("+OK {} signing off", self.config.hostname));
                 self.close(out);
@@ -433,9 +543,112 @@ impl Session {
         }
     }
 
+    /// Credentials may be sent now: over TLS, or plaintext is allowed.
+    fn credentials_usable(&self) -> bool {
+        self.tls || self.config.allow_plaintext_auth
+    }
+
+    /// STLS is offered: configured, and not encrypted yet.
+    fn stls_offered(&self) -> bool {
+        self.config.stls_available && !self.tls
+    }
+
+    /// USER, PASS or AUTH while credentials are not usable.
+    fn refuse_credentials(&mut self, out: &mut Vec<Action>) {
+        let error = if self.stls_offered() {
+            CmdError::UseStls
+        } else {
+            CmdError::PlaintextDisallowed
+        };
+        self.fail(error, out);
+    }
+
+    fn cmd_stls(&mut self, rest: &[u8], out: &mut Vec<Action>) {
+        if self.tls {
+            return self.fail(CmdError::TlsActive, out);
+        }
+        if !self.config.stls_available {
+            return self.fail(CmdError::StlsUnavailable, out);
+        }
+        if !trim_start(rest).is_empty() {
+            return self.fail(CmdError::Syntax, out);
+        }
+        reply(out, "+OK Begin TLS negotiation");
+        out.push(Action::StartTls);
+        // process_input drops the rest of the buffered input, bytes() ignores
+        // anything else until TlsUp.
+        self.state = State::StartTls;
+        self.discarding = false;
+    }
+
+    /// `AUTH`, `AUTH PLAIN` or `AUTH PLAIN <initial-response>` (RFC 5034).
+    fn cmd_auth(&mut self, rest: &[u8], out: &mut Vec<Action>) {
+        if !self.credentials_usable() {
+            return self.refuse_credentials(out);
+        }
+        let args: Vec<&[u8]> = rest
+            .split(|&b| b == b' ')
+            .filter(|a| !a.is_empty())
+            .collect();
+        match args.as_slice() {
+            // Not in RFC 5034, but widely used by clients to probe.
+            [] => out.push(multiline("+OK", ["PLAIN"])),
+            [mechanism, ..] if !mechanism.eq_ignore_ascii_case(b"PLAIN") => {
+                self.fail(CmdError::UnsupportedMechanism, out)
+            }
+            [_] => {
+                reply(out, "+ ");
+                self.state = State::SaslPlain;
+            }
+            [_, initial] => self.sasl_plain(initial, out),
+            _ => self.fail(CmdError::Syntax, out),
+        }
+    }
+
+    /// The client's line after `+ `: base64 PLAIN message, or `*` to cancel.
+    fn sasl_response(&mut self, line: &[u8], out: &mut Vec<Action>) {
+        self.state = State::Authorization { user: None };
+        let line = trim_end(trim_start(line));
+        if line == b"*" {
+            return self.fail(CmdError::AuthCancelled, out);
+        }
+        self.sasl_plain(line, out);
+    }
+
+    /// Decode and check a PLAIN response (RFC 4616: authzid NUL authcid NUL
+    /// passwd), then log in as authcid. `=` stands for an empty response.
+    fn sasl_plain(&mut self, encoded: &[u8], out: &mut Vec<Action>) {
+        let decoded = if encoded == b"=" {
+            Some(Vec::new())
+        } else {
+            base64_decode(encoded)
+        };
+        let Some(message) = decoded else {
+            return self.fail(CmdError::InvalidBase64, out);
+        };
+        let mut parts = message.split(|&b| b == 0);
+        let (Some(authzid), Some(authcid), Some(password), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return self.fail(CmdError::MalformedPlain, out);
+        };
+        if authcid.is_empty() || password.is_empty() {
+            return self.fail(CmdError::MalformedPlain, out);
+        }
+        // No proxy or master-user logins: acting as someone else is refused.
+        if !authzid.is_empty() && authzid != authcid {
+            return self.login_failed_with(AUTHZ_NOT_ALLOWED, out);
+        }
+        match (std::str::from_utf8(authcid), std::str::from_utf8(password)) {
+            (Ok(user), Ok(password)) => self.start_login(user.to_owned(), password.to_owned(), out),
+            // Non-UTF-8 credentials cannot match anything: same answer as a bad password.
+            _ => self.login_failed(out),
+        }
+    }
+
     fn cmd_user(&mut self, rest: &[u8], out: &mut Vec<Action>) {
-        if !self.config.allow_user_pass {
-            return self.fail(CmdError::PlaintextDisallowed, out);
+        if !self.credentials_usable() {
+            return self.refuse_credentials(out);
         }
         let name = trim_end(trim_start(rest));
         if name.is_empty() {
@@ -448,8 +661,8 @@ impl Session {
     }
 
     fn cmd_pass(&mut self, user: Option<Vec<u8>>, password: Option<&[u8]>, out: &mut Vec<Action>) {
-        if !self.config.allow_user_pass {
-            return self.fail(CmdError::PlaintextDisallowed, out);
+        if !self.credentials_usable() {
+            return self.refuse_credentials(out);
         }
         let Some(user) = user else {
             return self.fail(CmdError::PassWithoutUser, out);
@@ -459,21 +672,28 @@ impl Session {
             _ => return self.fail(CmdError::Syntax, out),
         };
         match (String::from_utf8(user), std::str::from_utf8(password)) {
-            (Ok(user), Ok(password)) => {
-                out.push(Action::Login {
-                    user: user.clone(),
-                    password: password.to_owned(),
-                });
-                self.state = State::LoginPending { user };
-            }
+            (Ok(user), Ok(password)) => self.start_login(user, password.to_owned(), out),
             // Non-UTF-8 credentials cannot match anything: same answer as a bad password.
             _ => self.login_failed(out),
         }
     }
 
+    /// Ask the driver to check the credentials; LoginDone answers.
+    fn start_login(&mut self, user: String, password: String, out: &mut Vec<Action>) {
+        out.push(Action::Login {
+            user: user.clone(),
+            password,
+        });
+        self.state = State::LoginPending { user };
+    }
+
     fn login_failed(&mut self, out: &mut Vec<Action>) {
-        self.failed_logins += 1;
-        reply(out, AUTH_FAILED);
+        self.login_failed_with(AUTH_FAILED, out);
+    }
+
+    fn login_failed_with(&mut self, text: &str, out: &mut Vec<Action>) {
+        self.failed_logins = self.failed_logins.saturating_add(1);
+        reply(out, text);
         if self.failed_logins >= self.config.max_failed_logins {
             self.close(out);
         }
@@ -481,8 +701,14 @@ impl Session {
 
     fn cmd_capa(&mut self, out: &mut Vec<Action>) {
         let mut lines = vec!["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"];
-        if self.config.allow_user_pass && matches!(self.state, State::Authorization { .. }) {
-            lines.push("USER");
+        if matches!(self.state, State::Authorization { .. }) {
+            if self.stls_offered() {
+                lines.push("STLS");
+            }
+            if self.credentials_usable() {
+                lines.push("USER");
+                lines.push("SASL PLAIN");
+            }
         }
         lines.push("IMPLEMENTATION Postroom");
         out.push(multiline("+OK Capability list follows", lines));
@@ -508,7 +734,7 @@ impl Session {
             b"DELE" => cmd_dele(maildrop, args),
             b"RSET" => cmd_rset(maildrop),
             b"NOOP" => Ok(vec![ok_line("+OK")]),
-            b"USER" | b"PASS" => Err(CmdError::WrongState),
+            b"USER" | b"PASS" | b"AUTH" | b"STLS" => Err(CmdError::WrongState),
             _ => Err(CmdError::Unknown),
         };
         match result {
@@ -540,7 +766,7 @@ impl Session {
     fn fail(&mut self, error: CmdError, out: &mut Vec<Action>) {
         reply(out, &error.line());
         if error.counts() {
-            self.errors += 1;
+            self.errors = self.errors.saturating_add(1);
             if self.errors >= self.config.max_errors {
                 reply(out, TOO_MANY_ERRORS);
                 self.close(out);
@@ -707,6 +933,60 @@ fn clean_uidl(message: &MaildropMessage) -> String {
     }
 }
 
+/// Strict base64 (RFC 4648 standard alphabet, padding required, no
+/// whitespace, unused bits zero). Empty input decodes to nothing.
+fn base64_decode(input: &[u8]) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        Some(u32::from(v))
+    }
+    if !input.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(input.len() / 4 * 3);
+    let quads = input.len() / 4;
+    for (index, quad) in input.chunks_exact(4).enumerate() {
+        let padding = match quad {
+            [_, _, b'=', b'='] => 2,
+            [_, _, _, b'='] => 1,
+            _ => 0,
+        };
+        // Padding only at the very end.
+        if padding > 0 && index + 1 != quads {
+            return None;
+        }
+        let mut bits = 0u32;
+        for &c in &quad[..4 - padding] {
+            bits = (bits << 6) | value(c)?;
+        }
+        match padding {
+            0 => out.extend_from_slice(&[(bits >> 16) as u8, (bits >> 8) as u8, bits as u8]),
+            1 => {
+                // 18 bits, the low 2 unused.
+                if bits & 0b11 != 0 {
+                    return None;
+                }
+                out.extend_from_slice(&[(bits >> 10) as u8, (bits >> 2) as u8]);
+            }
+            _ => {
+                // 12 bits, the low 4 unused.
+                if bits & 0b1111 != 0 {
+                    return None;
+                }
+                out.push((bits >> 4) as u8);
+            }
+        }
+    }
+    Some(out)
+}
+
 fn trim_start(bytes: &[u8]) -> &[u8] {
     let start = bytes.iter().position(|&b| b != b' ').unwrap_or(bytes.len());
     &bytes[start..]
@@ -751,7 +1031,9 @@ mod tests {
     fn config() -> SessionConfig {
         SessionConfig {
             hostname: HOST.into(),
-            allow_user_pass: true,
+            allow_plaintext_auth: true,
+            stls_available: false,
+            tls_active: false,
             max_failed_logins: 3,
             max_errors: 20,
         }
@@ -1404,7 +1686,7 @@ mod tests {
     fn capa() {
         let mut s = connected(config());
         let with_user = "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n\
-            AUTH-RESP-CODE\r\nPIPELINING\r\nUSER\r\nIMPLEMENTATION Postroom\r\n.\r\n";
+            AUTH-RESP-CODE\r\nPIPELINING\r\nUSER\r\nSASL PLAIN\r\nIMPLEMENTATION Postroom\r\n.\r\n";
         let without_user = "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n\
             AUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION Postroom\r\n.\r\n";
         assert_eq!(feed(&mut s, b"capa\r\n"), vec![r(with_user)]);
@@ -1413,7 +1695,7 @@ mod tests {
         assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(without_user)]);
 
         let mut s = connected(SessionConfig {
-            allow_user_pass: false,
+            allow_plaintext_auth: false,
             ..config()
         });
         assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(without_user)]);
@@ -1422,7 +1704,7 @@ mod tests {
     #[test]
     fn plaintext_disallowed() {
         let mut s = connected(SessionConfig {
-            allow_user_pass: false,
+            allow_plaintext_auth: false,
             ..config()
         });
         let refused = r("-ERR [AUTH] Plaintext authentication disallowed without TLS\r\n");
@@ -1541,6 +1823,638 @@ mod tests {
         assert!(!shown.contains("hunter2"));
     }
 
+    // ----- STLS and AUTH PLAIN -----
+
+    fn stls_config() -> SessionConfig {
+        SessionConfig {
+            allow_plaintext_auth: false,
+            stls_available: true,
+            ..config()
+        }
+    }
+
+    fn capa_text(extra: &[&str]) -> String {
+        let mut t = String::from(
+            "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n",
+        );
+        for line in extra {
+            t.push_str(line);
+            t.push_str("\r\n");
+        }
+        t.push_str("IMPLEMENTATION Postroom\r\n.\r\n");
+        t
+    }
+
+    /// Test-side base64 encoder (standard alphabet, padded).
+    fn b64(data: &[u8]) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in data.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    /// Runs STLS to completion and checks the session is fresh and encrypted.
+    fn upgrade(s: &mut Session) {
+        assert_eq!(
+            feed(s, b"STLS\r\n"),
+            vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]
+        );
+        assert!(s.is_waiting());
+        assert!(s.handle(Event::TlsUp).is_empty());
+        assert!(!s.is_waiting());
+        assert!(s.tls_active());
+    }
+
+    #[test]
+    fn stls_flow_and_capa() {
+        let mut s = connected(stls_config());
+        assert!(!s.tls_active());
+        assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(&capa_text(&["STLS"]))]);
+        assert_eq!(
+            feed(&mut s, b"stls\r\n"),
+            vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]
+        );
+        assert!(s.is_waiting());
+        // Nothing is answered (or kept) before the handshake completes.
+        assert!(feed(&mut s, b"CAPA\r\n").is_empty());
+        assert!(s.handle(Event::Timeout).len() == 2, "timeout still closes");
+
+        let mut s = connected(stls_config());
+        upgrade(&mut s);
+        // No second greeting; the CAPA sent during the handshake was dropped.
+        assert_eq!(
+            feed(&mut s, b"CAPA\r\n"),
+            vec![r(&capa_text(&["USER", "SASL PLAIN"]))]
+        );
+        let not_again = r("-ERR Command not permitted when TLS active\r\n");
+        assert_eq!(feed(&mut s, b"STLS\r\n"), vec![not_again]);
+        // A second TlsUp is not asked for: ignored.
+        assert!(s.handle(Event::TlsUp).is_empty());
+        feed(&mut s, b"USER alice\r\n");
+        assert_eq!(
+            feed(&mut s, b"PASS secret\r\n"),
+            vec![login_action("alice", "secret")]
+        );
+        s.handle(Event::LoginDone(LoginOutcome::Ok {
+            messages: messages(),
+        }));
+        // TRANSACTION: neither STLS nor USER/SASL advertised, both refused.
+        assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(&capa_text(&[]))]);
+        let wrong = r("-ERR command not valid in this state\r\n");
+        assert_eq!(feed(&mut s, b"STLS\r\n"), vec![wrong.clone()]);
+        assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![wrong]);
+    }
+
+    #[test]
+    fn stls_in_transaction_is_wrong_state() {
+        let mut s = connected(SessionConfig {
+            allow_plaintext_auth: true,
+            ..stls_config()
+        });
+        feed(&mut s, b"USER alice\r\nPASS secret\r\n");
+        s.handle(Event::LoginDone(LoginOutcome::Ok {
+            messages: messages(),
+        }));
+        assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(&capa_text(&[]))]);
+        assert_eq!(
+            feed(&mut s, b"STLS\r\n"),
+            vec![r("-ERR command not valid in this state\r\n")]
+        );
+        assert!(!s.tls_active());
+        assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 3 620\r\n")]);
+    }
+
+    #[test]
+    fn stls_discards_pipelined_plaintext() {
+        // Plaintext auth allowed, so the smuggled lines would succeed if run.
+        let cfg = SessionConfig {
+            allow_plaintext_auth: true,
+            ..stls_config()
+        };
+        let mut s = connected(cfg.clone());
+        assert_eq!(
+            feed(&mut s, b"STLS\r\nUSER evil\r\nPASS x\r\n"),
+            vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]
+        );
+        assert!(s.input.is_empty());
+        assert!(feed(&mut s, b"PASS y\r\n").is_empty());
+        assert!(s.handle(Event::TlsUp).is_empty());
+        assert!(s.input.is_empty());
+        assert_eq!(
+            feed(&mut s, b"PASS x\r\n"),
+            vec![r("-ERR PASS must directly follow USER\r\n")]
+        );
+
+        // The same, byte by byte and in odd splits: no Login ever appears.
+        let script: &[u8] = b"STLS\r\nUSER evil\r\nPASS x\r\nAUTH PLAIN AGV2aWwAeA==\r\n";
+        for chunk in [1, 3, 7, script.len()] {
+            let mut s = connected(cfg.clone());
+            let mut all = Vec::new();
+            for piece in script.chunks(chunk) {
+                all.extend(feed(&mut s, piece));
+            }
+            assert_eq!(
+                all,
+                vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls],
+                "chunk {chunk}"
+            );
+            assert!(s.handle(Event::TlsUp).is_empty());
+            assert!(
+                feed(&mut s, b"\r\n").len() == 1,
+                "only the empty line is answered"
+            );
+            assert_eq!(s.user(), None);
+        }
+
+        // A USER accepted before STLS is forgotten.
+        let mut s = connected(cfg);
+        assert_eq!(
+            feed(&mut s, b"USER alice\r\nSTLS\r\n"),
+            vec![
+                r("+OK\r\n"),
+                r("+OK Begin TLS negotiation\r\n"),
+                Action::StartTls
+            ]
+        );
+        s.handle(Event::TlsUp);
+        assert_eq!(
+            feed(&mut s, b"PASS secret\r\n"),
+            vec![r("-ERR PASS must directly follow USER\r\n")]
+        );
+    }
+
+    #[test]
+    fn stls_after_over_long_line_fragment() {
+        // A discarded over-long line must not swallow the first line after TLS.
+        let mut s = connected(stls_config());
+        let mut bytes = b"STLS\r\n".to_vec();
+        bytes.extend_from_slice(&[b'x'; 400]);
+        assert_eq!(
+            feed(&mut s, &bytes),
+            vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]
+        );
+        s.handle(Event::TlsUp);
+        assert_eq!(
+            feed(&mut s, b"CAPA\r\n"),
+            vec![r(&capa_text(&["USER", "SASL PLAIN"]))]
+        );
+    }
+
+    #[test]
+    fn stls_not_available() {
+        let mut s = connected(SessionConfig {
+            max_errors: 2,
+            ..config()
+        });
+        assert_eq!(
+            feed(&mut s, b"CAPA\r\n"),
+            vec![r(&capa_text(&["USER", "SASL PLAIN"]))]
+        );
+        assert_eq!(
+            feed(&mut s, b"STLS\r\n"),
+            vec![r("-ERR STLS not available\r\n")]
+        );
+        assert!(s.handle(Event::TlsUp).is_empty(), "not asked for");
+        assert!(!s.tls_active());
+        // Counted as an error.
+        assert_eq!(
+            feed(&mut s, b"STLS\r\n"),
+            vec![
+                r("-ERR STLS not available\r\n"),
+                r("-ERR too many errors\r\n"),
+                Action::Close
+            ]
+        );
+
+        // Arguments are a syntax error and do not start TLS.
+        let mut s = connected(stls_config());
+        assert_eq!(
+            feed(&mut s, b"STLS now\r\n"),
+            vec![r("-ERR syntax error\r\n")]
+        );
+        assert!(!s.is_waiting());
+        // Trailing spaces are tolerated.
+        assert_eq!(
+            feed(&mut s, b"STLS  \r\n"),
+            vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]
+        );
+    }
+
+    #[test]
+    fn plaintext_refused_until_tls() {
+        let mut s = connected(stls_config());
+        let use_stls = r("-ERR [AUTH] Authentication requires TLS: use STLS\r\n");
+        for cmd in [
+            &b"USER alice\r\n"[..],
+            b"PASS secret\r\n",
+            b"AUTH\r\n",
+            b"AUTH PLAIN\r\n",
+            b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+            b"AUTH LOGIN\r\n",
+        ] {
+            assert_eq!(
+                feed(&mut s, cmd),
+                vec![use_stls.clone()],
+                "{}",
+                String::from_utf8_lossy(cmd)
+            );
+        }
+        upgrade(&mut s);
+        assert_eq!(feed(&mut s, b"USER alice\r\n"), vec![r("+OK\r\n")]);
+        assert_eq!(
+            feed(&mut s, b"PASS secret\r\n"),
+            vec![login_action("alice", "secret")]
+        );
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::Ok { messages: vec![] })),
+            vec![r("+OK Logged in, 0 messages (0 octets)\r\n")]
+        );
+        assert_eq!(s.user(), Some("alice"));
+
+        // Refusals count as errors, not failed logins; STLS does not reset them.
+        let mut s = connected(SessionConfig {
+            max_errors: 3,
+            max_failed_logins: 1,
+            ..stls_config()
+        });
+        assert_eq!(feed(&mut s, b"USER a\r\nPASS b\r\n").len(), 2);
+        upgrade(&mut s);
+        assert_eq!(
+            feed(&mut s, b"BOGUS\r\n"),
+            vec![
+                r("-ERR unknown command\r\n"),
+                r("-ERR too many errors\r\n"),
+                Action::Close
+            ]
+        );
+
+        // Without STLS on offer, the RFC 2595 wording.
+        let mut s = connected(SessionConfig {
+            stls_available: false,
+            ..stls_config()
+        });
+        let refused = r("-ERR [AUTH] Plaintext authentication disallowed without TLS\r\n");
+        assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![refused.clone()]);
+        assert_eq!(feed(&mut s, b"AUTH\r\n"), vec![refused]);
+        assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(&capa_text(&[]))]);
+    }
+
+    #[test]
+    fn tls_active_from_start() {
+        let mut s = connected(SessionConfig {
+            allow_plaintext_auth: false,
+            stls_available: false,
+            tls_active: true,
+            ..config()
+        });
+        assert!(s.tls_active());
+        assert_eq!(
+            feed(&mut s, b"CAPA\r\n"),
+            vec![r(&capa_text(&["USER", "SASL PLAIN"]))]
+        );
+        assert_eq!(
+            feed(&mut s, b"STLS\r\n"),
+            vec![r("-ERR Command not permitted when TLS active\r\n")]
+        );
+        assert!(s.handle(Event::TlsUp).is_empty());
+        assert_eq!(
+            feed(&mut s, b"USER alice\r\nPASS secret\r\n"),
+            vec![r("+OK\r\n"), login_action("alice", "secret")]
+        );
+        // Even a misconfigured stls_available is not offered once encrypted.
+        let mut s = connected(SessionConfig {
+            tls_active: true,
+            ..stls_config()
+        });
+        assert_eq!(
+            feed(&mut s, b"CAPA\r\n"),
+            vec![r(&capa_text(&["USER", "SASL PLAIN"]))]
+        );
+        assert_eq!(
+            feed(&mut s, b"STLS\r\n"),
+            vec![r("-ERR Command not permitted when TLS active\r\n")]
+        );
+    }
+
+    #[test]
+    fn auth_plain_initial_response() {
+        let mut s = connected(config());
+        let ir = b64(b"\0alice\0secret");
+        assert_eq!(ir, "AGFsaWNlAHNlY3JldA==");
+        assert_eq!(
+            feed(&mut s, format!("auth plain {ir}\r\n").as_bytes()),
+            vec![login_action("alice", "secret")]
+        );
+        assert!(s.is_waiting());
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::Ok {
+                messages: messages()
+            })),
+            vec![r("+OK Logged in, 3 messages (620 octets)\r\n")]
+        );
+        assert_eq!(s.user(), Some("alice"));
+        assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 3 620\r\n")]);
+
+        // authzid equal to authcid; password with spaces and UTF-8.
+        let mut s = connected(config());
+        let ir = b64("bob\0bob\0p \u{e4}ss word".as_bytes());
+        assert_eq!(
+            feed(&mut s, format!("AUTH PLAIN {ir}\r\n").as_bytes()),
+            vec![login_action("bob", "p \u{e4}ss word")]
+        );
+        // Results are answered as for PASS.
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::InUse)),
+            vec![r("-ERR [IN-USE] Mailbox is locked by another session\r\n")]
+        );
+        feed(&mut s, format!("AUTH PLAIN {ir}\r\n").as_bytes());
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::TempFail)),
+            vec![r("-ERR [SYS/TEMP] Temporary failure, try again later\r\n")]
+        );
+        feed(&mut s, format!("AUTH PLAIN {ir}\r\n").as_bytes());
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::BadCredentials)),
+            vec![r("-ERR [AUTH] Invalid user name or password\r\n")]
+        );
+        assert_eq!(s.user(), None);
+    }
+
+    #[test]
+    fn auth_plain_continuation_and_pipelining() {
+        let mut s = connected(config());
+        assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![r("+ \r\n")]);
+        assert!(!s.is_waiting());
+        assert_eq!(
+            feed(&mut s, b"AGFsaWNlAHNlY3JldA==\r\n"),
+            vec![login_action("alice", "secret")]
+        );
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::BadCredentials)),
+            vec![r("-ERR [AUTH] Invalid user name or password\r\n")]
+        );
+
+        // Pipelined: AUTH, its response, then TRANSACTION commands.
+        let out = feed(
+            &mut s,
+            b"AUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nSTAT\r\nQUIT\r\n",
+        );
+        assert_eq!(out, vec![r("+ \r\n"), login_action("alice", "secret")]);
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::Ok {
+                messages: messages()
+            })),
+            vec![
+                r("+OK Logged in, 3 messages (620 octets)\r\n"),
+                r("+OK 3 620\r\n"),
+                Action::Update { deleted: vec![] },
+            ]
+        );
+
+        // Failed AUTH logins count towards the failed-login limit.
+        let mut s = connected(SessionConfig {
+            max_failed_logins: 2,
+            ..config()
+        });
+        feed(&mut s, b"AUTH PLAIN AGEAYg==\r\n");
+        s.handle(Event::LoginDone(LoginOutcome::BadCredentials));
+        feed(&mut s, b"AUTH PLAIN\r\nAGEAYg==\r\n");
+        assert_eq!(
+            s.handle(Event::LoginDone(LoginOutcome::BadCredentials)),
+            vec![
+                r("-ERR [AUTH] Invalid user name or password\r\n"),
+                Action::Close
+            ]
+        );
+    }
+
+    #[test]
+    fn auth_cancel() {
+        let mut s = connected(SessionConfig {
+            max_errors: 1,
+            ..config()
+        });
+        for _ in 0..5 {
+            assert_eq!(
+                feed(&mut s, b"AUTH PLAIN\r\n*\r\n"),
+                vec![r("+ \r\n"), r("-ERR Authentication cancelled\r\n")]
+            );
+        }
+        // Back in AUTHORIZATION; "*" as a command is just unknown.
+        assert!(text(&feed(&mut s, b"CAPA\r\n")).starts_with("+OK Capability"));
+        assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![r("+ \r\n")]);
+        assert_eq!(
+            feed(&mut s, b" * \r\n"),
+            vec![r("-ERR Authentication cancelled\r\n")]
+        );
+        assert!(!s.is_closed());
+        // A pending USER is consumed by AUTH.
+        feed(&mut s, b"USER alice\r\nAUTH PLAIN\r\n*\r\n");
+        assert_eq!(
+            feed(&mut s, b"PASS x\r\n"),
+            vec![
+                r("-ERR PASS must directly follow USER\r\n"),
+                r("-ERR too many errors\r\n"),
+                Action::Close
+            ]
+        );
+    }
+
+    #[test]
+    fn auth_bad_base64_and_malformed() {
+        let mut s = connected(config());
+        let bad = r("-ERR [AUTH] Invalid base64\r\n");
+        let malformed = r("-ERR [AUTH] Malformed PLAIN response\r\n");
+        let cases: &[(&[u8], &Action)] = &[
+            (b"AUTH PLAIN !!!!\r\n", &bad),
+            (b"AUTH PLAIN AGFsaWNlAHNlY3JldA\r\n", &bad), // unpadded
+            (b"AUTH PLAIN AGFsaWNlAHNlY3JldA=\r\n", &bad),
+            (b"AUTH PLAIN AG==AHNlY3JldA==\r\n", &bad), // padding inside
+            (b"AUTH PLAIN AGF=\r\n", &bad),             // non-zero unused bits
+            (b"AUTH PLAIN ====\r\n", &bad),
+            (b"AUTH PLAIN *\r\n", &bad),
+            (b"AUTH PLAIN =\r\n", &malformed), // empty
+            (b"AUTH PLAIN YWxpY2UAc2VjcmV0\r\n", &malformed), // one NUL
+            (b"AUTH PLAIN AABwdw==\r\n", &malformed), // empty authcid
+            (b"AUTH PLAIN AGFsaWNlAA==\r\n", &malformed), // empty password
+            (b"AUTH PLAIN AGEAYgBj\r\n", &malformed), // three NULs
+        ];
+        for (cmd, want) in cases {
+            assert_eq!(
+                feed(&mut s, cmd),
+                vec![(*want).clone()],
+                "{}",
+                String::from_utf8_lossy(cmd)
+            );
+        }
+        assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![r("+ \r\n")]);
+        assert_eq!(
+            feed(&mut s, b"AGFsa WNlAHNlY3JldA==\r\n"),
+            vec![bad.clone()]
+        );
+        assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![r("+ \r\n")]);
+        assert_eq!(feed(&mut s, b"\r\n"), vec![malformed.clone()]);
+        // Non-UTF-8 credentials: like a bad password, no Login.
+        let ir = b64(b"\0\xff\0pw");
+        assert_eq!(
+            feed(&mut s, format!("AUTH PLAIN {ir}\r\n").as_bytes()),
+            vec![r("-ERR [AUTH] Invalid user name or password\r\n")]
+        );
+        // Those errors count towards max_errors.
+        let mut s = connected(SessionConfig {
+            max_errors: 2,
+            ..config()
+        });
+        feed(&mut s, b"AUTH PLAIN !!!!\r\n");
+        assert_eq!(
+            feed(&mut s, b"AUTH PLAIN =\r\n"),
+            vec![malformed, r("-ERR too many errors\r\n"), Action::Close]
+        );
+    }
+
+    #[test]
+    fn auth_authzid_mismatch_is_failed_login() {
+        let mut s = connected(config());
+        let denied = r("-ERR [AUTH] Authorization identity not allowed\r\n");
+        let ir = b64(b"bob\0alice\0secret");
+        let cmd = format!("AUTH PLAIN {ir}\r\n");
+        assert_eq!(feed(&mut s, cmd.as_bytes()), vec![denied.clone()]);
+        assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![r("+ \r\n")]);
+        assert_eq!(
+            feed(&mut s, format!("{ir}\r\n").as_bytes()),
+            vec![denied.clone()]
+        );
+        // Third failed login (max 3) closes.
+        assert_eq!(feed(&mut s, cmd.as_bytes()), vec![denied, Action::Close]);
+        assert_eq!(s.user(), None);
+    }
+
+    #[test]
+    fn auth_mechanisms_and_syntax() {
+        let mut s = connected(config());
+        assert_eq!(feed(&mut s, b"AUTH\r\n"), vec![r("+OK\r\nPLAIN\r\n.\r\n")]);
+        let unsupported = r("-ERR [AUTH] Unsupported authentication mechanism\r\n");
+        assert_eq!(feed(&mut s, b"AUTH LOGIN\r\n"), vec![unsupported.clone()]);
+        assert_eq!(feed(&mut s, b"AUTH CRAM-MD5 abc\r\n"), vec![unsupported]);
+        assert_eq!(
+            feed(&mut s, b"AUTH PLAIN AGEAYg== extra\r\n"),
+            vec![r("-ERR syntax error\r\n")]
+        );
+        assert_eq!(feed(&mut s, b"AUTH  Plain  \r\n"), vec![r("+ \r\n")]);
+    }
+
+    #[test]
+    fn long_sasl_line() {
+        // 12,288 octets with the CRLF: accepted as a SASL response.
+        let prefix = b"\0alice\0";
+        let mut password = vec![b'p'; 9213 - prefix.len()];
+        let mut message = prefix.to_vec();
+        message.append(&mut password.clone());
+        let encoded = b64(&message);
+        assert_eq!(encoded.len(), 12_284);
+        let mut line = encoded.into_bytes();
+        line.extend_from_slice(b"  \r\n");
+        assert_eq!(line.len(), MAX_SASL_LINE);
+
+        let mut s = connected(config());
+        feed(&mut s, b"AUTH PLAIN\r\n");
+        // Split across events too.
+        let (a, b) = line.split_at(7000);
+        assert!(feed(&mut s, a).is_empty());
+        let out = feed(&mut s, b);
+        password.truncate(9213 - prefix.len());
+        assert_eq!(
+            out,
+            vec![login_action(
+                "alice",
+                std::str::from_utf8(&password).unwrap()
+            )]
+        );
+
+        // One octet more: line too long, the exchange is aborted.
+        let mut s = connected(config());
+        feed(&mut s, b"AUTH PLAIN\r\n");
+        let mut longer = line.clone();
+        longer.insert(0, b' ');
+        longer.extend_from_slice(b"CAPA\r\n");
+        let out = feed(&mut s, &longer);
+        assert_eq!(out[0], r("-ERR line too long\r\n"));
+        assert!(text(&out[1..]).starts_with("+OK Capability"));
+        // Without a line end: reported once the limit is reached, rest skipped.
+        let mut s = connected(config());
+        feed(&mut s, b"AUTH PLAIN\r\n");
+        assert!(feed(&mut s, &[b'A'; 12_000]).is_empty());
+        assert_eq!(
+            feed(&mut s, &[b'A'; 1_000]),
+            vec![r("-ERR line too long\r\n")]
+        );
+        assert!(feed(&mut s, &[b'A'; 20_000]).is_empty());
+        assert!(s.input.is_empty());
+        assert_eq!(
+            feed(&mut s, b"\r\nAUTH PLAIN AGEAYg==\r\n"),
+            vec![login_action("a", "b")]
+        );
+
+        // Outside a SASL exchange the limit is still 255, AUTH line included.
+        let mut s = connected(config());
+        let mut cmd = b"AUTH PLAIN ".to_vec();
+        cmd.extend_from_slice(&[b'A'; 300]);
+        cmd.extend_from_slice(b"\r\n");
+        assert_eq!(feed(&mut s, &cmd), vec![r("-ERR line too long\r\n")]);
+    }
+
+    #[test]
+    fn base64_decoder() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"", b""),
+            (b"Zg==", b"f"),
+            (b"Zm8=", b"fo"),
+            (b"Zm9v", b"foo"),
+            (b"Zm9vYg==", b"foob"),
+            (b"Zm9vYmE=", b"fooba"),
+            (b"Zm9vYmFy", b"foobar"),
+            (b"+/+/", b"\xfb\xff\xbf"),
+        ];
+        for (encoded, decoded) in cases {
+            assert_eq!(base64_decode(encoded).as_deref(), Some(*decoded));
+        }
+        for bad in [
+            &b"Zg"[..],
+            b"Zg=",
+            b"Zh==",
+            b"Zm9=",
+            b"Z===",
+            b"Zg==Zg==",
+            b"Zm9v\r\n",
+            b"Zm-v",
+            b"Zm_v",
+            b"\xff\xff\xff\xff",
+        ] {
+            assert_eq!(base64_decode(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(base64_decode(b64(&all).as_bytes()), Some(all));
+    }
+
+    #[test]
+    fn start_tls_debug() {
+        assert_eq!(format!("{:?}", Action::StartTls), "StartTls");
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic() {
         // Deterministic xorshift; mixes random bytes with command fragments.
@@ -1566,12 +2480,21 @@ mod tests {
             b"QUIT\r\n",
             b"UIDL",
             b"CAPA\r\n",
+            b"STLS\r\n",
+            b"AUTH PLAIN\r\n",
+            b"AUTH PLAIN AGEAYg==\r\n",
+            b"AUTH ",
+            b"AGEAYg==\r\n",
+            b"*\r\n",
+            b"=\r\n",
         ];
         for round in 0..300 {
             let cfg = SessionConfig {
                 max_failed_logins: (round % 4) as u32,
                 max_errors: (round % 25) as u32,
-                allow_user_pass: round % 3 != 0,
+                allow_plaintext_auth: round % 3 != 0,
+                stls_available: round % 5 < 3,
+                tls_active: round % 7 == 0,
                 ..config()
             };
             let mut s = Session::new(cfg);
@@ -1591,7 +2514,16 @@ mod tests {
                     assert_eq!(out.last(), Some(&Action::Close));
                     assert!(s.is_closed());
                 }
-                match next() % 10 {
+                if out.contains(&Action::StartTls) {
+                    // Nothing is executed after STLS until TlsUp.
+                    assert_eq!(out.last(), Some(&Action::StartTls));
+                    assert!(s.is_waiting());
+                    assert!(s.input.is_empty());
+                }
+                match next() % 12 {
+                    10 => {
+                        s.handle(Event::TlsUp);
+                    }
                     0 => {
                         let outcome = match next() % 4 {
                             0 => LoginOutcome::Ok {
@@ -1614,7 +2546,7 @@ mod tests {
                 }
                 assert!(s.input.len() <= MAX_PENDING_INPUT);
                 if !s.is_waiting() {
-                    assert!(s.input.len() < MAX_LINE);
+                    assert!(s.input.len() < s.line_limit());
                 }
             }
         }

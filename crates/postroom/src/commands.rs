@@ -291,6 +291,14 @@ pub fn config(cmd: ConfigCommand, loaded: Result<Config, ConfigError>) -> anyhow
             for w in config.warnings() {
                 eprintln!("warning: {w}");
             }
+            if config.tls.cert.as_os_str().is_empty() {
+                let cert = config.data_dir.join(tls::GENERATED_CERT);
+                if cert.exists() {
+                    eprintln!("note: no [tls] cert configured: using the self-signed certificate {}", cert.display());
+                } else {
+                    eprintln!("note: no [tls] cert configured: a self-signed certificate for {} will be generated into {} on first start", config.hostname, cert.display());
+                }
+            }
             print!("{}", config.effective_toml());
             eprintln!("configuration OK ({})", config.origin);
             Ok(())

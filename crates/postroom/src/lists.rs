@@ -121,7 +121,7 @@ pub struct ExplainArgs {
     /// Pretend the client logged in to POP3 from this address just now.
     #[arg(long)]
     pop_login: bool,
-    /// Pretend the client authenticated as this user.
+    /// Pretend the client authenticated as this user (on the MX listener, `[smtp] auth`).
     #[arg(long)]
     user: Option<String>,
     /// The envelope sender (MAIL FROM); "<>" for the null sender.
@@ -138,14 +138,17 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<()> {
     let policy = crate::serve::relay_policy(config);
     let ip = normalise_ip(args.ip);
     let ip_text = ip.to_string();
-    let (lists, recorded_login) = store.read_blocking(move |c| {
+    let user = args.user.clone();
+    let (lists, recorded_login, owned) = store.read_blocking(move |c| {
         let lists = AccessLists::load(c).map_err(into_store)?;
+        let mut stmt = c.prepare("SELECT a.address FROM addresses a JOIN users u ON u.id = a.user_id WHERE u.name = ?1")?;
+        let owned = stmt.query_map([user.unwrap_or_default()], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
         let at: Option<i64> =
             c.query_row("SELECT at FROM pop_logins WHERE ip = ?1", [&ip_text], |r| r.get(0)).map(Some).or_else(|e| match e {
                 store::rusqlite::Error::QueryReturnedNoRows => Ok(None),
                 e => Err(e),
             })?;
-        Ok((lists, at))
+        Ok((lists, at, owned))
     })?;
     let now = store::now();
     let rbl_listed = rbl_listed(config, ip, &lists);
@@ -159,11 +162,12 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<()> {
         rbl_listed,
         penalised: false,
         authenticated: args.user.clone(),
+        listener_auth: crate::serve::mx_auth(config),
     };
     let d = policy.connect(&facts);
     println!("connect: {} (rule: {})", verdict(d.allow), d.rule);
     let from = if args.from == "<>" { None } else { Some(parse_address(&args.from).context("--from")?) };
-    let d = policy.sender(&facts, from.as_ref());
+    let d = policy.sender(&facts, from.as_ref(), &owned);
     println!("sender {}: {} (rule: {})", args.from, verdict(d.allow), d.rule);
     for to in &args.to {
         let rcpt = parse_address(to).with_context(|| format!("--to {to}"))?;

@@ -7,13 +7,14 @@ use anyhow::Context;
 use directory::{LocalDomains, PasswordPool};
 use mail_framework::{Framework, Queue};
 use pop3_server::{Pop3Server, Pop3Settings};
-use directory::penalty::PenaltyBox;
-use smtp_server::policy::{self, RelayPolicy};
-use smtp_server::{SmtpServer, SmtpSettings};
+use directory::penalty::{LoginLimits, PenaltyBox};
+use smtp_server::policy::{self, ListenerAuth, RelayPolicy, VerifyFrom};
+use smtp_server::{ListenerKind, Services, SmtpServer, SmtpSettings};
+use tls::{CertSource, ServerTls};
 use store::{Store, StoreOptions};
 use tokio::net::TcpListener;
 
-use crate::config::{Config, HeloVerify, LogFormat, PlaintextAuth, RelayMode, SocketLayer};
+use crate::config::{AuthMode, Config, HeloVerify, LogFormat, PlaintextAuth, RelayMode, SocketLayer, VerifyFromUser};
 
 /// The file `serve` writes once it listens: one `name address` line per listener.
 pub const LISTENING_FILE: &str = "listening";
@@ -57,22 +58,40 @@ async fn run(config: Config) -> anyhow::Result<()> {
             None
         }
     };
-    let penalty = PenaltyBox::new(Duration::from_secs(config.penalty.deny_minutes * 60));
-    let smtp = SmtpServer::new(smtp_settings(&config), queue.clone(), domains, dns, penalty);
+    let penalty = PenaltyBox::new(
+        Duration::from_secs(config.penalty.deny_minutes * 60),
+        LoginLimits { failures: config.penalty.login_failures, window: Duration::from_secs(config.penalty.login_window_minutes * 60) },
+    );
+    let tls = load_tls(&config)?;
     let passwords = PasswordPool::new(2, 256);
-    let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords);
+    let services = Services { queue: queue.clone(), domains, dns, penalty: penalty.clone(), tls: tls.clone(), passwords: passwords.clone() };
+    let smtp = SmtpServer::new(smtp_settings(&config), services);
+    let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords, tls, penalty);
 
     let mut bound = Vec::new();
-    for addr in &config.smtp.listen {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("smtp.listen: cannot listen on {addr}"))?;
-        bound.push(format!("smtp {}", listener.local_addr()?));
-        tokio::spawn(smtp.clone().serve(listener));
+    let smtp_listeners = [
+        ("smtp", "smtp.listen", &config.smtp.listen, ListenerKind::Mx),
+        ("submission", "smtp.submission_listen", &config.smtp.submission_listen, ListenerKind::Submission),
+        ("smtps", "smtp.tls_listen", &config.smtp.tls_listen, ListenerKind::Smtps),
+    ];
+    for (name, key, addrs, kind) in smtp_listeners {
+        for addr in addrs {
+            let listener = TcpListener::bind(addr).await.with_context(|| format!("{key}: cannot listen on {addr}"))?;
+            bound.push(format!("{name} {}", listener.local_addr()?));
+            tokio::spawn(smtp.clone().serve(listener, kind));
+        }
     }
-    if config.pop3.socket_layer != SocketLayer::Secure {
-        for addr in &config.pop3.listen {
-            let listener = TcpListener::bind(addr).await.with_context(|| format!("pop3.listen: cannot listen on {addr}"))?;
-            bound.push(format!("pop3 {}", listener.local_addr()?));
-            tokio::spawn(pop3.clone().serve(listener));
+    // P2: the socket layer option picks plain (STLS), implicit TLS, or both.
+    let layer = config.pop3.socket_layer;
+    let pop3_listeners = [
+        ("pop3", "pop3.listen", &config.pop3.listen, false, layer != SocketLayer::Secure),
+        ("pop3s", "pop3.tls_listen", &config.pop3.tls_listen, true, layer != SocketLayer::Nonsecure),
+    ];
+    for (name, key, addrs, implicit_tls, wanted) in pop3_listeners {
+        for addr in addrs.iter().filter(|_| wanted) {
+            let listener = TcpListener::bind(addr).await.with_context(|| format!("{key}: cannot listen on {addr}"))?;
+            bound.push(format!("{name} {}", listener.local_addr()?));
+            tokio::spawn(pop3.clone().serve(listener, implicit_tls));
         }
     }
     write_listening(&config, &bound)?;
@@ -84,6 +103,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Acknowledged mail is already committed; give in-flight commits a moment to land.
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
+}
+
+/// The certificate of `[tls]`, or the self-signed one in data_dir (made on first start);
+/// reloaded when its files change (O6).
+fn load_tls(config: &Config) -> anyhow::Result<Option<ServerTls>> {
+    let (tls, source) = ServerTls::load(&config.tls.cert, &config.tls.key, &config.data_dir, &config.hostname)
+        .context("[tls] cert/key: cannot load the certificate")?;
+    match source {
+        CertSource::Generated => tracing::warn!(cert = %tls.cert_path().display(), "no [tls] cert configured: generated a self-signed certificate"),
+        CertSource::GeneratedEarlier => tracing::info!(cert = %tls.cert_path().display(), "using the self-signed certificate generated earlier"),
+        CertSource::Files => {}
+    }
+    tls.spawn_reloader(Duration::from_secs(5));
+    Ok(Some(tls))
 }
 
 fn smtp_settings(c: &Config) -> SmtpSettings {
@@ -100,6 +133,18 @@ fn smtp_settings(c: &Config) -> SmtpSettings {
         max_hops: c.smtp.max_hops,
         max_errors: c.smtp.max_errors as u32,
         policy: relay_policy(c),
+        mx_auth: mx_auth(c),
+        plaintext_auth_from_loopback: c.tls.allow_plaintext_auth == PlaintextAuth::Loopback,
+        tls_handshake_timeout: Duration::from_secs(c.tls.handshake_timeout_secs),
+    }
+}
+
+/// What the MX listener demands (`[smtp] auth`, A2).
+pub fn mx_auth(c: &Config) -> ListenerAuth {
+    match c.smtp.auth {
+        AuthMode::None => ListenerAuth::None,
+        AuthMode::Relay => ListenerAuth::Relay,
+        AuthMode::LocalAndRelay => ListenerAuth::LocalAndRelay,
     }
 }
 
@@ -122,6 +167,11 @@ pub fn relay_policy(c: &Config) -> RelayPolicy {
             HeloVerify::Reject => policy::HeloVerify::Reject,
         },
         primary_domain: c.domains.first().cloned().unwrap_or_default(),
+        verify_from_user: match c.smtp.verify_from_user {
+            VerifyFromUser::Off => VerifyFrom::Off,
+            VerifyFromUser::All => VerifyFrom::All,
+            VerifyFromUser::NotOnAcceptList => VerifyFrom::NotOnAcceptList,
+        },
     }
 }
 
@@ -132,6 +182,7 @@ fn pop3_settings(c: &Config) -> Pop3Settings {
         max_sessions: c.pop3.max_sessions,
         max_sessions_per_ip: c.pop3.max_sessions_per_ip,
         plaintext_from_loopback: c.tls.allow_plaintext_auth == PlaintextAuth::Loopback,
+        tls_handshake_timeout: Duration::from_secs(c.tls.handshake_timeout_secs),
     }
 }
 

@@ -3,6 +3,7 @@
 //! It only receives and enqueues; it never delivers (DESIGN "Who depends on whom").
 #![forbid(unsafe_code)]
 
+mod auth;
 pub mod policy;
 pub mod received;
 pub mod server;
@@ -11,4 +12,4 @@ pub mod session;
 #[cfg(test)]
 mod session_tests;
 
-pub use server::{SmtpServer, SmtpSettings};
+pub use server::{ListenerKind, Services, SmtpServer, SmtpSettings};

@@ -29,6 +29,24 @@ pub enum HeloVerify {
     Reject,
 }
 
+/// What a listener demands of clients (A2): `none` leaves relay to the rules of §3, `relay`
+/// needs AUTH to relay, `local-and-relay` needs AUTH for anything (submission listeners).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerAuth {
+    None,
+    Relay,
+    LocalAndRelay,
+}
+
+/// Sender verification (A3, i5/OS VFYFROMUSR).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifyFrom {
+    Off,
+    All,
+    /// Everyone but clients on the relay (accept) list.
+    NotOnAcceptList,
+}
+
 /// The administrator's relay settings.
 #[derive(Clone, Debug)]
 pub struct RelayPolicy {
@@ -40,6 +58,7 @@ pub struct RelayPolicy {
     pub helo_verify: HeloVerify,
     /// The first local domain: `user@[our address]` is read as `user@primary_domain`.
     pub primary_domain: String,
+    pub verify_from_user: VerifyFrom,
 }
 
 /// What is known about the client when a decision is made.
@@ -58,8 +77,10 @@ pub struct ClientFacts {
     pub rbl_listed: Option<(String, Ipv4Addr)>,
     /// In the penalty box (R9).
     pub penalised: bool,
-    /// The authenticated user (AUTH comes with the TLS issue).
+    /// The authenticated user.
     pub authenticated: Option<String>,
+    /// What the listener the client reached demands (A2).
+    pub listener_auth: ListenerAuth,
 }
 
 /// The rule behind a decision.
@@ -73,6 +94,12 @@ pub enum Rule {
     HackAutoDeny,
     SenderAccepted,
     KillList(String),
+    /// A3: the authenticated user may send as this address.
+    SenderOwned(String),
+    /// A3: the address is not one of the authenticated user's.
+    SenderNotOwned(String),
+    /// A2: this listener relays only for authenticated clients.
+    AuthRequiredToRelay,
     HeloNotChecked,
     HeloMatches,
     HeloMismatch { name: String, logged_only: bool },
@@ -104,6 +131,9 @@ impl fmt::Display for Rule {
             Rule::HackAutoDeny => write!(f, "hack auto-deny: command line beyond the limits (R9)"),
             Rule::SenderAccepted => write!(f, "no kill list entry matched (R8)"),
             Rule::KillList(e) => write!(f, "kill list entry {e} (R8)"),
+            Rule::SenderOwned(u) => write!(f, "sender address belongs to {u} (A3)"),
+            Rule::SenderNotOwned(u) => write!(f, "sender address is not one of {u}'s addresses (A3)"),
+            Rule::AuthRequiredToRelay => write!(f, "this listener relays only after AUTH (A2)"),
             Rule::HeloNotChecked => write!(f, "HELO verification off (R10)"),
             Rule::HeloMatches => write!(f, "HELO name resolves to the client address (R10)"),
             Rule::HeloMismatch { name, logged_only: true } => write!(f, "HELO name {name} does not resolve to the client address, logged only (R10)"),
@@ -163,7 +193,13 @@ impl Decision {
 
     /// The refusal reply for MAIL FROM.
     pub fn sender_reply(&self) -> Option<Reply> {
-        (!self.allow).then(|| Reply::new(501, (7, 1), "Unacceptable mail address"))
+        if self.allow {
+            return None;
+        }
+        Some(match &self.rule {
+            Rule::SenderNotOwned(_) => Reply::new(553, (7, 1), "Sender address rejected: not owned by the authenticated user"),
+            _ => Reply::new(501, (7, 1), "Unacceptable mail address"),
+        })
     }
 
     /// The refusal reply for HELO/EHLO.
@@ -236,11 +272,25 @@ impl RelayPolicy {
         c.authenticated.is_some() || c.lists.relay_match(c.ip).is_some()
     }
 
-    /// MAIL FROM against the kill list (R8). The null sender is never refused here.
-    pub fn sender(&self, c: &ClientFacts, from: Option<&Address>) -> Decision {
-        match from.and_then(|f| c.lists.kill_match(f)) {
-            Some(k) => Decision::refuse(Rule::KillList(k.to_string())),
-            None => Decision::allow(Rule::SenderAccepted),
+    /// MAIL FROM against the kill list (R8), then, for an authenticated client, against the
+    /// user's own addresses (A3; `owned` lists them). The null sender is never refused here.
+    pub fn sender(&self, c: &ClientFacts, from: Option<&Address>, owned: &[String]) -> Decision {
+        if let Some(k) = from.and_then(|f| c.lists.kill_match(f)) {
+            return Decision::refuse(Rule::KillList(k.to_string()));
+        }
+        let (Some(user), Some(from)) = (&c.authenticated, from) else { return Decision::allow(Rule::SenderAccepted) };
+        let verify = match self.verify_from_user {
+            VerifyFrom::Off => false,
+            VerifyFrom::All => true,
+            VerifyFrom::NotOnAcceptList => c.lists.relay_match(c.ip).is_none(),
+        };
+        if !verify {
+            return Decision::allow(Rule::SenderAccepted);
+        }
+        if owned.iter().any(|a| a.eq_ignore_ascii_case(&from.key())) {
+            Decision::allow(Rule::SenderOwned(user.clone()))
+        } else {
+            Decision::refuse(Rule::SenderNotOwned(user.clone()))
         }
     }
 
@@ -334,6 +384,9 @@ impl RelayPolicy {
         if let Some(user) = &c.authenticated {
             return Decision::allow(Rule::Authenticated(user.clone()));
         }
+        if c.listener_auth != ListenerAuth::None {
+            return Decision::refuse(Rule::AuthRequiredToRelay);
+        }
         let listed = || c.lists.relay_match(c.ip).map(|e| Rule::RelayList(e.to_string()));
         let near = || c.lists.near_match(domain).map(|d| Rule::NearDomain(d.to_string()));
         let (by_mode, refusal) = match self.mode {
@@ -377,6 +430,7 @@ mod tests {
             percent_routing: false,
             helo_verify: HeloVerify::Reject,
             primary_domain: "example.test".into(),
+            verify_from_user: VerifyFrom::All,
         }
     }
 
@@ -390,6 +444,7 @@ mod tests {
             rbl_listed: None,
             penalised: false,
             authenticated: None,
+            listener_auth: ListenerAuth::None,
         }
     }
 
@@ -474,10 +529,43 @@ mod tests {
         let l = lists();
         let p = policy(RelayMode::None, 0);
         let c = client(&l, "127.0.0.1", None);
-        assert!(!p.sender(&c, Some(&addr("a@mx.spam.example"))).allow);
-        assert_eq!(p.sender(&c, Some(&addr("a@mx.spam.example"))).sender_reply().unwrap().code, 501);
-        assert!(p.sender(&c, Some(&addr("a@ham.example"))).allow);
-        assert!(p.sender(&c, None).allow);
+        assert!(!p.sender(&c, Some(&addr("a@mx.spam.example")), &[]).allow);
+        assert_eq!(p.sender(&c, Some(&addr("a@mx.spam.example")), &[]).sender_reply().unwrap().code, 501);
+        assert!(p.sender(&c, Some(&addr("a@ham.example")), &[]).allow);
+        assert!(p.sender(&c, None, &[]).allow);
+    }
+
+    /// A3: an authenticated user sends only as one of their addresses.
+    #[test]
+    fn sender_verification() {
+        let l = lists();
+        let owned = ["sam@example.test".to_string()];
+        let mut c = client(&l, "127.0.0.99", None);
+        c.authenticated = Some("sam".into());
+        let p = policy(RelayMode::None, 0);
+        assert!(p.sender(&c, Some(&addr("Sam@Example.Test")), &owned).allow);
+        let d = p.sender(&c, Some(&addr("boss@example.test")), &owned);
+        assert_eq!(d.sender_reply().unwrap().enhanced().as_deref(), Some("5.7.1"));
+        assert_eq!(d.sender_reply().unwrap().code, 553);
+        let not_on_list = RelayPolicy { verify_from_user: VerifyFrom::NotOnAcceptList, ..p.clone() };
+        assert!(!not_on_list.sender(&c, Some(&addr("boss@example.test")), &owned).allow);
+        let mut office = client(&l, "127.0.0.17", None);
+        office.authenticated = Some("sam".into());
+        assert!(not_on_list.sender(&office, Some(&addr("boss@example.test")), &owned).allow, "accept-listed clients are not checked");
+        let off = RelayPolicy { verify_from_user: VerifyFrom::Off, ..p };
+        assert!(off.sender(&c, Some(&addr("boss@example.test")), &owned).allow);
+    }
+
+    /// A2: on an AUTH-for-relay listener only authenticated clients relay, whatever the lists say.
+    #[test]
+    fn listener_auth_mode_gates_relay() {
+        let l = lists();
+        let p = policy(RelayMode::List, 0);
+        let mut c = client(&l, "127.0.0.17", None);
+        c.listener_auth = ListenerAuth::Relay;
+        assert_eq!(p.relay(&c, "remote.example").rule, Rule::AuthRequiredToRelay);
+        c.authenticated = Some("sam".into());
+        assert!(p.relay(&c, "remote.example").allow);
     }
 
     #[test]

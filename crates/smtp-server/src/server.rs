@@ -3,12 +3,13 @@
 //! the session's actions (lookups, body chunks, the enqueue commit) and writes replies.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use directory::access::{AccessLists, ListCache};
+use directory::mailbox;
 use directory::penalty::PenaltyBox;
-use directory::LocalDomains;
+use directory::{LocalDomains, PasswordPool};
 use dns::{Dns, RblAnswer};
 use mail_framework::{Incoming, Queue};
 use mail_proto::limits::SessionLimits;
@@ -19,10 +20,11 @@ use store::{Durability, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
+use tls::{ServerTls, Stream};
 
-use crate::policy::{ClientFacts, Decision, HeloVerify, RelayPolicy};
-use crate::received::received_header;
-use crate::session::{Action, Event, Phase, RcptVerdict, Session, SessionConfig};
+use crate::policy::{ClientFacts, Decision, HeloVerify, ListenerAuth, RelayPolicy};
+use crate::received::{received_header, submission_headers, Trace};
+use crate::session::{Action, AuthOutcome, Event, Phase, RcptVerdict, Session, SessionConfig};
 
 /// Settings of the SMTP server, from `[smtp]`, `[relay]` and the top level of the configuration.
 #[derive(Clone, Debug)]
@@ -39,34 +41,59 @@ pub struct SmtpSettings {
     pub max_hops: usize,
     pub max_errors: u32,
     pub policy: RelayPolicy,
+    /// `[smtp] auth` for the MX listener (A2); submission listeners always need AUTH.
+    pub mx_auth: ListenerAuth,
+    /// Credentials without TLS from loopback clients (`[tls] allow_plaintext_auth`).
+    pub plaintext_auth_from_loopback: bool,
+    pub tls_handshake_timeout: Duration,
+}
+
+/// Which kind of SMTP listener a connection came in on (S6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// MX-style: STARTTLS offered, AUTH as `[smtp] auth` says.
+    Mx,
+    /// Submission (RFC 6409): STARTTLS offered, AUTH required.
+    Submission,
+    /// Submission over implicit TLS (RFC 8314): AUTH required.
+    Smtps,
+}
+
+/// What the SMTP server works with besides its settings.
+#[derive(Clone)]
+pub struct Services {
+    pub queue: Queue,
+    pub domains: LocalDomains,
+    /// Needed only for blackhole lists and HELO checks; without it they fail open.
+    pub dns: Option<Dns>,
+    pub penalty: PenaltyBox,
+    /// Without it no STARTTLS is offered and the implicit-TLS listener cannot run.
+    pub tls: Option<ServerTls>,
+    pub passwords: PasswordPool,
 }
 
 /// Shared by every connection of every SMTP listener.
 #[derive(Clone)]
 pub struct SmtpServer {
     settings: Arc<SmtpSettings>,
-    queue: Queue,
-    domains: LocalDomains,
+    services: Services,
     limits: SessionLimits,
     lists: ListCache,
-    dns: Option<Dns>,
-    penalty: PenaltyBox,
 }
 
 impl SmtpServer {
-    /// `dns` is needed only for blackhole lists and HELO checks; without it they fail open.
-    pub fn new(settings: SmtpSettings, queue: Queue, domains: LocalDomains, dns: Option<Dns>, penalty: PenaltyBox) -> Self {
+    pub fn new(settings: SmtpSettings, services: Services) -> Self {
         let limits = SessionLimits::new(settings.max_sessions, settings.max_sessions_per_ip);
-        SmtpServer { settings: Arc::new(settings), queue, domains, limits, lists: ListCache::default(), dns, penalty }
+        SmtpServer { settings: Arc::new(settings), services, limits, lists: ListCache::default() }
     }
 
     /// Accept connections on `listener` forever.
-    pub async fn serve(self, listener: TcpListener) {
+    pub async fn serve(self, listener: TcpListener, kind: ListenerKind) {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     let me = self.clone();
-                    tokio::spawn(async move { me.connection(stream, peer).await });
+                    tokio::spawn(async move { me.connection(stream, peer, kind).await });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "smtp accept failed");
@@ -77,14 +104,26 @@ impl SmtpServer {
     }
 
     fn store(&self) -> &Store {
-        self.queue.store()
+        self.services.queue.store()
     }
 
-    async fn connection(self, mut stream: TcpStream, peer: SocketAddr) {
+    async fn connection(self, tcp: TcpStream, peer: SocketAddr, kind: ListenerKind) {
         let ip = normalise_ip(peer.ip());
-        let local_ip = stream.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let _ = stream.set_nodelay(true);
+        let local_ip = tcp.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let _ = tcp.set_nodelay(true);
         let hostname = self.settings.hostname.clone();
+        let mut stream = Stream::Plain(tcp);
+        if kind == ListenerKind::Smtps {
+            // RFC 8314: TLS first, within the handshake deadline.
+            let Some(tls) = &self.services.tls else { return };
+            stream = match stream.upgrade(tls.acceptor(), self.settings.tls_handshake_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(client = %ip, error = %e, "implicit TLS handshake failed");
+                    return;
+                }
+            };
+        }
         // S4: sessions in total and per client address.
         let Some(_slot) = self.limits.take(ip) else {
             let r = Reply::new(421, (7, 0), format!("{hostname} Error: too many connections, try again later"));
@@ -107,8 +146,12 @@ impl SmtpServer {
             pop_login_at: record.pop_login_at,
             now: store::now(),
             rbl_listed,
-            penalised: self.penalty.is_denied(ip),
+            penalised: self.services.penalty.is_denied(ip),
             authenticated: None,
+            listener_auth: match kind {
+                ListenerKind::Mx => self.settings.mx_auth,
+                ListenerKind::Submission | ListenerKind::Smtps => ListenerAuth::LocalAndRelay,
+            },
         };
         let decision = self.settings.policy.connect(&facts);
         if let Some(reply) = decision.connect_reply(&hostname) {
@@ -127,9 +170,14 @@ impl SmtpServer {
             max_hops: s.max_hops,
             max_errors: s.max_errors,
             verify_helo: s.policy.helo_verify != HeloVerify::Off,
+            starttls: self.services.tls.is_some() && kind != ListenerKind::Smtps,
+            tls_active: stream.is_tls(),
+            allow_plaintext_auth: s.plaintext_auth_from_loopback && ip.is_loopback(),
+            require_auth: facts.listener_auth == ListenerAuth::LocalAndRelay,
         };
-        let session = Session::new(config, ip.to_string()).with_sender_check(self.sender_check(&facts));
-        let mut driver = Driver { server: &self, facts, session, incoming: None, out: Vec::new() };
+        let owned = Arc::new(Mutex::new(Vec::new()));
+        let session = Session::new(config, ip.to_string()).with_sender_check(self.sender_check(&facts, owned.clone()));
+        let mut driver = Driver { server: &self, facts, session, incoming: None, received_len: 0, owned, out: Vec::new() };
         if let Err(e) = driver.run(&mut stream).await {
             tracing::debug!(client = %ip, error = %e, "smtp session ended with an error");
         }
@@ -143,7 +191,7 @@ impl SmtpServer {
         if lists.rbl.is_empty() {
             return None;
         }
-        let Some(dns) = &self.dns else {
+        let Some(dns) = &self.services.dns else {
             self.journal(code::SMTP_RBL_ERROR, ip, "", "no DNS resolver could be set up; blackhole lists skipped");
             return None;
         };
@@ -166,11 +214,13 @@ impl SmtpServer {
         listed
     }
 
-    /// MAIL FROM against the kill list (R8), journaled when it refuses.
-    fn sender_check(&self, facts: &ClientFacts) -> crate::session::SenderCheck {
+    /// MAIL FROM against the kill list (R8) and the authenticated user's addresses (A3, in
+    /// `owned`, filled in when AUTH succeeds); journaled when it refuses.
+    fn sender_check(&self, facts: &ClientFacts, owned: Arc<Mutex<Vec<String>>>) -> crate::session::SenderCheck {
         let (facts, me) = (facts.clone(), self.clone());
-        Box::new(move |from: Option<&Address>| {
-            let decision = me.settings.policy.sender(&facts, from);
+        Box::new(move |from: Option<&Address>, user: Option<&str>| {
+            let facts = ClientFacts { authenticated: user.map(str::to_string), ..facts.clone() };
+            let decision = me.settings.policy.sender(&facts, from, &owned.lock().expect("owned addresses"));
             let reply = decision.sender_reply()?;
             me.journal_sender(facts.ip, &from.map(Address::to_string).unwrap_or_default(), &decision);
             Some(reply)
@@ -209,6 +259,10 @@ struct Driver<'a> {
     facts: ClientFacts,
     session: Session,
     incoming: Option<Incoming>,
+    /// Length of the Received header at the top of the incoming message.
+    received_len: usize,
+    /// The authenticated user's addresses, for sender verification (A3).
+    owned: Arc<Mutex<Vec<String>>>,
     out: Vec<u8>,
 }
 
@@ -216,7 +270,7 @@ struct Driver<'a> {
 const STORE_FAILED: &str = "store write failed";
 
 impl Driver<'_> {
-    async fn run(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+    async fn run(&mut self, stream: &mut Stream) -> std::io::Result<()> {
         let mut buf = vec![0u8; 64 * 1024];
         let mut actions = self.session.handle(Event::Connected);
         let mut progress = u64::MAX;
@@ -238,13 +292,45 @@ impl Driver<'_> {
                         pending.extend(self.session.handle(Event::RcptChecked(verdict)));
                     }
                     Action::Penalize => hang_up |= self.penalize(),
-                    Action::BeginData { helo, esmtp, single_rcpt } => {
+                    Action::StartTls => {
+                        stream.write_all(&self.out).await?;
+                        self.out.clear();
+                        let Some(tls) = &self.server.services.tls else { return Ok(()) };
+                        let plain = std::mem::replace(stream, Stream::Broken);
+                        *stream = plain.upgrade(tls.acceptor(), self.server.settings.tls_handshake_timeout).await?;
+                        pending.extend(self.session.handle(Event::TlsUp));
+                    }
+                    Action::VerifyPassword { user, password } => {
+                        let outcome = self.verify_password(&user, &password).await;
+                        pending.extend(self.session.handle(Event::AuthDone(outcome)));
+                    }
+                    Action::BeginData { helo, esmtp, single_rcpt, auth } => {
                         let s = &self.server.settings;
-                        let mut incoming = self.server.queue.incoming();
-                        let ip = self.facts.ip.to_string();
-                        let header = received_header(&helo, &ip, &s.hostname, esmtp, incoming.qid(), single_rcpt.as_deref(), store::now());
+                        let mut incoming = self.server.services.queue.incoming();
+                        let (ip, tls) = (self.facts.ip.to_string(), stream.tls_description());
+                        let header = received_header(&Trace {
+                            helo: &helo,
+                            ip: &ip,
+                            hostname: &s.hostname,
+                            esmtp,
+                            tls: tls.as_deref(),
+                            auth: auth.as_deref(),
+                            qid: incoming.qid(),
+                            single_rcpt: single_rcpt.as_deref(),
+                            now: store::now(),
+                        });
+                        self.received_len = header.len();
                         store_failed = incoming.push(header.as_bytes()).await.is_err();
                         self.incoming = Some(incoming);
+                    }
+                    Action::AddHeaders { message_id, date } => {
+                        if let Some(incoming) = self.incoming.as_mut() {
+                            let s = &self.server.settings;
+                            let headers = submission_headers(message_id, date, incoming.qid(), &s.hostname, store::now());
+                            if !incoming.insert_at(self.received_len, headers.as_bytes()) {
+                                tracing::warn!(qid = incoming.qid(), "header section too long to add Message-ID/Date");
+                            }
+                        }
                     }
                     Action::BodyChunk(bytes) => {
                         if let (Some(incoming), false) = (self.incoming.as_mut(), store_failed) {
@@ -309,14 +395,43 @@ impl Driver<'_> {
         if s.settings.policy.exempt_from_penalty(&self.facts) {
             return false;
         }
-        s.penalty.deny(self.facts.ip);
+        s.services.penalty.deny(self.facts.ip);
         s.journal(code::SMTP_HACK_DENY, self.facts.ip, "", "command line beyond the limits: put on the temporary deny list (R9)");
         true
     }
 
+    /// A1 with A5: refuse at once during a cool-down, verify on the argon2 pool, count failures
+    /// (per address, or per user on relay-listed networks) and journal them.
+    async fn verify_password(&self, user: &str, password: &str) -> AuthOutcome {
+        let s = self.server;
+        let relay_listed = self.facts.lists.relay_match(self.facts.ip).is_some();
+        let offender = PenaltyBox::offender(self.facts.ip, user, relay_listed);
+        if !s.services.penalty.login_allowed(&offender) {
+            s.journal(code::SMTP_AUTH_FAILED, self.facts.ip, user, "login refused during a cool-down after failed logins (A5)");
+            return AuthOutcome::TempFail;
+        }
+        match mailbox::authenticate(s.store(), &s.services.passwords, user, password).await {
+            Ok(Some(login)) => {
+                let addresses = mailbox::addresses(s.store(), login.id).await.unwrap_or_default();
+                *self.owned.lock().expect("owned addresses") = addresses;
+                AuthOutcome::Ok(login.name)
+            }
+            Ok(None) => {
+                let locked = s.services.penalty.login_failed(offender);
+                let note = if locked { "failed login; cool-down started (A5)" } else { "failed login (A5)" };
+                s.journal(code::SMTP_AUTH_FAILED, self.facts.ip, user, note);
+                AuthOutcome::Failed
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "password check failed");
+                AuthOutcome::TempFail
+            }
+        }
+    }
+
     /// R10: resolve the HELO name and let the policy judge it.
     async fn check_helo(&self, name: &str) -> Option<Reply> {
-        let answer = match &self.server.dns {
+        let answer = match &self.server.services.dns {
             Some(dns) => dns.addresses(name).await,
             None => dns::AddressAnswer::Error("no DNS resolver".into()),
         };
@@ -333,7 +448,8 @@ impl Driver<'_> {
         let s = self.server;
         let mut facts = self.facts.clone();
         facts.now = store::now();
-        let (settings, domains, a) = (s.settings.clone(), s.domains.clone(), addr.clone());
+        facts.authenticated = self.session.authenticated().map(str::to_string);
+        let (settings, domains, a) = (s.settings.clone(), s.services.domains.clone(), addr.clone());
         let outcome = s
             .store()
             .read(move |conn| settings.policy.rcpt(&facts, &a, |target| domains.resolve(conn, target)).map_err(|e| store::StoreError::Invalid(e.to_string())))

@@ -22,6 +22,14 @@ pub struct SessionConfig {
     pub max_errors: u32,
     /// Ask the driver about HELO/EHLO names (R10) before answering them.
     pub verify_helo: bool,
+    /// Offer STARTTLS (RFC 3207): TLS is configured and the connection is plain.
+    pub starttls: bool,
+    /// The connection is encrypted from the start (implicit TLS, RFC 8314).
+    pub tls_active: bool,
+    /// AUTH may be used without TLS (`[tls] allow_plaintext_auth` and the client address).
+    pub allow_plaintext_auth: bool,
+    /// MAIL needs AUTH first (`local-and-relay`, submission listeners: A2).
+    pub require_auth: bool,
 }
 
 /// Verdict on one RCPT, from the directory and the policy module.
@@ -41,7 +49,10 @@ pub enum Event<'a> {
     RcptChecked(RcptVerdict),
     /// Answer to `CheckHelo`: `None` accepts, `Some(reply)` refuses.
     HeloChecked(Option<Reply>),
-
+    /// The TLS handshake after `StartTls` succeeded.
+    TlsUp,
+    /// Answer to `VerifyPassword`.
+    AuthDone(AuthOutcome),
     /// The queue id on success.
     EnqueueDone(Result<String, String>),
     Timeout,
@@ -56,8 +67,15 @@ pub enum Action {
     CheckHelo(String),
     /// The client sent a command line beyond the limits (R9): the driver may deny its address.
     Penalize,
+    /// Write the replies so far, then do the TLS handshake; answer with `TlsUp` (or close).
+    StartTls,
+    /// Check credentials (A1); answer with `AuthDone`.
+    VerifyPassword { user: String, password: String },
     /// A message body starts: the driver opens an incoming message and writes Received.
-    BeginData { helo: String, esmtp: bool, single_rcpt: Option<String> },
+    BeginData { helo: String, esmtp: bool, single_rcpt: Option<String>, auth: Option<String> },
+    /// Submitted (authenticated) mail lacks these header fields: add them (S3). Comes just
+    /// before `Enqueue`.
+    AddHeaders { message_id: bool, date: bool },
     /// Decoded message bytes (CRLF line ends, dots unstuffed).
     BodyChunk(Vec<u8>),
     /// DATA ended well: commit the message; answer with `EnqueueDone`.
@@ -80,9 +98,21 @@ struct Transaction {
     rcpts: Vec<Address>,
 }
 
+/// The result of a password check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Ok(String),
+    /// Wrong user or password (the same answer for both).
+    Failed,
+    /// Too many failures: throttled (A5), or the password service is busy.
+    TempFail,
+}
+
 #[derive(Debug)]
 enum Waiting {
     Nothing,
+    Tls,
+    Password,
     Helo { name: String, esmtp: bool },
     Rcpt(Address),
     Enqueue,
@@ -96,9 +126,10 @@ struct DataState {
     too_big: bool,
 }
 
-/// A synchronous policy check of MAIL FROM (R8): `Some(reply)` refuses. No I/O: the lists it
-/// consults were loaded when the connection was accepted.
-pub type SenderCheck = Box<dyn Fn(Option<&Address>) -> Option<Reply> + Send + Sync>;
+/// A synchronous policy check of MAIL FROM (R8 kill list, A3 sender verification) given the
+/// authenticated user: `Some(reply)` refuses. No I/O: what it consults was loaded when the
+/// connection was accepted or the user authenticated.
+pub type SenderCheck = Box<dyn Fn(Option<&Address>, Option<&str>) -> Option<Reply> + Send + Sync>;
 
 pub struct Session {
     config: SessionConfig,
@@ -111,6 +142,11 @@ pub struct Session {
     input: Vec<u8>,
     /// Discarding the rest of an over-long command line.
     skipping_line: bool,
+    tls: bool,
+    /// The authenticated user (A1).
+    auth: Option<String>,
+    /// An AUTH exchange waiting for the client's next line.
+    sasl: Option<crate::auth::Exchange>,
     errors: u32,
     commands: u64,
     closed: bool,
@@ -119,7 +155,6 @@ pub struct Session {
 impl Session {
     pub fn new(config: SessionConfig, client_ip: String) -> Self {
         Session {
-            config,
             sender_check: None,
             client_ip,
             helo: None,
@@ -128,9 +163,13 @@ impl Session {
             waiting: Waiting::Nothing,
             input: Vec::new(),
             skipping_line: false,
+            tls: config.tls_active,
+            auth: None,
+            sasl: None,
             errors: 0,
             commands: 0,
             closed: false,
+            config,
         }
     }
 
@@ -156,6 +195,16 @@ impl Session {
 
     pub fn is_closed(&self) -> bool {
         self.closed
+    }
+
+    /// The authenticated user, if any.
+    pub fn authenticated(&self) -> Option<&str> {
+        self.auth.as_deref()
+    }
+
+    /// May credentials be sent now (TLS, or plaintext allowed)?
+    fn credentials_usable(&self) -> bool {
+        self.tls || self.config.allow_plaintext_auth
     }
 
     pub fn handle(&mut self, event: Event<'_>) -> Vec<Action> {
@@ -196,6 +245,32 @@ impl Session {
                     Some(r) => self.reply(&mut out, r),
                 }
             }
+            Event::TlsUp => {
+                if !matches!(self.waiting, Waiting::Tls) {
+                    return out;
+                }
+                // RFC 3207 §4.2: forget everything learned before the handshake.
+                self.waiting = Waiting::Nothing;
+                self.tls = true;
+                self.helo = None;
+                self.tx = None;
+                self.auth = None;
+                self.input.clear();
+            }
+            Event::AuthDone(outcome) => {
+                if !matches!(self.waiting, Waiting::Password) {
+                    return out;
+                }
+                self.waiting = Waiting::Nothing;
+                match outcome {
+                    AuthOutcome::Ok(user) => {
+                        self.auth = Some(user);
+                        self.reply(&mut out, Reply::new(235, (7, 0), "Authentication successful"));
+                    }
+                    AuthOutcome::Failed => self.reply(&mut out, Reply::new(535, (7, 8), "Authentication credentials invalid")),
+                    AuthOutcome::TempFail => self.reply(&mut out, Reply::new(454, (7, 0), "Temporary authentication failure")),
+                }
+            }
             Event::EnqueueDone(result) => {
                 if !matches!(self.waiting, Waiting::Enqueue) {
                     return out;
@@ -232,8 +307,9 @@ impl Session {
                 }
                 continue;
             }
+            let limit = if self.sasl.is_some() { mail_proto::sasl::MAX_SASL_LINE } else { smtp_command::MAX_MAIL_RCPT_LINE };
             let Some(lf) = self.input.iter().position(|&b| b == b'\n') else {
-                if self.input.len() > smtp_command::MAX_MAIL_RCPT_LINE {
+                if self.input.len() > limit {
                     self.input.clear();
                     if !self.skipping_line {
                         self.skipping_line = true;
@@ -247,7 +323,9 @@ impl Session {
             if std::mem::take(&mut self.skipping_line) {
                 continue;
             }
-            if line.len() > smtp_command::line_limit(&line) {
+            let limit = if self.sasl.is_some() { limit } else { smtp_command::line_limit(&line) };
+            if line.len() > limit {
+                self.sasl = None;
                 self.reply(out, Reply::new(500, (5, 2), "Error: line too long"));
                 out.push(Action::Penalize);
                 continue;
@@ -257,7 +335,13 @@ impl Session {
                 line.pop();
             }
             self.commands += 1;
-            self.command(&line, out);
+            match self.sasl.take() {
+                Some(exchange) => {
+                    let step = crate::auth::respond(exchange, &line);
+                    self.sasl_step(step, out);
+                }
+                None => self.command(&line, out),
+            }
         }
     }
 
@@ -293,7 +377,8 @@ impl Session {
                 };
                 self.reply(out, r);
             }
-            Command::StartTls | Command::Auth(_) => self.reply(out, Reply::new(502, (5, 1), "Command not implemented")),
+            Command::StartTls => self.starttls(out),
+            Command::Auth(arg) => self.auth(&arg, out),
             Command::NotImplemented(_) => self.reply(out, Reply::new(502, (5, 1), "Command not implemented")),
             Command::Unknown(_) => self.reply(out, Reply::new(500, (5, 2), "Error: command not recognized")),
         }
@@ -311,21 +396,74 @@ impl Session {
 
     fn greet(&mut self, name: String, esmtp: bool, out: &mut Vec<Action>) {
         let reply = if esmtp {
-            Reply::multiline(
-                250,
-                vec![
-                    self.config.hostname.clone(),
-                    "PIPELINING".into(),
-                    format!("SIZE {}", self.config.max_message_size),
-                    "8BITMIME".into(),
-                    "ENHANCEDSTATUSCODES".into(),
-                ],
-            )
+            let mut lines = vec![
+                self.config.hostname.clone(),
+                "PIPELINING".into(),
+                format!("SIZE {}", self.config.max_message_size),
+                "8BITMIME".into(),
+                "ENHANCEDSTATUSCODES".into(),
+            ];
+            if self.config.starttls && !self.tls {
+                lines.push("STARTTLS".into());
+            }
+            // A1: AUTH is offered only where credentials may be sent.
+            if self.credentials_usable() && self.auth.is_none() {
+                lines.push("AUTH PLAIN LOGIN".into());
+            }
+            Reply::multiline(250, lines)
         } else {
             Reply::plain(250, self.config.hostname.clone())
         };
         self.reply(out, reply);
         self.helo = Some((name, esmtp));
+    }
+
+    /// RFC 3207: answer 220, drop anything pipelined behind STARTTLS, and wait for the handshake.
+    fn starttls(&mut self, out: &mut Vec<Action>) {
+        if self.tls {
+            return self.reply(out, Reply::new(503, (5, 1), "TLS already active"));
+        }
+        if !self.config.starttls {
+            return self.reply(out, Reply::new(502, (5, 1), "Command not implemented"));
+        }
+        out.push(Action::Reply(Reply::new(220, (0, 0), "Ready to start TLS")));
+        // No command injection across the upgrade: plaintext sent after STARTTLS is never run.
+        self.input.clear();
+        out.push(Action::StartTls);
+        self.waiting = Waiting::Tls;
+    }
+
+    /// RFC 4954 §4.
+    fn auth(&mut self, argument: &str, out: &mut Vec<Action>) {
+        if self.helo.is_none() {
+            return self.reply(out, Reply::new(503, (5, 1), "Error: send HELO/EHLO first"));
+        }
+        if self.auth.is_some() {
+            return self.reply(out, Reply::new(503, (5, 1), "Already authenticated"));
+        }
+        if self.tx.is_some() {
+            return self.reply(out, Reply::new(503, (5, 1), "AUTH not allowed during a mail transaction"));
+        }
+        if !self.credentials_usable() {
+            return self.reply(out, Reply::new(538, (7, 11), "Encryption required for requested authentication mechanism"));
+        }
+        let step = crate::auth::start(argument);
+        self.sasl_step(step, out);
+    }
+
+    fn sasl_step(&mut self, (step, next): (crate::auth::Step, Option<crate::auth::Exchange>), out: &mut Vec<Action>) {
+        use crate::auth::Step;
+        match step {
+            Step::Challenge(reply) => {
+                out.push(Action::Reply(reply));
+                self.sasl = next;
+            }
+            Step::Credentials { user, password } => {
+                out.push(Action::VerifyPassword { user, password });
+                self.waiting = Waiting::Password;
+            }
+            Step::Failed(reply) => self.reply(out, reply),
+        }
     }
 
     fn syntax_error(&mut self, line: &[u8], e: CommandError, out: &mut Vec<Action>) {
@@ -348,6 +486,9 @@ impl Session {
         if self.tx.is_some() {
             return self.reply(out, Reply::new(503, (5, 1), "Error: nested MAIL command"));
         }
+        if self.config.require_auth && self.auth.is_none() {
+            return self.reply(out, Reply::new(530, (7, 0), "Authentication required"));
+        }
         if !ehlo && !params.is_empty() {
             return self.reply(out, Reply::new(555, (5, 4), "Parameters not recognized (use EHLO)"));
         }
@@ -364,7 +505,7 @@ impl Session {
                 _ => return self.reply(out, Reply::new(555, (5, 4), format!("Unsupported parameter {}", p.keyword))),
             }
         }
-        if let Some(refusal) = self.sender_check.as_ref().and_then(|check| check(from.as_ref())) {
+        if let Some(refusal) = self.sender_check.as_ref().and_then(|check| check(from.as_ref(), self.auth.as_deref())) {
             return self.reply(out, refusal);
         }
         self.tx = Some(Transaction { from, rcpts: Vec::new() });
@@ -400,7 +541,7 @@ impl Session {
             Some([only]) => Some(only.to_string()),
             _ => None,
         };
-        out.push(Action::BeginData { helo, esmtp, single_rcpt });
+        out.push(Action::BeginData { helo, esmtp, single_rcpt, auth: self.auth.clone() });
         self.data = Some(DataState {
             decoder: DataDecoder::new(self.config.line_endings),
             received: ReceivedCounter::default(),
@@ -463,6 +604,11 @@ impl Session {
             helo: self.helo.as_ref().map(|(h, _)| h.clone()).unwrap_or_default(),
             origin: "smtp",
         };
+        // S3: submitted mail gets the Message-ID and Date its client left out.
+        let (message_id, date) = (!data.received.has_message_id(), !data.received.has_date());
+        if self.auth.is_some() && (message_id || date) {
+            out.push(Action::AddHeaders { message_id, date });
+        }
         out.push(Action::Enqueue(envelope));
         self.waiting = Waiting::Enqueue;
     }

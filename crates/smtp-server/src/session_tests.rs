@@ -9,7 +9,7 @@
 use mail_framework::Envelope;
 use mail_proto::{Address, LineEndings, Reply};
 
-use crate::session::{Action, Event, Phase, RcptVerdict, Session, SessionConfig};
+use crate::session::{Action, AuthOutcome, Event, Phase, RcptVerdict, Session, SessionConfig};
 
 const HOST: &str = "mx.postroom.test";
 const IP: &str = "192.0.2.7";
@@ -25,6 +25,10 @@ fn config() -> SessionConfig {
         max_hops: 100,
         max_errors: 20,
         verify_helo: false,
+        starttls: false,
+        tls_active: false,
+        allow_plaintext_auth: false,
+        require_auth: false,
     }
 }
 
@@ -61,6 +65,8 @@ struct Harness {
     aborts: usize,
     closes: usize,
     penalties: usize,
+    tls_starts: usize,
+    added_headers: Vec<(bool, bool)>,
 }
 
 impl Harness {
@@ -78,6 +84,8 @@ impl Harness {
             aborts: 0,
             closes: 0,
             penalties: 0,
+            tls_starts: 0,
+            added_headers: Vec::new(),
         }
     }
 
@@ -121,7 +129,7 @@ impl Harness {
                         self.absorb(more, text);
                     }
                 }
-                Action::BeginData { helo, esmtp, single_rcpt } => {
+                Action::BeginData { helo, esmtp, single_rcpt, .. } => {
                     self.trace.push(Seen::Begin);
                     self.begins.push((helo, esmtp, single_rcpt));
                 }
@@ -146,6 +154,17 @@ impl Harness {
                     self.absorb(more, text);
                 }
                 Action::Penalize => self.penalties += 1,
+                Action::StartTls => {
+                    self.tls_starts += 1;
+                    let more = self.session.handle(Event::TlsUp);
+                    self.absorb(more, text);
+                }
+                Action::VerifyPassword { user, password } => {
+                    let outcome = if password == "good" { AuthOutcome::Ok(user) } else { AuthOutcome::Failed };
+                    let more = self.session.handle(Event::AuthDone(outcome));
+                    self.absorb(more, text);
+                }
+                Action::AddHeaders { message_id, date } => self.added_headers.push((message_id, date)),
             }
         }
     }
@@ -846,10 +865,12 @@ fn quit_drops_pipelined_commands_behind_it() {
 }
 
 #[test]
-fn starttls_and_auth_are_not_offered() {
+fn starttls_and_auth_refused_where_not_available() {
+    // No TLS configured and no plaintext AUTH allowed: STARTTLS is not implemented here and
+    // AUTH needs encryption (RFC 4954 §6: 538).
     let mut h = Harness::ready(config());
     h.cmd("STARTTLS", "502 ");
-    h.cmd("AUTH PLAIN AGphbmUAc2VjcmV0", "502 ");
+    h.cmd("AUTH PLAIN AGphbmUAc2VjcmV0", "538 5.7.11");
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1266,7 +1287,12 @@ fn fuzz_pump(s: &mut Session, cfg: &SessionConfig, event: Event<'_>, rng: &mut X
                     let verdict = rng.chance(80).then_some(()).map_or(Some(Reply::new(550, (7, 1), "No")), |_| None);
                     next = Some(Event::HeloChecked(verdict));
                 }
-                Action::Penalize => {}
+                Action::Penalize | Action::AddHeaders { .. } => {}
+                Action::StartTls => next = Some(Event::TlsUp),
+                Action::VerifyPassword { .. } => {
+                    let outcome = if rng.chance(50) { AuthOutcome::Ok("sam".into()) } else { AuthOutcome::Failed };
+                    next = Some(Event::AuthDone(outcome));
+                }
                 Action::CheckRcpt(_) => {
                     assert!(!st.rcpt_pending && !st.enqueue_pending && !st.in_data);
                     let verdict = if rng.chance(85) {
@@ -1324,6 +1350,10 @@ fn random_input_never_panics() {
             max_hops: rng.below(3),
             max_errors: 1 + rng.below(40) as u32,
             verify_helo: rng.chance(30),
+            starttls: rng.chance(50),
+            tls_active: false,
+            allow_plaintext_auth: rng.chance(50),
+            require_auth: rng.chance(20),
         };
         let mut s = Session::new(cfg.clone(), IP.into());
         let mut st = FuzzState::default();
@@ -1398,7 +1428,7 @@ fn helo_waits_for_verification_when_enabled() {
 #[test]
 fn sender_check_refuses_mail_from() {
     let check: crate::session::SenderCheck =
-        Box::new(|from| from.filter(|a| a.domain_lower() == "spam.example").map(|_| Reply::new(501, (7, 1), "Unacceptable mail address")));
+        Box::new(|from, _user| from.filter(|a| a.domain_lower() == "spam.example").map(|_| Reply::new(501, (7, 1), "Unacceptable mail address")));
     let mut s = Session::new(config(), IP.into()).with_sender_check(check);
     s.handle(Event::Connected);
     let text: String = s
@@ -1409,4 +1439,78 @@ fn sender_check_refuses_mail_from() {
     assert!(text.contains("501 5.7.1 Unacceptable mail address"), "{text}");
     assert!(text.contains("503 5.5.1 Error: need MAIL command"), "no transaction after a refused sender: {text}");
     assert!(text.ends_with("250 2.1.0 Ok\r\n"), "the null sender passes: {text}");
+}
+
+// ---- STARTTLS and AUTH (RFC 3207, RFC 4954; SPEC S2, A1, A2, S3) ------------------------
+
+fn b64(s: &str) -> String {
+    mail_proto::sasl::encode(s.as_bytes())
+}
+
+#[test]
+fn starttls_discards_pipelined_plaintext_and_resets_state() {
+    let mut h = Harness::connected(config_with(|c| c.starttls = true));
+    let text = h.send("EHLO c.example\r\n");
+    assert!(text.contains("250-STARTTLS") || text.contains("250 STARTTLS"), "{text}");
+    // RFC 3207 §4.2: a command injected behind STARTTLS in the same packet is never run.
+    let text = h.send("STARTTLS\r\nMAIL FROM:<evil@example.test>\r\n");
+    assert_eq!(text, "220 2.0.0 Ready to start TLS\r\n");
+    assert_eq!(h.tls_starts, 1);
+    let text = h.send("MAIL FROM:<a@b.example>\r\n");
+    assert!(text.starts_with("503"), "HELO forgotten after the handshake: {text}");
+    let text = h.send("EHLO c.example\r\n");
+    assert!(!text.contains("STARTTLS"), "not offered twice: {text}");
+    assert!(h.send("STARTTLS\r\n").starts_with("503"));
+}
+
+#[test]
+fn auth_is_offered_and_usable_only_where_credentials_may_be_sent() {
+    let mut h = Harness::connected(config_with(|c| c.starttls = true));
+    let text = h.send("EHLO c.example\r\n");
+    assert!(!text.contains("AUTH"), "{text}");
+    assert!(h.send(format!("AUTH PLAIN {}\r\n", b64("\0sam\0good"))).starts_with("538 5.7.11"));
+    h.send("STARTTLS\r\n");
+    assert!(h.send("EHLO c.example\r\n").contains("AUTH PLAIN LOGIN"));
+    assert!(h.send(format!("AUTH PLAIN {}\r\n", b64("\0sam\0good"))).starts_with("235 2.7.0"));
+    assert!(h.send("AUTH PLAIN\r\n").starts_with("503"), "AUTH twice");
+}
+
+#[test]
+fn auth_plain_login_and_failures() {
+    let mut h = Harness::connected(config_with(|c| c.allow_plaintext_auth = true));
+    h.send("EHLO c.example\r\n");
+    assert!(h.send("AUTH PLAIN\r\n").starts_with("334 "));
+    assert!(h.send(format!("{}\r\n", b64("\0sam\0bad"))).starts_with("535 5.7.8"));
+    assert_eq!(h.send("AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+    assert_eq!(h.send(format!("{}\r\n", b64("sam"))), "334 UGFzc3dvcmQ6\r\n");
+    assert!(h.send("*\r\n").starts_with("501"));
+    assert!(h.send("AUTH CRAM-MD5\r\n").starts_with("504 5.5.4"));
+    assert!(h.send("AUTH PLAIN !!notbase64\r\n").starts_with("501"));
+    // A SASL response may be longer than a command line (12,288 octets).
+    h.send("AUTH PLAIN\r\n");
+    let long = b64(&format!("\0sam\0{}", "g".repeat(5000)));
+    assert!(h.send(format!("{long}\r\n")).starts_with("535"), "long response read whole");
+    assert_eq!(h.penalties, 0);
+    assert!(h.send(format!("AUTH LOGIN {}\r\n", b64("sam"))).starts_with("334 UGFzc3dvcmQ6"));
+    assert!(h.send(format!("{}\r\n", b64("good"))).starts_with("235"));
+}
+
+#[test]
+fn submission_requires_auth_for_mail_and_adds_missing_headers() {
+    let mut h = Harness::connected(config_with(|c| {
+        c.allow_plaintext_auth = true;
+        c.require_auth = true;
+    }));
+    h.local = vec!["sam@example.test".into()];
+    h.send("EHLO c.example\r\n");
+    assert!(h.send("MAIL FROM:<sam@example.test>\r\n").starts_with("530 5.7.0"));
+    h.send(format!("AUTH PLAIN {}\r\n", b64("\0sam\0good")));
+    h.send("MAIL FROM:<sam@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n");
+    assert_eq!(h.begins.last().unwrap().0, "c.example");
+    h.send("Subject: no id\r\n\r\nbody\r\n.\r\n");
+    assert_eq!(h.added_headers, vec![(true, true)]);
+    h.event(Event::EnqueueDone(Ok("Q".into())));
+    h.send("MAIL FROM:<sam@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n");
+    h.send("Message-ID: <x@y>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nbody\r\n.\r\n");
+    assert_eq!(h.added_headers.len(), 1, "nothing added when both are present");
 }

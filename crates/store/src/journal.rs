@@ -22,6 +22,8 @@ pub mod code {
     pub const SMTP_RBL_ERROR: &str = "9B";
     /// SMTP server: HELO/EHLO name did not match the client address (logged or refused).
     pub const SMTP_HELO_MISMATCH: &str = "9H";
+    /// SMTP server: a failed or refused AUTH (A5).
+    pub const SMTP_AUTH_FAILED: &str = "9F";
     /// SMTP server: client put on the temporary deny list (hack auto-deny, R9).
     pub const SMTP_HACK_DENY: &str = "9D";
     /// Address resolution tagged a recipient (P2).
