@@ -42,13 +42,15 @@
 
 use std::fmt;
 
+use mail_proto::sasl::{self, SaslError};
+
 /// Longest accepted command line in octets, line terminator included
 /// (RFC 2449 section 4).
 pub const MAX_LINE: usize = 255;
 
 /// Longest accepted SASL response line (the client's answer to `+ `) in
 /// octets, line terminator included (RFC 4954's figure, also used here).
-pub const MAX_SASL_LINE: usize = 12_288;
+pub const MAX_SASL_LINE: usize = mail_proto::sasl::MAX_SASL_LINE;
 
 /// Most unprocessed input kept while a login result is pending. A client that
 /// pipelines more than this behind a PASS is disconnected.
@@ -615,34 +617,18 @@ impl Session {
         self.sasl_plain(line, out);
     }
 
-    /// Decode and check a PLAIN response (RFC 4616: authzid NUL authcid NUL
-    /// passwd), then log in as authcid. `=` stands for an empty response.
+    /// Decode and check a PLAIN response (RFC 4616, shared with SMTP AUTH in
+    /// `mail_proto::sasl`), then log in as authcid. `=` stands for an empty response.
     fn sasl_plain(&mut self, encoded: &[u8], out: &mut Vec<Action>) {
-        let decoded = if encoded == b"=" {
-            Some(Vec::new())
-        } else {
-            base64_decode(encoded)
-        };
-        let Some(message) = decoded else {
+        let Ok(message) = sasl::decode(encoded) else {
             return self.fail(CmdError::InvalidBase64, out);
         };
-        let mut parts = message.split(|&b| b == 0);
-        let (Some(authzid), Some(authcid), Some(password), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return self.fail(CmdError::MalformedPlain, out);
-        };
-        if authcid.is_empty() || password.is_empty() {
-            return self.fail(CmdError::MalformedPlain, out);
-        }
-        // No proxy or master-user logins: acting as someone else is refused.
-        if !authzid.is_empty() && authzid != authcid {
-            return self.login_failed_with(AUTHZ_NOT_ALLOWED, out);
-        }
-        match (std::str::from_utf8(authcid), std::str::from_utf8(password)) {
-            (Ok(user), Ok(password)) => self.start_login(user.to_owned(), password.to_owned(), out),
-            // Non-UTF-8 credentials cannot match anything: same answer as a bad password.
-            _ => self.login_failed(out),
+        match sasl::parse_plain(&message) {
+            Ok((_, password)) if password.is_empty() => self.fail(CmdError::MalformedPlain, out),
+            Ok((user, password)) => self.start_login(user, password, out),
+            // No proxy or master-user logins: acting as someone else is refused.
+            Err(SaslError::AuthzidNotAllowed) => self.login_failed_with(AUTHZ_NOT_ALLOWED, out),
+            Err(_) => self.fail(CmdError::MalformedPlain, out),
         }
     }
 
@@ -931,60 +917,6 @@ fn clean_uidl(message: &MaildropMessage) -> String {
     } else {
         clean
     }
-}
-
-/// Strict base64 (RFC 4648 standard alphabet, padding required, no
-/// whitespace, unused bits zero). Empty input decodes to nothing.
-fn base64_decode(input: &[u8]) -> Option<Vec<u8>> {
-    fn value(c: u8) -> Option<u32> {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        Some(u32::from(v))
-    }
-    if !input.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(input.len() / 4 * 3);
-    let quads = input.len() / 4;
-    for (index, quad) in input.chunks_exact(4).enumerate() {
-        let padding = match quad {
-            [_, _, b'=', b'='] => 2,
-            [_, _, _, b'='] => 1,
-            _ => 0,
-        };
-        // Padding only at the very end.
-        if padding > 0 && index + 1 != quads {
-            return None;
-        }
-        let mut bits = 0u32;
-        for &c in &quad[..4 - padding] {
-            bits = (bits << 6) | value(c)?;
-        }
-        match padding {
-            0 => out.extend_from_slice(&[(bits >> 16) as u8, (bits >> 8) as u8, bits as u8]),
-            1 => {
-                // 18 bits, the low 2 unused.
-                if bits & 0b11 != 0 {
-                    return None;
-                }
-                out.extend_from_slice(&[(bits >> 10) as u8, (bits >> 2) as u8]);
-            }
-            _ => {
-                // 12 bits, the low 4 unused.
-                if bits & 0b1111 != 0 {
-                    return None;
-                }
-                out.push((bits >> 4) as u8);
-            }
-        }
-    }
-    Some(out)
 }
 
 fn trim_start(bytes: &[u8]) -> &[u8] {
@@ -2308,12 +2240,9 @@ mod tests {
         );
         assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![r("+ \r\n")]);
         assert_eq!(feed(&mut s, b"\r\n"), vec![malformed.clone()]);
-        // Non-UTF-8 credentials: like a bad password, no Login.
+        // Non-UTF-8 credentials are malformed (RFC 4616 names are UTF-8): no Login.
         let ir = b64(b"\0\xff\0pw");
-        assert_eq!(
-            feed(&mut s, format!("AUTH PLAIN {ir}\r\n").as_bytes()),
-            vec![r("-ERR [AUTH] Invalid user name or password\r\n")]
-        );
+        assert_eq!(feed(&mut s, format!("AUTH PLAIN {ir}\r\n").as_bytes()), vec![malformed.clone()]);
         // Those errors count towards max_errors.
         let mut s = connected(SessionConfig {
             max_errors: 2,
@@ -2415,39 +2344,6 @@ mod tests {
         cmd.extend_from_slice(&[b'A'; 300]);
         cmd.extend_from_slice(b"\r\n");
         assert_eq!(feed(&mut s, &cmd), vec![r("-ERR line too long\r\n")]);
-    }
-
-    #[test]
-    fn base64_decoder() {
-        let cases: &[(&[u8], &[u8])] = &[
-            (b"", b""),
-            (b"Zg==", b"f"),
-            (b"Zm8=", b"fo"),
-            (b"Zm9v", b"foo"),
-            (b"Zm9vYg==", b"foob"),
-            (b"Zm9vYmE=", b"fooba"),
-            (b"Zm9vYmFy", b"foobar"),
-            (b"+/+/", b"\xfb\xff\xbf"),
-        ];
-        for (encoded, decoded) in cases {
-            assert_eq!(base64_decode(encoded).as_deref(), Some(*decoded));
-        }
-        for bad in [
-            &b"Zg"[..],
-            b"Zg=",
-            b"Zh==",
-            b"Zm9=",
-            b"Z===",
-            b"Zg==Zg==",
-            b"Zm9v\r\n",
-            b"Zm-v",
-            b"Zm_v",
-            b"\xff\xff\xff\xff",
-        ] {
-            assert_eq!(base64_decode(bad), None, "{}", String::from_utf8_lossy(bad));
-        }
-        let all: Vec<u8> = (0..=255).collect();
-        assert_eq!(base64_decode(b64(&all).as_bytes()), Some(all));
     }
 
     #[test]

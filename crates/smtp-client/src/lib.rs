@@ -1,0 +1,7 @@
+//! Postroom's outbound side (SPEC §6): takes recipients tagged *forward* off the queue, finds
+//! where their domains' mail goes (mail router, host table, MX then A/AAAA), delivers with one
+//! connection per destination, and reports each recipient's result back to the queue. It only
+//! delivers; it never receives (DESIGN "Who depends on whom").
+#![forbid(unsafe_code)]
+
+pub mod conversation;
