@@ -42,6 +42,21 @@ pub enum AddressAnswer {
     Error(String),
 }
 
+/// Where a domain's mail goes (RFC 5321 §5.1, RFC 7505).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MxAnswer {
+    /// Exchangers, most preferred first (equal preferences keep the server's order).
+    Hosts(Vec<String>),
+    /// No MX records: the domain itself is the host (the implicit MX).
+    Implicit,
+    /// `MX 0 .`: the domain accepts no mail.
+    NullMx,
+    /// NXDOMAIN: there is no such domain.
+    NoSuchDomain,
+    /// SERVFAIL, timeout: try again later.
+    Error(String),
+}
+
 #[derive(Clone)]
 pub struct Dns {
     resolver: TokioResolver,
@@ -103,6 +118,35 @@ impl Dns {
                 if ips.is_empty() { AddressAnswer::NotFound } else { AddressAnswer::Found(ips) }
             }
         }
+    }
+}
+
+impl Dns {
+    /// The MX records of `domain`, classified.
+    pub async fn mx(&self, domain: &str) -> MxAnswer {
+        let fqdn = if domain.ends_with('.') { domain.to_string() } else { format!("{domain}.") };
+        let deadline = QUERY_TIMEOUT + Duration::from_millis(200);
+        let lookup = match tokio::time::timeout(deadline, self.resolver.lookup(fqdn.as_str(), RecordType::MX)).await {
+            Err(_) => return MxAnswer::Error(format!("{domain}: DNS timeout")),
+            Ok(Err(e)) if e.is_nx_domain() => return MxAnswer::NoSuchDomain,
+            Ok(Err(e)) if e.is_no_records_found() => return MxAnswer::Implicit,
+            Ok(Err(e)) => return MxAnswer::Error(format!("{domain}: {e}")),
+            Ok(Ok(l)) => l,
+        };
+        let mut records: Vec<(u16, String)> = lookup
+            .answers()
+            .iter()
+            .filter_map(|r| if let RData::MX(mx) = &r.data { Some((mx.preference, mx.exchange.to_ascii())) } else { None })
+            .collect();
+        if records.is_empty() {
+            return MxAnswer::Implicit;
+        }
+        // RFC 7505: a single MX with an empty exchange ".".
+        if records.iter().any(|(_, host)| host == "." || host.is_empty()) {
+            return MxAnswer::NullMx;
+        }
+        records.sort_by_key(|(pref, _)| *pref);
+        MxAnswer::Hosts(records.into_iter().map(|(_, h)| h.trim_end_matches('.').to_ascii_lowercase()).collect())
     }
 }
 

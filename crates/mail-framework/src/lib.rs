@@ -7,6 +7,7 @@
 //! is a no-op, never a duplicate. The framework knows no door: it never talks SMTP or POP3.
 #![forbid(unsafe_code)]
 
+pub mod bounce;
 pub mod pipeline;
 pub mod queue;
 pub mod snapins;

@@ -30,6 +30,8 @@ pub enum Tag {
     NonDelivery { status: String, reason: String },
     /// For another snap-in, later.
     PutBack,
+    /// An alias or forwarding address: new recipients were queued in its place.
+    Expanded,
 }
 
 impl Tag {
@@ -39,6 +41,7 @@ impl Tag {
             Tag::LocalDelivery { .. } => "POP LclDel",
             Tag::Forward => "SMTP MsgFwd",
             Tag::NonDelivery { .. } => "SMTP NonDel",
+            Tag::Expanded => "Expanded",
         }
     }
 }
@@ -50,6 +53,9 @@ pub struct MessageInfo {
     pub qid: String,
     pub mail_from: String,
     pub size: i64,
+    pub received_at: i64,
+    /// `smtp`, `bounce` (a non-delivery report), `double-bounce` (one to the postmaster).
+    pub origin: String,
 }
 
 /// One queued recipient travelling through the pipeline.
@@ -59,6 +65,8 @@ pub struct WorkItem {
     pub address: String,
     pub message: Arc<MessageInfo>,
     pub tag: Tag,
+    /// How many alias or forwarding expansions led to this recipient (F7: at most 10).
+    pub depth: i64,
 }
 
 /// What a snap-in may read while it examines a batch.
@@ -90,16 +98,24 @@ pub struct Framework {
     queue: Queue,
     domains: LocalDomains,
     snapins: Arc<Vec<Box<dyn SnapIn>>>,
+    /// Woken when recipients are put on the outbound queue.
+    outbound: Arc<tokio::sync::Notify>,
 }
 
 impl Framework {
-    /// The built-in snap-ins in i5/OS exit-point order.
-    pub fn new(queue: Queue, domains: LocalDomains) -> Self {
-        Self::with_snapins(queue, domains, crate::snapins::builtin())
+    /// The built-in snap-ins in i5/OS exit-point order; `hostname` signs non-delivery reports.
+    pub fn new(queue: Queue, domains: LocalDomains, hostname: &str) -> Self {
+        let snapins = crate::snapins::builtin(hostname, domains.postmaster());
+        Self::with_snapins(queue, domains, snapins)
     }
 
     pub fn with_snapins(queue: Queue, domains: LocalDomains, snapins: Vec<Box<dyn SnapIn>>) -> Self {
-        Framework { queue, domains, snapins: Arc::new(snapins) }
+        Framework { queue, domains, snapins: Arc::new(snapins), outbound: Arc::new(tokio::sync::Notify::new()) }
+    }
+
+    /// Notified whenever a batch put recipients on the outbound queue (the SMTP client waits on it).
+    pub fn outbound_wake(&self) -> Arc<tokio::sync::Notify> {
+        self.outbound.clone()
     }
 
     pub fn queue(&self) -> &Queue {
@@ -145,17 +161,24 @@ impl Framework {
             return Ok(0);
         }
         let snapins = self.snapins.clone();
-        store.write(Durability::Normal, move |tx| apply_batch(tx, &snapins, items)).await?;
+        let outbound = store.write(Durability::Normal, move |tx| apply_batch(tx, &snapins, items)).await?;
+        if outbound > 0 {
+            self.outbound.notify_one();
+        }
+        // A bounce is a new queued message: take it in the next round.
+        self.queue.wake_handle().notify_one();
         Ok(n)
     }
 }
 
 fn load_batch(conn: &Connection) -> Result<Vec<WorkItem>, StoreError> {
+    // `bounce` rows failed after acceptance (in the SMTP client): they come pre-tagged for the
+    // non-delivery snap-in, with the reason in last_reply.
     let mut stmt = conn.prepare_cached(
-        "SELECT r.id, r.address, m.id, m.qid, m.mail_from, m.size
+        "SELECT r.id, r.address, m.id, m.qid, m.mail_from, m.size, m.received_at, m.origin, r.state, r.last_reply, r.depth
            FROM recipients r JOIN messages m ON m.id = r.message_id
-          WHERE r.state = 'queued' AND (r.next_attempt IS NULL OR r.next_attempt <= ?1)
-          ORDER BY r.id LIMIT ?2",
+          WHERE r.state IN ('queued', 'bounce') AND (r.next_attempt IS NULL OR r.next_attempt <= ?1)
+          ORDER BY r.message_id, r.id LIMIT ?2",
     )?;
     let mut items: Vec<WorkItem> = Vec::new();
     let mut rows = stmt.query(params![store::now(), BATCH as i64])?;
@@ -163,19 +186,34 @@ fn load_batch(conn: &Connection) -> Result<Vec<WorkItem>, StoreError> {
         let message_id: i64 = r.get(2)?;
         let message = match items.last() {
             Some(prev) if prev.message.id == message_id => prev.message.clone(),
-            _ => Arc::new(MessageInfo { id: message_id, qid: r.get(3)?, mail_from: r.get(4)?, size: r.get(5)? }),
+            _ => Arc::new(MessageInfo {
+                id: message_id,
+                qid: r.get(3)?,
+                mail_from: r.get(4)?,
+                size: r.get(5)?,
+                received_at: r.get(6)?,
+                origin: r.get(7)?,
+            }),
         };
-        items.push(WorkItem { recipient_id: r.get(0)?, address: r.get(1)?, message, tag: Tag::Unresolved });
+        let tag = match r.get::<_, String>(8)?.as_str() {
+            "bounce" => {
+                let reason: String = r.get::<_, Option<String>>(9)?.unwrap_or_default();
+                Tag::NonDelivery { status: crate::bounce::status_of(&reason), reason }
+            }
+            _ => Tag::Unresolved,
+        };
+        items.push(WorkItem { recipient_id: r.get(0)?, address: r.get(1)?, message, tag, depth: r.get(10)? });
     }
     Ok(items)
 }
 
-/// One transaction: keep only items still queued (a replay after a crash finds them done),
+/// One transaction: keep only items still waiting (a replay after a crash finds them done),
 /// let each snap-in apply, record states and P2 journal rows, free finished messages.
-fn apply_batch(tx: &Connection, snapins: &[Box<dyn SnapIn>], items: Vec<WorkItem>) -> Result<(), StoreError> {
+/// Returns how many recipients went to the outbound queue.
+fn apply_batch(tx: &Connection, snapins: &[Box<dyn SnapIn>], items: Vec<WorkItem>) -> Result<usize, StoreError> {
     let mut live = Vec::with_capacity(items.len());
     {
-        let mut still = tx.prepare_cached("SELECT 1 FROM recipients WHERE id = ?1 AND state = 'queued'")?;
+        let mut still = tx.prepare_cached("SELECT 1 FROM recipients WHERE id = ?1 AND state IN ('queued', 'bounce')")?;
         for item in items {
             if still.exists([item.recipient_id])? {
                 live.push(item);
@@ -190,7 +228,8 @@ fn apply_batch(tx: &Connection, snapins: &[Box<dyn SnapIn>], items: Vec<WorkItem
         let (state, user_id, next, reply) = match &item.tag {
             Tag::LocalDelivery { user_id, .. } => ("delivered", Some(*user_id), None, None),
             Tag::Forward => ("forward", None, None, None),
-            Tag::NonDelivery { status, reason } => ("failed", None, None, Some(format!("{status} {reason}"))),
+            Tag::Expanded => ("expanded", None, None, None),
+            Tag::NonDelivery { reason, .. } => ("failed", None, None, Some(reason.clone())),
             Tag::Unresolved | Tag::PutBack => ("queued", None, Some(store::now() + PUT_BACK_SECS), None),
         };
         set_state.execute(params![item.recipient_id, state, user_id, next, reply])?;
@@ -214,5 +253,5 @@ fn apply_batch(tx: &Connection, snapins: &[Box<dyn SnapIn>], items: Vec<WorkItem
             last = Some(item.message.id);
         }
     }
-    Ok(())
+    Ok(live.iter().filter(|i| i.tag == Tag::Forward).count())
 }

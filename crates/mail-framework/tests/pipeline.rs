@@ -68,7 +68,7 @@ async fn tags_each_recipient_and_delivers_locally_once() {
     let s = setup(4096);
     let body: Vec<u8> = (0..10_000u32).map(|i| b"abcdefgh\r\n"[(i % 10) as usize]).collect();
     enqueue(&s.queue, &body, &["samjones@EXAMPLE.test", "someone@remote.example", "postmaster"]).await;
-    let fw = Framework::new(s.queue.clone(), s.domains.clone());
+    let fw = Framework::new(s.queue.clone(), s.domains.clone(), "mail.example.test");
     assert_eq!(fw.run_once().await.unwrap(), 3);
     assert_eq!(
         states(&s.store),
@@ -77,8 +77,15 @@ async fn tags_each_recipient_and_delivers_locally_once() {
             ("someone@remote.example".into(), "forward".into()),
             // postmaster resolves to admin@example.test, which nobody owns here.
             ("postmaster".into(), "failed".into()),
+            // ... so the non-delivery snap-in queued a report to the sender.
+            ("jane@remote.example".into(), "queued".into()),
         ]
     );
+    let (origin, from): (String, String) = s
+        .store
+        .read_blocking(|c| Ok(c.query_row("SELECT origin, mail_from FROM messages ORDER BY id DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))?))
+        .unwrap();
+    assert_eq!((origin.as_str(), from.as_str()), ("bounce", ""), "the report is sent from <>");
     let drop = mailbox::snapshot(&s.store, s.sam).await.unwrap();
     assert_eq!(drop.len(), 1);
     let bytes = message_bytes(&s.store, drop[0].id).await;
@@ -112,7 +119,7 @@ async fn a_failing_step_rolls_back_the_whole_batch() {
     let s = setup(4096);
     enqueue(&s.queue, b"Subject: x\r\n\r\nhi\r\n", &["samjones@example.test"]).await;
     let fail = Arc::new(AtomicBool::new(true));
-    let mut chain = snapins::builtin();
+    let mut chain = snapins::builtin("mail.example.test", "admin@example.test");
     chain.push(Box::new(Flaky(fail.clone())));
     let fw = Framework::with_snapins(s.queue.clone(), s.domains.clone(), chain);
     assert!(fw.run_once().await.is_err());

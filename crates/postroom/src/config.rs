@@ -22,7 +22,7 @@ pub const DEFAULT_ORIGIN: &str = "(built-in default)";
 /// Keys whose feature is not built yet: `warnings` notes each one set to a non-default value.
 /// `section.*` covers a whole section. Delete an entry when its feature lands.
 pub const NOT_YET: &[&str] = &[
-    "delivery.*",
+    "delivery.etrn_domains",
     "journal.retention_days",
     "storage.min_free_mb",
 ];
@@ -164,6 +164,17 @@ pub struct DeliveryConfig {
     pub queue_lifetime_hours: u64,
     /// Domains held until their server issues ETRN (lowercase).
     pub etrn_domains: Vec<String>,
+    /// First-level retries (C3, i5/OS QTMSRTQ1): how many, and seconds between them.
+    pub first_retry_count: u32,
+    pub first_retry_interval_secs: u64,
+    /// Second-level retries (QTMSRTQ2) after the first level is used up.
+    pub second_retry_count: u32,
+    pub second_retry_interval_secs: u64,
+    /// Outbound connections in total and per destination domain (C6).
+    pub max_connections: usize,
+    pub max_connections_per_domain: usize,
+    /// Opportunistic STARTTLS to remote hosts (C5).
+    pub starttls: bool,
 }
 
 /// `[dns]`.
@@ -409,6 +420,13 @@ impl Default for DeliveryConfig {
             bind_address: String::new(),
             queue_lifetime_hours: 120,
             etrn_domains: Vec::new(),
+            first_retry_count: 3,
+            first_retry_interval_secs: 300,
+            second_retry_count: 6,
+            second_retry_interval_secs: 3600,
+            max_connections: 20,
+            max_connections_per_domain: 5,
+            starttls: true,
         }
     }
 }
@@ -516,6 +534,10 @@ impl Config {
             ("pop3.max_sessions", pop3.max_sessions as u64),
             ("delivery.remote_port", delivery.remote_port.into()),
             ("delivery.queue_lifetime_hours", delivery.queue_lifetime_hours),
+            ("delivery.first_retry_interval_secs", delivery.first_retry_interval_secs),
+            ("delivery.second_retry_interval_secs", delivery.second_retry_interval_secs),
+            ("delivery.max_connections", delivery.max_connections as u64),
+            ("delivery.max_connections_per_domain", delivery.max_connections_per_domain as u64),
             ("journal.retention_days", self.journal.retention_days.into()),
             ("storage.body_chunk_kib", self.storage.body_chunk_kib.into()),
             ("penalty.deny_minutes", self.penalty.deny_minutes),
@@ -836,6 +858,10 @@ mod tests {
             "pop3.max_sessions",
             "delivery.remote_port",
             "delivery.queue_lifetime_hours",
+            "delivery.first_retry_interval_secs",
+            "delivery.second_retry_interval_secs",
+            "delivery.max_connections",
+            "delivery.max_connections_per_domain",
             "journal.retention_days",
             "storage.body_chunk_kib",
             "penalty.deny_minutes",
@@ -927,7 +953,7 @@ mod tests {
         warned(r#"hostname = "localhost""#, "fully qualified");
         warned(r#"pop3 = { socket_layer = "secure" }"#, "pop3.listen is unused");
         warned(r#"pop3 = { socket_layer = "nonsecure" }"#, "pop3.tls_listen is unused");
-        warned(r#"delivery = { mail_router = "relay.test" }"#, "has no effect yet");
+        warned(r#"delivery = { etrn_domains = ["dial.test"] }"#, "has no effect yet");
         // A not-yet key set to its default says nothing; a built one says nothing either.
         assert_eq!(parse("tls = { handshake_timeout_secs = 5 }").warnings(), Vec::<String>::new());
         assert_eq!(parse(r#"relay = { mode = "list" }"#).warnings(), Vec::<String>::new());

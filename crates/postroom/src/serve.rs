@@ -44,7 +44,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(dropped, "removed messages whose DATA never finished (no 250 was given)");
     }
     let domains = LocalDomains::new(&config.domains, &config.postmaster);
-    let framework = Framework::new(queue.clone(), domains.clone());
+    let framework = Framework::new(queue.clone(), domains.clone(), &config.hostname);
     tokio::spawn(framework.run());
 
     for warning in config.warnings() {

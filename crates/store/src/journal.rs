@@ -30,8 +30,26 @@ pub mod code {
     pub const RESOLVED: &str = "P2";
     /// Local delivery into a POP mailbox (B8).
     pub const DELIVERED_LOCAL: &str = "B8";
-    /// Recipient marked for non-delivery (A1).
+    /// Recipient failed after acceptance (A1).
     pub const NON_DELIVERY: &str = "A1";
+    /// Non-delivery report created and queued to the sender or postmaster (AP).
+    pub const NON_DELIVERY_REPORT: &str = "AP";
+    /// No report sent: null sender, or a report to the postmaster failed too (A2).
+    pub const NON_DELIVERY_DROPPED: &str = "A2";
+    /// Forwarding: recipient put on the outbound queue (C6).
+    pub const FORWARD_ENQUEUED: &str = "C6";
+    /// SMTP client: recipients taken off the outbound queue for an attempt (8B).
+    pub const CLIENT_DEQUEUED: &str = "8B";
+    /// SMTP client: delivered to the remote host (82).
+    pub const CLIENT_DELIVERED: &str = "82";
+    /// SMTP client: undeliverable (83).
+    pub const CLIENT_UNDELIVERABLE: &str = "83";
+    /// SMTP client: put on the first-level retry queue (8C).
+    pub const CLIENT_RETRY_1: &str = "8C";
+    /// SMTP client: put on the second-level retry queue (8D).
+    pub const CLIENT_RETRY_2: &str = "8D";
+    /// SMTP client: MX or host lookup failed (8K).
+    pub const CLIENT_DNS: &str = "8K";
     /// POP3 login (DL) and retrieval (DR), deletion at QUIT (DD).
     pub const POP_LOGIN: &str = "DL";
     pub const POP_LOGIN_FAILED: &str = "DF";

@@ -7,6 +7,7 @@ use crate::Result;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0001_init.sql"),
     include_str!("../../../migrations/0002_access_lists.sql"),
+    include_str!("../../../migrations/0003_outbound.sql"),
 ];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {

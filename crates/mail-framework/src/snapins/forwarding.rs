@@ -1,10 +1,11 @@
-//! Forwarding: recipients tagged *forward* wait in state `forward` for the SMTP client
-//! (the outbound issue adds delivery); `postroom queue list` shows them.
+//! Forwarding (journal C6): recipients tagged *forward* go on the outbound queue — state
+//! `forward`, due now — in the same transaction; the SMTP client takes them from there.
 
 use rusqlite::Connection;
+use store::journal::{self, code};
 use store::StoreError;
 
-use crate::pipeline::{SnapIn, WorkItem};
+use crate::pipeline::{SnapIn, Tag, WorkItem};
 
 pub struct Forwarding;
 
@@ -13,8 +14,18 @@ impl SnapIn for Forwarding {
         "forwarding"
     }
 
-    fn apply(&self, _tx: &Connection, _items: &[WorkItem]) -> Result<(), StoreError> {
-        // The state change to `forward` is recorded by the pipeline with the P2 journal row.
+    fn apply(&self, tx: &Connection, items: &[WorkItem]) -> Result<(), StoreError> {
+        for item in items.iter().filter(|i| i.tag == Tag::Forward) {
+            let entry = journal::Entry {
+                code: code::FORWARD_ENQUEUED,
+                qid: &item.message.qid,
+                originator: &item.message.mail_from,
+                recipient: &item.address,
+                size: Some(item.message.size),
+                ..Default::default()
+            };
+            journal::append(tx, &entry)?;
+        }
         Ok(())
     }
 }

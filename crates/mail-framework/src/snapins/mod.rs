@@ -12,6 +12,12 @@ pub use non_delivery::NonDelivery;
 
 use crate::SnapIn;
 
-pub fn builtin() -> Vec<Box<dyn SnapIn>> {
-    vec![Box::new(AddressResolution), Box::new(LocalDelivery), Box::new(Forwarding), Box::new(NonDelivery)]
+/// `hostname` signs non-delivery reports; `postmaster` receives reports about failed reports.
+pub fn builtin(hostname: &str, postmaster: &str) -> Vec<Box<dyn SnapIn>> {
+    vec![
+        Box::new(AddressResolution),
+        Box::new(LocalDelivery),
+        Box::new(Forwarding),
+        Box::new(NonDelivery { hostname: hostname.to_string(), postmaster: postmaster.to_string() }),
+    ]
 }
