@@ -264,3 +264,66 @@ def dns_stub():
     stub = DnsStub().start()
     yield stub
     stub.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# MX records (outbound delivery tests, SPEC C1). Added for test_outbound/test_bounce/test_alias:
+# a subclass, so DnsStub and its current users are unchanged.
+# --------------------------------------------------------------------------------------------
+
+MX_TYPE = 15
+
+
+class MxDnsStub(DnsStub):
+    """DnsStub that also answers MX queries:
+
+        stub.mx("remote.example", (10, "mx1.remote.example"), (20, "mx2.remote.example"))
+        stub.null_mx("nomail.example")        # RFC 7505: MX 0 .
+
+    MX records live beside the A/AAAA records of the same name (stub.a() on the same name keeps
+    them, and vice versa); the answer lists them in the order given. A name with MX records but
+    no A record answers A/AAAA queries with NOERROR and no data. nxdomain/servfail/drop on a name
+    replace its MX records too.
+    """
+
+    def mx(self, name: str, *records) -> "MxDnsStub":
+        rdatas = []
+        for pref, host in records:
+            host = _norm(host)
+            rdatas.append(struct.pack("!H", int(pref)) + (_encode_name(host) if host else b"\x00"))
+        with self._lock:
+            rule = self._rules.get(_norm(name))
+            recs = dict(rule[1]) if rule and rule[0] == "records" else {}
+            recs["MX"] = rdatas
+            self._rules[_norm(name)] = ("records", recs)
+        return self
+
+    def null_mx(self, name: str) -> "MxDnsStub":
+        return self.mx(name, (0, "."))
+
+    def answer(self, packet: bytes) -> bytes | None:
+        try:
+            _, _, qname, qtype, _, _ = parse_query(packet)
+        except ValueError:
+            return None
+        if qtype != MX_TYPE:
+            return super().answer(packet)
+        name = _norm(qname)
+        with self._lock:
+            self.queries.append((name, "MX"))
+            rule = self._rules.get(name)
+        if rule is None or rule[0] == "nxdomain":
+            return build_response(packet, NXDOMAIN)
+        if rule[0] == "servfail":
+            return build_response(packet, SERVFAIL)
+        if rule[0] == "drop":
+            return None
+        return build_response(packet, NOERROR, [(MX_TYPE, r) for r in rule[1].get("MX", [])])
+
+
+@pytest.fixture
+def mx_dns_stub():
+    """A running MxDnsStub on 127.0.0.1; stopped after the test."""
+    stub = MxDnsStub().start()
+    yield stub
+    stub.stop()

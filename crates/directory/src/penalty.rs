@@ -37,10 +37,28 @@ pub struct PenaltyBox {
     inner: Arc<Mutex<Inner>>,
 }
 
+/// Why an offender is in the box (for the journal and `explain`, never for the client).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A command line beyond the limits (R9).
+    CommandLine,
+    /// Too many failed logins (A5).
+    FailedLogins,
+}
+
+impl Reason {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reason::CommandLine => "hack auto-deny: command line beyond the limits (R9)",
+            Reason::FailedLogins => "too many failed logins (A5)",
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    /// Denied until.
-    denied: HashMap<Offender, Instant>,
+    /// Denied until, and why.
+    denied: HashMap<Offender, (Instant, Reason)>,
     /// Recent failed logins.
     failures: HashMap<Offender, Vec<Instant>>,
 }
@@ -53,12 +71,16 @@ impl PenaltyBox {
     /// Deny `ip` for the configured time from now (R9).
     pub fn deny(&self, ip: IpAddr) {
         let mut inner = self.inner.lock().expect("penalty box");
-        inner.deny(Offender::Address(ip), self.deny_for);
+        inner.deny(Offender::Address(ip), self.deny_for, Reason::CommandLine);
     }
 
-    /// Is this client address denied now?
+    /// Is this client address denied now? Why?
+    pub fn denied(&self, ip: IpAddr) -> Option<Reason> {
+        self.inner.lock().expect("penalty box").denied(&Offender::Address(ip))
+    }
+
     pub fn is_denied(&self, ip: IpAddr) -> bool {
-        self.inner.lock().expect("penalty box").is_denied(&Offender::Address(ip))
+        self.denied(ip).is_some()
     }
 
     /// Whom a login by `user` from `ip` is counted against.
@@ -69,7 +91,7 @@ impl PenaltyBox {
     /// May this login be tried now? (False during a cool-down.)
     pub fn login_allowed(&self, offender: &Offender) -> bool {
         let inner = &mut *self.inner.lock().expect("penalty box");
-        !inner.is_denied(offender)
+        inner.denied(offender).is_none()
     }
 
     /// Count a failed login; returns true when it started a cool-down.
@@ -88,7 +110,7 @@ impl PenaltyBox {
         times.push(now);
         if times.len() as u32 >= self.limits.failures.max(1) {
             inner.failures.remove(&offender);
-            inner.deny(offender, self.deny_for);
+            inner.deny(offender, self.deny_for, Reason::FailedLogins);
             return true;
         }
         false
@@ -96,24 +118,24 @@ impl PenaltyBox {
 }
 
 impl Inner {
-    fn deny(&mut self, who: Offender, deny_for: Duration) {
+    fn deny(&mut self, who: Offender, deny_for: Duration, reason: Reason) {
         let now = Instant::now();
         if self.denied.len() >= MAX_ENTRIES {
-            self.denied.retain(|_, until| *until > now);
+            self.denied.retain(|_, (until, _)| *until > now);
         }
         if self.denied.len() < MAX_ENTRIES {
-            self.denied.insert(who, now + deny_for);
+            self.denied.insert(who, (now + deny_for, reason));
         }
     }
 
-    fn is_denied(&mut self, who: &Offender) -> bool {
+    fn denied(&mut self, who: &Offender) -> Option<Reason> {
         match self.denied.get(who) {
-            Some(until) if *until > Instant::now() => true,
+            Some((until, reason)) if *until > Instant::now() => Some(*reason),
             Some(_) => {
                 self.denied.remove(who);
-                false
+                None
             }
-            None => false,
+            None => None,
         }
     }
 }
@@ -147,7 +169,7 @@ mod tests {
         assert!(!pb.login_failed(who.clone()));
         assert!(pb.login_failed(who.clone()), "the third failure starts the cool-down");
         assert!(!pb.login_allowed(&who));
-        assert!(pb.is_denied(a), "an address ban refuses connections too");
+        assert_eq!(pb.denied(a), Some(Reason::FailedLogins), "an address ban refuses connections too");
         assert!(pb.login_allowed(&PenaltyBox::offender("192.0.2.2".parse().unwrap(), "sam", false)));
     }
 

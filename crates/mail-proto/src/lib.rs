@@ -12,6 +12,7 @@ pub mod dot;
 pub mod limits;
 pub mod net;
 pub mod reply;
+pub mod reply_parser;
 pub mod sasl;
 pub mod smtp_command;
 

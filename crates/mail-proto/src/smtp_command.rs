@@ -113,10 +113,13 @@ fn strip_prefix_ci<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
     }
 }
 
-/// The line limit that applies to a command line starting with these bytes.
+/// The line limit that applies to a command line starting with these bytes: AUTH may carry an
+/// initial response as long as any SASL response (RFC 4954 §4).
 pub fn line_limit(line_start: &[u8]) -> usize {
-    let verb = &line_start[..line_start.len().min(4)];
-    if verb.eq_ignore_ascii_case(b"MAIL") || verb.eq_ignore_ascii_case(b"RCPT") {
+    let verb = &line_start[..line_start.len().min(5)];
+    if verb.eq_ignore_ascii_case(b"AUTH ") {
+        crate::sasl::MAX_SASL_LINE
+    } else if verb[..verb.len().min(4)].eq_ignore_ascii_case(b"MAIL") || verb[..verb.len().min(4)].eq_ignore_ascii_case(b"RCPT") {
         MAX_MAIL_RCPT_LINE
     } else {
         MAX_COMMAND_LINE
@@ -163,5 +166,6 @@ mod tests {
         assert_eq!(line_limit(b"MAIL FROM"), MAX_MAIL_RCPT_LINE);
         assert_eq!(line_limit(b"NOOP"), MAX_COMMAND_LINE);
         assert_eq!(line_limit(b"NO"), MAX_COMMAND_LINE);
+        assert_eq!(line_limit(b"auth PLAIN AAAA"), crate::sasl::MAX_SASL_LINE);
     }
 }

@@ -199,7 +199,7 @@ impl Driver<'_> {
         };
         let offender = PenaltyBox::offender(self.ip, name, relay_listed);
         if !s.penalty.login_allowed(&offender) {
-            self.journal(code::POP_LOGIN_FAILED, &format!("{name}: refused during a cool-down after failed logins (A5)")).await;
+            self.journal(code::POP_LOGIN_FAILED, name, "refused during a cool-down after failed logins (A5)").await;
             return LoginOutcome::TempFail;
         }
         let user = match mailbox::authenticate(&s.store, &s.passwords, name, password).await {
@@ -207,7 +207,7 @@ impl Driver<'_> {
             Ok(None) => {
                 let locked = s.penalty.login_failed(offender);
                 let note = if locked { "failed login; cool-down started (A5)" } else { "failed login (A5)" };
-                self.journal(code::POP_LOGIN_FAILED, &format!("{name}: {note}")).await;
+                self.journal(code::POP_LOGIN_FAILED, name, note).await;
                 return LoginOutcome::BadCredentials;
             }
             Err(e) => {
@@ -271,7 +271,7 @@ impl Driver<'_> {
             Ok(()) => {
                 if n > 0 {
                     let name = self.session.user().unwrap_or_default().to_string();
-                    self.journal(code::POP_DELETE, &format!("{name}: {n} deleted")).await;
+                    self.journal(code::POP_DELETE, &name, &format!("{n} deleted")).await;
                 }
                 true
             }
@@ -286,16 +286,19 @@ impl Driver<'_> {
     async fn journal_retrievals(&self) {
         if self.retrieved > 0 {
             let name = self.session.user().unwrap_or_default().to_string();
-            self.journal(code::POP_RETRIEVE, &format!("{name}: {} retrieved", self.retrieved)).await;
+            self.journal(code::POP_RETRIEVE, &name, &format!("{} retrieved", self.retrieved)).await;
         }
     }
 
-    async fn journal(&self, code: &'static str, what: &str) {
-        let (ip, what) = (self.ip.to_string(), what.to_string());
+    /// A journal row about `user`; no fsync of its own.
+    async fn journal(&self, code: &'static str, user: &str, detail: &str) {
+        let (ip, user, detail) = (self.ip.to_string(), user.to_string(), detail.to_string());
         let _ = self
             .server
             .store
-            .write(Durability::Normal, move |c| Ok(journal::append(c, &journal::Entry { code, recipient: &what, ip: &ip, ..Default::default() })?))
+            .write(Durability::Normal, move |c| {
+                Ok(journal::append(c, &journal::Entry { code, recipient: &user, ip: &ip, detail: &detail, ..Default::default() })?)
+            })
             .await;
     }
 }

@@ -160,7 +160,7 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<()> {
         pop_login_at: if args.pop_login { Some(now) } else { recorded_login },
         now,
         rbl_listed,
-        penalised: false,
+        penalised: None,
         authenticated: args.user.clone(),
         listener_auth: crate::serve::mx_auth(config),
     };

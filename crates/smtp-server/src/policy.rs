@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use directory::access::AccessLists;
+use directory::penalty::Reason;
 use directory::Resolution;
 use mail_proto::{Address, Reply};
 
@@ -75,8 +76,8 @@ pub struct ClientFacts {
     pub now: i64,
     /// The blackhole list zone and answer that listed the client, if any.
     pub rbl_listed: Option<(String, Ipv4Addr)>,
-    /// In the penalty box (R9).
-    pub penalised: bool,
+    /// In the penalty box (R9, A5), and why.
+    pub penalised: Option<Reason>,
     /// The authenticated user.
     pub authenticated: Option<String>,
     /// What the listener the client reached demands (A2).
@@ -91,7 +92,7 @@ pub enum Rule {
     RblListed { zone: String, answer: String },
     /// R5: a rejected client that logged in to POP3 within the window.
     RejectOverriddenByPop { refused_by: Box<Rule>, login_at: i64 },
-    HackAutoDeny,
+    Penalised(Reason),
     SenderAccepted,
     KillList(String),
     /// A3: the authenticated user may send as this address.
@@ -128,7 +129,7 @@ impl fmt::Display for Rule {
             Rule::RejectOverriddenByPop { refused_by, login_at } => {
                 write!(f, "{refused_by}, overridden by a POP3 login at {} (R5)", mail_proto::date::rfc5322(*login_at))
             }
-            Rule::HackAutoDeny => write!(f, "hack auto-deny: command line beyond the limits (R9)"),
+            Rule::Penalised(reason) => write!(f, "temporary deny list: {}", reason.describe()),
             Rule::SenderAccepted => write!(f, "no kill list entry matched (R8)"),
             Rule::KillList(e) => write!(f, "kill list entry {e} (R8)"),
             Rule::SenderOwned(u) => write!(f, "sender address belongs to {u} (A3)"),
@@ -185,7 +186,7 @@ impl Decision {
             return None;
         }
         Some(match &self.rule {
-            Rule::HackAutoDeny => Reply::new(421, (7, 0), format!("{hostname} Service temporarily unavailable, try again later")),
+            Rule::Penalised(_) => Reply::new(421, (7, 0), format!("{hostname} Service temporarily unavailable, try again later")),
             Rule::RblListed { zone, .. } => Reply::new(554, (7, 1), format!("{hostname} Service unavailable; client blocked using {zone}")),
             _ => Reply::new(554, (7, 1), format!("{hostname} Service unavailable; client blocked by local policy")),
         })
@@ -248,8 +249,8 @@ impl RelayPolicy {
 
     /// May this client connect? (R4, R5, R9.)
     pub fn connect(&self, c: &ClientFacts) -> Decision {
-        if c.penalised {
-            return Decision::refuse(Rule::HackAutoDeny);
+        if let Some(reason) = c.penalised {
+            return Decision::refuse(Rule::Penalised(reason));
         }
         let refused_by = if let Some(e) = c.lists.reject_match(c.ip) {
             Rule::RejectList(e.to_string())
@@ -442,7 +443,7 @@ mod tests {
             pop_login_at: pop_ago.map(|a| NOW - a),
             now: NOW,
             rbl_listed: None,
-            penalised: false,
+            penalised: None,
             authenticated: None,
             listener_auth: ListenerAuth::None,
         }
@@ -517,7 +518,7 @@ mod tests {
         listed.rbl_listed = Some(("rbl.test".into(), answer));
         assert!(matches!(p.connect(&listed).rule, Rule::RblListed { .. }));
         let mut penalised = client(&l, "127.0.0.5", Some(60));
-        penalised.penalised = true;
+        penalised.penalised = Some(Reason::CommandLine);
         let d = p.connect(&penalised);
         assert_eq!((d.allow, d.connect_reply("h").unwrap().code), (false, 421));
         assert!(p.exempt_from_penalty(&client(&l, "127.0.0.17", None)));

@@ -146,7 +146,7 @@ impl SmtpServer {
             pop_login_at: record.pop_login_at,
             now: store::now(),
             rbl_listed,
-            penalised: self.services.penalty.is_denied(ip),
+            penalised: self.services.penalty.denied(ip),
             authenticated: None,
             listener_auth: match kind {
                 ListenerKind::Mx => self.settings.mx_auth,

@@ -307,7 +307,7 @@ impl Session {
                 }
                 continue;
             }
-            let limit = if self.sasl.is_some() { mail_proto::sasl::MAX_SASL_LINE } else { smtp_command::MAX_MAIL_RCPT_LINE };
+            let limit = if self.sasl.is_some() { mail_proto::sasl::MAX_SASL_LINE } else { smtp_command::line_limit(&self.input).max(smtp_command::MAX_MAIL_RCPT_LINE) };
             let Some(lf) = self.input.iter().position(|&b| b == b'\n') else {
                 if self.input.len() > limit {
                     self.input.clear();

@@ -48,6 +48,8 @@ pub mod code {
     pub const CLIENT_RETRY_1: &str = "8C";
     /// SMTP client: put on the second-level retry queue (8D).
     pub const CLIENT_RETRY_2: &str = "8D";
+    /// Queue: recipients deleted by the administrator (`postroom queue delete`).
+    pub const QUEUE_DELETED: &str = "8X";
     /// SMTP client: MX or host lookup failed (8K).
     pub const CLIENT_DNS: &str = "8K";
     /// POP3 login (DL) and retrieval (DR), deletion at QUIT (DD).
