@@ -136,6 +136,79 @@ impl Admin<'_> {
         })
     }
 
+    /// Add targets to an alias in a local domain (F7); an alias may not shadow a user's address.
+    pub fn add_alias(&self, alias: &str, targets: &[String]) -> Result<()> {
+        let alias = alias.to_string();
+        let targets = targets.to_vec();
+        self.write(move |c, domains| {
+            let a = Address::parse(&alias).map_err(|_| DirectoryError::BadAddress(alias.clone()))?;
+            if !domains.contains(c, &a.domain)? {
+                return Err(DirectoryError::NotLocalDomain(a.domain_lower()));
+            }
+            let owner: Option<String> =
+                c.query_row("SELECT u.name FROM addresses x JOIN users u ON u.id = x.user_id WHERE x.address = ?1", [a.key()], |r| r.get(0)).optional()?;
+            if let Some(owner) = owner {
+                return Err(DirectoryError::AddressTaken(a.key(), owner));
+            }
+            for t in &targets {
+                let target = Address::parse(t).map_err(|_| DirectoryError::BadAddress(t.clone()))?;
+                c.execute(
+                    "INSERT OR IGNORE INTO aliases (address, target, added_at) VALUES (?1, ?2, ?3)",
+                    params![a.key(), target.to_string(), store::now()],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Remove one target of an alias, or the whole alias.
+    pub fn remove_alias(&self, alias: &str, target: Option<&str>) -> Result<usize> {
+        let (alias, target) = (alias.to_ascii_lowercase(), target.map(str::to_string));
+        self.write(move |c, _| {
+            let n = match &target {
+                Some(t) => c.execute("DELETE FROM aliases WHERE address = ?1 AND lower(target) = lower(?2)", params![alias, t])?,
+                None => c.execute("DELETE FROM aliases WHERE address = ?1", [&alias])?,
+            };
+            if n == 0 {
+                return Err(DirectoryError::NoSuchAlias(alias));
+            }
+            Ok(n)
+        })
+    }
+
+    /// Every alias with its targets.
+    pub fn list_aliases(&self) -> Result<Vec<(String, Vec<String>)>> {
+        self.read(|c| {
+            let mut stmt = c.prepare("SELECT address, target FROM aliases ORDER BY address, target")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out: Vec<(String, Vec<String>)> = Vec::new();
+            for row in rows {
+                let (a, t) = row?;
+                match out.last_mut() {
+                    Some((last, targets)) if *last == a => targets.push(t),
+                    _ => out.push((a, vec![t])),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Set or clear a user's forwarding address (D1); `keep_copy` also delivers locally.
+    pub fn set_forward(&self, name: &str, forward: Option<(String, bool)>) -> Result<()> {
+        let name = name.to_string();
+        self.write(move |c, _| {
+            let (to, keep) = match &forward {
+                Some((to, keep)) => {
+                    let a = Address::parse(to).map_err(|_| DirectoryError::BadAddress(to.clone()))?;
+                    (Some(a.to_string()), *keep)
+                }
+                None => (None, false),
+            };
+            let n = c.execute("UPDATE users SET forward_to = ?2, keep_copy = ?3 WHERE name = ?1", params![name, to, keep])?;
+            if n == 0 { Err(DirectoryError::NoSuchUser(name)) } else { Ok(()) }
+        })
+    }
+
     /// Every local domain and where it comes from (`config` or `added`).
     pub fn list_domains(&self) -> Result<Vec<(String, &'static str)>> {
         let configured = self.domains.configured().to_vec();

@@ -13,7 +13,7 @@ pub mod penalty;
 pub mod resolve;
 
 pub use passwords::PasswordPool;
-pub use resolve::{into_store, LocalDomains, Resolution};
+pub use resolve::{into_store, Forward, LocalDomains, Resolution};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
@@ -35,6 +35,8 @@ pub enum DirectoryError {
     ConfiguredDomain(String),
     #[error("domain {0} still has addresses: {1}")]
     DomainInUse(String, String),
+    #[error("no such alias: {0}")]
+    NoSuchAlias(String),
     #[error("no such domain: {0}")]
     NoSuchDomain(String),
     #[error("bad list entry: {0}")]

@@ -20,12 +20,22 @@ pub struct LocalDomains {
 /// What an envelope recipient is to us.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resolution {
-    /// A user's mailbox.
-    Local { user_id: i64, user: String },
+    /// A user's mailbox, and where the user forwards mail to (D1).
+    Local { user_id: i64, user: String, forward: Option<Forward> },
+    /// An alias or group of the system alias table (F7): these addresses instead.
+    Alias(Vec<String>),
     /// A local domain, but no user has this address (550 5.1.1 at RCPT).
     Unknown,
     /// Not one of our domains.
     Remote,
+}
+
+/// A user's forwarding address (D1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    pub to: String,
+    /// Also deliver into the user's own mailbox.
+    pub keep_copy: bool,
 }
 
 impl LocalDomains {
@@ -81,13 +91,19 @@ impl LocalDomains {
 
 fn lookup(conn: &Connection, key: &str) -> Result<Resolution> {
     let mut stmt = conn.prepare_cached(
-        "SELECT u.id, u.name FROM addresses a JOIN users u ON u.id = a.user_id WHERE a.address = ?1 AND u.removed = 0",
+        "SELECT u.id, u.name, u.forward_to, u.keep_copy FROM addresses a JOIN users u ON u.id = a.user_id
+          WHERE a.address = ?1 AND u.removed = 0",
     )?;
-    let row = stmt.query_row([key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))).optional()?;
-    Ok(match row {
-        Some((user_id, user)) => Resolution::Local { user_id, user },
-        None => Resolution::Unknown,
-    })
+    let row = stmt
+        .query_row([key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?, r.get::<_, bool>(3)?)))
+        .optional()?;
+    if let Some((user_id, user, forward, keep_copy)) = row {
+        let forward = forward.filter(|f| !f.is_empty()).map(|to| Forward { to, keep_copy });
+        return Ok(Resolution::Local { user_id, user, forward });
+    }
+    let mut stmt = conn.prepare_cached("SELECT target FROM aliases WHERE address = ?1 ORDER BY target")?;
+    let targets = stmt.query_map([key], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(if targets.is_empty() { Resolution::Unknown } else { Resolution::Alias(targets) })
 }
 
 /// Lowercase, without a trailing dot.

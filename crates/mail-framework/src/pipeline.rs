@@ -67,6 +67,8 @@ pub struct WorkItem {
     pub tag: Tag,
     /// How many alias or forwarding expansions led to this recipient (F7: at most 10).
     pub depth: i64,
+    /// Addresses that replace or accompany this one (an alias, a forwarding address).
+    pub expand_to: Vec<String>,
 }
 
 /// What a snap-in may read while it examines a batch.
@@ -111,6 +113,11 @@ impl Framework {
 
     pub fn with_snapins(queue: Queue, domains: LocalDomains, snapins: Vec<Box<dyn SnapIn>>) -> Self {
         Framework { queue, domains, snapins: Arc::new(snapins), outbound: Arc::new(tokio::sync::Notify::new()) }
+    }
+
+    /// Wakes the pipeline: recipients wait for a snap-in (the SMTP client's failures do).
+    pub fn pipeline_wake(&self) -> Arc<tokio::sync::Notify> {
+        self.queue.wake_handle()
     }
 
     /// Notified whenever a batch put recipients on the outbound queue (the SMTP client waits on it).
@@ -202,7 +209,7 @@ fn load_batch(conn: &Connection) -> Result<Vec<WorkItem>, StoreError> {
             }
             _ => Tag::Unresolved,
         };
-        items.push(WorkItem { recipient_id: r.get(0)?, address: r.get(1)?, message, tag, depth: r.get(10)? });
+        items.push(WorkItem { recipient_id: r.get(0)?, address: r.get(1)?, message, tag, depth: r.get(10)?, expand_to: Vec::new() });
     }
     Ok(items)
 }

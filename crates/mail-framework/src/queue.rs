@@ -201,7 +201,7 @@ pub fn new_qid() -> String {
     format!("{micros:X}{n:03X}{:04X}", u16::from_le_bytes(r))
 }
 
-/// One row of `postroom queue list`.
+/// One recipient row as `postroom queue list|show` prints it.
 #[derive(Clone, Debug)]
 pub struct QueuedRecipient {
     pub qid: String,
@@ -211,27 +211,44 @@ pub struct QueuedRecipient {
     pub size: i64,
     pub received_at: i64,
     pub attempts: i64,
+    pub next_attempt: Option<i64>,
+    pub held: bool,
     pub last_reply: Option<String>,
 }
 
-/// Recipients not yet finished (queued for the pipeline or waiting for the SMTP client).
+const RECIPIENT_COLUMNS: &str =
+    "m.qid, m.mail_from, r.address, r.state, m.size, m.received_at, r.attempts, r.next_attempt, r.held, r.last_reply";
+
+fn recipient_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueuedRecipient> {
+    Ok(QueuedRecipient {
+        qid: r.get(0)?,
+        mail_from: r.get(1)?,
+        address: r.get(2)?,
+        state: r.get(3)?,
+        size: r.get(4)?,
+        received_at: r.get(5)?,
+        attempts: r.get(6)?,
+        next_attempt: r.get(7)?,
+        held: r.get(8)?,
+        last_reply: r.get(9)?,
+    })
+}
+
+/// Recipients not yet finished: waiting for the framework, the SMTP client or a report.
 pub fn pending(c: &Connection) -> rusqlite::Result<Vec<QueuedRecipient>> {
-    let mut stmt = c.prepare(
-        "SELECT m.qid, m.mail_from, r.address, r.state, m.size, m.received_at, r.attempts, r.last_reply
-           FROM recipients r JOIN messages m ON m.id = r.message_id
-          WHERE r.state IN ('queued', 'forward') ORDER BY r.id",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(QueuedRecipient {
-            qid: r.get(0)?,
-            mail_from: r.get(1)?,
-            address: r.get(2)?,
-            state: r.get(3)?,
-            size: r.get(4)?,
-            received_at: r.get(5)?,
-            attempts: r.get(6)?,
-            last_reply: r.get(7)?,
-        })
-    })?;
+    let mut stmt = c.prepare(&format!(
+        "SELECT {RECIPIENT_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id
+          WHERE r.state IN ('queued', 'forward', 'bounce') ORDER BY r.id"
+    ))?;
+    let rows = stmt.query_map([], recipient_row)?;
+    rows.collect()
+}
+
+/// Every recipient of one message, whatever its state (`postroom queue show`).
+pub fn message_recipients(c: &Connection, qid: &str) -> rusqlite::Result<Vec<QueuedRecipient>> {
+    let mut stmt = c.prepare(&format!(
+        "SELECT {RECIPIENT_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id WHERE m.qid = ?1 ORDER BY r.id"
+    ))?;
+    let rows = stmt.query_map([qid], recipient_row)?;
     rows.collect()
 }

@@ -39,6 +39,31 @@ pub enum UserCommand {
     Enable { name: String },
     /// Stop receiving mail for the user now; the account goes once the mailbox is empty.
     Remove { name: String },
+    /// Forward the user's mail to ADDRESS (D1); --keep also keeps a copy in the mailbox;
+    /// --off stops forwarding.
+    Forward {
+        name: String,
+        #[arg(required_unless_present = "off")]
+        address: Option<String>,
+        #[arg(long)]
+        keep: bool,
+        #[arg(long, conflicts_with_all = ["address", "keep"])]
+        off: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AliasCommand {
+    /// Make ALIAS (an address in a local domain) stand for the TARGET addresses (F7).
+    Add {
+        alias: String,
+        #[arg(required = true, num_args = 1..)]
+        targets: Vec<String>,
+    },
+    /// Remove one target of an alias, or the whole alias.
+    Remove { alias: String, target: Option<String> },
+    /// List aliases and their targets.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -48,12 +73,6 @@ pub enum DomainCommand {
     /// Stop treating a domain as local.
     Remove { domain: String },
     /// List local domains.
-    List,
-}
-
-#[derive(Subcommand)]
-pub enum QueueCommand {
-    /// Recipients not yet delivered (waiting for the framework or for the SMTP client).
     List,
 }
 
@@ -142,6 +161,16 @@ pub fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
             admin.set_enabled(&name, true)?;
             println!("user {name} enabled");
         }
+        UserCommand::Forward { name, address, keep, off } => {
+            if off {
+                admin.set_forward(&name, None)?;
+                println!("user {name}: forwarding off");
+            } else {
+                let to = address.expect("clap requires it without --off");
+                admin.set_forward(&name, Some((to.clone(), keep)))?;
+                println!("user {name}: mail forwarded to {to}{}", if keep { ", a copy kept in the mailbox" } else { "" });
+            }
+        }
         UserCommand::Remove { name } => {
             if admin.remove_user(&name)? {
                 println!("user {name} removed");
@@ -159,6 +188,27 @@ fn state(u: &UserInfo) -> &'static str {
         (false, true) => "enabled",
         (false, false) => "disabled",
     }
+}
+
+pub fn alias(cmd: AliasCommand, config: &Config) -> anyhow::Result<()> {
+    let (store, domains) = open(config)?;
+    let admin = Admin { store: &store, domains: &domains };
+    match cmd {
+        AliasCommand::Add { alias, targets } => {
+            admin.add_alias(&alias, &targets)?;
+            println!("alias {alias} -> {}", targets.join(", "));
+        }
+        AliasCommand::Remove { alias, target } => {
+            let n = admin.remove_alias(&alias, target.as_deref())?;
+            println!("alias {alias}: {n} target(s) removed");
+        }
+        AliasCommand::List => {
+            for (alias, targets) in admin.list_aliases()? {
+                println!("{alias}\t{}", targets.join(", "));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn domain(cmd: DomainCommand, config: &Config) -> anyhow::Result<()> {
@@ -179,33 +229,6 @@ pub fn domain(cmd: DomainCommand, config: &Config) -> anyhow::Result<()> {
         DomainCommand::List => {
             for (d, origin) in admin.list_domains()? {
                 println!("{d}\t{origin}");
-            }
-        }
-    }
-    Ok(())
-}
-
-pub fn queue(cmd: QueueCommand, config: &Config) -> anyhow::Result<()> {
-    let (store, _) = open(config)?;
-    match cmd {
-        QueueCommand::List => {
-            let rows = store.read_blocking(|c| Ok(mail_framework::queue::pending(c)?))?;
-            if rows.is_empty() {
-                println!("queue is empty");
-                return Ok(());
-            }
-            println!("{:<22} {:<8} {:>9} {:<25} {:<30} {:>8}  last reply", "id", "state", "size", "received", "recipient", "attempts");
-            for r in rows {
-                println!(
-                    "{:<22} {:<8} {:>9} {:<25} {:<30} {:>8}  {}",
-                    r.qid,
-                    r.state,
-                    r.size,
-                    mail_proto::date::rfc5322(r.received_at),
-                    r.address,
-                    r.attempts,
-                    r.last_reply.unwrap_or_default()
-                );
             }
         }
     }

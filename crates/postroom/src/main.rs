@@ -5,6 +5,7 @@
 mod commands;
 mod config;
 mod lists;
+mod queue_cmd;
 mod serve;
 
 use std::path::PathBuf;
@@ -33,12 +34,15 @@ enum Command {
     /// Manage users (i5/OS CRTUSRPRF + WRKDIRE).
     #[command(subcommand)]
     User(commands::UserCommand),
+    /// Aliases and groups: the system alias table (F7).
+    #[command(subcommand)]
+    Alias(commands::AliasCommand),
     /// Manage local domains.
     #[command(subcommand)]
     Domain(commands::DomainCommand),
     /// Inspect the framework queue (i5/OS WRKDSTQ / HLDDSTQ).
     #[command(subcommand)]
-    Queue(commands::QueueCommand),
+    Queue(queue_cmd::QueueCommand),
     /// Access lists: relay, reject, near, kill, rbl (i5/OS ADDSMTPLE / RMVSMTPLE).
     #[command(subcommand)]
     List(lists::ListCommand),
@@ -60,7 +64,8 @@ fn main() -> ExitCode {
         (Command::Serve, Ok(cfg)) => serve::serve(cfg),
         (Command::User(c), Ok(cfg)) => commands::user(c, &cfg),
         (Command::Domain(c), Ok(cfg)) => commands::domain(c, &cfg),
-        (Command::Queue(c), Ok(cfg)) => commands::queue(c, &cfg),
+        (Command::Alias(c), Ok(cfg)) => commands::alias(c, &cfg),
+        (Command::Queue(c), Ok(cfg)) => queue_cmd::queue(c, &cfg),
         (Command::Journal(a), Ok(cfg)) => commands::journal(a, &cfg),
         (Command::List(c), Ok(cfg)) => lists::list(c, &cfg),
         (Command::Explain(a), Ok(cfg)) => lists::explain(a, &cfg),

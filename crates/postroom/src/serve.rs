@@ -10,6 +10,10 @@ use pop3_server::{Pop3Server, Pop3Settings};
 use directory::penalty::{LoginLimits, PenaltyBox};
 use smtp_server::policy::{self, ListenerAuth, RelayPolicy, VerifyFrom};
 use smtp_server::{ListenerKind, Services, SmtpServer, SmtpSettings};
+use mail_framework::outbound::Schedule;
+use smtp_client::conversation::ClientSettings;
+use smtp_client::queue_manager::{OutboundQueue, OutboundSettings};
+use smtp_client::route::RouteSettings;
 use tls::{CertSource, ServerTls};
 use store::{Store, StoreOptions};
 use tokio::net::TcpListener;
@@ -45,6 +49,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let domains = LocalDomains::new(&config.domains, &config.postmaster);
     let framework = Framework::new(queue.clone(), domains.clone(), &config.hostname);
+    let (outbound_wake, pipeline_wake) = (framework.outbound_wake(), framework.pipeline_wake());
     tokio::spawn(framework.run());
 
     for warning in config.warnings() {
@@ -64,7 +69,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     let tls = load_tls(&config)?;
     let passwords = PasswordPool::new(2, 256);
-    let services = Services { queue: queue.clone(), domains, dns, penalty: penalty.clone(), tls: tls.clone(), passwords: passwords.clone() };
+    let services =
+        Services { queue: queue.clone(), domains, dns: dns.clone(), penalty: penalty.clone(), tls: tls.clone(), passwords: passwords.clone() };
     let smtp = SmtpServer::new(smtp_settings(&config), services);
     let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords, tls, penalty);
 
@@ -94,6 +100,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             tokio::spawn(pop3.clone().serve(listener, implicit_tls));
         }
     }
+    // The SMTP client: an MX that resolves to one of our own SMTP listeners is a loop.
+    let own: Vec<std::net::SocketAddr> = bound.iter().filter(|l| l.starts_with("smtp ")).filter_map(|l| l[5..].parse().ok()).collect();
+    let outbound = OutboundQueue::new(outbound_settings(&config, own), store.clone(), dns, outbound_wake, pipeline_wake);
+    tokio::spawn(outbound.run());
     write_listening(&config, &bound)?;
     tracing::info!(listeners = ?bound, data_dir = %config.data_dir.display(), "postroom is ready");
 
@@ -117,6 +127,36 @@ fn load_tls(config: &Config) -> anyhow::Result<Option<ServerTls>> {
     }
     tls.spawn_reloader(Duration::from_secs(5));
     Ok(Some(tls))
+}
+
+fn outbound_settings(c: &Config, own_addresses: Vec<std::net::SocketAddr>) -> OutboundSettings {
+    let d = &c.delivery;
+    let mut client = ClientSettings::new(c.hostname.clone());
+    client.bind_address = d.bind_address.parse().ok();
+    client.starttls = d.starttls;
+    let mail_router = (!d.mail_router.is_empty()).then(|| match d.mail_router.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() && !host.contains(':') => (host.to_string(), port.parse().unwrap_or(25)),
+        _ => (d.mail_router.clone(), d.remote_port),
+    });
+    OutboundSettings {
+        client,
+        route: RouteSettings {
+            mail_router,
+            remote_port: d.remote_port,
+            host_table: d.host_table.iter().filter_map(|(h, ip)| Some((h.clone(), ip.parse().ok()?))).collect(),
+            own_addresses,
+            own_hostname: c.hostname.clone(),
+        },
+        schedule: Schedule {
+            first_count: d.first_retry_count,
+            first_interval_secs: d.first_retry_interval_secs as i64,
+            second_count: d.second_retry_count,
+            second_interval_secs: d.second_retry_interval_secs as i64,
+            lifetime_secs: d.queue_lifetime_hours as i64 * 3600,
+        },
+        max_connections: d.max_connections,
+        max_connections_per_domain: d.max_connections_per_domain,
+    }
 }
 
 fn smtp_settings(c: &Config) -> SmtpSettings {

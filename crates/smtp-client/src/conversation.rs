@@ -1,1 +1,1358 @@
+//! One SMTP conversation with one remote host (SPEC §6 C1, C5, C8; RFC 5321, RFC 2920 pipelining,
+//! RFC 3207 STARTTLS, RFC 1870 SIZE, RFC 6152 8BITMIME).
+//!
+//! [`deliver`] makes one delivery attempt of one message to one address: connect (from
+//! `bind_address` when set), greeting, EHLO (HELO when EHLO is refused), opportunistic STARTTLS
+//! accepting any certificate, EHLO again, MAIL FROM, RCPT TO for every recipient (pipelined
+//! with MAIL and DATA when the server offers PIPELINING), DATA with the body streamed from a
+//! [`BodySource`], QUIT. It reports one [`RcptOutcome`] per recipient, or a [`SessionError`] when
+//! the attempt ended before per-recipient results. Choosing hosts, retrying and bouncing are the
+//! caller's job; in particular after [`SessionError::Tls`] the caller retries the same host with
+//! [`deliver_plaintext`] (C5).
+//!
+//! Nothing leaves us with a bare CR or LF: the stored body is CRLF text, but any bare CR or LF in
+//! it is turned into CRLF while streaming, before dot-stuffing, so a message cannot smuggle a
+//! second one to the next hop through us. Addresses and the HELO name with control characters
+//! are refused before connecting.
 
+use std::fmt::Write as _;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use mail_proto::reply_parser::parse_reply;
+use mail_proto::{DotStuffer, Reply};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, DnsName, ServerName, UnixTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// How long QUIT may take at most (its reply is ignored anyway).
+const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Body bytes gathered before one write.
+const WRITE_BLOCK: usize = 64 * 1024;
+
+/// How the client behaves; the same for every attempt.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    /// Our host name, sent in EHLO/HELO.
+    pub helo_name: String,
+    /// `[delivery] bind_address` (C8): the local address connections come from. A destination of
+    /// the other address family fails with [`SessionError::Connect`].
+    pub bind_address: Option<IpAddr>,
+    /// Opportunistic STARTTLS when the server offers it (C5).
+    pub starttls: bool,
+    /// For the TCP connect, and separately for the TLS handshake after STARTTLS.
+    pub connect_timeout: Duration,
+    pub timeouts: Timeouts,
+}
+
+impl ClientSettings {
+    /// Defaults: no bind address, STARTTLS on, 30 s connect timeout, the RFC 5321 timeouts.
+    pub fn new(helo_name: impl Into<String>) -> Self {
+        ClientSettings {
+            helo_name: helo_name.into(),
+            bind_address: None,
+            starttls: true,
+            connect_timeout: Duration::from_secs(30),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// Waiting times for the server's replies, RFC 5321 §4.5.3.2. `mail` also covers EHLO, HELO and
+/// STARTTLS; `data_block` covers writing each block of the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub greeting: Duration,
+    pub mail: Duration,
+    pub rcpt: Duration,
+    pub data_init: Duration,
+    pub data_block: Duration,
+    pub data_term: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let min = |m: u64| Duration::from_secs(60 * m);
+        Timeouts { greeting: min(5), mail: min(5), rcpt: min(5), data_init: min(2), data_block: min(3), data_term: min(10) }
+    }
+}
+
+/// Where the message body comes from: the store's chunks, streamed, never the whole message in
+/// memory. The caller makes a fresh one for every attempt. Implementations may simply write
+/// `async fn next_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>>`; the future must be
+/// `Send` so that deliveries can run on any runtime thread.
+pub trait BodySource {
+    /// The next piece of the stored message (CRLF text), `None` at the end.
+    fn next_chunk(&mut self) -> impl Future<Output = io::Result<Option<Vec<u8>>>> + Send;
+}
+
+/// The envelope of one message on its way to one host.
+#[derive(Clone, Copy, Debug)]
+pub struct Envelope<'a> {
+    /// The reverse path without angle brackets; `""` sends `MAIL FROM:<>`.
+    pub mail_from: &'a str,
+    /// Forward paths without angle brackets.
+    pub recipients: &'a [String],
+    /// Message size for `SIZE=` (RFC 1870), sent when the server offers SIZE.
+    pub size: u64,
+    /// The body has 8-bit content: `BODY=8BITMIME` when the server offers 8BITMIME.
+    pub eight_bit: bool,
+}
+
+/// What became of one recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RcptOutcome {
+    /// The server took responsibility for the message (2xx after the final dot).
+    Accepted,
+    /// Temporary failure (4xx to RCPT or to the final dot); try again later.
+    Deferred(Reply),
+    /// Permanent failure (5xx to RCPT or to the final dot).
+    Failed(Reply),
+}
+
+/// The whole attempt failed before per-recipient results; every recipient is still pending.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot connect: {0}")]
+    Connect(#[source] io::Error),
+    /// No reply (or no progress writing) within the stage's time limit.
+    #[error("timed out at {0}")]
+    Timeout(&'static str),
+    /// The connection broke, or reading the body from the store failed.
+    #[error("connection failed: {0}")]
+    Io(#[source] io::Error),
+    /// TLS handshake failed after STARTTLS: the caller retries this host without STARTTLS (C5).
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    /// A reply that ends the attempt: 4xx/5xx to the greeting, EHLO+HELO, MAIL FROM, or DATA.
+    /// The reply tells temporary from permanent.
+    #[error("{stage} refused: {}", show(.reply))]
+    Rejected { stage: &'static str, reply: Reply },
+    /// The server said something that is not SMTP, or the envelope cannot be sent.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl SessionError {
+    /// Only a 5xx reply ends an attempt permanently; everything else is worth another try.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, SessionError::Rejected { reply, .. } if (500..600).contains(&reply.code))
+    }
+
+    /// The server's reply, for a rejection.
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            SessionError::Rejected { reply, .. } => Some(reply),
+            _ => None,
+        }
+    }
+}
+
+fn show(reply: &Reply) -> String {
+    match reply.enhanced() {
+        Some(e) => format!("{} {} {}", reply.code, e, reply.lines.join(" / ")),
+        None => format!("{} {}", reply.code, reply.lines.join(" / ")),
+    }
+}
+
+/// One delivery attempt to one host, with STARTTLS when `settings.starttls` and the server
+/// offers it. `host` is the name for logs and SNI; `addr` is where to connect. The outcomes are
+/// in the order of `envelope.recipients`.
+pub async fn deliver<B: BodySource>(
+    settings: &ClientSettings,
+    host: &str,
+    addr: SocketAddr,
+    envelope: &Envelope<'_>,
+    body: &mut B,
+) -> Result<Vec<RcptOutcome>, SessionError> {
+    attempt(settings, host, addr, envelope, body, settings.starttls).await
+}
+
+/// Like [`deliver`], but never STARTTLS: the retry after [`SessionError::Tls`].
+pub async fn deliver_plaintext<B: BodySource>(
+    settings: &ClientSettings,
+    host: &str,
+    addr: SocketAddr,
+    envelope: &Envelope<'_>,
+    body: &mut B,
+) -> Result<Vec<RcptOutcome>, SessionError> {
+    attempt(settings, host, addr, envelope, body, false).await
+}
+
+async fn attempt<B: BodySource>(
+    settings: &ClientSettings,
+    host: &str,
+    addr: SocketAddr,
+    envelope: &Envelope<'_>,
+    body: &mut B,
+    starttls: bool,
+) -> Result<Vec<RcptOutcome>, SessionError> {
+    check_line("HELO name", &settings.helo_name)?;
+    check_line("sender", envelope.mail_from)?;
+    for r in envelope.recipients {
+        check_line("recipient", r)?;
+    }
+    if envelope.recipients.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tcp = connect(settings, addr).await?;
+    tracing::debug!(host, %addr, "connected");
+    let mut session = Session { settings, host, addr, transport: Transport::Plain(tcp), buf: Vec::new() };
+    let result = session.run(envelope, body, starttls).await;
+    match &result {
+        // The server is waiting for a command: say goodbye. After a broken connection, a
+        // timeout, a protocol error or a body that broke off mid-DATA, just close.
+        Ok(_) | Err(SessionError::Rejected { .. }) => session.quit().await,
+        Err(_) => {}
+    }
+    match &result {
+        Ok(outcomes) => tracing::debug!(host, %addr, ?outcomes, "attempt finished"),
+        Err(e) => tracing::debug!(host, %addr, error = %e, "attempt failed"),
+    }
+    result
+}
+
+/// Refuse text that would break the command line it goes into.
+fn check_line(what: &str, text: &str) -> Result<(), SessionError> {
+    if text.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return Err(SessionError::Protocol(format!("{what} {text:?} contains control characters")));
+    }
+    Ok(())
+}
+
+async fn connect(settings: &ClientSettings, addr: SocketAddr) -> Result<TcpStream, SessionError> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(SessionError::Connect)?;
+    if let Some(ip) = settings.bind_address {
+        if ip.is_ipv4() != addr.is_ipv4() {
+            let why = format!("bind_address {ip} cannot reach {addr} (other address family)");
+            return Err(SessionError::Connect(io::Error::new(io::ErrorKind::AddrNotAvailable, why)));
+        }
+        socket.bind(SocketAddr::new(ip, 0)).map_err(SessionError::Connect)?;
+    }
+    let tcp = timeout(settings.connect_timeout, socket.connect(addr))
+        .await
+        .map_err(|_| SessionError::Timeout("connect"))?
+        .map_err(SessionError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// What the server offered in its EHLO reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Capabilities {
+    pipelining: bool,
+    size: bool,
+    eight_bit_mime: bool,
+    starttls: bool,
+}
+
+impl Capabilities {
+    fn from_ehlo(reply: &Reply) -> Self {
+        let mut caps = Capabilities::default();
+        // The first line is the server's name and greeting, the rest are keywords.
+        for line in reply.lines.iter().skip(1) {
+            let keyword = line.split_ascii_whitespace().next().unwrap_or("");
+            match keyword.to_ascii_uppercase().as_str() {
+                "PIPELINING" => caps.pipelining = true,
+                "SIZE" => caps.size = true,
+                "8BITMIME" => caps.eight_bit_mime = true,
+                "STARTTLS" => caps.starttls = true,
+                _ => {}
+            }
+        }
+        caps
+    }
+}
+
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Between taking the TCP stream for the handshake and getting the TLS stream back.
+    Closed,
+}
+
+fn not_connected() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection already closed")
+}
+
+impl Transport {
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Transport::Plain(s) => s.write_all(data).await,
+            Transport::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Transport::Closed => Err(not_connected()),
+        }
+    }
+
+    async fn read_into(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        buf.reserve(4096);
+        match self {
+            Transport::Plain(s) => s.read_buf(buf).await,
+            Transport::Tls(s) => s.read_buf(buf).await,
+            Transport::Closed => Err(not_connected()),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            Transport::Plain(s) => s.shutdown().await,
+            Transport::Tls(s) => s.shutdown().await,
+            Transport::Closed => Ok(()),
+        };
+    }
+}
+
+struct Session<'s> {
+    settings: &'s ClientSettings,
+    host: &'s str,
+    addr: SocketAddr,
+    transport: Transport,
+    /// Received bytes not yet parsed into replies.
+    buf: Vec<u8>,
+}
+
+impl Session<'_> {
+    async fn run<B: BodySource>(&mut self, envelope: &Envelope<'_>, body: &mut B, starttls: bool) -> Result<Vec<RcptOutcome>, SessionError> {
+        let t = self.settings.timeouts;
+        let greeting = self.read_reply("greeting", t.greeting).await?;
+        if greeting.code / 100 != 2 {
+            return Err(SessionError::Rejected { stage: "greeting", reply: greeting });
+        }
+        let mut caps = self.hello().await?;
+        if starttls && caps.starttls {
+            let reply = self.command("STARTTLS", t.mail, "STARTTLS\r\n").await?;
+            if reply.code == 220 {
+                self.start_tls().await?;
+                // RFC 3207 §4.2: forget everything learnt before TLS and ask again.
+                caps = self.hello().await?;
+            } else {
+                // 454 and friends: carry on in plaintext (opportunistic TLS).
+                tracing::debug!(host = self.host, reply = %show(&reply), "STARTTLS refused; continuing without TLS");
+            }
+        }
+        self.transaction(envelope, body, caps).await
+    }
+
+    /// EHLO, or HELO when EHLO is refused (RFC 5321 §3.2).
+    async fn hello(&mut self) -> Result<Capabilities, SessionError> {
+        let t = self.settings.timeouts;
+        let ehlo = self.command("EHLO", t.mail, &format!("EHLO {}\r\n", self.settings.helo_name)).await?;
+        if ehlo.code / 100 == 2 {
+            return Ok(Capabilities::from_ehlo(&ehlo));
+        }
+        if ehlo.code == 421 {
+            // The server is closing the connection; HELO would meet a closed socket.
+            return Err(SessionError::Rejected { stage: "EHLO", reply: ehlo });
+        }
+        let helo = self.command("HELO", t.mail, &format!("HELO {}\r\n", self.settings.helo_name)).await?;
+        if helo.code / 100 == 2 {
+            Ok(Capabilities::default())
+        } else {
+            Err(SessionError::Rejected { stage: "HELO", reply: helo })
+        }
+    }
+
+    async fn start_tls(&mut self) -> Result<(), SessionError> {
+        if !self.buf.is_empty() {
+            // Bytes sent before the handshake could be injected by anyone on the path
+            // (CVE-2011-0411 pattern); they must not be read as replies after it.
+            tracing::warn!(host = self.host, bytes = self.buf.len(), "discarding data received after 220 to STARTTLS");
+            self.buf.clear();
+        }
+        let Transport::Plain(tcp) = std::mem::replace(&mut self.transport, Transport::Closed) else {
+            return Err(SessionError::Protocol("STARTTLS on a connection that is not plaintext".into()));
+        };
+        let connector = TlsConnector::from(insecure_client_config());
+        let name = server_name(self.host, self.addr.ip());
+        match timeout(self.settings.connect_timeout, connector.connect(name, tcp)).await {
+            Err(_) => Err(SessionError::Tls("handshake timed out".into())),
+            Ok(Err(e)) => Err(SessionError::Tls(e.to_string())),
+            Ok(Ok(tls)) => {
+                let (_, conn) = tls.get_ref();
+                tracing::debug!(host = self.host, version = ?conn.protocol_version(), suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()), "TLS established");
+                self.transport = Transport::Tls(Box::new(tls));
+                Ok(())
+            }
+        }
+    }
+
+    async fn transaction<B: BodySource>(&mut self, envelope: &Envelope<'_>, body: &mut B, caps: Capabilities) -> Result<Vec<RcptOutcome>, SessionError> {
+        let t = self.settings.timeouts;
+        let mut mail = format!("MAIL FROM:<{}>", envelope.mail_from);
+        if caps.size {
+            let _ = write!(mail, " SIZE={}", envelope.size);
+        }
+        if envelope.eight_bit && caps.eight_bit_mime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        mail.push_str("\r\n");
+        let rcpt = |r: &String| format!("RCPT TO:<{r}>\r\n");
+        let mut outcomes = Vec::with_capacity(envelope.recipients.len());
+
+        let data_reply = if caps.pipelining {
+            // RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order.
+            let mut batch = mail;
+            envelope.recipients.iter().for_each(|r| batch.push_str(&rcpt(r)));
+            batch.push_str("DATA\r\n");
+            tracing::debug!(host = self.host, commands = envelope.recipients.len() + 2, "sending pipelined MAIL, RCPT, DATA");
+            self.send("MAIL", t.mail, batch.as_bytes()).await?;
+            let mail_reply = self.read_reply("MAIL", t.mail).await?;
+            if mail_reply.code / 100 != 2 {
+                // Read the other replies so that QUIT is not taken for message text by a server
+                // that accepted DATA anyway; the rejection stands whatever happens there.
+                if let Ok(data) = self.pipelined_replies(envelope.recipients.len(), &mut Vec::new()).await {
+                    self.end_empty_data(&data).await;
+                }
+                return Err(SessionError::Rejected { stage: "MAIL", reply: mail_reply });
+            }
+            let data = self.pipelined_replies(envelope.recipients.len(), &mut outcomes).await?;
+            if !outcomes.contains(&RcptOutcome::Accepted) {
+                self.end_empty_data(&data).await;
+                return Ok(outcomes);
+            }
+            data
+        } else {
+            let reply = self.command("MAIL", t.mail, &mail).await?;
+            if reply.code / 100 != 2 {
+                return Err(SessionError::Rejected { stage: "MAIL", reply });
+            }
+            for r in envelope.recipients {
+                let reply = self.command("RCPT", t.rcpt, &rcpt(r)).await?;
+                outcomes.push(rcpt_outcome(reply));
+            }
+            if !outcomes.contains(&RcptOutcome::Accepted) {
+                return Ok(outcomes);
+            }
+            self.command("DATA", t.data_init, "DATA\r\n").await?
+        };
+
+        match data_reply.code {
+            354 => {}
+            400..=599 => return Err(SessionError::Rejected { stage: "DATA", reply: data_reply }),
+            _ => return Err(SessionError::Protocol(format!("unexpected reply to DATA: {}", show(&data_reply)))),
+        }
+
+        self.send_body(body).await?;
+        let end = self.read_reply("DATA end", t.data_term).await?;
+        tracing::debug!(host = self.host, reply = %show(&end), "reply to end of data");
+        for outcome in outcomes.iter_mut().filter(|o| **o == RcptOutcome::Accepted) {
+            *outcome = match end.code / 100 {
+                2 => RcptOutcome::Accepted,
+                5 => RcptOutcome::Failed(end.clone()),
+                _ => RcptOutcome::Deferred(end.clone()),
+            };
+        }
+        Ok(outcomes)
+    }
+
+    /// The RCPT replies of a pipelined batch (into `outcomes`), then the DATA reply.
+    async fn pipelined_replies(&mut self, count: usize, outcomes: &mut Vec<RcptOutcome>) -> Result<Reply, SessionError> {
+        let t = self.settings.timeouts;
+        for _ in 0..count {
+            let reply = self.read_reply("RCPT", t.rcpt).await?;
+            outcomes.push(rcpt_outcome(reply));
+        }
+        self.read_reply("DATA", t.data_init).await
+    }
+
+    /// After a pipelined DATA that should have failed: when the server said 354 anyway (RFC 2920
+    /// §3.1 says it should not), send the empty message's dot, which it has to refuse.
+    async fn end_empty_data(&mut self, data_reply: &Reply) {
+        let t = self.settings.timeouts;
+        if data_reply.code == 354 && self.send("DATA block", t.data_block, b".\r\n").await.is_ok() {
+            let _ = self.read_reply("DATA end", t.data_term).await;
+        }
+    }
+
+    /// The body, CRLF-normalised and dot-stuffed, then the terminating `.` line.
+    async fn send_body<B: BodySource>(&mut self, body: &mut B) -> Result<(), SessionError> {
+        let block_timeout = self.settings.timeouts.data_block;
+        let mut endings = BareEndings::default();
+        let mut stuffer = DotStuffer::default();
+        let mut normalised = Vec::new();
+        let mut out = Vec::new();
+        loop {
+            let chunk = body.next_chunk().await.map_err(|e| {
+                // Dropping the connection without the final dot makes the server discard the
+                // partial message.
+                SessionError::Io(io::Error::new(e.kind(), format!("reading the message body: {e}")))
+            })?;
+            let Some(chunk) = chunk else { break };
+            normalised.clear();
+            endings.feed(&chunk, &mut normalised);
+            stuffer.stuff(&normalised, &mut out);
+            if out.len() >= WRITE_BLOCK {
+                self.send("DATA block", block_timeout, &out).await?;
+                out.clear();
+            }
+        }
+        normalised.clear();
+        endings.finish(&mut normalised);
+        stuffer.stuff(&normalised, &mut out);
+        stuffer.finish(&mut out);
+        self.send("DATA block", block_timeout, &out).await
+    }
+
+    /// Send one command line and read its reply.
+    async fn command(&mut self, stage: &'static str, limit: Duration, line: &str) -> Result<Reply, SessionError> {
+        tracing::debug!(host = self.host, command = line.trim_end(), "sending");
+        self.send(stage, limit, line.as_bytes()).await?;
+        let reply = self.read_reply(stage, limit).await?;
+        tracing::debug!(host = self.host, reply = %show(&reply), "received");
+        Ok(reply)
+    }
+
+    async fn send(&mut self, stage: &'static str, limit: Duration, data: &[u8]) -> Result<(), SessionError> {
+        match timeout(limit, self.transport.write_all(data)).await {
+            Err(_) => Err(SessionError::Timeout(stage)),
+            Ok(Err(e)) => Err(SessionError::Io(e)),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    /// One complete reply within `limit`.
+    async fn read_reply(&mut self, stage: &'static str, limit: Duration) -> Result<Reply, SessionError> {
+        let host = self.host;
+        let read = async {
+            loop {
+                match parse_reply(&self.buf) {
+                    Ok(Some((reply, used))) => {
+                        self.buf.drain(..used);
+                        return Ok(reply);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(SessionError::Protocol(format!("bad reply from {host} at {stage}: {e}"))),
+                }
+                let n = self.transport.read_into(&mut self.buf).await.map_err(SessionError::Io)?;
+                if n == 0 {
+                    let why = format!("{host} closed the connection at {stage}");
+                    return Err(SessionError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, why)));
+                }
+            }
+        };
+        timeout(limit, read).await.map_err(|_| SessionError::Timeout(stage))?
+    }
+
+    /// QUIT, its reply ignored, then close (with close_notify under TLS).
+    async fn quit(&mut self) {
+        let limit = self.settings.timeouts.mail.min(QUIT_TIMEOUT);
+        if self.send("QUIT", limit, b"QUIT\r\n").await.is_ok() {
+            let _ = self.read_reply("QUIT", limit).await;
+        }
+        let _ = timeout(limit, self.transport.shutdown()).await;
+    }
+}
+
+fn rcpt_outcome(reply: Reply) -> RcptOutcome {
+    match reply.code {
+        200..=299 => RcptOutcome::Accepted,
+        // RFC 5321 §4.5.3.1.10: some servers say 552 for "too many recipients"; treat it as
+        // temporary so the rest go in a later transaction.
+        552 => RcptOutcome::Deferred(reply),
+        500..=599 => RcptOutcome::Failed(reply),
+        _ => RcptOutcome::Deferred(reply),
+    }
+}
+
+/// Turns every bare CR and bare LF into CRLF, across chunk boundaries.
+#[derive(Debug, Default)]
+struct BareEndings {
+    /// The previous chunk ended in a CR.
+    pending_cr: bool,
+}
+
+impl BareEndings {
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        out.reserve(input.len() + 2);
+        for &b in input {
+            if self.pending_cr {
+                self.pending_cr = false;
+                out.extend_from_slice(b"\r\n");
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            match b {
+                b'\r' => self.pending_cr = true,
+                b'\n' => out.extend_from_slice(b"\r\n"),
+                _ => out.push(b),
+            }
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if std::mem::take(&mut self.pending_cr) {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// SNI: `host` when it is a DNS name (a trailing dot dropped), otherwise the IP address, for
+/// which rustls sends no SNI.
+fn server_name(host: &str, ip: IpAddr) -> ServerName<'static> {
+    match DnsName::try_from(host.strip_suffix('.').unwrap_or(host)) {
+        Ok(name) => ServerName::DnsName(name.to_owned()),
+        Err(_) => ServerName::IpAddress(ip.into()),
+    }
+}
+
+/// The client TLS configuration for opportunistic STARTTLS: ring provider, safe default
+/// protocol versions, any certificate accepted (C5), handshake signatures still verified. Built
+/// once and shared.
+pub fn insecure_client_config() -> Arc<ClientConfig> {
+    static CONFIG: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = tls::provider();
+            let verifier = Arc::new(AcceptAnyCertificate { algorithms: provider.signature_verification_algorithms });
+            let config = ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("the ring provider supports the default TLS versions")
+                .dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_no_client_auth();
+            Arc::new(config)
+        })
+        .clone()
+}
+
+/// Accepts every certificate (opportunistic TLS protects against passive eavesdropping only),
+/// but checks that the server really holds the key of the certificate it sent.
+#[derive(Debug)]
+struct AcceptAnyCertificate {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::net::Ipv4Addr;
+
+    use mail_proto::{DataDecoder, DataEvent, LineEndings};
+    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::io::{AsyncRead, AsyncWrite};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    // ---- the scripted server ----
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum StartTls {
+        /// Reply 220 and do the handshake with a self-signed certificate.
+        Upgrade,
+        /// Reply 220, then send bytes that are not TLS and hang up.
+        Break,
+        /// Reply 454.
+        Refuse,
+    }
+
+    /// What the server answers. Replies are complete wire text (CRLF included); an empty reply
+    /// means "say nothing".
+    #[derive(Clone, Debug)]
+    struct Script {
+        /// Accept the connection and never say anything.
+        silent: bool,
+        greeting: &'static str,
+        ehlo: &'static str,
+        ehlo_tls: &'static str,
+        helo: &'static str,
+        starttls: StartTls,
+        mail: &'static str,
+        /// Replies to the RCPTs in order; "250 2.1.5 ok" for the rest.
+        rcpt: Vec<&'static str>,
+        data: &'static str,
+        end: &'static str,
+        /// Answer MAIL and RCPT only once DATA has arrived: a client that waits for the MAIL
+        /// reply before sending RCPT times out.
+        hold_until_data: bool,
+    }
+
+    impl Default for Script {
+        fn default() -> Self {
+            Script {
+                silent: false,
+                greeting: "220 mx.test ESMTP\r\n",
+                ehlo: "250-mx.test\r\n250-SIZE 10000000\r\n250 8BITMIME\r\n",
+                ehlo_tls: "250-mx.test\r\n250 8BITMIME\r\n",
+                helo: "250 mx.test\r\n",
+                starttls: StartTls::Upgrade,
+                mail: "250 2.1.0 ok\r\n",
+                rcpt: Vec::new(),
+                data: "354 go ahead\r\n",
+                end: "250 2.0.0 queued as 1\r\n",
+                hold_until_data: false,
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct Cmd {
+        line: String,
+        /// Received over TLS.
+        tls: bool,
+        /// More bytes were already waiting behind this command when it was read.
+        followed: bool,
+    }
+
+    #[derive(Debug, Default)]
+    struct Log {
+        peer: Option<SocketAddr>,
+        commands: Vec<Cmd>,
+        /// The DATA bytes exactly as they arrived, terminator included, when the message ended.
+        wire_body: Option<Vec<u8>>,
+        /// The same, decoded strictly (no bare CR/LF allowed, dots unstuffed).
+        body: Option<Vec<u8>>,
+        bare_line_ending: bool,
+    }
+
+    impl Log {
+        fn lines(&self) -> Vec<&str> {
+            self.commands.iter().map(|c| c.line.as_str()).collect()
+        }
+    }
+
+    trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+    async fn server(script: Script) -> (SocketAddr, JoinHandle<Log>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = tokio::spawn(async move {
+            let (tcp, peer) = listener.accept().await.unwrap();
+            let mut log = Log { peer: Some(peer), ..Log::default() };
+            serve(Box::new(tcp), &script, &mut log).await;
+            log
+        });
+        (addr, handle)
+    }
+
+    fn acceptor() -> tokio_rustls::TlsAcceptor {
+        let made = rcgen::generate_simple_self_signed(vec!["mx.test".to_string()]).unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der()));
+        let config = rustls::ServerConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![made.cert.der().clone()], key)
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+
+    /// Serve one connection; returns when the client quits or hangs up.
+    async fn serve(mut io: Box<dyn Io>, s: &Script, log: &mut Log) {
+        if s.silent {
+            let mut sink = [0u8; 512];
+            while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+            return;
+        }
+        io.write_all(s.greeting.as_bytes()).await.unwrap();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut tls = false;
+        let mut rcpts = 0;
+        let mut held = String::new();
+        loop {
+            let line = loop {
+                if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
+                    let line: Vec<u8> = buf.drain(..p + 2).collect();
+                    break String::from_utf8_lossy(&line[..p]).into_owned();
+                }
+                if !matches!(io.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                    return;
+                }
+            };
+            log.commands.push(Cmd { line: line.clone(), tls, followed: !buf.is_empty() });
+            let verb = line.split([' ', ':']).next().unwrap_or("").to_ascii_uppercase();
+            let reply: String = match verb.as_str() {
+                "EHLO" => (if tls { s.ehlo_tls } else { s.ehlo }).into(),
+                "HELO" => s.helo.into(),
+                "MAIL" => s.mail.into(),
+                "RCPT" => {
+                    rcpts += 1;
+                    s.rcpt.get(rcpts - 1).copied().unwrap_or("250 2.1.5 ok\r\n").into()
+                }
+                "DATA" => s.data.into(),
+                "RSET" => "250 2.0.0 ok\r\n".into(),
+                "QUIT" => {
+                    let _ = io.write_all(b"221 2.0.0 bye\r\n").await;
+                    return;
+                }
+                "STARTTLS" => {
+                    match s.starttls {
+                        StartTls::Refuse => "454 4.7.0 TLS not available\r\n".into(),
+                        StartTls::Break => {
+                            let _ = io.write_all(b"220 2.0.0 go ahead\r\n").await;
+                            let _ = io.write_all(b"this is not TLS at all\r\n\r\n").await;
+                            return;
+                        }
+                        StartTls::Upgrade => {
+                            io.write_all(b"220 2.0.0 go ahead\r\n").await.unwrap();
+                            buf.clear();
+                            match acceptor().accept(io).await {
+                                Ok(stream) => io = Box::new(stream),
+                                Err(_) => return,
+                            }
+                            tls = true;
+                            continue;
+                        }
+                    }
+                }
+                _ => "502 5.5.2 unknown command\r\n".into(),
+            };
+            if s.hold_until_data && matches!(verb.as_str(), "MAIL" | "RCPT") {
+                held.push_str(&reply);
+                continue;
+            }
+            held.push_str(&reply);
+            if !held.is_empty() {
+                io.write_all(held.as_bytes()).await.unwrap();
+                held.clear();
+            }
+            if verb == "DATA" && reply.starts_with("354") {
+                let mut decoder = DataDecoder::new(LineEndings::Strict);
+                let mut wire = Vec::new();
+                let mut body = Vec::new();
+                loop {
+                    match decoder.feed(&buf, &mut body) {
+                        DataEvent::NeedMore => {
+                            wire.append(&mut buf);
+                            if !matches!(io.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                                return;
+                            }
+                        }
+                        DataEvent::End { consumed } => {
+                            wire.extend(buf.drain(..consumed));
+                            break;
+                        }
+                        DataEvent::BareLineEnding { .. } => {
+                            log.bare_line_ending = true;
+                            return;
+                        }
+                    }
+                }
+                log.wire_body = Some(wire);
+                log.body = Some(body);
+                if !s.end.is_empty() {
+                    io.write_all(s.end.as_bytes()).await.unwrap();
+                }
+            }
+        }
+    }
+
+    // ---- the client side ----
+
+    struct Chunks(VecDeque<Vec<u8>>);
+
+    impl Chunks {
+        fn new(parts: &[&[u8]]) -> Self {
+            Chunks(parts.iter().map(|p| p.to_vec()).collect())
+        }
+    }
+
+    impl BodySource for Chunks {
+        async fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+            Ok(self.0.pop_front())
+        }
+    }
+
+    /// One chunk, then a read error.
+    struct Broken(bool);
+
+    impl BodySource for Broken {
+        async fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+            if std::mem::replace(&mut self.0, true) {
+                Err(io::Error::other("disk on fire"))
+            } else {
+                Ok(Some(b"Subject: half\r\n\r\nfirst half\r\n".to_vec()))
+            }
+        }
+    }
+
+    fn settings() -> ClientSettings {
+        let t = Duration::from_secs(2);
+        ClientSettings {
+            helo_name: "client.test".into(),
+            bind_address: None,
+            starttls: true,
+            connect_timeout: t,
+            timeouts: Timeouts { greeting: t, mail: t, rcpt: t, data_init: t, data_block: t, data_term: t },
+        }
+    }
+
+    fn rcpts(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn simple_body() -> Chunks {
+        Chunks::new(&[b"Subject: t\r\n\r\nhello\r\n"])
+    }
+
+    /// Run one attempt against `script` and return the result and what the server saw.
+    async fn run(script: Script, settings: &ClientSettings, to: &[&str], body: &mut impl BodySource) -> (Result<Vec<RcptOutcome>, SessionError>, Log) {
+        let (addr, server) = server(script).await;
+        let recipients = rcpts(to);
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: false };
+        let result = deliver(settings, "mx.test", addr, &envelope, body).await;
+        let log = tokio::time::timeout(Duration::from_secs(3), server).await.expect("server finished").unwrap();
+        (result, log)
+    }
+
+    fn reply(code: u16, status: (u16, u16), text: &str) -> Reply {
+        Reply::new(code, status, text)
+    }
+
+    // ---- tests ----
+
+    #[tokio::test]
+    async fn happy_path_streams_a_clean_dot_stuffed_body() {
+        let mut body = Chunks::new(&[
+            b"Subject: hi\r\n\r\n.leading dot\r\nbare lf\nbare cr\rsplit crlf\r",
+            b"\n.dot after split\r\n",
+            b".",
+            b"dot alone in a chunk\r\n..two dots\r\nlast line without newline",
+        ]);
+        let (addr, server) = server(Script::default()).await;
+        let recipients = rcpts(&["b@example.net"]);
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: true };
+        let result = deliver(&settings(), "mx.test", addr, &envelope, &mut body).await.unwrap();
+        let log = server.await.unwrap();
+        assert_eq!(result, vec![RcptOutcome::Accepted]);
+        assert_eq!(
+            log.lines(),
+            vec!["EHLO client.test", "MAIL FROM:<a@example.org> SIZE=1234 BODY=8BITMIME", "RCPT TO:<b@example.net>", "DATA", "QUIT"]
+        );
+        assert!(log.commands.iter().all(|c| !c.followed && !c.tls), "{log:?}");
+        assert!(!log.bare_line_ending);
+        let wire = String::from_utf8(log.wire_body.unwrap()).unwrap();
+        assert_eq!(
+            wire,
+            "Subject: hi\r\n\r\n..leading dot\r\nbare lf\r\nbare cr\r\nsplit crlf\r\n..dot after split\r\n\
+             ..dot alone in a chunk\r\n...two dots\r\nlast line without newline\r\n.\r\n"
+        );
+        assert!(wire.ends_with("\r\n.\r\n"));
+        let decoded = String::from_utf8(log.body.unwrap()).unwrap();
+        assert!(decoded.starts_with("Subject: hi\r\n\r\n.leading dot\r\nbare lf\r\n"), "{decoded}");
+    }
+
+    #[tokio::test]
+    async fn null_sender_and_no_size_when_not_offered() {
+        let script = Script { ehlo: "250-mx.test\r\n250 PIPELINING\r\n", ..Script::default() };
+        let (addr, server) = server(script).await;
+        let recipients = rcpts(&["b@example.net"]);
+        let envelope = Envelope { mail_from: "", recipients: &recipients, size: 99, eight_bit: true };
+        let result = deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap();
+        assert_eq!(result, vec![RcptOutcome::Accepted]);
+        let log = server.await.unwrap();
+        assert_eq!(log.commands[1].line, "MAIL FROM:<>");
+    }
+
+    #[tokio::test]
+    async fn empty_body_is_just_the_dot() {
+        let (result, log) = run(Script::default(), &settings(), &["b@example.net"], &mut Chunks::new(&[])).await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+        assert_eq!(log.wire_body.unwrap(), b".\r\n");
+    }
+
+    #[tokio::test]
+    async fn pipelining_sends_mail_rcpt_data_without_waiting() {
+        // The server answers nothing before DATA: only a pipelining client gets through.
+        let script = Script { ehlo: "250-mx.test\r\n250-PIPELINING\r\n250 SIZE\r\n", hold_until_data: true, ..Script::default() };
+        let (result, log) = run(script, &settings(), &["b@example.net", "c@example.net"], &mut simple_body()).await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted, RcptOutcome::Accepted]);
+        assert_eq!(
+            log.lines(),
+            vec!["EHLO client.test", "MAIL FROM:<a@example.org> SIZE=1234", "RCPT TO:<b@example.net>", "RCPT TO:<c@example.net>", "DATA", "QUIT"]
+        );
+        assert!(log.body.is_some());
+    }
+
+    #[tokio::test]
+    async fn no_pipelining_unless_offered() {
+        // Same holding server without PIPELINING in EHLO: the client waits for the MAIL reply.
+        let script = Script { hold_until_data: true, ..Script::default() };
+        let mut s = settings();
+        s.timeouts.mail = Duration::from_millis(300);
+        let (result, log) = run(script, &s, &["b@example.net"], &mut simple_body()).await;
+        assert!(matches!(result, Err(SessionError::Timeout("MAIL"))), "{result:?}");
+        assert_eq!(log.lines(), vec!["EHLO client.test", "MAIL FROM:<a@example.org> SIZE=1234"]);
+        assert!(!log.commands[1].followed);
+    }
+
+    #[tokio::test]
+    async fn one_recipient_refused_one_accepted_both_modes() {
+        for ehlo in ["250-mx.test\r\n250 PIPELINING\r\n", "250 mx.test\r\n"] {
+            let script = Script { ehlo, rcpt: vec!["550 5.1.1 no such user\r\n", "250 2.1.5 ok\r\n"], ..Script::default() };
+            let (result, log) = run(script, &settings(), &["x@example.net", "b@example.net"], &mut simple_body()).await;
+            assert_eq!(result.unwrap(), vec![RcptOutcome::Failed(reply(550, (1, 1), "no such user")), RcptOutcome::Accepted]);
+            assert!(log.lines().contains(&"DATA"));
+            assert_eq!(log.body.as_deref(), Some(&b"Subject: t\r\n\r\nhello\r\n"[..]));
+            assert_eq!(log.lines().last(), Some(&"QUIT"));
+            assert!(log.commands.iter().all(|c| !c.followed || ehlo.contains("PIPELINING")));
+        }
+    }
+
+    #[tokio::test]
+    async fn all_recipients_refused_no_data() {
+        let script = Script { rcpt: vec!["550 5.1.1 no\r\n", "450 4.2.1 later\r\n", "552 5.5.3 too many\r\n"], ..Script::default() };
+        let (result, log) = run(script, &settings(), &["x@example.net", "y@example.net", "z@example.net"], &mut simple_body()).await;
+        assert_eq!(
+            result.unwrap(),
+            vec![
+                RcptOutcome::Failed(reply(550, (1, 1), "no")),
+                RcptOutcome::Deferred(reply(450, (2, 1), "later")),
+                // 552 to RCPT counts as temporary (RFC 5321 §4.5.3.1.10).
+                RcptOutcome::Deferred(reply(552, (5, 3), "too many")),
+            ]
+        );
+        assert!(!log.lines().contains(&"DATA"), "{log:?}");
+        assert_eq!(log.lines().last(), Some(&"QUIT"));
+        assert!(log.body.is_none());
+    }
+
+    #[tokio::test]
+    async fn all_recipients_refused_pipelined() {
+        // The usual server: 554 to the pipelined DATA.
+        let script = Script {
+            ehlo: "250-mx.test\r\n250 PIPELINING\r\n",
+            rcpt: vec!["550 5.1.1 no\r\n"],
+            data: "554 5.5.1 no valid recipients\r\n",
+            ..Script::default()
+        };
+        let (result, log) = run(script, &settings(), &["x@example.net"], &mut simple_body()).await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Failed(reply(550, (1, 1), "no"))]);
+        assert!(log.body.is_none());
+        assert_eq!(log.lines().last(), Some(&"QUIT"));
+
+        // A server that says 354 anyway gets an empty message (just the dot), which it refuses.
+        let script = Script {
+            ehlo: "250-mx.test\r\n250 PIPELINING\r\n",
+            rcpt: vec!["550 5.1.1 no\r\n"],
+            end: "554 5.5.1 no valid recipients\r\n",
+            ..Script::default()
+        };
+        let (result, log) = run(script, &settings(), &["x@example.net"], &mut simple_body()).await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Failed(reply(550, (1, 1), "no"))]);
+        assert_eq!(log.wire_body.as_deref(), Some(&b".\r\n"[..]));
+        assert_eq!(log.lines().last(), Some(&"QUIT"));
+    }
+
+    #[tokio::test]
+    async fn final_reply_applies_to_accepted_recipients() {
+        for (end, expect) in [
+            ("451 4.3.0 try later\r\n", RcptOutcome::Deferred(reply(451, (3, 0), "try later"))),
+            ("554 5.6.0 content refused\r\n", RcptOutcome::Failed(reply(554, (6, 0), "content refused"))),
+        ] {
+            let script = Script { end, rcpt: vec!["250 ok\r\n", "550 5.1.1 no\r\n", "250 ok\r\n"], ..Script::default() };
+            let (result, log) = run(script, &settings(), &["a@x.test", "b@x.test", "c@x.test"], &mut simple_body()).await;
+            assert_eq!(result.unwrap(), vec![expect.clone(), RcptOutcome::Failed(reply(550, (1, 1), "no")), expect]);
+            assert_eq!(log.lines().last(), Some(&"QUIT"));
+        }
+    }
+
+    #[tokio::test]
+    async fn mail_from_4xx_is_a_temporary_rejection() {
+        let pipelining = "250-mx.test\r\n250 PIPELINING\r\n";
+        // Without pipelining; pipelined with a server that refuses the DATA that follows; and
+        // pipelined with one that accepts it anyway (it gets the empty message's dot).
+        for (ehlo, data, empty_message) in
+            [("250 mx.test\r\n", "354 go\r\n", false), (pipelining, "503 5.5.1 no\r\n", false), (pipelining, "354 go\r\n", true)]
+        {
+            let script = Script { ehlo, data, mail: "451 4.3.0 busy\r\n", rcpt: vec!["503 5.5.1 need MAIL\r\n"], ..Script::default() };
+            let (result, log) = run(script, &settings(), &["b@example.net"], &mut simple_body()).await;
+            match result {
+                Err(e @ SessionError::Rejected { stage: "MAIL", .. }) => {
+                    assert!(!e.is_permanent());
+                    assert_eq!(e.reply(), Some(&reply(451, (3, 0), "busy")));
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(log.wire_body.as_deref(), empty_message.then_some(&b".\r\n"[..]));
+            assert_eq!(log.lines().last(), Some(&"QUIT"));
+        }
+    }
+
+    #[tokio::test]
+    async fn data_refused_is_a_rejection() {
+        let script = Script { data: "451 4.3.0 no\r\n", ..Script::default() };
+        let (result, log) = run(script, &settings(), &["b@example.net"], &mut simple_body()).await;
+        assert!(matches!(result, Err(SessionError::Rejected { stage: "DATA", ref reply }) if reply.code == 451), "{result:?}");
+        assert!(log.body.is_none());
+    }
+
+    #[tokio::test]
+    async fn greeting_5xx_is_permanent() {
+        let script = Script { greeting: "554 5.7.1 go away\r\n", ..Script::default() };
+        let (result, log) = run(script, &settings(), &["b@example.net"], &mut simple_body()).await;
+        let e = result.unwrap_err();
+        assert!(matches!(e, SessionError::Rejected { stage: "greeting", .. }), "{e:?}");
+        assert!(e.is_permanent());
+        assert_eq!(e.to_string(), "greeting refused: 554 5.7.1 go away");
+        // RFC 5321 §3.1: the client sends QUIT after a 554 greeting.
+        assert_eq!(log.lines(), vec!["QUIT"]);
+    }
+
+    #[tokio::test]
+    async fn ehlo_refused_falls_back_to_helo() {
+        let script = Script { ehlo: "502 5.5.2 what?\r\n", ..Script::default() };
+        let (result, log) = run(script, &settings(), &["b@example.net"], &mut simple_body()).await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+        // No extensions after HELO: no SIZE, no STARTTLS.
+        assert_eq!(
+            log.lines(),
+            vec!["EHLO client.test", "HELO client.test", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", "DATA", "QUIT"]
+        );
+
+        let script = Script { ehlo: "502 5.5.2 what?\r\n", helo: "550 5.7.1 not you\r\n", ..Script::default() };
+        let (result, _) = run(script, &settings(), &["b@example.net"], &mut simple_body()).await;
+        let e = result.unwrap_err();
+        assert!(matches!(e, SessionError::Rejected { stage: "HELO", .. }) && e.is_permanent(), "{e:?}");
+
+        let script = Script { ehlo: "421 4.3.2 shutting down\r\n", ..Script::default() };
+        let (result, log) = run(script, &settings(), &["b@example.net"], &mut simple_body()).await;
+        let e = result.unwrap_err();
+        assert!(matches!(e, SessionError::Rejected { stage: "EHLO", .. }) && !e.is_permanent(), "{e:?}");
+        assert!(!log.lines().contains(&"HELO client.test"));
+    }
+
+    #[tokio::test]
+    async fn silent_server_times_out() {
+        let mut s = settings();
+        s.timeouts.greeting = Duration::from_millis(200);
+        let started = std::time::Instant::now();
+        let (result, _) = run(Script { silent: true, ..Script::default() }, &s, &["b@example.net"], &mut simple_body()).await;
+        assert!(matches!(result, Err(SessionError::Timeout("greeting"))), "{result:?}");
+        assert!(!result.unwrap_err().is_permanent());
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn no_reply_after_the_dot_times_out() {
+        let mut s = settings();
+        s.timeouts.data_term = Duration::from_millis(200);
+        let (result, log) = run(Script { end: "", ..Script::default() }, &s, &["b@example.net"], &mut simple_body()).await;
+        assert!(matches!(result, Err(SessionError::Timeout("DATA end"))), "{result:?}");
+        assert!(log.body.is_some());
+    }
+
+    #[tokio::test]
+    async fn broken_body_source_never_ends_the_message() {
+        let (result, log) = run(Script::default(), &settings(), &["b@example.net"], &mut Broken(false)).await;
+        match result {
+            Err(SessionError::Io(e)) => assert!(e.to_string().contains("disk on fire"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // The connection closed mid-DATA: no end of message, no QUIT read as message text.
+        assert!(log.wire_body.is_none());
+        assert_eq!(log.lines().last(), Some(&"DATA"));
+    }
+
+    #[tokio::test]
+    async fn garbage_reply_is_a_protocol_error() {
+        let script = Script { greeting: "SSH-2.0-OpenSSH_9.6\r\n", ..Script::default() };
+        let (result, _) = run(script, &settings(), &["b@example.net"], &mut simple_body()).await;
+        assert!(matches!(result, Err(SessionError::Protocol(_))), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn starttls_upgrades_and_asks_ehlo_again() {
+        let script = Script {
+            ehlo: "250-mx.test\r\n250-STARTTLS\r\n250 SIZE\r\n",
+            ehlo_tls: "250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+            hold_until_data: true,
+            ..Script::default()
+        };
+        let (addr, server) = server(script).await;
+        let recipients = rcpts(&["b@example.net"]);
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: true };
+        let mut body = Chunks::new(&[b"Subject: secret\r\n\r\n.x\r\n"]);
+        let result = deliver(&settings(), "mx.test", addr, &envelope, &mut body).await.unwrap();
+        let log = server.await.unwrap();
+        assert_eq!(result, vec![RcptOutcome::Accepted]);
+        let seen: Vec<(&str, bool)> = log.commands.iter().map(|c| (c.line.as_str(), c.tls)).collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("EHLO client.test", false),
+                ("STARTTLS", false),
+                ("EHLO client.test", true),
+                // Capabilities from the second EHLO: 8BITMIME and PIPELINING, no SIZE.
+                ("MAIL FROM:<a@example.org> BODY=8BITMIME", true),
+                ("RCPT TO:<b@example.net>", true),
+                ("DATA", true),
+                ("QUIT", true),
+            ]
+        );
+        assert_eq!(log.wire_body.as_deref(), Some(&b"Subject: secret\r\n\r\n..x\r\n.\r\n"[..]));
+    }
+
+    #[tokio::test]
+    async fn starttls_refused_continues_in_plaintext() {
+        let script = Script { ehlo: "250-mx.test\r\n250 STARTTLS\r\n", starttls: StartTls::Refuse, ..Script::default() };
+        let (result, log) = run(script, &settings(), &["b@example.net"], &mut simple_body()).await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+        assert_eq!(log.lines()[..3], ["EHLO client.test", "STARTTLS", "MAIL FROM:<a@example.org>"]);
+        assert!(log.commands.iter().all(|c| !c.tls));
+    }
+
+    #[tokio::test]
+    async fn broken_handshake_is_tls_error_and_plaintext_retry_works() {
+        let script = Script { ehlo: "250-mx.test\r\n250 STARTTLS\r\n", starttls: StartTls::Break, ..Script::default() };
+        let (result, _) = run(script.clone(), &settings(), &["b@example.net"], &mut simple_body()).await;
+        let e = result.unwrap_err();
+        assert!(matches!(e, SessionError::Tls(_)), "{e:?}");
+        assert!(!e.is_permanent());
+
+        // The caller's retry (C5): same host, no STARTTLS.
+        let (addr, server) = server(script).await;
+        let recipients = rcpts(&["b@example.net"]);
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false };
+        let result = deliver_plaintext(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap();
+        assert_eq!(result, vec![RcptOutcome::Accepted]);
+        let log = server.await.unwrap();
+        assert!(!log.lines().contains(&"STARTTLS"));
+    }
+
+    #[tokio::test]
+    async fn starttls_off_in_settings() {
+        let script = Script { ehlo: "250-mx.test\r\n250 STARTTLS\r\n", starttls: StartTls::Break, ..Script::default() };
+        let mut s = settings();
+        s.starttls = false;
+        let (result, log) = run(script, &s, &["b@example.net"], &mut simple_body()).await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+        assert!(!log.lines().contains(&"STARTTLS"));
+    }
+
+    #[tokio::test]
+    async fn binds_to_the_configured_address() {
+        let mut s = settings();
+        s.bind_address = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+        let (result, log) = run(Script::default(), &s, &["b@example.net"], &mut simple_body()).await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+        assert_eq!(log.peer.unwrap().ip(), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+
+        // An IPv6 bind address cannot reach an IPv4 destination.
+        s.bind_address = Some("::1".parse().unwrap());
+        let recipients = rcpts(&["b@example.net"]);
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false };
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let result = deliver(&s, "mx.test", addr, &envelope, &mut simple_body()).await;
+        assert!(matches!(result, Err(SessionError::Connect(_))), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn connection_refused_is_connect_error() {
+        // A port that was just free.
+        let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let recipients = rcpts(&["b@example.net"]);
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false };
+        let result = deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await;
+        assert!(matches!(result, Err(SessionError::Connect(_))), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn control_characters_never_reach_the_wire() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for (from, to) in [("a@x.test\r\nRCPT TO:<evil@x.test>", "b@x.test"), ("a@x.test", "b@x.test>\r\nDATA")] {
+            let recipients = rcpts(&[to]);
+            let envelope = Envelope { mail_from: from, recipients: &recipients, size: 1, eight_bit: false };
+            let result = deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await;
+            assert!(matches!(result, Err(SessionError::Protocol(_))), "{result:?}");
+        }
+        // No recipients: nothing to do, no connection.
+        let envelope = Envelope { mail_from: "a@x.test", recipients: &[], size: 1, eight_bit: false };
+        assert_eq!(deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap(), vec![]);
+    }
+
+    #[test]
+    fn bare_endings_across_chunks() {
+        let mut n = BareEndings::default();
+        let mut out = Vec::new();
+        for chunk in [&b"a\r"[..], b"\nb\n", b"c\r", b"d\r", b"\r\n", b"\n\r"] {
+            n.feed(chunk, &mut out);
+        }
+        n.finish(&mut out);
+        assert_eq!(out, b"a\r\nb\r\nc\r\nd\r\n\r\n\r\n\r\n");
+        // A bare LF dot line cannot end the message early: it becomes a stuffed dot line.
+        let mut out = Vec::new();
+        let mut n = BareEndings::default();
+        n.feed(b"x\n.\nmore", &mut out);
+        let mut stuffed = Vec::new();
+        DotStuffer::default().stuff(&out, &mut stuffed);
+        assert_eq!(stuffed, b"x\r\n..\r\nmore");
+    }
+
+    #[test]
+    fn capabilities_from_ehlo() {
+        let r = Reply::multiline(250, vec!["mx.test hello".into(), "pipelining".into(), "SIZE 1000".into(), "8BITMIME".into(), "STARTTLS".into()]);
+        assert_eq!(Capabilities::from_ehlo(&r), Capabilities { pipelining: true, size: true, eight_bit_mime: true, starttls: true });
+        // The greeting line is not a keyword.
+        let r = Reply::multiline(250, vec!["PIPELINING".into()]);
+        assert_eq!(Capabilities::from_ehlo(&r), Capabilities::default());
+    }
+
+    #[test]
+    fn sni_only_for_dns_names() {
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(matches!(server_name("mx.example.com.", ip), ServerName::DnsName(n) if n.as_ref() == "mx.example.com"));
+        assert!(matches!(server_name("192.0.2.7", ip), ServerName::IpAddress(_)));
+        assert!(matches!(server_name("[192.0.2.7]", ip), ServerName::IpAddress(a) if IpAddr::from(a) == ip));
+        assert!(matches!(server_name("", ip), ServerName::IpAddress(_)));
+    }
+
+    #[test]
+    fn timeouts_default_to_rfc_5321() {
+        let t = Timeouts::default();
+        let m = |n: u64| Duration::from_secs(n * 60);
+        assert_eq!((t.greeting, t.mail, t.rcpt, t.data_init, t.data_block, t.data_term), (m(5), m(5), m(5), m(2), m(3), m(10)));
+        assert_eq!(ClientSettings::new("h").connect_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn deliver_future_is_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let s = settings();
+        let recipients = rcpts(&["b@example.net"]);
+        let envelope = Envelope { mail_from: "", recipients: &recipients, size: 0, eight_bit: false };
+        let mut body = simple_body();
+        let fut = deliver(&s, "h", "127.0.0.1:9".parse().unwrap(), &envelope, &mut body);
+        assert_send(&fut);
+        let _ = insecure_client_config();
+    }
+}

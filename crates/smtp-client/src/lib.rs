@@ -5,3 +5,5 @@
 #![forbid(unsafe_code)]
 
 pub mod conversation;
+pub mod queue_manager;
+pub mod route;

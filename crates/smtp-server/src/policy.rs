@@ -349,7 +349,7 @@ impl RelayPolicy {
     /// the address the screen produced; `routed` is true for percent-routed mail.
     pub fn recipient(&self, c: &ClientFacts, address: &Address, resolution: &Resolution, routed: bool) -> Decision {
         match resolution {
-            Resolution::Local { .. } => return Decision::allow(Rule::LocalRecipient),
+            Resolution::Local { .. } | Resolution::Alias(_) => return Decision::allow(Rule::LocalRecipient),
             Resolution::Unknown if address.is_postmaster() && !routed => return Decision::allow(Rule::Postmaster),
             Resolution::Unknown => return Decision::refuse(Rule::UnknownLocalUser),
             Resolution::Remote => {}
@@ -457,7 +457,7 @@ mod tests {
     #[test]
     fn relay_matrix() {
         let l = lists();
-        let local = Resolution::Local { user_id: 1, user: "sam".into() };
+        let local = Resolution::Local { user_id: 1, user: "sam".into(), forward: None };
         // mode, pop window, client ip, POP login seconds ago, recipient, relayed?
         type Case = (RelayMode, u32, &'static str, Option<i64>, &'static str, bool);
         let cases: &[Case] = &[

@@ -1,11 +1,19 @@
 //! Address resolution (the seeds' "MSF SMTP exit for Address Resolution", journal P):
-//! local users → local delivery, other domains → forward, unknown local → non-delivery.
+//! local users → local delivery, other domains → forward, unknown local → non-delivery;
+//! aliases and users' forwarding addresses (F7, D1) are expanded into new recipients of the
+//! same message — resubmission, bounded in depth and breadth so a loop ends (5.2.4).
 
-use directory::Resolution;
+use directory::{Forward, Resolution};
 use mail_proto::Address;
+use rusqlite::{params, Connection};
 use store::StoreError;
 
 use crate::pipeline::{Context, SnapIn, Tag, WorkItem};
+
+/// Expansions of expansions, at most (then 5.2.4).
+pub const MAX_DEPTH: i64 = 10;
+/// Addresses one alias may expand to, at most (then 5.2.4).
+pub const MAX_TARGETS: usize = 100;
 
 pub struct AddressResolution;
 
@@ -16,15 +24,45 @@ impl SnapIn for AddressResolution {
 
     fn examine(&self, ctx: &Context<'_>, items: &mut [WorkItem]) -> Result<(), StoreError> {
         for item in items.iter_mut().filter(|i| i.tag == Tag::Unresolved) {
-            item.tag = match parse_recipient(&item.address) {
-                None => Tag::NonDelivery { status: "5.1.3".into(), reason: "bad recipient address syntax".into() },
-                Some(addr) => match ctx.domains.resolve(ctx.conn, &addr).map_err(|e| StoreError::Invalid(e.to_string()))? {
-                    Resolution::Local { user_id, user } => Tag::LocalDelivery { user_id, user },
-                    Resolution::Remote => Tag::Forward,
-                    // The user went away between RCPT and now (RCPT refuses unknown users).
-                    Resolution::Unknown => Tag::NonDelivery { status: "5.1.1".into(), reason: "user unknown".into() },
-                },
+            let resolution = match parse_recipient(&item.address) {
+                None => {
+                    item.tag = Tag::NonDelivery { status: "5.1.3".into(), reason: "5.1.3 bad recipient address syntax".into() };
+                    continue;
+                }
+                Some(addr) => ctx.domains.resolve(ctx.conn, &addr).map_err(|e| StoreError::Invalid(e.to_string()))?,
             };
+            let (tag, targets) = match resolution {
+                Resolution::Local { user_id, user, forward: None } => (Tag::LocalDelivery { user_id, user }, Vec::new()),
+                Resolution::Local { user_id, user, forward: Some(Forward { to, keep_copy: true }) } => {
+                    (Tag::LocalDelivery { user_id, user }, vec![to])
+                }
+                Resolution::Local { forward: Some(Forward { to, keep_copy: false }), .. } => (Tag::Expanded, vec![to]),
+                Resolution::Alias(targets) => (Tag::Expanded, targets),
+                Resolution::Remote => (Tag::Forward, Vec::new()),
+                // The user went away between RCPT and now (RCPT refuses unknown users).
+                Resolution::Unknown => (Tag::NonDelivery { status: "5.1.1".into(), reason: "5.1.1 user unknown".into() }, Vec::new()),
+            };
+            item.tag = tag;
+            if targets.is_empty() {
+                continue;
+            }
+            if item.depth >= MAX_DEPTH || targets.len() > MAX_TARGETS {
+                let why = if item.depth >= MAX_DEPTH { "alias or forwarding loop" } else { "alias expands to too many addresses" };
+                item.tag = Tag::NonDelivery { status: "5.2.4".into(), reason: format!("5.2.4 {why} (at most {MAX_DEPTH} levels, {MAX_TARGETS} addresses)") };
+                continue;
+            }
+            item.expand_to = targets;
+        }
+        Ok(())
+    }
+
+    /// Queue the expansion targets as new recipients of the same message, one level deeper.
+    fn apply(&self, tx: &Connection, items: &[WorkItem]) -> Result<(), StoreError> {
+        let mut insert = tx.prepare_cached("INSERT INTO recipients (message_id, address, state, depth) VALUES (?1, ?2, 'queued', ?3)")?;
+        for item in items.iter().filter(|i| !i.expand_to.is_empty() && !matches!(i.tag, Tag::NonDelivery { .. })) {
+            for target in &item.expand_to {
+                insert.execute(params![item.message.id, target, item.depth + 1])?;
+            }
         }
         Ok(())
     }

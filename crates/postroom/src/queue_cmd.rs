@@ -1,0 +1,96 @@
+//! `postroom queue list|show|retry|hold|release|delete` (SPEC O2; i5/OS WRKDSTQ, HLDDSTQ and
+//! friends). Each command but `list` takes a queue id as `queue list` prints it.
+
+use anyhow::bail;
+use clap::Subcommand;
+use mail_framework::outbound::{self, QueueCommand as Op};
+use mail_framework::queue::{self, QueuedRecipient};
+use mail_proto::date::rfc5322;
+use store::Durability;
+
+use crate::commands::open;
+use crate::config::Config;
+
+#[derive(Subcommand)]
+pub enum QueueCommand {
+    /// Recipients not yet delivered: waiting for the framework, the SMTP client or a report.
+    List,
+    /// A message's envelope and every recipient with its state, attempts and last reply.
+    Show { id: String },
+    /// Attempt delivery now instead of at the next scheduled time.
+    Retry { id: String },
+    /// Stop delivery attempts until `release`.
+    Hold { id: String },
+    /// Let a held message be delivered again.
+    Release { id: String },
+    /// Remove a message's waiting recipients (no report is sent to the sender).
+    Delete { id: String },
+}
+
+pub fn queue(cmd: QueueCommand, config: &Config) -> anyhow::Result<()> {
+    let (store, _) = open(config)?;
+    let (op, id, done) = match cmd {
+        QueueCommand::List => return list(&store.read_blocking(|c| Ok(queue::pending(c)?))?),
+        QueueCommand::Show { id } => return show(&id, &store.read_blocking({
+            let id = id.clone();
+            move |c| Ok(queue::message_recipients(c, &id)?)
+        })?),
+        QueueCommand::Retry { id } => (Op::Retry, id, "will be attempted now"),
+        QueueCommand::Hold { id } => (Op::Hold, id, "held"),
+        QueueCommand::Release { id } => (Op::Release, id, "released"),
+        QueueCommand::Delete { id } => (Op::Delete, id, "deleted"),
+    };
+    let qid = id.clone();
+    let n = store.write_blocking(Durability::Full, move |c| outbound::command(c, &qid, op))?;
+    if n == 0 {
+        bail!("no waiting recipients for queue id {id} (see `postroom queue list`)");
+    }
+    println!("{id}: {n} recipient(s) {done}");
+    Ok(())
+}
+
+fn when(at: Option<i64>) -> String {
+    at.map(rfc5322).unwrap_or_else(|| "now".into())
+}
+
+fn list(rows: &[QueuedRecipient]) -> anyhow::Result<()> {
+    if rows.is_empty() {
+        println!("queue is empty");
+        return Ok(());
+    }
+    println!("{:<22} {:<8} {:>9} {:<30} {:>8} {:<31} last reply", "id", "state", "size", "recipient", "attempts", "next attempt");
+    for r in rows {
+        let next = if r.held { "held".to_string() } else if r.state == "forward" { when(r.next_attempt) } else { "-".into() };
+        println!(
+            "{:<22} {:<8} {:>9} {:<30} {:>8} {:<31} {}",
+            r.qid,
+            r.state,
+            r.size,
+            r.address,
+            r.attempts,
+            next,
+            r.last_reply.as_deref().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn show(id: &str, rows: &[QueuedRecipient]) -> anyhow::Result<()> {
+    let Some(first) = rows.first() else { bail!("no message with queue id {id}") };
+    println!("id:       {}", first.qid);
+    println!("from:     <{}>", first.mail_from);
+    println!("received: {}", rfc5322(first.received_at));
+    println!("size:     {} octets", first.size);
+    for r in rows {
+        println!("recipient <{}>", r.address);
+        println!("  state:        {}{}", r.state, if r.held { " (held)" } else { "" });
+        println!("  attempts:     {}", r.attempts);
+        if r.state == "forward" {
+            println!("  next attempt: {}", when(r.next_attempt));
+        }
+        if let Some(reply) = &r.last_reply {
+            println!("  last reply:   {reply}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! The outbound queue manager: one actor that takes due recipients off the queue, groups them
+//! into one delivery per message and destination domain, runs the deliveries within the
+//! connection limits (C6), and records each recipient's outcome with the retry schedule (C3).
+//! It sleeps until the next recipient falls due or the framework wakes it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dns::Dns;
+use mail_framework::outbound::{self, Due, Outcome, Schedule};
+use store::journal::{self, code};
+use store::{Durability, Store};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::conversation::{self, BodySource, ClientSettings, Envelope, RcptOutcome, SessionError};
+use crate::route::{self, Route, RouteSettings};
+
+/// Everything the outbound side is configured with.
+#[derive(Clone, Debug)]
+pub struct OutboundSettings {
+    pub client: ClientSettings,
+    pub route: RouteSettings,
+    pub schedule: Schedule,
+    pub max_connections: usize,
+    pub max_connections_per_domain: usize,
+}
+
+/// Most recipients one scan takes; the rest wait for the next scan.
+const SCAN: usize = 1000;
+/// Longest sleep between scans, so a missed wake-up costs at most this.
+const MAX_IDLE: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct OutboundQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: OutboundSettings,
+    store: Store,
+    dns: Option<Dns>,
+    /// Woken by the framework when it forwards recipients, and by finished deliveries.
+    wake: Arc<Notify>,
+    /// Woken when recipients wait for the non-delivery snap-in.
+    framework: Arc<Notify>,
+    in_flight: Mutex<HashSet<i64>>,
+    total: Arc<Semaphore>,
+    per_domain: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl OutboundQueue {
+    pub fn new(settings: OutboundSettings, store: Store, dns: Option<Dns>, wake: Arc<Notify>, framework: Arc<Notify>) -> Self {
+        let total = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+        OutboundQueue {
+            inner: Arc::new(Inner {
+                settings,
+                store,
+                dns,
+                wake,
+                framework,
+                in_flight: Mutex::default(),
+                total,
+                per_domain: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Run forever.
+    pub async fn run(self) {
+        loop {
+            let sleep = match self.scan().await {
+                Ok(sleep) => sleep,
+                Err(e) => {
+                    tracing::error!(error = %e, "outbound queue scan failed");
+                    Duration::from_secs(5)
+                }
+            };
+            tokio::select! {
+                _ = self.inner.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// Start deliveries for everything due; returns how long to sleep before the next scan.
+    async fn scan(&self) -> Result<Duration, store::StoreError> {
+        let now = store::now();
+        let (due, next) = self.inner.store.read(move |c| Ok((outbound::due(c, now, SCAN)?, outbound::next_due(c)?))).await?;
+        let fresh: Vec<Due> = {
+            let mut in_flight = self.inner.in_flight.lock().expect("in flight");
+            due.into_iter().filter(|d| in_flight.insert(d.recipient_id)).collect()
+        };
+        // One delivery per message and destination domain, carrying all its recipients.
+        let mut groups: Vec<Vec<Due>> = Vec::new();
+        for d in fresh {
+            match groups.iter_mut().find(|g| g[0].message_id == d.message_id && g[0].domain() == d.domain()) {
+                Some(g) => g.push(d),
+                None => groups.push(vec![d]),
+            }
+        }
+        for group in groups {
+            let me = self.clone();
+            tokio::spawn(async move { me.deliver_group(group).await });
+        }
+        let sleep = match next {
+            Some(at) if at > now => Duration::from_secs((at - now) as u64).min(MAX_IDLE),
+            Some(_) => MAX_IDLE.min(Duration::from_secs(1)),
+            None => MAX_IDLE,
+        };
+        Ok(sleep)
+    }
+
+    fn domain_limit(&self, domain: &str) -> Arc<Semaphore> {
+        let mut map = self.inner.per_domain.lock().expect("per-domain limits");
+        map.entry(domain.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.inner.settings.max_connections_per_domain.max(1)))).clone()
+    }
+
+    async fn deliver_group(self, group: Vec<Due>) {
+        let domain = group[0].domain();
+        // C6: wait for a slot for this domain, then one in total; nothing is dropped.
+        let domain_slot = self.domain_limit(&domain).acquire_owned().await;
+        let total_slot = self.inner.total.clone().acquire_owned().await;
+        let outcomes = self.attempt(&domain, &group).await;
+        drop((domain_slot, total_slot));
+        let schedule = self.inner.settings.schedule;
+        let ids: Vec<i64> = group.iter().map(|d| d.recipient_id).collect();
+        let results: Vec<(Due, Outcome)> = group.into_iter().zip(outcomes).collect();
+        let recorded = self
+            .inner
+            .store
+            .write(Durability::Full, move |c| outbound::record(c, &results, &schedule, store::now()))
+            .await;
+        {
+            let mut in_flight = self.inner.in_flight.lock().expect("in flight");
+            for id in ids {
+                in_flight.remove(&id);
+            }
+        }
+        match recorded {
+            Ok(bounced) if bounced > 0 => self.inner.framework.notify_one(),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "could not record delivery results; they will be retried"),
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// Route, then try each host and address in order until one gives per-recipient results.
+    async fn attempt(&self, domain: &str, group: &[Due]) -> Vec<Outcome> {
+        let first = &group[0];
+        self.journal(code::CLIENT_DEQUEUED, first, &format!("{} recipient(s) for {domain}", group.len())).await;
+        let hosts = match route::route(&self.inner.settings.route, self.inner.dns.as_ref(), domain).await {
+            Route::Hosts(h) => h,
+            Route::Defer(why) => {
+                self.journal(code::CLIENT_DNS, first, &why).await;
+                return vec![Outcome::Retry(why); group.len()];
+            }
+            Route::Fail(why) => return vec![Outcome::Failed(why); group.len()],
+        };
+        let recipients: Vec<String> = group.iter().map(|d| d.address.clone()).collect();
+        let envelope = Envelope { mail_from: &first.mail_from, recipients: &recipients, size: first.size as u64, eight_bit: true };
+        let mut last_error = String::from("no host could be reached");
+        for host in &hosts {
+            for addr in &host.addrs {
+                let mut tls = self.inner.settings.client.starttls;
+                loop {
+                    let settings = ClientSettings { starttls: tls, ..self.inner.settings.client.clone() };
+                    let mut body = StoreBody::new(self.inner.store.clone(), first.message_id);
+                    match conversation::deliver(&settings, &host.name, *addr, &envelope, &mut body).await {
+                        Ok(results) => return results.into_iter().map(outcome).collect(),
+                        // C5: a failed handshake is retried in plaintext on the same host.
+                        Err(SessionError::Tls(e)) if tls => {
+                            tracing::info!(host = %host.name, error = %e, "STARTTLS failed; retrying in plaintext");
+                            tls = false;
+                        }
+                        Err(e) if e.is_permanent() => return vec![Outcome::Failed(describe(&host.name, &e)); group.len()],
+                        Err(e) => {
+                            last_error = describe(&host.name, &e);
+                            tracing::info!(host = %host.name, %addr, error = %last_error, "delivery attempt failed; trying the next host");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        vec![Outcome::Retry(last_error); group.len()]
+    }
+
+    async fn journal(&self, code: &'static str, due: &Due, detail: &str) {
+        let (qid, from, rcpt, detail) = (due.qid.clone(), due.mail_from.clone(), due.address.clone(), detail.to_string());
+        let _ = self
+            .inner
+            .store
+            .write(Durability::Normal, move |c| {
+                Ok(journal::append(c, &journal::Entry { code, qid: &qid, originator: &from, recipient: &rcpt, detail: &detail, ..Default::default() })?)
+            })
+            .await;
+    }
+}
+
+fn outcome(r: RcptOutcome) -> Outcome {
+    match r {
+        RcptOutcome::Accepted => Outcome::Delivered("250 accepted".into()),
+        RcptOutcome::Deferred(reply) => Outcome::Retry(reply.to_string().trim_end().to_string()),
+        RcptOutcome::Failed(reply) => Outcome::Failed(reply.to_string().trim_end().to_string()),
+    }
+}
+
+fn describe(host: &str, e: &SessionError) -> String {
+    match e {
+        SessionError::Rejected { stage, reply } => format!("{} (host {host} said at {stage})", reply.to_string().trim_end()),
+        other => format!("4.4.1 host {host}: {other}"),
+    }
+}
+
+/// The stored body, chunk by chunk, for one attempt.
+struct StoreBody {
+    store: Store,
+    message_id: i64,
+    chunks: Option<std::vec::IntoIter<i64>>,
+}
+
+impl StoreBody {
+    fn new(store: Store, message_id: i64) -> Self {
+        StoreBody { store, message_id, chunks: None }
+    }
+}
+
+impl BodySource for StoreBody {
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        if self.chunks.is_none() {
+            let id = self.message_id;
+            let ids = self.store.read(move |c| outbound::chunk_ids(c, id)).await.map_err(std::io::Error::other)?;
+            self.chunks = Some(ids.into_iter());
+        }
+        match self.chunks.as_mut().and_then(Iterator::next) {
+            Some(chunk) => Ok(Some(directory::mailbox::chunk(&self.store, chunk).await.map_err(std::io::Error::other)?)),
+            None => Ok(None),
+        }
+    }
+}
