@@ -123,7 +123,9 @@ pub enum RcptOutcome {
 pub enum SessionError {
     #[error("cannot connect: {0}")]
     Connect(#[source] io::Error),
-    /// No reply (or no progress writing) within the stage's time limit.
+    /// No reply (or no progress writing) within the stage's time limit. Stages: "connect",
+    /// "greeting", "EHLO", "HELO", "STARTTLS", "MAIL", "RCPT", "DATA", "DATA block" (writing the
+    /// body), "DATA end" (the reply to the final dot; the message may have been taken).
     #[error("timed out at {0}")]
     Timeout(&'static str),
     /// The connection broke, or reading the body from the store failed.
@@ -133,7 +135,8 @@ pub enum SessionError {
     #[error("TLS handshake failed: {0}")]
     Tls(String),
     /// A reply that ends the attempt: 4xx/5xx to the greeting, EHLO+HELO, MAIL FROM, or DATA.
-    /// The reply tells temporary from permanent.
+    /// The reply tells temporary from permanent. Stages: "greeting", "EHLO" (only 421, which
+    /// skips the HELO fallback), "HELO", "MAIL", "DATA".
     #[error("{stage} refused: {}", show(.reply))]
     Rejected { stage: &'static str, reply: Reply },
     /// The server said something that is not SMTP, or the envelope cannot be sent.
