@@ -4,6 +4,9 @@
 --   bounce:  failed after acceptance; the non-delivery snap-in reports it to the sender
 ALTER TABLE recipients ADD COLUMN held INTEGER NOT NULL DEFAULT 0;   -- postroom queue hold
 ALTER TABLE recipients ADD COLUMN depth INTEGER NOT NULL DEFAULT 0;  -- alias/forward expansion depth
+-- The alias or forwarding address this recipient came from: mail sent on carries
+-- "Delivered-To: <it>", so a message that comes back is recognised as a loop (5.4.6).
+ALTER TABLE recipients ADD COLUMN expanded_from TEXT;
 CREATE INDEX recipients_due ON recipients(state, next_attempt);
 
 -- The system alias table: an address in a local domain that stands for other addresses.

@@ -15,6 +15,7 @@ a remote MX (or mail router) for Postroom's SMTP client and records everything i
 
 Replies are whole reply lines ("451 4.3.0 try later"); a list means "one per attempt" (the n-th
 RCPT of that address, the n-th DATA, the n-th connection's greeting), its last element repeating.
+A DATA reply "DROP" closes the connection after the message was received, without a reply.
 The peer offers PIPELINING, SIZE and 8BITMIME, and STARTTLS when `starttls=True` (a self-signed
 certificate made with `openssl req -x509`); `tls_broken=True` accepts STARTTLS and then answers the
 handshake with garbage, so the client's TLS handshake fails.
@@ -112,6 +113,7 @@ class Transaction:
     rcpts: list[tuple[str, int]] = field(default_factory=list)   # (address, reply code)
     raw_data: bytes | None = None
     data_reply: int | None = None
+    mail_reply: int | None = None
     at: float = 0.0
 
     @property
@@ -181,6 +183,7 @@ class Peer:
         self.transactions: list[Transaction] = []
         self._rcpt_seen: dict[str, int] = {}
         self._data_seen = 0
+        self._mail_seen = 0
         self._active = 0
         self.max_active = 0
         self._listener: socket.socket | None = None
@@ -257,7 +260,10 @@ class Peer:
         return self._listener is not None
 
     def _accept_loop(self, listener: socket.socket, stop: threading.Event) -> None:
-        listener.settimeout(0.1)
+        try:
+            listener.settimeout(0.1)
+        except OSError:  # stopped before this thread ran
+            return
         while not stop.is_set():
             try:
                 sock, addr = listener.accept()
@@ -364,7 +370,13 @@ class Peer:
                                  at=time.monotonic())
                 with self.lock:
                     self.transactions.append(tx)
-                wire.send(self.mail_reply)
+                    n = self._mail_seen
+                    self._mail_seen += 1
+                reply = _pick(self.mail_reply, n)
+                tx.mail_reply = int(reply[:3])
+                if not reply.startswith("2"):
+                    tx = None  # refused: no transaction; RCPT gets 503
+                wire.send(reply)
             elif verb == "RCPT":
                 m = re.match(r"(?i)TO:\s*<([^>]*)>", arg)
                 if tx is None or not m:
@@ -400,6 +412,8 @@ class Peer:
                 if self.data_delay:
                     time.sleep(self.data_delay)
                 reply = _pick(self.data_reply, n)
+                if reply == "DROP":  # the message arrived, but the connection dies before the reply
+                    return
                 with self.lock:
                     tx.data_reply = int(reply[:3])
                 wire.send(reply)
@@ -429,6 +443,7 @@ class Peer:
         with self.lock:
             self._rcpt_seen.clear()
             self._data_seen = 0
+            self._mail_seen = 0
 
     def wait_delivered(self, address: str, n: int = 1, timeout: float = 30.0) -> list[Transaction]:
         """Wait until at least n transactions delivered (DATA accepted) to address."""
@@ -689,7 +704,7 @@ def assert_bounce(raw: bytes, recipient: str, status_re: str = r"5\.\d{1,3}\.\d{
     assert typ == "rfc822", f["final-recipient"]
     assert f.get("action", "").lower() == "failed", f
     assert re.fullmatch(status_re, f.get("status", "").split()[0] if f.get("status") else ""), \
-        f"Status {f.get('status')!r} does not match {status_re}"
+        f"Status {f.get('status')!r} does not match {status_re}; fields {f!r}"
     if diagnostic is not None:
         assert diagnostic.lower() in f.get("diagnostic-code", "").lower(), \
             f"Diagnostic-Code {f.get('diagnostic-code')!r} lacks {diagnostic!r}"

@@ -138,6 +138,19 @@ def test_alias_list_and_remove(net):
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
 
 
+def test_alias_remove_one_target(net):
+    """F7: `alias remove ALIAS TARGET` drops one target; the rest still get the mail."""
+    srv = alias_server(net, ("staff@example.test", SAM_ADDR, ADMIN_ADDR))
+    srv.cli_ok("alias", "remove", "staff@example.test", ADMIN_ADDR)
+    out = srv.cli_ok("alias", "list").stdout.lower()
+    assert SAM_ADDR in out and ADMIN_ADDR not in out, out
+    time.sleep(2.0)
+    send_from_outside(srv, "staff@example.test", "one target left")
+    wait_subject(srv, SAM_USER, SAM_PW, "one target left")
+    wait_queue_empty(srv)
+    assert fetch_all(srv, ADMIN_USER, ADMIN_PW) == []
+
+
 def test_alias_outside_local_domains_is_refused(net):
     """F7: an alias must be in a local domain (else it would capture foreign mail)."""
     srv = net.server(start=False)

@@ -22,15 +22,15 @@ pub struct Original<'a> {
     pub headers: &'a [u8],
 }
 
-/// The enhanced status of a reply text ("550 5.1.1 unknown" → "5.1.1"), or the generic one
-/// its class implies.
+/// The enhanced status of a reply text ("550 5.1.1 unknown" → "5.1.1", "5.1.2 no such domain"
+/// → "5.1.2"), or the generic one its class implies.
 pub fn status_of(reply: &str) -> String {
-    let mut words = reply.split_whitespace();
-    let code = words.next().unwrap_or_default();
-    if let Some(status) = words.next().filter(|w| w.split('.').count() == 3 && w.split('.').all(|p| p.parse::<u16>().is_ok())) {
+    let is_status = |w: &&str| w.split('.').count() == 3 && w.split('.').all(|p| !p.is_empty() && p.parse::<u16>().is_ok());
+    let words: Vec<&str> = reply.split_whitespace().take(2).collect();
+    if let Some(status) = words.iter().find(|w| is_status(w)) {
         return status.to_string();
     }
-    match code.as_bytes().first() {
+    match reply.trim_start().as_bytes().first() {
         Some(b'4') => "4.0.0".into(),
         _ => "5.0.0".into(),
     }
@@ -112,7 +112,9 @@ mod tests {
     fn status_from_reply() {
         assert_eq!(status_of("550 5.1.1 User unknown"), "5.1.1");
         assert_eq!(status_of("554 no such thing"), "5.0.0");
-        assert_eq!(status_of("5.1.2 domain does not exist"), "5.0.0");
+        assert_eq!(status_of("5.1.2 domain does not exist"), "5.1.2");
+        assert_eq!(status_of("452 4.2.2 mailbox full (retries exhausted)"), "4.2.2");
+        assert_eq!(status_of("421 try later"), "4.0.0");
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct Due {
     pub attempts: i64,
     pub size: i64,
     pub received_at: i64,
+    /// The alias or forwarding address this recipient came from: sent as `Delivered-To`.
+    pub expanded_from: Option<String>,
 }
 
 impl Due {
@@ -49,7 +51,7 @@ pub struct Schedule {
 /// Recipients due now, oldest first.
 pub fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT r.id, r.message_id, m.qid, m.mail_from, r.address, r.attempts, m.size, m.received_at
+        "SELECT r.id, r.message_id, m.qid, m.mail_from, r.address, r.attempts, m.size, m.received_at, r.expanded_from
            FROM recipients r JOIN messages m ON m.id = r.message_id
           WHERE r.state = 'forward' AND r.held = 0 AND (r.next_attempt IS NULL OR r.next_attempt <= ?1)
           ORDER BY r.message_id, r.id LIMIT ?2",
@@ -64,6 +66,7 @@ pub fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<Due>, StoreE
             attempts: r.get(5)?,
             size: r.get(6)?,
             received_at: r.get(7)?,
+            expanded_from: r.get(8)?,
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -96,10 +99,11 @@ pub fn record(conn: &Connection, results: &[(Due, Outcome)], schedule: &Schedule
             Outcome::Retry(reply) => {
                 let first = i64::from(schedule.first_count);
                 let total = first + i64::from(schedule.second_count);
+                // The report keeps the last error's status, so the sender sees why.
                 if now - due.received_at >= schedule.lifetime_secs {
-                    ("bounce", None, format!("4.4.7 delivery time expired; last error: {reply}"), code::CLIENT_UNDELIVERABLE)
+                    ("bounce", None, format!("{reply} (delivery time expired after {attempts} attempts)"), code::CLIENT_UNDELIVERABLE)
                 } else if attempts > total {
-                    ("bounce", None, format!("4.4.7 retries exhausted; last error: {reply}"), code::CLIENT_UNDELIVERABLE)
+                    ("bounce", None, format!("{reply} (retries exhausted after {attempts} attempts)"), code::CLIENT_UNDELIVERABLE)
                 } else if attempts <= first {
                     ("forward", Some(now + schedule.first_interval_secs), reply.clone(), code::CLIENT_RETRY_1)
                 } else {

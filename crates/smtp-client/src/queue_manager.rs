@@ -28,8 +28,9 @@ pub struct OutboundSettings {
 
 /// Most recipients one scan takes; the rest wait for the next scan.
 const SCAN: usize = 1000;
-/// Longest sleep between scans, so a missed wake-up costs at most this.
-const MAX_IDLE: Duration = Duration::from_secs(30);
+/// Longest sleep between scans: `postroom queue retry|release` change rows from another
+/// process, and a scan (one indexed query) is cheap.
+const MAX_IDLE: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct OutboundQueue {
@@ -94,7 +95,9 @@ impl OutboundQueue {
         // One delivery per message and destination domain, carrying all its recipients.
         let mut groups: Vec<Vec<Due>> = Vec::new();
         for d in fresh {
-            match groups.iter_mut().find(|g| g[0].message_id == d.message_id && g[0].domain() == d.domain()) {
+            // Recipients expanded from different aliases carry different Delivered-To lines.
+            let same = |g: &Vec<Due>| g[0].message_id == d.message_id && g[0].domain() == d.domain() && g[0].expanded_from == d.expanded_from;
+            match groups.iter_mut().find(|g| same(g)) {
                 Some(g) => g.push(d),
                 None => groups.push(vec![d]),
             }
@@ -165,7 +168,7 @@ impl OutboundQueue {
                 let mut tls = self.inner.settings.client.starttls;
                 loop {
                     let settings = ClientSettings { starttls: tls, ..self.inner.settings.client.clone() };
-                    let mut body = StoreBody::new(self.inner.store.clone(), first.message_id);
+                    let mut body = StoreBody::new(self.inner.store.clone(), first.message_id, first.expanded_from.as_deref());
                     match conversation::deliver(&settings, &host.name, *addr, &envelope, &mut body).await {
                         Ok(results) => return results.into_iter().map(outcome).collect(),
                         // C5: a failed handshake is retried in plaintext on the same host.
@@ -213,21 +216,26 @@ fn describe(host: &str, e: &SessionError) -> String {
     }
 }
 
-/// The stored body, chunk by chunk, for one attempt.
+/// The stored body, chunk by chunk, for one attempt; mail expanded from an alias or a
+/// forwarding address starts with `Delivered-To:` for loop detection (F7).
 struct StoreBody {
     store: Store,
     message_id: i64,
+    delivered_to: Option<String>,
     chunks: Option<std::vec::IntoIter<i64>>,
 }
 
 impl StoreBody {
-    fn new(store: Store, message_id: i64) -> Self {
-        StoreBody { store, message_id, chunks: None }
+    fn new(store: Store, message_id: i64, expanded_from: Option<&str>) -> Self {
+        StoreBody { store, message_id, delivered_to: expanded_from.map(|a| format!("Delivered-To: {a}\r\n")), chunks: None }
     }
 }
 
 impl BodySource for StoreBody {
     async fn next_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        if let Some(header) = self.delivered_to.take() {
+            return Ok(Some(header.into_bytes()));
+        }
         if self.chunks.is_none() {
             let id = self.message_id;
             let ids = self.store.read(move |c| outbound::chunk_ids(c, id)).await.map_err(std::io::Error::other)?;

@@ -5,7 +5,7 @@
 
 use directory::{Forward, Resolution};
 use mail_proto::Address;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use store::StoreError;
 
 use crate::pipeline::{Context, SnapIn, Tag, WorkItem};
@@ -46,6 +46,20 @@ impl SnapIn for AddressResolution {
             if targets.is_empty() {
                 continue;
             }
+            if delivered_to(ctx.conn, item.message.id, &item.address)? {
+                item.tag = Tag::NonDelivery {
+                    status: "5.4.6".into(),
+                    reason: format!("5.4.6 mail forwarding loop for {}: the message already carries Delivered-To for it", item.address),
+                };
+                continue;
+            }
+            // Each address receives a message once: targets that already are recipients of it are
+            // dropped; an expansion left with nothing new is a loop (a -> b -> a).
+            let targets = new_recipients(ctx.conn, item.message.id, targets)?;
+            if targets.is_empty() && item.tag == Tag::Expanded {
+                item.tag = Tag::NonDelivery { status: "5.4.6".into(), reason: format!("5.4.6 alias loop: {} expands only to addresses already served", item.address) };
+                continue;
+            }
             if item.depth >= MAX_DEPTH || targets.len() > MAX_TARGETS {
                 let why = if item.depth >= MAX_DEPTH { "alias or forwarding loop" } else { "alias expands to too many addresses" };
                 item.tag = Tag::NonDelivery { status: "5.2.4".into(), reason: format!("5.2.4 {why} (at most {MAX_DEPTH} levels, {MAX_TARGETS} addresses)") };
@@ -58,14 +72,44 @@ impl SnapIn for AddressResolution {
 
     /// Queue the expansion targets as new recipients of the same message, one level deeper.
     fn apply(&self, tx: &Connection, items: &[WorkItem]) -> Result<(), StoreError> {
-        let mut insert = tx.prepare_cached("INSERT INTO recipients (message_id, address, state, depth) VALUES (?1, ?2, 'queued', ?3)")?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO recipients (message_id, address, state, depth, expanded_from) VALUES (?1, ?2, 'queued', ?3, ?4)",
+        )?;
         for item in items.iter().filter(|i| !i.expand_to.is_empty() && !matches!(i.tag, Tag::NonDelivery { .. })) {
             for target in &item.expand_to {
-                insert.execute(params![item.message.id, target, item.depth + 1])?;
+                insert.execute(params![item.message.id, target, item.depth + 1, item.address.to_ascii_lowercase()])?;
             }
         }
         Ok(())
     }
+}
+
+/// The targets that are not yet recipients of the message (nor repeated in the list).
+fn new_recipients(conn: &Connection, message_id: i64, targets: Vec<String>) -> Result<Vec<String>, StoreError> {
+    let mut exists = conn.prepare_cached("SELECT 1 FROM recipients WHERE message_id = ?1 AND lower(address) = lower(?2)")?;
+    let mut fresh: Vec<String> = Vec::new();
+    for t in targets {
+        if !fresh.iter().any(|f| f.eq_ignore_ascii_case(&t)) && !exists.exists(params![message_id, t])? {
+            fresh.push(t);
+        }
+    }
+    Ok(fresh)
+}
+
+/// Does the message's header section carry `Delivered-To: address` (a loop through us)?
+fn delivered_to(conn: &Connection, message_id: i64, address: &str) -> Result<bool, StoreError> {
+    let first: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT data FROM body_chunks WHERE message_id = ?1 ORDER BY seq LIMIT 1")?
+        .query_row([message_id], |r| r.get(0))
+        .optional()?;
+    let first = first.unwrap_or_default();
+    let headers = crate::bounce::header_section(&first, 64 * 1024);
+    Ok(headers.split(|&b| b == b'\n').any(|line| {
+        let line = String::from_utf8_lossy(line);
+        let Some((name, value)) = line.split_once(':') else { return false };
+        name.trim().eq_ignore_ascii_case("delivered-to")
+            && value.trim().trim_start_matches('<').trim_end_matches('>').eq_ignore_ascii_case(address)
+    }))
 }
 
 /// A stored recipient: `local@domain`, or the bare `postmaster` RCPT allows.
