@@ -193,6 +193,15 @@ impl Admin<'_> {
         })
     }
 
+    /// Set or clear a user's mailbox quota in bytes (D2).
+    pub fn set_quota(&self, name: &str, bytes: Option<i64>) -> Result<()> {
+        let name = name.to_string();
+        self.write(move |c, _| {
+            let n = c.execute("UPDATE users SET quota_bytes = ?2 WHERE name = ?1", params![name, bytes])?;
+            if n == 0 { Err(DirectoryError::NoSuchUser(name)) } else { Ok(()) }
+        })
+    }
+
     /// Set or clear a user's forwarding address (D1); `keep_copy` also delivers locally.
     pub fn set_forward(&self, name: &str, forward: Option<(String, bool)>) -> Result<()> {
         let name = name.to_string();

@@ -20,8 +20,9 @@ pub struct LocalDomains {
 /// What an envelope recipient is to us.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resolution {
-    /// A user's mailbox, and where the user forwards mail to (D1).
-    Local { user_id: i64, user: String, forward: Option<Forward> },
+    /// A user's mailbox, where the user forwards mail to (D1), and whether the mailbox is at
+    /// its quota (D2).
+    Local { user_id: i64, user: String, forward: Option<Forward>, full: bool },
     /// An alias or group of the system alias table (F7): these addresses instead.
     Alias(Vec<String>),
     /// A local domain, but no user has this address (550 5.1.1 at RCPT).
@@ -91,15 +92,18 @@ impl LocalDomains {
 
 fn lookup(conn: &Connection, key: &str) -> Result<Resolution> {
     let mut stmt = conn.prepare_cached(
-        "SELECT u.id, u.name, u.forward_to, u.keep_copy FROM addresses a JOIN users u ON u.id = a.user_id
+        "SELECT u.id, u.name, u.forward_to, u.keep_copy, u.quota_bytes IS NOT NULL AND u.used_bytes >= u.quota_bytes
+           FROM addresses a JOIN users u ON u.id = a.user_id
           WHERE a.address = ?1 AND u.removed = 0",
     )?;
     let row = stmt
-        .query_row([key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?, r.get::<_, bool>(3)?)))
+        .query_row([key], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?, r.get::<_, bool>(3)?, r.get::<_, bool>(4)?))
+        })
         .optional()?;
-    if let Some((user_id, user, forward, keep_copy)) = row {
+    if let Some((user_id, user, forward, keep_copy, full)) = row {
         let forward = forward.filter(|f| !f.is_empty()).map(|to| Forward { to, keep_copy });
-        return Ok(Resolution::Local { user_id, user, forward });
+        return Ok(Resolution::Local { user_id, user, forward, full });
     }
     let mut stmt = conn.prepare_cached("SELECT target FROM aliases WHERE address = ?1 ORDER BY target")?;
     let targets = stmt.query_map([key], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;

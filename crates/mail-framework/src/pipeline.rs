@@ -32,6 +32,10 @@ pub enum Tag {
     PutBack,
     /// An alias or forwarding address: new recipients were queued in its place.
     Expanded,
+    /// A filter kept the message aside (F3 *keep*): delivered to nobody, kept for review.
+    Quarantined { rule: String },
+    /// A filter threw the message away (F3 *discard*).
+    Discarded { rule: String },
 }
 
 impl Tag {
@@ -42,6 +46,8 @@ impl Tag {
             Tag::Forward => "SMTP MsgFwd",
             Tag::NonDelivery { .. } => "SMTP NonDel",
             Tag::Expanded => "Expanded",
+            Tag::Quarantined { .. } => "Filtered: kept",
+            Tag::Discarded { .. } => "Filtered: discarded",
         }
     }
 }
@@ -236,6 +242,8 @@ fn apply_batch(tx: &Connection, snapins: &[Box<dyn SnapIn>], items: Vec<WorkItem
             Tag::LocalDelivery { user_id, .. } => ("delivered", Some(*user_id), None, None),
             Tag::Forward => ("forward", None, None, None),
             Tag::Expanded => ("expanded", None, None, None),
+            Tag::Quarantined { rule } => ("quarantined", None, None, Some(rule.clone())),
+            Tag::Discarded { rule } => ("discarded", None, None, Some(rule.clone())),
             Tag::NonDelivery { reason, .. } => ("failed", None, None, Some(reason.clone())),
             Tag::Unresolved | Tag::PutBack => ("queued", None, Some(store::now() + PUT_BACK_SECS), None),
         };

@@ -39,6 +39,8 @@ pub enum UserCommand {
     Enable { name: String },
     /// Stop receiving mail for the user now; the account goes once the mailbox is empty.
     Remove { name: String },
+    /// Limit the user's mailbox to BYTES (D2): beyond it RCPT gets 452 4.2.2; "none" lifts it.
+    Quota { name: String, bytes: String },
     /// Forward the user's mail to ADDRESS (D1); --keep also keeps a copy in the mailbox;
     /// --off stops forwarding.
     Forward {
@@ -160,6 +162,17 @@ pub fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
         UserCommand::Enable { name } => {
             admin.set_enabled(&name, true)?;
             println!("user {name} enabled");
+        }
+        UserCommand::Quota { name, bytes } => {
+            let quota = match bytes.as_str() {
+                "none" => None,
+                b => Some(b.parse::<i64>().ok().filter(|n| *n > 0).with_context(|| format!("quota {b:?}: expected a number of bytes or \"none\""))?),
+            };
+            admin.set_quota(&name, quota)?;
+            match quota {
+                Some(q) => println!("user {name}: quota {q} bytes"),
+                None => println!("user {name}: no quota"),
+            }
         }
         UserCommand::Forward { name, address, keep, off } => {
             if off {

@@ -6,6 +6,7 @@ mod commands;
 mod config;
 mod lists;
 mod queue_cmd;
+mod sendmail;
 mod serve;
 
 use std::path::PathBuf;
@@ -23,6 +24,9 @@ struct Cli {
     /// Data directory (database, certificates); overrides `data_dir` of the configuration.
     #[arg(long, global = true, env = "POSTROOM_DATA", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Log format of `serve`, overriding `[log] format`: human or json (one object a line).
+    #[arg(long, global = true, value_name = "FORMAT", value_parser = ["human", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,6 +52,14 @@ enum Command {
     List(lists::ListCommand),
     /// Which rule would accept or refuse a message from this client, and why.
     Explain(lists::ExplainArgs),
+    /// Compose a MIME message (text, HTML, attachments) and submit it (F6, i5/OS QtmmSendMail).
+    Send(sendmail::SendArgs),
+    /// Read a message on standard input and submit it, like /usr/sbin/sendmail (F6): -t, -f FROM,
+    /// -F NAME; -i -oi -oem -odi -B8BITMIME are accepted and ignored. Exit codes per sysexits.
+    Sendmail {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0.., value_name = "ARGS")]
+        args: Vec<String>,
+    },
     /// Show the journal (i5/OS DSPJRN QZMF).
     Journal(commands::JournalArgs),
     /// Check the configuration.
@@ -57,8 +69,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let loaded = config::Config::load(cli.config.as_deref(), cli.data_dir.as_deref());
+    let mut loaded = config::Config::load(cli.config.as_deref(), cli.data_dir.as_deref());
+    if let (Ok(cfg), Some(format)) = (loaded.as_mut(), cli.log_format.as_deref()) {
+        cfg.log.format = if format == "json" { config::LogFormat::Json } else { config::LogFormat::Human };
+    }
     let result = match (cli.command, loaded) {
+        (Command::Sendmail { args }, Ok(cfg)) => return ExitCode::from(sendmail::sendmail(&args, &cfg)),
+        (Command::Send(a), Ok(cfg)) => return ExitCode::from(sendmail::send(a, &cfg)),
+        (Command::Sendmail { .. } | Command::Send(_), Err(e)) => {
+            eprintln!("postroom: {e}");
+            return ExitCode::from(sendmail::EX_TEMPFAIL);
+        }
         (Command::Config(c), loaded) => commands::config(c, loaded),
         (_, Err(e)) => Err(anyhow::anyhow!("{e}")),
         (Command::Serve, Ok(cfg)) => serve::serve(cfg),

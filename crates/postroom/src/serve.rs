@@ -47,6 +47,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if dropped > 0 {
         tracing::info!(dropped, "removed messages whose DATA never finished (no 250 was given)");
     }
+    spawn_journal_retention(store.clone(), config.journal.retention_days);
     let domains = LocalDomains::new(&config.domains, &config.postmaster);
     let framework = Framework::new(queue.clone(), domains.clone(), &config.hostname);
     let (outbound_wake, pipeline_wake) = (framework.outbound_wake(), framework.pipeline_wake());
@@ -69,10 +70,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     let tls = load_tls(&config)?;
     let passwords = PasswordPool::new(2, 256);
-    let services =
-        Services { queue: queue.clone(), domains, dns: dns.clone(), penalty: penalty.clone(), tls: tls.clone(), passwords: passwords.clone() };
+    let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+    let services = Services {
+        queue: queue.clone(),
+        domains,
+        dns: dns.clone(),
+        penalty: penalty.clone(),
+        tls: tls.clone(),
+        passwords: passwords.clone(),
+        shutdown: shutdown.clone(),
+    };
     let smtp = SmtpServer::new(smtp_settings(&config), services);
-    let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords, tls, penalty);
+    let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords, tls, penalty, shutdown);
 
     let mut bound = Vec::new();
     let smtp_listeners = [
@@ -100,6 +109,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             tokio::spawn(pop3.clone().serve(listener, implicit_tls));
         }
     }
+    // F6: the local submission socket of `postroom sendmail` / `send`, inside the 0700 data dir.
+    let socket = crate::sendmail::socket_path(&config);
+    let _ = std::fs::remove_file(&socket);
+    let local = tokio::net::UnixListener::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
+    tokio::spawn(smtp.clone().serve_local(local));
     // The SMTP client: an MX that resolves to one of our own SMTP listeners is a loop.
     let own: Vec<std::net::SocketAddr> = bound.iter().filter(|l| l.starts_with("smtp ")).filter_map(|l| l[5..].parse().ok()).collect();
     let outbound = OutboundQueue::new(outbound_settings(&config, own), store.clone(), dns, outbound_wake, pipeline_wake);
@@ -107,12 +121,61 @@ async fn run(config: Config) -> anyhow::Result<()> {
     write_listening(&config, &bound)?;
     tracing::info!(listeners = ?bound, data_dir = %config.data_dir.display(), "postroom is ready");
 
-    shutdown_signal().await;
-    tracing::info!("shutting down");
+    let mut signals = Signals::new()?;
+    signals.next().await;
+    // O3: stop accepting; sessions between commands are told 421 / -ERR; a message in DATA may
+    // finish within the grace time. Everything acknowledged is already committed.
+    tracing::info!("shutting down: no new connections; waiting for open sessions");
     let _ = std::fs::remove_file(config.data_dir.join(LISTENING_FILE));
-    // Acknowledged mail is already committed; give in-flight commits a moment to land.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = std::fs::remove_file(crate::sendmail::socket_path(&config));
+    let _ = shutdown_tx.send(true);
+    let grace = tokio::time::sleep(SHUTDOWN_GRACE);
+    tokio::pin!(grace);
+    loop {
+        let open = smtp.active_sessions() + pop3.active_sessions();
+        if open == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = &mut grace => {
+                tracing::warn!(open, "grace time over: closing the remaining sessions");
+                break;
+            }
+            _ = signals.next() => {
+                tracing::warn!(open, "second signal: exiting at once");
+                break;
+            }
+        }
+    }
+    // Let commits already handed to the store writer finish.
+    let _ = store.write(store::Durability::Full, |_| Ok(())).await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// How long open sessions may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// F4: journal rows older than `retention_days` are removed, hourly, in small batches.
+fn spawn_journal_retention(store: Store, retention_days: u32) {
+    tokio::spawn(async move {
+        loop {
+            let before = store::now() - i64::from(retention_days) * 86_400;
+            loop {
+                let removed = store.write(store::Durability::Normal, move |c| Ok(store::journal::expire(c, before, 10_000)?)).await;
+                match removed {
+                    Ok(10_000) => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "journal retention failed");
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    });
 }
 
 /// The certificate of `[tls]`, or the self-signed one in data_dir (made on first start);
@@ -240,11 +303,22 @@ fn write_listening(config: &Config, lines: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT, as a stream: the first starts a graceful shutdown, the second ends it.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }

@@ -5,5 +5,6 @@
 #![forbid(unsafe_code)]
 
 pub mod conversation;
+pub mod local_submit;
 pub mod queue_manager;
 pub mod route;

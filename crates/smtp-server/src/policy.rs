@@ -108,6 +108,8 @@ pub enum Rule {
     LocalRecipient,
     Postmaster,
     UnknownLocalUser,
+    /// D2: the user's mailbox is at its quota.
+    OverQuota(String),
     Authenticated(String),
     RelayModeAll,
     RelayList(String),
@@ -143,6 +145,7 @@ impl fmt::Display for Rule {
             Rule::LocalRecipient => write!(f, "local recipient (R2)"),
             Rule::Postmaster => write!(f, "postmaster is always accepted (RFC 5321 4.5.1)"),
             Rule::UnknownLocalUser => write!(f, "no such user in a local domain (D2)"),
+            Rule::OverQuota(u) => write!(f, "mailbox of {u} is at its quota (D2)"),
             Rule::Authenticated(u) => write!(f, "authenticated as {u} (A2)"),
             Rule::RelayModeAll => write!(f, "relay mode all: open relay (R1)"),
             Rule::RelayList(e) => write!(f, "relay list entry {e} (R1)"),
@@ -175,9 +178,9 @@ impl Decision {
         Decision { allow: false, rule }
     }
 
-    /// A refused recipient that was a relay attempt (journal 9V), rather than an unknown user.
+    /// A refused recipient that was a relay attempt (journal 9V), rather than a local refusal.
     pub fn is_relay_refusal(&self) -> bool {
-        !self.allow && self.rule != Rule::UnknownLocalUser
+        !self.allow && !matches!(self.rule, Rule::UnknownLocalUser | Rule::OverQuota(_))
     }
 
     /// The greeting for a refused connection (R4: 554; R9: the client is not told why).
@@ -215,6 +218,7 @@ impl Decision {
         }
         Some(match self.rule {
             Rule::UnknownLocalUser => Reply::new(550, (1, 1), "Recipient address rejected: user unknown"),
+            Rule::OverQuota(_) => Reply::new(452, (2, 2), "Mailbox full, try again later"),
             Rule::RelayTrick(_) => Reply::new(550, (7, 1), "Relay access denied: routed addresses are not accepted"),
             // R3: IMail's wording.
             _ => Reply::new(550, (7, 1), "Relay access denied: unknown local host, not a gateway"),
@@ -349,6 +353,7 @@ impl RelayPolicy {
     /// the address the screen produced; `routed` is true for percent-routed mail.
     pub fn recipient(&self, c: &ClientFacts, address: &Address, resolution: &Resolution, routed: bool) -> Decision {
         match resolution {
+            Resolution::Local { full: true, user, .. } => return Decision::refuse(Rule::OverQuota(user.clone())),
             Resolution::Local { .. } | Resolution::Alias(_) => return Decision::allow(Rule::LocalRecipient),
             Resolution::Unknown if address.is_postmaster() && !routed => return Decision::allow(Rule::Postmaster),
             Resolution::Unknown => return Decision::refuse(Rule::UnknownLocalUser),
@@ -457,7 +462,7 @@ mod tests {
     #[test]
     fn relay_matrix() {
         let l = lists();
-        let local = Resolution::Local { user_id: 1, user: "sam".into(), forward: None };
+        let local = Resolution::Local { user_id: 1, user: "sam".into(), forward: None, full: false };
         // mode, pop window, client ip, POP login seconds ago, recipient, relayed?
         type Case = (RelayMode, u32, &'static str, Option<i64>, &'static str, bool);
         let cases: &[Case] = &[
@@ -489,6 +494,15 @@ mod tests {
                 assert!(d.is_relay_refusal());
             }
         }
+    }
+
+    #[test]
+    fn full_mailbox_is_a_temporary_refusal() {
+        let l = lists();
+        let full = Resolution::Local { user_id: 1, user: "sam".into(), forward: None, full: true };
+        let d = policy(RelayMode::None, 0).recipient(&client(&l, "127.0.0.1", None), &addr("sam@example.test"), &full, false);
+        assert_eq!(d.rcpt_reply().unwrap().to_string(), "452 4.2.2 Mailbox full, try again later\r\n");
+        assert!(!d.is_relay_refusal());
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub enum ListenerKind {
     Submission,
     /// Submission over implicit TLS (RFC 8314): AUTH required.
     Smtps,
+    /// The local submission socket of `postroom sendmail` (F6).
+    Local,
 }
 
 /// What the SMTP server works with besides its settings.
@@ -70,6 +72,8 @@ pub struct Services {
     /// Without it no STARTTLS is offered and the implicit-TLS listener cannot run.
     pub tls: Option<ServerTls>,
     pub passwords: PasswordPool,
+    /// Becomes true on SIGTERM (O3): sessions waiting for a command are closed with 421.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Shared by every connection of every SMTP listener.
@@ -87,10 +91,20 @@ impl SmtpServer {
         SmtpServer { settings: Arc::new(settings), services, limits, lists: ListCache::default() }
     }
 
-    /// Accept connections on `listener` forever.
+    /// Sessions open now.
+    pub fn active_sessions(&self) -> usize {
+        self.limits.active()
+    }
+
+    /// Accept connections on `listener` until shutdown.
     pub async fn serve(self, listener: TcpListener, kind: ListenerKind) {
+        let mut shutdown = self.services.shutdown.clone();
         loop {
-            match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = until_shutdown(&mut shutdown) => return,
+            };
+            match accepted {
                 Ok((stream, peer)) => {
                     let me = self.clone();
                     tokio::spawn(async move { me.connection(stream, peer, kind).await });
@@ -150,7 +164,7 @@ impl SmtpServer {
             authenticated: None,
             listener_auth: match kind {
                 ListenerKind::Mx => self.settings.mx_auth,
-                ListenerKind::Submission | ListenerKind::Smtps => ListenerAuth::LocalAndRelay,
+                ListenerKind::Submission | ListenerKind::Smtps | ListenerKind::Local => ListenerAuth::LocalAndRelay,
             },
         };
         let decision = self.settings.policy.connect(&facts);
@@ -160,8 +174,15 @@ impl SmtpServer {
             let _ = stream.shutdown().await;
             return;
         }
+        let config = self.session_config(kind, &facts, &stream);
+        let owned = Arc::new(Mutex::new(Vec::new()));
+        let session = Session::new(config, ip.to_string()).with_sender_check(self.sender_check(&facts, owned.clone()));
+        self.drive(stream, facts, session, owned).await;
+    }
+
+    fn session_config(&self, kind: ListenerKind, facts: &ClientFacts, stream: &Stream) -> SessionConfig {
         let s = &self.settings;
-        let config = SessionConfig {
+        SessionConfig {
             hostname: s.hostname.clone(),
             max_message_size: s.max_message_size,
             max_recipients: s.max_recipients,
@@ -169,21 +190,77 @@ impl SmtpServer {
             line_endings: if s.allow_bare_lf { LineEndings::NormaliseBareLf } else { LineEndings::Strict },
             max_hops: s.max_hops,
             max_errors: s.max_errors,
-            verify_helo: s.policy.helo_verify != HeloVerify::Off,
-            starttls: self.services.tls.is_some() && kind != ListenerKind::Smtps,
+            verify_helo: s.policy.helo_verify != HeloVerify::Off && kind != ListenerKind::Local,
+            starttls: self.services.tls.is_some() && matches!(kind, ListenerKind::Mx | ListenerKind::Submission),
             tls_active: stream.is_tls(),
-            allow_plaintext_auth: s.plaintext_auth_from_loopback && ip.is_loopback(),
+            allow_plaintext_auth: s.plaintext_auth_from_loopback && facts.ip.is_loopback(),
             require_auth: facts.listener_auth == ListenerAuth::LocalAndRelay,
-        };
-        let owned = Arc::new(Mutex::new(Vec::new()));
-        let session = Session::new(config, ip.to_string()).with_sender_check(self.sender_check(&facts, owned.clone()));
-        let mut driver = Driver { server: &self, facts, session, incoming: None, received_len: 0, owned, out: Vec::new() };
+        }
+    }
+
+    async fn drive(&self, mut stream: Stream, facts: ClientFacts, session: Session, owned: Arc<Mutex<Vec<String>>>) {
+        let ip = facts.ip;
+        let mut driver = Driver { server: self, facts, session, incoming: None, received_len: 0, owned, out: Vec::new() };
         if let Err(e) = driver.run(&mut stream).await {
             tracing::debug!(client = %ip, error = %e, "smtp session ended with an error");
         }
         if let Some(incoming) = driver.incoming.take() {
             incoming.abort().await;
         }
+    }
+
+    /// The local submission socket (F6, A4): `postroom sendmail` and `postroom send` talk SMTP
+    /// here. The peer's uid identifies the submitting user, who counts as authenticated; a
+    /// user other than root may send only as themself.
+    pub async fn serve_local(self, listener: tokio::net::UnixListener) {
+        let mut shutdown = self.services.shutdown.clone();
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = until_shutdown(&mut shutdown) => return,
+            };
+            let (stream, _) = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "local submission accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move { me.local_connection(stream).await });
+        }
+    }
+
+    async fn local_connection(self, unix: tokio::net::UnixStream) {
+        let Ok(cred) = unix.peer_cred() else { return };
+        let uid = cred.uid();
+        let user = crate::local::user_name(uid).unwrap_or_else(|| format!("uid{uid}"));
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        let Some(_slot) = self.limits.take(loopback) else { return };
+        let record = match self.lists.client(self.store(), loopback).await {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let facts = ClientFacts {
+            ip: loopback,
+            local_ip: loopback,
+            lists: record.lists,
+            pop_login_at: None,
+            now: store::now(),
+            rbl_listed: None,
+            penalised: None,
+            authenticated: Some(user.clone()),
+            listener_auth: ListenerAuth::LocalAndRelay,
+        };
+        // A4: the originator is the calling user: their own addresses, user@hostname, or
+        // anything for root.
+        let owned = crate::local::identities(self.store(), &user, &self.settings.hostname).await;
+        let stream = Stream::Unix(unix);
+        let config = self.session_config(ListenerKind::Local, &facts, &stream);
+        let check = crate::local::originator_check(uid == 0, owned.clone());
+        let session = Session::new(config, format!("local uid {uid}")).with_sender_check(check).authenticated_as(&user);
+        self.drive(stream, facts, session, Arc::new(Mutex::new(owned))).await;
     }
 
     /// Query every blackhole list zone at once (R4); errors fail open and are journaled.
@@ -277,6 +354,7 @@ impl Driver<'_> {
         let mut phase = Phase::Command;
         let mut deadline = Instant::now();
         let mut store_failed = false;
+        let mut shutdown = self.server.services.shutdown.clone();
         loop {
             let mut hang_up = false;
             let mut pending: std::collections::VecDeque<Action> = actions.into();
@@ -380,7 +458,18 @@ impl Driver<'_> {
                 phase = now_phase;
                 progress = self.session.progress();
             }
-            actions = match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            // O3: on shutdown a session between commands is told so; one in DATA may finish.
+            let between_commands = self.session.phase() == Phase::Command;
+            let read = tokio::select! {
+                r = tokio::time::timeout_at(deadline, stream.read(&mut buf)) => r,
+                _ = until_shutdown(&mut shutdown), if between_commands => {
+                    let bye = Reply::new(421, (3, 2), format!("{} Service shutting down, try again later", self.server.settings.hostname));
+                    stream.write_all(&bye.to_bytes()).await?;
+                    let _ = stream.shutdown().await;
+                    return Ok(());
+                }
+            };
+            actions = match read {
                 Err(_) => self.session.handle(Event::Timeout),
                 Ok(Ok(0)) => return Ok(()),
                 Ok(Ok(n)) => self.session.handle(Event::Bytes(&buf[..n])),
@@ -469,4 +558,9 @@ impl Driver<'_> {
         self.server.journal(code, self.facts.ip, &addr.to_string(), &decision.rule.to_string());
         RcptVerdict::Refuse(decision.rcpt_reply().expect("a refusal has a reply"))
     }
+}
+
+/// Resolves once the shutdown flag is set (or its sender is gone).
+async fn until_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|down| *down).await;
 }

@@ -173,6 +173,12 @@ impl Session {
         }
     }
 
+    /// Start authenticated (the local submission socket knows its peer from the kernel).
+    pub fn authenticated_as(mut self, user: &str) -> Self {
+        self.auth = Some(user.to_string());
+        self
+    }
+
     /// Check every MAIL FROM with `check`.
     pub fn with_sender_check(mut self, check: SenderCheck) -> Self {
         self.sender_check = Some(check);

@@ -52,6 +52,9 @@ pub mod code {
     pub const QUEUE_DELETED: &str = "8X";
     /// SMTP client: MX or host lookup failed (8K).
     pub const CLIENT_DNS: &str = "8K";
+    /// Filtering: a filter rule matched a message (kept in quarantine or discarded), or the
+    /// administrator released or deleted a quarantined message (OW).
+    pub const FILTERED: &str = "OW";
     /// POP3 login (DL) and retrieval (DR), deletion at QUIT (DD).
     pub const POP_LOGIN: &str = "DL";
     pub const POP_LOGIN_FAILED: &str = "DF";
@@ -88,4 +91,9 @@ pub fn append(conn: &Connection, entry: &Entry<'_>) -> rusqlite::Result<()> {
     )?;
     stmt.execute(params![crate::now(), entry.code, entry.qid, entry.originator, entry.recipient, entry.size, entry.ip, entry.detail])?;
     Ok(())
+}
+
+/// Remove up to `limit` rows older than `before` (unix seconds): the retention of F4.
+pub fn expire(conn: &Connection, before: i64, limit: usize) -> rusqlite::Result<usize> {
+    conn.execute("DELETE FROM journal WHERE id IN (SELECT id FROM journal WHERE at < ?1 ORDER BY id LIMIT ?2)", params![before, limit as i64])
 }

@@ -8,6 +8,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0001_init.sql"),
     include_str!("../../../migrations/0002_access_lists.sql"),
     include_str!("../../../migrations/0003_outbound.sql"),
+    include_str!("../../../migrations/0004_filters.sql"),
 ];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {

@@ -172,6 +172,8 @@ fn generate(cert: &Path, key: &Path, hostname: &str) -> Result<(), TlsError> {
 /// A client connection: plain until upgraded, or TLS from the start.
 pub enum Stream {
     Plain(TcpStream),
+    /// The local submission socket (sendmail): never encrypted, the peer is a local process.
+    Unix(tokio::net::UnixStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// Left behind by a failed upgrade.
     Broken,
@@ -206,6 +208,7 @@ impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Broken => Poll::Ready(Err(io::Error::from(io::ErrorKind::NotConnected))),
         }
@@ -216,6 +219,7 @@ impl AsyncWrite for Stream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Broken => Poll::Ready(Err(io::Error::from(io::ErrorKind::NotConnected))),
         }
@@ -224,6 +228,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s).poll_flush(cx),
             Stream::Broken => Poll::Ready(Ok(())),
         }
@@ -232,6 +237,7 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Broken => Poll::Ready(Ok(())),
         }

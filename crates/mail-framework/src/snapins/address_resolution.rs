@@ -32,8 +32,9 @@ impl SnapIn for AddressResolution {
                 Some(addr) => ctx.domains.resolve(ctx.conn, &addr).map_err(|e| StoreError::Invalid(e.to_string()))?,
             };
             let (tag, targets) = match resolution {
-                Resolution::Local { user_id, user, forward: None } => (Tag::LocalDelivery { user_id, user }, Vec::new()),
-                Resolution::Local { user_id, user, forward: Some(Forward { to, keep_copy: true }) } => {
+                // D2: the quota is enforced at RCPT; mail accepted before the box filled is delivered.
+                Resolution::Local { user_id, user, forward: None, .. } => (Tag::LocalDelivery { user_id, user }, Vec::new()),
+                Resolution::Local { user_id, user, forward: Some(Forward { to, keep_copy: true }), .. } => {
                     (Tag::LocalDelivery { user_id, user }, vec![to])
                 }
                 Resolution::Local { forward: Some(Forward { to, keep_copy: false }), .. } => (Tag::Expanded, vec![to]),
