@@ -846,3 +846,64 @@ def explain(srv: Server, ip: str, sender: str, recipients, pop_login: bool = Fal
         if m:
             out["order"].append((m.group(1), m.group(2).lower()))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Operator features (SPEC F3-F6, D2 quota, O1-O3): queue ids from 250 replies, CLI with bytes
+# on stdin, config rewrites between restarts, process memory.
+# --------------------------------------------------------------------------------------------
+
+def queued_id(reply: Reply) -> str:
+    """The queue id in a DATA reply ("250 2.0.0 Ok: queued as QID")."""
+    m = re.search(r"queued as\s+<?([A-Za-z0-9._-]+)>?", reply.text)
+    assert m, f"no queue id in the DATA reply {reply!r}"
+    return m.group(1)
+
+
+def submit(srv: Server, rcpts, message: bytes, sender: str = JANE) -> str:
+    """One SMTP transaction from 127.0.0.1 (every RCPT must get 250); returns the queue id."""
+    if isinstance(rcpts, str):
+        rcpts = [rcpts]
+    c = smtp_session(srv)
+    try:
+        expect(c.cmd(f"MAIL FROM:<{sender}> BODY=8BITMIME"), 250)
+        for r in rcpts:
+            expect(c.cmd(f"RCPT TO:<{r}>"), 250)
+        return queued_id(expect(c.data(message), 250))
+    finally:
+        c.quit()
+
+
+def cli_bytes(srv: Server, *args: str, input: bytes = b"", timeout: float = 60.0,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """`postroom --config FILE ARGS...` with raw bytes on stdin; stdout/stderr are bytes."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([str(BIN), "--config", str(srv.config_path), *args], input=input,
+                          capture_output=True, timeout=timeout, env=e)
+
+
+def rewrite_config(srv: Server, overrides: dict) -> None:
+    """Rewrite the server's config file (base test config + overrides), e.g. between restarts."""
+    srv.config_path.write_text(render_toml(merge_config(base_config(srv.data_dir), overrides)))
+
+
+def server_pid(srv: Server) -> int:
+    assert srv.proc is not None and srv.proc.poll() is None, "server is not running"
+    return srv.proc.pid
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM (peak resident set) of a process, in MB."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    m = re.search(r"(?m)^VmHWM:\s+(\d+)\s+kB", text)
+    assert m, text
+    return int(m.group(1)) / 1024.0
+
+
+def mailbox_count(srv: Server, user: str, password: str) -> int:
+    p = login_retry(srv, user, password)
+    try:
+        return p.stat()[0]
+    finally:
+        p.quit()

@@ -129,6 +129,20 @@ class Transaction:
         return None if self.raw_data is None else unstuff(self.raw_data)
 
 
+def _client_gone(sock) -> bool:
+    """Has the client closed its side (EOF or reset waiting on the socket)?"""
+    import select
+    try:
+        r, _, _ = select.select([sock], [], [], 0)
+        if not r:
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            return sock.pending() == 0 and sock.recv(1) == b""
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ssl.SSLError, ValueError):
+        return True
+
+
 class _Wire:
     """Line reader over a (possibly TLS-upgraded) socket that keeps every byte read."""
 
@@ -287,7 +301,7 @@ class Peer:
         try:
             sock.settimeout(self.io_timeout)
             self._session(sock, conn)
-        except (OSError, ssl.SSLError):
+        except (OSError, ssl.SSLError, ValueError):  # ValueError: closed by stop()
             pass
         finally:
             with self.lock:
@@ -411,6 +425,8 @@ class Peer:
                     self._data_seen += 1
                 if self.data_delay:
                     time.sleep(self.data_delay)
+                    if _client_gone(sock):
+                        return  # nobody to hear the reply: not a delivery
                 reply = _pick(self.data_reply, n)
                 if reply == "DROP":  # the message arrived, but the connection dies before the reply
                     return

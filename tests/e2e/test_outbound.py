@@ -20,11 +20,8 @@ import pytest
 from dnsstub import mx_dns_stub  # noqa: F401  (fixture)
 from helpers import HOSTNAME, fetch_all, make_message, subject_of
 from smtppeer import (  # noqa: F401  (net is a fixture)
-    ADMIN_PW,
-    ADMIN_USER,
     MX1_IP,
     MX2_IP,
-    OTHER_IP,
     OUT_TIMEOUT,
     SAM_ADDR,
     SAM_PW,
@@ -39,7 +36,6 @@ from smtppeer import (  # noqa: F401  (net is a fixture)
     net,
     outbound_server,
     queue_row,
-    queue_rows,
     relay,
     start_peers,
     wait_bounces,
@@ -130,6 +126,18 @@ def test_domain_without_mx_uses_its_a_record(net):
     wait_not_queued(srv, "p@plain.example")
 
 
+def test_mx_host_without_address_is_skipped(net):
+    """C1: the best MX host has no address (NXDOMAIN for its name) -> the next MX is used."""
+    net.stub.mx("remote.example", (5, "mx0.remote.example"), (10, "mx1.remote.example"),
+                (20, "mx2.remote.example"))
+    net.stub.nxdomain("mx0.remote.example")
+    srv = net.server()
+    sent_by_sam(srv, "a@remote.example", "mx0 has no address")
+    net.mx1.wait_delivered("a@remote.example")
+    assert net.stub.asked("mx0.remote.example")
+    wait_not_queued(srv, "a@remote.example")
+
+
 def test_host_table_overrides_dns(net):
     """C1: a host-table entry for the MX host wins over its DNS A record."""
     net.mx1.rcpt_default = "550 5.7.1 wrong host: DNS was used instead of the host table"
@@ -193,6 +201,29 @@ def test_dot_stuffing_and_crlf_on_the_wire(net):
         assert re.match(rb"[A-Za-z0-9-]+:|[ \t]", line), f"not a header line before the message: {line!r}"
     conn = net.mx1.connections[tx.connection]
     assert bare_line_endings(bytes(conn.raw)) == [], bytes(conn.raw)[:2000]
+
+
+def test_bare_lf_accepted_inbound_leaves_as_crlf(net):
+    """S5 + what leaves: with allow_bare_lf on, a message written with bare LFs is accepted;
+    on the way out every line ends in CRLF and dots are stuffed."""
+    from helpers import expect, smtp_from
+    srv = net.server(smtp={"allow_bare_lf": True})
+    c = smtp_from(srv, "127.0.0.1")
+    try:
+        expect(c.greeting, 220)
+        c.ehlo()
+        expect(c.cmd(f"MAIL FROM:<{SAM_ADDR}>"), 250)
+        expect(c.cmd("RCPT TO:<a@remote.example>"), 250)
+        expect(c.cmd("DATA"), 354)
+        c.send(b"From: <sam@example.test>\nTo: <a@remote.example>\nSubject: bare lf\n\n"
+               b"one\n..dot line\ntwo\r\nthree\r\n.\r\n")
+        expect(c.read_reply(), 250)
+    finally:
+        c.quit()
+    (tx,) = net.mx1.wait_delivered("a@remote.example")
+    conn = net.mx1.connections[tx.connection]
+    assert bare_line_endings(bytes(conn.raw)) == [], tx.raw_data
+    assert tx.message.endswith(b"\r\n\r\none\r\n.dot line\r\ntwo\r\nthree\r\n"), tx.message
 
 
 def test_message_without_final_crlf_and_long_body_arrives_intact(net):
@@ -393,6 +424,36 @@ def test_sigterm_mid_schedule_then_bounced_exactly_once(net):
     assert_bounce(b, "o@other.example", status_re=r"[45]\.\d{1,3}\.\d{1,3}")
     wait_queue_empty(srv)
     mailbox_stays(srv, SAM_USER, SAM_PW, 1, 3.0)
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_server_stopped_during_a_delivery_loses_nothing(net, how):
+    """F1/O3: the server dies (SIGKILL) or is stopped (SIGTERM) while the peer holds the message
+    before its final reply; after a restart the message is delivered (again: SMTP cannot know the
+    first copy arrived), nothing is lost, and no bounce is made."""
+    net.other.data_delay = 4.0
+    srv = net.server()
+    m = sent_by_sam(srv, "o@other.example", f"in flight {how}")
+    deadline = time.monotonic() + OUT_TIMEOUT
+    while not any(t.raw_data is not None for t in net.other.transactions):
+        assert time.monotonic() < deadline, net.other.summary()
+        time.sleep(0.05)
+    net.other.data_delay = 0.0
+    if how == "kill":
+        srv.kill()
+    else:
+        srv.stop()
+    srv.start()
+    # A copy counts as delivered only if the server was still there to read the 250 (the peer
+    # does not count a reply nobody heard); a graceful stop may finish the delivery first.
+    deadline = time.monotonic() + OUT_TIMEOUT
+    while queue_row(srv, "o@other.example") is not None or not net.other.delivered():
+        assert time.monotonic() < deadline, (net.other.summary(), srv.cli("queue", "list").stdout)
+        time.sleep(0.2)
+    assert net.other.delivered()[-1].message.endswith(m)
+    if how == "kill":
+        assert len(net.other.transactions) >= 2, net.other.summary()
+    assert wait_no_bounce(srv)
 
 
 # ------------------------------------------------------------------------------------------
@@ -603,6 +664,25 @@ def test_queue_hold_and_release(net):
     nothing_for(4.0, net.other)
     assert queue_row(srv, "o@other.example") is not None
     srv.cli_ok("queue", "release", row["id"])
+    net.other.wait_delivered("o@other.example", timeout=15)
+    wait_not_queued(srv, "o@other.example")
+
+
+def test_hold_survives_a_restart(net):
+    """O2/F1: a held message stays held across a restart; release then delivers it."""
+    net.other.rcpt["o@other.example"] = ["451 4.3.0 not yet"] * 4 + ["250 2.1.5 ok"]
+    srv = net.server({"first_retry_count": 30, "first_retry_interval_secs": 1})
+    sent_by_sam(srv, "o@other.example", "held across restart")
+    net.other.wait_rcpt("o@other.example")
+    qid = wait_queue_row(srv, "o@other.example")["id"]
+    srv.cli_ok("queue", "hold", qid)
+    time.sleep(0.5)
+    seen = len(net.other.transactions)
+    srv.restart()
+    time.sleep(3.0)
+    assert len(net.other.transactions) == seen, net.other.summary()
+    assert "held" in srv.cli_ok("queue", "show", qid).stdout
+    srv.cli_ok("queue", "release", qid)
     net.other.wait_delivered("o@other.example", timeout=15)
     wait_not_queued(srv, "o@other.example")
 

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bounce;
+pub mod mime_scan;
 pub mod outbound;
 pub mod pipeline;
 pub mod queue;

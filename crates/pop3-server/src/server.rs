@@ -46,6 +46,8 @@ pub struct Pop3Server {
     /// The relay list decides whether failed logins count per user or per address.
     lists: ListCache,
     limits: SessionLimits,
+    /// Becomes true on SIGTERM (O3).
+    shutdown: tokio::sync::watch::Receiver<bool>,
     /// P3: the maildrop locks live in memory, so a crash never leaves a mailbox locked.
     locks: Arc<Mutex<HashSet<i64>>>,
 }
@@ -63,15 +65,32 @@ impl Drop for MaildropLock {
 }
 
 impl Pop3Server {
-    pub fn new(settings: Pop3Settings, store: Store, passwords: PasswordPool, tls: Option<ServerTls>, penalty: PenaltyBox) -> Self {
+    pub fn new(
+        settings: Pop3Settings,
+        store: Store,
+        passwords: PasswordPool,
+        tls: Option<ServerTls>,
+        penalty: PenaltyBox,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         let limits = SessionLimits::new(settings.max_sessions, settings.max_sessions_per_ip);
-        Pop3Server { settings: Arc::new(settings), store, passwords, tls, penalty, lists: ListCache::default(), limits, locks: Arc::default() }
+        Pop3Server { settings: Arc::new(settings), store, passwords, tls, penalty, lists: ListCache::default(), limits, shutdown, locks: Arc::default() }
+    }
+
+    /// Sessions open now.
+    pub fn active_sessions(&self) -> usize {
+        self.limits.active()
     }
 
     /// Accept connections forever; `implicit_tls` for the pop3s listener (P2).
     pub async fn serve(self, listener: TcpListener, implicit_tls: bool) {
+        let mut shutdown = self.shutdown.clone();
         loop {
-            match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = until_shutdown(&mut shutdown) => return,
+            };
+            match accepted {
                 Ok((stream, peer)) => {
                     let me = self.clone();
                     tokio::spawn(async move { me.connection(stream, peer, implicit_tls).await });
@@ -180,7 +199,17 @@ impl Driver<'_> {
                 out.clear();
             }
             // P6: any input restarts the inactivity timer (RFC 1939 §3).
-            actions = match tokio::time::timeout(self.server.settings.inactivity_timeout, stream.read(&mut buf)).await {
+            // O3: on shutdown the session ends without UPDATE: nothing is deleted.
+            let mut shutdown = self.server.shutdown.clone();
+            let read = tokio::select! {
+                r = tokio::time::timeout(self.server.settings.inactivity_timeout, stream.read(&mut buf)) => r,
+                _ = until_shutdown(&mut shutdown) => {
+                    stream.write_all(b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n").await?;
+                    let _ = stream.shutdown().await;
+                    return Ok(());
+                }
+            };
+            actions = match read {
                 Err(_) => self.session.handle(Event::Timeout),
                 Ok(Ok(0)) => self.session.handle(Event::Eof),
                 Ok(Ok(n)) => self.session.handle(Event::Bytes(&buf[..n])),
@@ -301,4 +330,9 @@ impl Driver<'_> {
             })
             .await;
     }
+}
+
+/// Resolves once the shutdown flag is set (or its sender is gone).
+async fn until_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|down| *down).await;
 }

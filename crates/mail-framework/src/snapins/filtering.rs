@@ -1,0 +1,214 @@
+//! Filtering (SPEC F3, journal OW; the i5/OS SMTP "Filters" page, IMail's filters): after
+//! address resolution, each message is matched once against the filter rules — originator,
+//! subject, attachment file names, MIME types — and a match takes every recipient of it in the
+//! batch away from delivery: *keep* puts the message in the quarantine (a `quarantine` row; the
+//! body stays), *discard* throws it away. Filtered mail never bounces: the sender of a virus is
+//! usually forged, and a report would be backscatter.
+//!
+//! What it trusts: nothing in the message. Only the first `max_bytes` of a message are read
+//! from the store and walked, to at most `max_depth` levels ([`crate::mime_scan`]). Reports
+//! (`bounce`, `double-bounce`) are ours and are not filtered. A message the administrator
+//! released from the quarantine is not filtered again.
+//!
+//! How it fails: a store error fails the batch (it is retried); the walk itself cannot fail.
+
+use directory::filters::{self, Action, MessageFacts, Rule};
+use rusqlite::{params, Connection, OptionalExtension};
+use store::journal::{self, code};
+use store::StoreError;
+
+use crate::mime_scan::{self, Limits};
+use crate::pipeline::{Context, MessageInfo, SnapIn, Tag, WorkItem};
+
+/// The longest matched value quoted in a journal row or the quarantine.
+const MAX_SHOWN: usize = 200;
+/// Recipients named in one journal row, at most.
+const MAX_NAMED: usize = 10;
+
+pub struct Filtering {
+    /// Octets of a message read and walked, at most (`[storage] filter_max_bytes`).
+    pub max_bytes: usize,
+    /// MIME nesting levels walked, at most.
+    pub max_depth: usize,
+}
+
+impl Default for Filtering {
+    fn default() -> Self {
+        Filtering { max_bytes: mime_scan::DEFAULT_MAX_BYTES, max_depth: mime_scan::DEFAULT_MAX_DEPTH }
+    }
+}
+
+impl Filtering {
+    /// Filtering that reads at most `max_bytes` of a message.
+    pub fn with_max_bytes(max_bytes: usize) -> Self {
+        Filtering { max_bytes, ..Default::default() }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits { max_bytes: self.max_bytes, max_depth: self.max_depth, ..Default::default() }
+    }
+
+    /// The tag every deliverable recipient of `message` gets, or None: deliver as resolved.
+    /// `rules` is read once per batch, on the first message that needs it.
+    fn verdict(&self, conn: &Connection, message: &MessageInfo, rules: &mut Option<Vec<Rule>>) -> Result<Option<Tag>, StoreError> {
+        // Already decided in an earlier batch (a message's recipients may span batches, and
+        // alias expansion queues new ones later): the same verdict, without another walk.
+        let kept: Option<(String, bool)> = conn
+            .prepare_cached("SELECT rule, released FROM quarantine WHERE message_id = ?1")?
+            .query_row([message.id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        match kept {
+            Some((_, true)) => return Ok(None),
+            Some((rule, false)) => return Ok(Some(Tag::Quarantined { rule })),
+            None => {}
+        }
+        let discarded: Option<Option<String>> = conn
+            .prepare_cached("SELECT last_reply FROM recipients WHERE message_id = ?1 AND state = 'discarded' LIMIT 1")?
+            .query_row([message.id], |r| r.get(0))
+            .optional()?;
+        if let Some(rule) = discarded {
+            return Ok(Some(Tag::Discarded { rule: rule.unwrap_or_default() }));
+        }
+
+        let rules = match rules {
+            Some(r) => r,
+            None => rules.insert(filters::list(conn)?),
+        };
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        let raw = read_head(conn, message.id, self.max_bytes, message.size)?;
+        let scan = mime_scan::scan(&raw, &self.limits());
+        drop(raw);
+        if scan.truncated || scan.too_deep || scan.too_many_parts {
+            tracing::debug!(qid = %message.qid, truncated = scan.truncated, too_deep = scan.too_deep, too_many_parts = scan.too_many_parts, "filter walk cut short");
+        }
+        let mut originators = Vec::with_capacity(scan.from.len() + 1);
+        originators.push(message.mail_from.clone());
+        originators.extend(scan.from);
+        let facts = MessageFacts {
+            originators,
+            subjects: if scan.subjects.is_empty() { vec![String::new()] } else { scan.subjects },
+            attachments: scan.attachments,
+            mime_types: scan.mime_types,
+        };
+        let Some((rule, value)) = filters::evaluate(rules, &facts) else { return Ok(None) };
+        let what = format!("{} matched {}", rule.describe(), shown(&value));
+        tracing::info!(qid = %message.qid, rule = %what, action = %rule.action, "message filtered");
+        Ok(Some(match rule.action {
+            Action::Keep => Tag::Quarantined { rule: what },
+            Action::Discard => Tag::Discarded { rule: what },
+        }))
+    }
+}
+
+/// Recipients address resolution gave somewhere to go: the ones a filter may take away.
+/// (Failed recipients still fail: their report carries only the original's headers.)
+fn deliverable(tag: &Tag) -> bool {
+    matches!(tag, Tag::LocalDelivery { .. } | Tag::Forward | Tag::Expanded)
+}
+
+impl SnapIn for Filtering {
+    fn name(&self) -> &'static str {
+        "filtering"
+    }
+
+    fn examine(&self, ctx: &Context<'_>, items: &mut [WorkItem]) -> Result<(), StoreError> {
+        let mut rules = None;
+        for group in items.chunk_by_mut(|a, b| a.message.id == b.message.id) {
+            let message = group[0].message.clone();
+            if matches!(message.origin.as_str(), "bounce" | "double-bounce") || !group.iter().any(|i| deliverable(&i.tag)) {
+                continue;
+            }
+            let Some(tag) = self.verdict(ctx.conn, &message, &mut rules)? else { continue };
+            for item in group.iter_mut().filter(|i| deliverable(&i.tag)) {
+                item.tag = tag.clone();
+                // An alias of a filtered message is not expanded; a release re-resolves it.
+                item.expand_to.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Keep: one quarantine row per message. Journal OW once per message, when first decided.
+    fn apply(&self, tx: &Connection, items: &[WorkItem]) -> Result<(), StoreError> {
+        let filtered: Vec<&WorkItem> = items.iter().filter(|i| matches!(i.tag, Tag::Quarantined { .. } | Tag::Discarded { .. })).collect();
+        for group in filtered.chunk_by(|a, b| a.message.id == b.message.id) {
+            let message = &group[0].message;
+            let (first, action, rule) = match &group[0].tag {
+                Tag::Quarantined { rule } => {
+                    let n = tx
+                        .prepare_cached("INSERT OR IGNORE INTO quarantine (message_id, rule, at) VALUES (?1, ?2, ?3)")?
+                        .execute(params![message.id, rule, store::now()])?;
+                    (n == 1, Action::Keep, rule)
+                }
+                Tag::Discarded { rule } => {
+                    // States are written after every apply: 'discarded' rows are earlier batches'.
+                    let before = tx.prepare_cached("SELECT 1 FROM recipients WHERE message_id = ?1 AND state = 'discarded'")?.exists([message.id])?;
+                    (!before, Action::Discard, rule)
+                }
+                _ => unreachable!("filtered above"),
+            };
+            if !first {
+                continue;
+            }
+            let mut named: Vec<&str> = group.iter().take(MAX_NAMED).map(|i| i.address.as_str()).collect();
+            let more = group.len().saturating_sub(MAX_NAMED);
+            let more = format!("and {more} more");
+            if group.len() > MAX_NAMED {
+                named.push(&more);
+            }
+            let detail = format!("{action}: {rule}");
+            journal::append(
+                tx,
+                &journal::Entry {
+                    code: code::FILTERED,
+                    qid: &message.qid,
+                    originator: &message.mail_from,
+                    recipient: &named.join(", "),
+                    size: Some(message.size),
+                    detail: &detail,
+                    ..Default::default()
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The first `max` octets of a stored message and one more when there are more (so the walk
+/// knows it was cut), reading no chunk past that.
+fn read_head(conn: &Connection, message_id: i64, max: usize, size: i64) -> Result<Vec<u8>, StoreError> {
+    let want = max.saturating_add(1);
+    let mut out = Vec::with_capacity(want.min(usize::try_from(size).unwrap_or(0)));
+    let mut stmt = conn.prepare_cached("SELECT data FROM body_chunks WHERE message_id = ?1 ORDER BY seq")?;
+    let mut rows = stmt.query([message_id])?;
+    while out.len() < want {
+        let Some(row) = rows.next()? else { break };
+        let data = row.get_ref(0)?.as_bytes().map_err(rusqlite::Error::from)?;
+        out.extend_from_slice(&data[..data.len().min(want - out.len())]);
+    }
+    Ok(out)
+}
+
+/// A matched value as journal rows and listings show it: quoted, escaped, not overlong.
+fn shown(value: &str) -> String {
+    let mut s: String = value.chars().take(MAX_SHOWN).collect();
+    if s.len() < value.len() {
+        s.push('…');
+    }
+    format!("{s:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matched_values_are_quoted_and_short() {
+        assert_eq!(shown("€invoice.VBS"), "\"€invoice.VBS\"");
+        assert_eq!(shown("a\r\nb"), "\"a\\r\\nb\"");
+        let long = "x".repeat(1000);
+        assert_eq!(shown(&long).chars().count(), MAX_SHOWN + 3);
+    }
+}
