@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bounce;
+pub mod heartbeat;
 pub mod mime_scan;
 pub mod outbound;
 pub mod pipeline;

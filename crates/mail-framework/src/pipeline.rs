@@ -108,6 +108,7 @@ pub struct Framework {
     snapins: Arc<Vec<Box<dyn SnapIn>>>,
     /// Woken when recipients are put on the outbound queue.
     outbound: Arc<tokio::sync::Notify>,
+    heartbeat: crate::heartbeat::Heartbeat,
 }
 
 impl Framework {
@@ -118,7 +119,12 @@ impl Framework {
     }
 
     pub fn with_snapins(queue: Queue, domains: LocalDomains, snapins: Vec<Box<dyn SnapIn>>) -> Self {
-        Framework { queue, domains, snapins: Arc::new(snapins), outbound: Arc::new(tokio::sync::Notify::new()) }
+        Framework { queue, domains, snapins: Arc::new(snapins), outbound: Arc::new(tokio::sync::Notify::new()), heartbeat: Default::default() }
+    }
+
+    /// Stamped on every round of the worker (`postroom status`).
+    pub fn heartbeat(&self) -> crate::heartbeat::Heartbeat {
+        self.heartbeat.clone()
     }
 
     /// Wakes the pipeline: recipients wait for a snap-in (the SMTP client's failures do).
@@ -140,6 +146,7 @@ impl Framework {
     pub async fn run(self) {
         let wake = self.queue.wake_handle();
         loop {
+            self.heartbeat.beat();
             match self.run_once().await {
                 Ok(n) if n >= BATCH => continue,
                 Ok(_) => {}

@@ -8,6 +8,7 @@ mod lists;
 mod queue_cmd;
 mod sendmail;
 mod serve;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +36,9 @@ struct Cli {
 enum Command {
     /// Run the SMTP server, POP3 server and mail framework (i5/OS STRTCPSVR *SMTP *POP).
     Serve,
+    /// Is each listener, the framework worker and the outbound client running; queue depths.
+    /// Exit status 1 when something is down.
+    Status,
     /// Manage users (i5/OS CRTUSRPRF + WRKDIRE).
     #[command(subcommand)]
     User(commands::UserCommand),
@@ -83,6 +87,10 @@ fn main() -> ExitCode {
         (Command::Config(c), loaded) => commands::config(c, loaded),
         (_, Err(e)) => Err(anyhow::anyhow!("{e}")),
         (Command::Serve, Ok(cfg)) => serve::serve(cfg),
+        (Command::Status, Ok(cfg)) => match status::status(&cfg) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         (Command::User(c), Ok(cfg)) => commands::user(c, &cfg),
         (Command::Domain(c), Ok(cfg)) => commands::domain(c, &cfg),
         (Command::Alias(c), Ok(cfg)) => commands::alias(c, &cfg),

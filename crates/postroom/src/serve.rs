@@ -10,6 +10,7 @@ use pop3_server::{Pop3Server, Pop3Settings};
 use directory::penalty::{LoginLimits, PenaltyBox};
 use smtp_server::policy::{self, ListenerAuth, RelayPolicy, VerifyFrom};
 use smtp_server::{ListenerKind, Services, SmtpServer, SmtpSettings};
+use mail_framework::heartbeat::Heartbeat;
 use mail_framework::outbound::Schedule;
 use smtp_client::conversation::ClientSettings;
 use smtp_client::queue_manager::{OutboundQueue, OutboundSettings};
@@ -50,7 +51,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     spawn_journal_retention(store.clone(), config.journal.retention_days);
     let domains = LocalDomains::new(&config.domains, &config.postmaster);
     let framework = Framework::new(queue.clone(), domains.clone(), &config.hostname);
-    let (outbound_wake, pipeline_wake) = (framework.outbound_wake(), framework.pipeline_wake());
+    let (outbound_wake, pipeline_wake, framework_beat) = (framework.outbound_wake(), framework.pipeline_wake(), framework.heartbeat());
     tokio::spawn(framework.run());
 
     for warning in config.warnings() {
@@ -117,6 +118,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // The SMTP client: an MX that resolves to one of our own SMTP listeners is a loop.
     let own: Vec<std::net::SocketAddr> = bound.iter().filter(|l| l.starts_with("smtp ")).filter_map(|l| l[5..].parse().ok()).collect();
     let outbound = OutboundQueue::new(outbound_settings(&config, own), store.clone(), dns, outbound_wake, pipeline_wake);
+    spawn_status_writer(config.data_dir.join(crate::status::STATUS_FILE), framework_beat, outbound.heartbeat());
     tokio::spawn(outbound.run());
     write_listening(&config, &bound)?;
     tracing::info!(listeners = ?bound, data_dir = %config.data_dir.display(), "postroom is ready");
@@ -128,6 +130,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: no new connections; waiting for open sessions");
     let _ = std::fs::remove_file(config.data_dir.join(LISTENING_FILE));
     let _ = std::fs::remove_file(crate::sendmail::socket_path(&config));
+    let _ = std::fs::remove_file(config.data_dir.join(crate::status::STATUS_FILE));
     let _ = shutdown_tx.send(true);
     let grace = tokio::time::sleep(SHUTDOWN_GRACE);
     tokio::pin!(grace);
@@ -156,6 +159,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 /// How long open sessions may take to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// O2: every 2 s, the workers' last beats into data_dir/status for `postroom status`.
+fn spawn_status_writer(path: std::path::PathBuf, framework: Heartbeat, outbound: Heartbeat) {
+    tokio::spawn(async move {
+        loop {
+            let text = format!("pid {}\nupdated {}\nframework {}\noutbound {}\n", std::process::id(), store::now(), framework.last(), outbound.last());
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+                tracing::warn!(path = %path.display(), "cannot write the status file");
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+}
 
 /// F4: journal rows older than `retention_days` are removed, hourly, in small batches.
 fn spawn_journal_retention(store: Store, retention_days: u32) {

@@ -46,6 +46,7 @@ struct Inner {
     /// Woken when recipients wait for the non-delivery snap-in.
     framework: Arc<Notify>,
     in_flight: Mutex<HashSet<i64>>,
+    heartbeat: mail_framework::heartbeat::Heartbeat,
     total: Arc<Semaphore>,
     per_domain: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
@@ -61,15 +62,22 @@ impl OutboundQueue {
                 wake,
                 framework,
                 in_flight: Mutex::default(),
+                heartbeat: Default::default(),
                 total,
                 per_domain: Mutex::default(),
             }),
         }
     }
 
+    /// Stamped on every scan (`postroom status`).
+    pub fn heartbeat(&self) -> mail_framework::heartbeat::Heartbeat {
+        self.inner.heartbeat.clone()
+    }
+
     /// Run forever.
     pub async fn run(self) {
         loop {
+            self.inner.heartbeat.beat();
             let sleep = match self.scan().await {
                 Ok(sleep) => sleep,
                 Err(e) => {
