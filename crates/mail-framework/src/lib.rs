@@ -14,6 +14,7 @@ pub mod outbound;
 pub mod pipeline;
 pub mod queue;
 pub mod snapins;
+pub mod storage;
 
 pub use pipeline::{Framework, SnapIn, Tag, WorkItem};
 pub use queue::{Envelope, Incoming, Queue};

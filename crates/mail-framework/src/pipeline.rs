@@ -109,6 +109,7 @@ pub struct Framework {
     /// Woken when recipients are put on the outbound queue.
     outbound: Arc<tokio::sync::Notify>,
     heartbeat: crate::heartbeat::Heartbeat,
+    storage: crate::storage::StorageGuard,
 }
 
 impl Framework {
@@ -119,7 +120,13 @@ impl Framework {
     }
 
     pub fn with_snapins(queue: Queue, domains: LocalDomains, snapins: Vec<Box<dyn SnapIn>>) -> Self {
-        Framework { queue, domains, snapins: Arc::new(snapins), outbound: Arc::new(tokio::sync::Notify::new()), heartbeat: Default::default() }
+        Framework { queue, domains, snapins: Arc::new(snapins), outbound: Arc::new(tokio::sync::Notify::new()), heartbeat: Default::default(), storage: Default::default() }
+    }
+
+    /// Pause while the storage guard says space is low (F5).
+    pub fn with_storage_guard(mut self, storage: crate::storage::StorageGuard) -> Self {
+        self.storage = storage;
+        self
     }
 
     /// Stamped on every round of the worker (`postroom status`).
@@ -147,7 +154,9 @@ impl Framework {
         let wake = self.queue.wake_handle();
         loop {
             self.heartbeat.beat();
-            match self.run_once().await {
+            // F5: below the storage threshold the work waits on the (busy) queue.
+            let round = if self.storage.is_low() { Ok(0) } else { self.run_once().await };
+            match round {
                 Ok(n) if n >= BATCH => continue,
                 Ok(_) => {}
                 Err(e) => {

@@ -11,6 +11,7 @@ use directory::penalty::{LoginLimits, PenaltyBox};
 use smtp_server::policy::{self, ListenerAuth, RelayPolicy, VerifyFrom};
 use smtp_server::{ListenerKind, Services, SmtpServer, SmtpSettings};
 use mail_framework::heartbeat::Heartbeat;
+use mail_framework::storage::StorageGuard;
 use mail_framework::outbound::Schedule;
 use smtp_client::conversation::ClientSettings;
 use smtp_client::queue_manager::{OutboundQueue, OutboundSettings};
@@ -50,7 +51,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     spawn_journal_retention(store.clone(), config.journal.retention_days);
     let domains = LocalDomains::new(&config.domains, &config.postmaster);
-    let framework = Framework::new(queue.clone(), domains.clone(), &config.hostname);
+    let storage = StorageGuard::default();
+    let framework = Framework::new(queue.clone(), domains.clone(), &config.hostname).with_storage_guard(storage.clone());
+    storage.monitor(store.clone(), config.data_dir.clone(), config.storage.min_free_mb, framework.pipeline_wake()).await;
     let (outbound_wake, pipeline_wake, framework_beat) = (framework.outbound_wake(), framework.pipeline_wake(), framework.heartbeat());
     tokio::spawn(framework.run());
 
@@ -80,6 +83,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tls: tls.clone(),
         passwords: passwords.clone(),
         shutdown: shutdown.clone(),
+        storage,
     };
     let smtp = SmtpServer::new(smtp_settings(&config), services);
     let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords, tls, penalty, shutdown);

@@ -74,6 +74,8 @@ pub struct Services {
     pub passwords: PasswordPool,
     /// Becomes true on SIGTERM (O3): sessions waiting for a command are closed with 421.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Below the storage threshold new mail is refused with 452 4.3.1 (F5).
+    pub storage: mail_framework::storage::StorageGuard,
 }
 
 /// Shared by every connection of every SMTP listener.
@@ -258,7 +260,9 @@ impl SmtpServer {
         let owned = crate::local::identities(self.store(), &user, &self.settings.hostname).await;
         let stream = Stream::Unix(unix);
         let config = self.session_config(ListenerKind::Local, &facts, &stream);
-        let check = crate::local::originator_check(uid == 0, owned.clone());
+        let (storage, originator) = (self.services.storage.clone(), crate::local::originator_check(uid == 0, owned.clone()));
+        let check: crate::session::SenderCheck =
+            Box::new(move |from, user| if storage.is_low() { Some(storage_full()) } else { originator(from, user) });
         let session = Session::new(config, format!("local uid {uid}")).with_sender_check(check).authenticated_as(&user);
         self.drive(stream, facts, session, Arc::new(Mutex::new(owned))).await;
     }
@@ -296,6 +300,9 @@ impl SmtpServer {
     fn sender_check(&self, facts: &ClientFacts, owned: Arc<Mutex<Vec<String>>>) -> crate::session::SenderCheck {
         let (facts, me) = (facts.clone(), self.clone());
         Box::new(move |from: Option<&Address>, user: Option<&str>| {
+            if me.services.storage.is_low() {
+                return Some(storage_full());
+            }
             let facts = ClientFacts { authenticated: user.map(str::to_string), ..facts.clone() };
             let decision = me.settings.policy.sender(&facts, from, &owned.lock().expect("owned addresses"));
             let reply = decision.sender_reply()?;
@@ -558,6 +565,11 @@ impl Driver<'_> {
         self.server.journal(code, self.facts.ip, &addr.to_string(), &decision.rule.to_string());
         RcptVerdict::Refuse(decision.rcpt_reply().expect("a refusal has a reply"))
     }
+}
+
+/// F5: the reply while free space is below the threshold.
+fn storage_full() -> Reply {
+    Reply::new(452, (3, 1), "Insufficient system storage, try again later")
 }
 
 /// Resolves once the shutdown flag is set (or its sender is gone).

@@ -48,6 +48,10 @@ pub mod code {
     pub const CLIENT_RETRY_1: &str = "8C";
     /// SMTP client: put on the second-level retry queue (8D).
     pub const CLIENT_RETRY_2: &str = "8D";
+    /// Storage threshold crossed: mail waits on the busy queue (7L).
+    pub const STORAGE_LOW: &str = "7L";
+    /// Space returned: the busy queue drains (7M).
+    pub const STORAGE_OK: &str = "7M";
     /// Queue: recipients deleted by the administrator (`postroom queue delete`).
     pub const QUEUE_DELETED: &str = "8X";
     /// SMTP client: MX or host lookup failed (8K).
