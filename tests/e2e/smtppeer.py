@@ -832,3 +832,352 @@ try:
         n.stop()
 except ImportError:  # pragma: no cover
     pass
+
+
+# --------------------------------------------------------------------------------------------
+# Added for test_dsn / test_hostauth / test_etrn (SPEC C4, C5 host authentication, C7):
+# a Peer subclass that can also advertise DSN, take AUTH (and require it), and answer ETRN.
+# Peer itself is unchanged.
+# --------------------------------------------------------------------------------------------
+
+import base64 as _base64  # noqa: E402
+
+
+@dataclass
+class AuthRecord:
+    connection: int
+    client_ip: str
+    tls: bool                     # was the connection under TLS when AUTH was sent?
+    mechanism: str
+    authzid: str | None
+    user: str | None
+    password: str | None
+    reply: int
+
+
+@dataclass
+class EtrnRecord:
+    connection: int
+    client_ip: str
+    tls: bool
+    argument: str
+    reply: int
+
+
+def _b64decode(text: str) -> bytes | None:
+    try:
+        return _base64.b64decode(text.strip(), validate=True)
+    except (ValueError, _base64.binascii.Error):
+        return None
+
+
+class ExtPeer(Peer):
+    """A Peer with optional extensions (everything else behaves as Peer):
+
+        dsn=True                 advertise DSN (RFC 3461) in EHLO
+        auth=["PLAIN", "LOGIN"]  advertise AUTH with these mechanisms and accept AUTH
+        auth_before_tls=True     advertise AUTH before STARTTLS too (False: only under TLS)
+        require_auth=True        MAIL FROM without a successful AUTH gets 530 5.7.0
+        auth_reply="235 ..."     reply to a complete AUTH exchange (a list: one per AUTH)
+        etrn=True                advertise ETRN (RFC 1985) and record ETRN commands
+        etrn_reply="250 ..."     reply to ETRN (a list: one per ETRN)
+
+    `auths` records every AUTH (decoded credentials, and whether it came under TLS); `etrns`
+    every ETRN. MAIL/RCPT parameters are in `transactions[i].mail_params` and in `rcpt_params`
+    [(address, parameter string)], as well as in each connection's `commands`.
+    """
+
+    def __init__(self, host: str = "127.0.0.61", port: int = 0, *, dsn: bool = False,
+                 auth=None, auth_before_tls: bool = True, require_auth: bool = False,
+                 auth_reply="235 2.7.0 authenticated", etrn: bool = False,
+                 etrn_reply="250 2.0.0 queuing started", **kwargs):
+        super().__init__(host, port, **kwargs)
+        self.dsn = dsn
+        self.auth = list(auth) if auth else []
+        self.auth_before_tls = auth_before_tls
+        self.require_auth = require_auth
+        self.auth_reply = auth_reply
+        self.etrn = etrn
+        self.etrn_reply = etrn_reply
+        self.auths: list[AuthRecord] = []
+        self.etrns: list[EtrnRecord] = []
+        self.rcpt_params: list[tuple[str, str]] = []
+        self._auth_seen = 0
+        self._etrn_seen = 0
+
+    def _caps_reply(self, wire: _Wire, helo: str, conn: Connection) -> None:
+        caps = list(self.caps)
+        if self.dsn:
+            caps.append("DSN")
+        if self.etrn:
+            caps.append("ETRN")
+        if self.auth and (conn.tls or self.auth_before_tls):
+            caps.append("AUTH " + " ".join(self.auth))
+        if (self.starttls or self.tls_broken) and not conn.tls:
+            caps.append("STARTTLS")
+            conn.starttls_offered = True
+        lines = [f"{self.name} hello {helo}"] + caps
+        for i, line in enumerate(lines):
+            wire.send(("250 " if i == len(lines) - 1 else "250-") + line)
+
+    def _read_sasl(self, wire: _Wire, conn: Connection) -> str | None:
+        line = wire.readline()
+        if line is None:
+            return None
+        text = line.rstrip(b"\r\n").decode("latin-1")
+        with self.lock:
+            conn.commands.append(text)
+        return text
+
+    def _auth(self, wire: _Wire, conn: Connection, arg: str) -> bool | None:
+        """One AUTH exchange. True: authenticated; False: not; None: connection gone."""
+        if not self.auth:
+            wire.send("502 5.5.1 AUTH not offered")
+            return False
+        parts = arg.split()
+        mech = parts[0].upper() if parts else ""
+        initial = parts[1] if len(parts) > 1 else None
+        if mech not in [m.upper() for m in self.auth]:
+            wire.send("504 5.5.4 mechanism not supported")
+            return False
+        authzid = user = password = None
+        if mech == "PLAIN":
+            if initial is None:
+                wire.send("334 ")
+                initial = self._read_sasl(wire, conn)
+                if initial is None:
+                    return None
+            if initial.strip() == "*":
+                wire.send("501 5.0.0 cancelled")
+                return False
+            raw = _b64decode(initial)
+            fields = raw.split(b"\0") if raw is not None else []
+            if len(fields) != 3:
+                wire.send("501 5.5.2 malformed PLAIN response")
+                return False
+            authzid, user, password = (f.decode("utf-8", "replace") for f in fields)
+        elif mech == "LOGIN":
+            if initial is None:
+                wire.send("334 VXNlcm5hbWU6")
+                initial = self._read_sasl(wire, conn)
+                if initial is None:
+                    return None
+            u = _b64decode(initial) if initial.strip() != "*" else None
+            if u is None:
+                wire.send("501 5.0.0 cancelled or malformed")
+                return False
+            wire.send("334 UGFzc3dvcmQ6")
+            pw_line = self._read_sasl(wire, conn)
+            if pw_line is None:
+                return None
+            p = _b64decode(pw_line) if pw_line.strip() != "*" else None
+            if p is None:
+                wire.send("501 5.0.0 cancelled or malformed")
+                return False
+            user, password = u.decode("utf-8", "replace"), p.decode("utf-8", "replace")
+        else:  # another advertised mechanism (e.g. CRAM-MD5): not implemented here
+            wire.send("504 5.5.4 mechanism not implemented by the scripted peer")
+            return False
+        with self.lock:
+            n = self._auth_seen
+            self._auth_seen += 1
+        reply = _pick(self.auth_reply, n)
+        with self.lock:
+            self.auths.append(AuthRecord(conn.index, conn.client_ip, conn.tls, mech, authzid, user,
+                                         password, int(reply[:3])))
+        wire.send(reply)
+        return reply.startswith("2")
+
+    def _session(self, sock, conn: Connection) -> None:
+        # Peer._session with AUTH, ETRN and the AUTH requirement added.
+        wire = _Wire(sock, conn)
+        greeting = _pick(self.greeting, conn.index).format(name=self.name)
+        wire.send(greeting)
+        refusing = not greeting.startswith("2")
+        tx: Transaction | None = None
+        authed = False
+        while not self._stop.is_set():
+            line = wire.readline()
+            if line is None:
+                return
+            text = line.rstrip(b"\r\n").decode("latin-1")
+            with self.lock:
+                conn.commands.append(text)
+            verb = text.split(" ", 1)[0].upper()
+            arg = text[len(verb):].strip()
+            if verb == "QUIT":
+                wire.send("221 2.0.0 bye")
+                return
+            if refusing:
+                wire.send("503 5.5.1 go away")
+                continue
+            if verb in ("EHLO", "HELO"):
+                conn.helo = arg
+                tx = None
+                if verb == "EHLO":
+                    self._caps_reply(wire, arg, conn)
+                else:
+                    wire.send(f"250 {self.name}")
+            elif verb == "STARTTLS":
+                if not (self.starttls or self.tls_broken) or conn.tls:
+                    wire.send("502 5.5.1 not offered")
+                    continue
+                wire.send("220 2.0.0 ready to start TLS")
+                if self.tls_broken:
+                    conn.tls_failed = True
+                    time.sleep(0.05)
+                    sock.sendall(b"this is not a TLS server hello\r\n" * 4)
+                    return
+                try:
+                    tsock = self._ssl_ctx.wrap_socket(sock, server_side=True)
+                except (ssl.SSLError, OSError):
+                    conn.tls_failed = True
+                    return
+                with self.lock:
+                    self._socks.discard(sock)
+                    self._socks.add(tsock)
+                sock = tsock
+                wire.sock = tsock
+                wire.buf = b""
+                conn.tls = True
+                conn.helo = None
+                tx = None
+                authed = False
+            elif verb == "AUTH":
+                if authed:
+                    wire.send("503 5.5.1 already authenticated")
+                    continue
+                ok = self._auth(wire, conn, arg)
+                if ok is None:
+                    return
+                authed = authed or ok
+            elif verb == "ETRN":
+                if not self.etrn:
+                    wire.send("502 5.5.2 not implemented")
+                    continue
+                with self.lock:
+                    n = self._etrn_seen
+                    self._etrn_seen += 1
+                reply = _pick(self.etrn_reply, n)
+                with self.lock:
+                    self.etrns.append(EtrnRecord(conn.index, conn.client_ip, conn.tls, arg,
+                                                 int(reply[:3])))
+                wire.send(reply)
+            elif verb == "MAIL":
+                if self.require_auth and not authed:
+                    wire.send("530 5.7.0 Authentication required")
+                    continue
+                m = re.match(r"(?i)FROM:\s*<([^>]*)>\s*(.*)$", arg)
+                if not m:
+                    wire.send("501 5.5.4 syntax")
+                    continue
+                tx = Transaction(connection=conn.index, client_ip=conn.client_ip, tls=conn.tls,
+                                 helo=conn.helo, mail_from=m.group(1), mail_params=m.group(2),
+                                 at=time.monotonic())
+                with self.lock:
+                    self.transactions.append(tx)
+                    n = self._mail_seen
+                    self._mail_seen += 1
+                reply = _pick(self.mail_reply, n)
+                tx.mail_reply = int(reply[:3])
+                if not reply.startswith("2"):
+                    tx = None
+                wire.send(reply)
+            elif verb == "RCPT":
+                m = re.match(r"(?i)TO:\s*<([^>]*)>\s*(.*)$", arg)
+                if tx is None or not m:
+                    wire.send("503 5.5.1 need MAIL" if tx is None else "501 5.5.4 syntax")
+                    continue
+                addr = m.group(1)
+                key = addr.lower()
+                with self.lock:
+                    n = self._rcpt_seen.get(key, 0)
+                    self._rcpt_seen[key] = n + 1
+                    spec = self.rcpt.get(key, self.rcpt.get(addr, self.rcpt_default))
+                    self.rcpt_params.append((addr, m.group(2)))
+                reply = _pick(spec, n)
+                with self.lock:
+                    tx.rcpts.append((addr, int(reply[:3])))
+                wire.send(reply)
+            elif verb == "DATA":
+                if tx is None or not tx.accepted:
+                    wire.send("554 5.5.1 no valid recipients")
+                    continue
+                wire.send("354 go ahead")
+                chunks = []
+                while True:
+                    dl = wire.readline()
+                    if dl is None:
+                        return
+                    if dl == b".\r\n":
+                        break
+                    chunks.append(dl)
+                with self.lock:
+                    tx.raw_data = b"".join(chunks)
+                    n = self._data_seen
+                    self._data_seen += 1
+                if self.data_delay:
+                    time.sleep(self.data_delay)
+                    if _client_gone(sock):
+                        return
+                reply = _pick(self.data_reply, n)
+                if reply == "DROP":
+                    return
+                with self.lock:
+                    tx.data_reply = int(reply[:3])
+                wire.send(reply)
+                tx = None
+            elif verb == "RSET":
+                tx = None
+                wire.send("250 2.0.0 ok")
+            elif verb == "NOOP":
+                wire.send("250 2.0.0 ok")
+            else:
+                wire.send("502 5.5.2 not implemented")
+
+    def wait_etrn(self, n: int = 1, timeout: float = 30.0) -> list[EtrnRecord]:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                got = list(self.etrns)
+            if len(got) >= n:
+                return got
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: {len(got)} ETRN command(s), expected {n} within "
+                                     f"{timeout}s; connections: {len(self.connections)}, commands: "
+                                     f"{[c.commands for c in self.connections]!r}")
+            time.sleep(0.1)
+
+
+def ext_peer(net: "Net", ip: str, name: str, **kwargs) -> ExtPeer:
+    """An ExtPeer on another 127.0.0.x, on the Net's port (remote_port), stopped with the Net."""
+    p = ExtPeer(ip, net.port, name=name, **kwargs).start()
+    net.peers.append(p)
+    return p
+
+
+def commands_of(peer: Peer) -> list[str]:
+    """Every command line the peer received, over all connections, in order."""
+    with peer.lock:
+        return [c for conn in peer.connections for c in conn.commands]
+
+
+def rcpt_lines(peer: Peer, address: str) -> list[str]:
+    """Every "RCPT TO:<address> ..." line the peer received (any Peer, case-insensitive)."""
+    want = address.lower()
+    out = []
+    for c in commands_of(peer):
+        m = re.match(r"(?i)RCPT\s+TO:\s*<([^>]*)>", c)
+        if m and m.group(1).lower() == want:
+            out.append(c)
+    return out
+
+
+def esmtp_params(param_text: str) -> dict[str, str]:
+    """"RET=FULL ENVID=x BODY=8BITMIME" -> {"RET": "FULL", "ENVID": "x", "BODY": "8BITMIME"}
+    (keywords uppercased, values exactly as sent)."""
+    out = {}
+    for tok in param_text.split():
+        k, _, v = tok.partition("=")
+        out[k.upper()] = v
+    return out

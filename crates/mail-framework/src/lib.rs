@@ -17,7 +17,7 @@ pub mod snapins;
 pub mod storage;
 
 pub use pipeline::{Framework, SnapIn, Tag, WorkItem};
-pub use queue::{Envelope, Incoming, Queue};
+pub use queue::{Dsn, Envelope, Incoming, Queue, RcptDsn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameworkError {

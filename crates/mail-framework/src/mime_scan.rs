@@ -21,6 +21,7 @@
 
 use std::borrow::Cow;
 
+use mail_parser::decoders::DecodeFnc;
 use mail_parser::parsers::MessageStream;
 use mail_parser::{Address, GetHeader, Header, HeaderName, HeaderValue, MessageParser};
 
@@ -210,7 +211,7 @@ fn push_new(list: &mut Vec<String>, value: String) {
 
 /// Decode a whole encoded body with one of mail-parser's MIME decoders; None when it is not
 /// valid in that encoding (the raw bytes are walked instead, as a mail reader would show them).
-fn decode<'x>(body: &'x [u8], f: fn(&mut MessageStream<'x>, &[u8]) -> (usize, Cow<'x, [u8]>)) -> Option<Cow<'x, [u8]>> {
+fn decode<'x>(body: &'x [u8], f: DecodeFnc<'x>) -> Option<Cow<'x, [u8]>> {
     let mut stream = MessageStream::new(body);
     let (end, bytes) = f(&mut stream, b"");
     (end != usize::MAX).then_some(bytes)

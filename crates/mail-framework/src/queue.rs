@@ -22,6 +22,26 @@ pub struct Envelope {
     pub helo: String,
     /// `smtp`, later `sendmail`, `api`, `bounce`.
     pub origin: &'static str,
+    /// Delivery status notification requests (RFC 3461), when the client made any.
+    pub dsn: Dsn,
+}
+
+/// RFC 3461 parameters: RET and ENVID of MAIL, NOTIFY and ORCPT of each RCPT (in the order of
+/// `Envelope::recipients`; empty when no recipient had any).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dsn {
+    /// `FULL` or `HDRS`.
+    pub ret: Option<String>,
+    pub envid: Option<String>,
+    pub recipients: Vec<RcptDsn>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RcptDsn {
+    /// `NEVER`, or a comma list of `SUCCESS`, `FAILURE`, `DELAY`; `None` = not given.
+    pub notify: Option<String>,
+    /// `addr-type;address` as given.
+    pub orcpt: Option<String>,
 }
 
 /// The framework queue: enqueue from the doors, wake-ups for the pipeline.
@@ -144,12 +164,23 @@ impl Incoming {
                     insert_chunk(c, id, seq, &buf)?;
                 }
                 c.prepare_cached(
-                    "UPDATE messages SET complete = 1, mail_from = ?2, size = ?3, client_ip = ?4, helo = ?5, origin = ?6 WHERE id = ?1",
+                    "UPDATE messages SET complete = 1, mail_from = ?2, size = ?3, client_ip = ?4, helo = ?5, origin = ?6, dsn_ret = ?7, dsn_envid = ?8
+                      WHERE id = ?1",
                 )?
-                .execute(params![id, envelope.mail_from, size as i64, envelope.client_ip, envelope.helo, envelope.origin])?;
-                let mut stmt = c.prepare_cached("INSERT INTO recipients (message_id, address, state) VALUES (?1, ?2, 'queued')")?;
-                for r in &envelope.recipients {
-                    stmt.execute(params![id, r])?;
+                .execute(params![
+                    id,
+                    envelope.mail_from,
+                    size as i64,
+                    envelope.client_ip,
+                    envelope.helo,
+                    envelope.origin,
+                    envelope.dsn.ret,
+                    envelope.dsn.envid
+                ])?;
+                let mut stmt = c.prepare_cached("INSERT INTO recipients (message_id, address, state, notify, orcpt) VALUES (?1, ?2, 'queued', ?3, ?4)")?;
+                for (i, r) in envelope.recipients.iter().enumerate() {
+                    let dsn = envelope.dsn.recipients.get(i).cloned().unwrap_or_default();
+                    stmt.execute(params![id, r, dsn.notify, dsn.orcpt])?;
                 }
                 journal::append(
                     c,

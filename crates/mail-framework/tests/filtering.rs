@@ -73,6 +73,7 @@ async fn enqueue(queue: &Queue, body: &[u8], rcpts: &[&str], origin: &'static st
         client_ip: "127.0.0.1".into(),
         helo: "client".into(),
         origin,
+        ..Default::default()
     };
     incoming.commit(env).await.unwrap()
 }

@@ -41,6 +41,7 @@ async fn enqueue(queue: &Queue, body: &[u8], rcpts: &[&str]) -> String {
         client_ip: "127.0.0.1".into(),
         helo: "client".into(),
         origin: "smtp",
+        dsn: Default::default(),
     };
     incoming.commit(env).await.unwrap()
 }

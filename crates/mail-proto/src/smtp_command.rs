@@ -169,3 +169,63 @@ mod tests {
         assert_eq!(line_limit(b"auth PLAIN AAAA"), crate::sasl::MAX_SASL_LINE);
     }
 }
+
+/// RFC 3461 §4: xtext, `+XX` hex escapes for `+`, `=` and bytes outside 33..126.
+pub fn xtext_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            c if (33..=126).contains(&c) && c != b'=' => {
+                out.push(c);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+pub fn xtext_encode(s: &str) -> String {
+    s.bytes().map(|b| if (33..=126).contains(&b) && b != b'+' && b != b'=' { (b as char).to_string() } else { format!("+{b:02X}") }).collect()
+}
+
+/// RFC 3461 NOTIFY: `NEVER`, or a list of SUCCESS, FAILURE, DELAY (uppercased, checked).
+pub fn parse_notify(value: &str) -> Option<String> {
+    let items: Vec<String> = value.split(',').map(|v| v.trim().to_ascii_uppercase()).collect();
+    let ok = if items.len() == 1 && items[0] == "NEVER" {
+        true
+    } else {
+        items.iter().all(|i| matches!(i.as_str(), "SUCCESS" | "FAILURE" | "DELAY"))
+            && items.iter().enumerate().all(|(n, i)| !items[..n].contains(i))
+    };
+    ok.then(|| items.join(","))
+}
+
+#[cfg(test)]
+mod dsn_tests {
+    use super::*;
+
+    #[test]
+    fn xtext_round_trip() {
+        assert_eq!(xtext_decode("bob+2Bx@example.test").as_deref(), Some("bob+x@example.test"));
+        assert_eq!(xtext_encode("bob+x=y@example.test"), "bob+2Bx+3Dy@example.test");
+        assert_eq!(xtext_decode("bad+Z1"), None);
+        assert_eq!(xtext_decode("a=b"), None);
+    }
+
+    #[test]
+    fn notify_values() {
+        assert_eq!(parse_notify("success,delay").as_deref(), Some("SUCCESS,DELAY"));
+        assert_eq!(parse_notify("NEVER").as_deref(), Some("NEVER"));
+        assert_eq!(parse_notify("NEVER,SUCCESS"), None);
+        assert_eq!(parse_notify("SUCCESS,SUCCESS"), None);
+        assert_eq!(parse_notify("SOMETIMES"), None);
+    }
+}

@@ -22,7 +22,6 @@ pub const DEFAULT_ORIGIN: &str = "(built-in default)";
 /// Keys whose feature is not built yet: `warnings` notes each one set to a non-default value.
 /// `section.*` covers a whole section. Delete an entry when its feature lands.
 pub const NOT_YET: &[&str] = &[
-    "delivery.etrn_domains",
 ];
 
 /// The whole configuration. Field names are the TOML keys; `etc/postroom.toml` documents each.
@@ -100,6 +99,8 @@ pub struct SmtpConfig {
     pub auth: AuthMode,
     /// MAIL FROM must belong to the authenticated user.
     pub verify_from_user: VerifyFromUser,
+    /// Offer delivery status notifications (RFC 3461).
+    pub dsn: bool,
 }
 
 /// `[tls]`.
@@ -173,6 +174,16 @@ pub struct DeliveryConfig {
     pub max_connections_per_domain: usize,
     /// Opportunistic STARTTLS to remote hosts (C5).
     pub starttls: bool,
+    /// Reply-To of delivery reports: the DSN responsible person (C4); empty = none.
+    pub dsn_responsible_person: String,
+    /// Seconds a recipient may wait before a "delayed" report goes to the sender (C4).
+    pub delay_warning_secs: u64,
+    /// The send scheduler (C7): every this many seconds, held ETRN mail is sent; 0 = off.
+    pub send_interval_secs: u64,
+    /// "host:port" to send ETRN to when the scheduler runs; empty = none.
+    pub etrn_upstream: String,
+    /// Domains named in that ETRN.
+    pub etrn_upstream_domains: Vec<String>,
 }
 
 /// `[dns]`.
@@ -375,6 +386,7 @@ impl Default for SmtpConfig {
             helo_verify: HeloVerify::Off,
             auth: AuthMode::None,
             verify_from_user: VerifyFromUser::Off,
+            dsn: true,
         }
     }
 }
@@ -425,6 +437,11 @@ impl Default for DeliveryConfig {
             max_connections: 20,
             max_connections_per_domain: 5,
             starttls: true,
+            dsn_responsible_person: String::new(),
+            delay_warning_secs: 14_400,
+            send_interval_secs: 0,
+            etrn_upstream: String::new(),
+            etrn_upstream_domains: Vec::new(),
         }
     }
 }
@@ -951,7 +968,6 @@ mod tests {
         warned(r#"hostname = "localhost""#, "fully qualified");
         warned(r#"pop3 = { socket_layer = "secure" }"#, "pop3.listen is unused");
         warned(r#"pop3 = { socket_layer = "nonsecure" }"#, "pop3.tls_listen is unused");
-        warned(r#"delivery = { etrn_domains = ["dial.test"] }"#, "has no effect yet");
         // A not-yet key set to its default says nothing; a built one says nothing either.
         assert_eq!(parse("tls = { handshake_timeout_secs = 5 }").warnings(), Vec::<String>::new());
         assert_eq!(parse(r#"relay = { mode = "list" }"#).warnings(), Vec::<String>::new());

@@ -4,6 +4,7 @@
 
 mod commands;
 mod config;
+mod filter_cmd;
 mod lists;
 mod queue_cmd;
 mod sendmail;
@@ -64,6 +65,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0.., value_name = "ARGS")]
         args: Vec<String>,
     },
+    /// Filters: keep or discard mail by originator, subject, attachment name or MIME type
+    /// (SMTP properties "Filters" page).
+    #[command(subcommand)]
+    Filter(filter_cmd::FilterCommand),
+    /// Messages kept by a filter: list, show, release, delete.
+    #[command(subcommand)]
+    Quarantine(filter_cmd::QuarantineCommand),
     /// Show the journal (i5/OS DSPJRN QZMF).
     Journal(commands::JournalArgs),
     /// Check the configuration.
@@ -98,6 +106,8 @@ fn main() -> ExitCode {
         (Command::Journal(a), Ok(cfg)) => commands::journal(a, &cfg),
         (Command::List(c), Ok(cfg)) => lists::list(c, &cfg),
         (Command::Explain(a), Ok(cfg)) => lists::explain(a, &cfg),
+        (Command::Filter(c), Ok(cfg)) => filter_cmd::filter(c, &cfg),
+        (Command::Quarantine(c), Ok(cfg)) => filter_cmd::quarantine(c, &cfg),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

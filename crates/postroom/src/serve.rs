@@ -118,6 +118,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let socket = crate::sendmail::socket_path(&config);
     let _ = std::fs::remove_file(&socket);
     let local = tokio::net::UnixListener::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    }
     tokio::spawn(smtp.clone().serve_local(local));
     // The SMTP client: an MX that resolves to one of our own SMTP listeners is a loop.
     let own: Vec<std::net::SocketAddr> = bound.iter().filter(|l| l.starts_with("smtp ")).filter_map(|l| l[5..].parse().ok()).collect();
@@ -170,12 +174,19 @@ fn spawn_status_writer(path: std::path::PathBuf, framework: Heartbeat, outbound:
         loop {
             let text = format!("pid {}\nupdated {}\nframework {}\noutbound {}\n", std::process::id(), store::now(), framework.last(), outbound.last());
             let tmp = path.with_extension("tmp");
-            if std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+            if write_private(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
                 tracing::warn!(path = %path.display(), "cannot write the status file");
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     });
+}
+
+/// A file only the server's user may read (D4).
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(bytes)
 }
 
 /// F4: journal rows older than `retention_days` are removed, hourly, in small batches.
@@ -260,6 +271,7 @@ fn smtp_settings(c: &Config) -> SmtpSettings {
         mx_auth: mx_auth(c),
         plaintext_auth_from_loopback: c.tls.allow_plaintext_auth == PlaintextAuth::Loopback,
         tls_handshake_timeout: Duration::from_secs(c.tls.handshake_timeout_secs),
+        dsn: c.smtp.dsn,
     }
 }
 

@@ -46,6 +46,8 @@ pub struct SmtpSettings {
     /// Credentials without TLS from loopback clients (`[tls] allow_plaintext_auth`).
     pub plaintext_auth_from_loopback: bool,
     pub tls_handshake_timeout: Duration,
+    /// Offer DSN (RFC 3461, SPEC C4).
+    pub dsn: bool,
 }
 
 /// Which kind of SMTP listener a connection came in on (S6).
@@ -197,6 +199,7 @@ impl SmtpServer {
             tls_active: stream.is_tls(),
             allow_plaintext_auth: s.plaintext_auth_from_loopback && facts.ip.is_loopback(),
             require_auth: facts.listener_auth == ListenerAuth::LocalAndRelay,
+            dsn: s.dsn,
         }
     }
 

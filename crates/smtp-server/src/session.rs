@@ -5,7 +5,7 @@
 //! check, the enqueue commit) the session processes nothing more, so pipelined commands are
 //! answered in order. The 250 after DATA is produced only by `EnqueueDone(Ok)`.
 
-use mail_framework::Envelope;
+use mail_framework::{Dsn, Envelope, RcptDsn};
 use mail_proto::data::ReceivedCounter;
 use mail_proto::smtp_command::{self, Command, CommandError, Param};
 use mail_proto::{Address, AddressError, DataDecoder, DataEvent, LineEndings, Reply};
@@ -30,6 +30,8 @@ pub struct SessionConfig {
     pub allow_plaintext_auth: bool,
     /// MAIL needs AUTH first (`local-and-relay`, submission listeners: A2).
     pub require_auth: bool,
+    /// Offer DSN (RFC 3461): RET/ENVID on MAIL, NOTIFY/ORCPT on RCPT.
+    pub dsn: bool,
 }
 
 /// Verdict on one RCPT, from the directory and the policy module.
@@ -96,6 +98,8 @@ pub enum Phase {
 struct Transaction {
     from: Option<Address>,
     rcpts: Vec<Address>,
+    /// RFC 3461 parameters: RET, ENVID and each recipient's NOTIFY/ORCPT.
+    dsn: Dsn,
 }
 
 /// The result of a password check.
@@ -114,7 +118,7 @@ enum Waiting {
     Tls,
     Password,
     Helo { name: String, esmtp: bool },
-    Rcpt(Address),
+    Rcpt(Address, RcptDsn),
     Enqueue,
 }
 
@@ -229,7 +233,7 @@ impl Session {
                 }
             }
             Event::RcptChecked(verdict) => {
-                let Waiting::Rcpt(addr) = std::mem::replace(&mut self.waiting, Waiting::Nothing) else { return out };
+                let Waiting::Rcpt(addr, dsn) = std::mem::replace(&mut self.waiting, Waiting::Nothing) else { return out };
                 let accepted = match verdict {
                     RcptVerdict::Accept => addr,
                     RcptVerdict::AcceptAs(rewritten) => rewritten,
@@ -241,6 +245,7 @@ impl Session {
                 };
                 if let Some(tx) = self.tx.as_mut() {
                     tx.rcpts.push(accepted);
+                    tx.dsn.recipients.push(dsn);
                 }
                 self.reply(&mut out, Reply::new(250, (1, 5), "Ok"));
             }
@@ -409,6 +414,9 @@ impl Session {
                 "8BITMIME".into(),
                 "ENHANCEDSTATUSCODES".into(),
             ];
+            if self.config.dsn {
+                lines.push("DSN".into());
+            }
             if self.config.starttls && !self.tls {
                 lines.push("STARTTLS".into());
             }
@@ -498,8 +506,18 @@ impl Session {
         if !ehlo && !params.is_empty() {
             return self.reply(out, Reply::new(555, (5, 4), "Parameters not recognized (use EHLO)"));
         }
+        let mut dsn = Dsn::default();
         for p in &params {
             match (p.keyword.as_str(), p.value.as_deref()) {
+                // RFC 3461 §4.3, §4.4.
+                ("RET", Some(v)) if self.config.dsn && dsn.ret.is_none() && (v.eq_ignore_ascii_case("FULL") || v.eq_ignore_ascii_case("HDRS")) => {
+                    dsn.ret = Some(v.to_ascii_uppercase());
+                }
+                ("ENVID", Some(v)) if self.config.dsn && dsn.envid.is_none() => match smtp_command::xtext_decode(v).filter(|e| e.len() <= 100) {
+                    Some(e) => dsn.envid = Some(e),
+                    None => return self.reply(out, Reply::new(501, (5, 4), "Bad ENVID parameter")),
+                },
+                ("RET" | "ENVID", _) if self.config.dsn => return self.reply(out, Reply::new(501, (5, 4), format!("Bad {} parameter", p.keyword))),
                 // RFC 1870: refuse at once what we would refuse after DATA.
                 ("SIZE", Some(v)) if (1..=20).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()) => {
                     if v.parse::<u64>().map_or(true, |n| n > self.config.max_message_size) {
@@ -514,7 +532,7 @@ impl Session {
         if let Some(refusal) = self.sender_check.as_ref().and_then(|check| check(from.as_ref(), self.auth.as_deref())) {
             return self.reply(out, refusal);
         }
-        self.tx = Some(Transaction { from, rcpts: Vec::new() });
+        self.tx = Some(Transaction { from, rcpts: Vec::new(), dsn });
         self.reply(out, Reply::new(250, (1, 0), "Ok"));
     }
 
@@ -522,8 +540,23 @@ impl Session {
         let Some(tx) = &self.tx else {
             return self.reply(out, Reply::new(503, (5, 1), "Error: need MAIL command"));
         };
-        if let Some(p) = params.first() {
-            return self.reply(out, Reply::new(555, (5, 4), format!("Unsupported parameter {}", p.keyword)));
+        let mut dsn = RcptDsn::default();
+        for p in &params {
+            match (p.keyword.as_str(), p.value.as_deref()) {
+                ("NOTIFY", Some(v)) if self.config.dsn && dsn.notify.is_none() => match smtp_command::parse_notify(v) {
+                    Some(n) => dsn.notify = Some(n),
+                    None => return self.reply(out, Reply::new(501, (5, 4), "Bad NOTIFY parameter")),
+                },
+                ("ORCPT", Some(v)) if self.config.dsn && dsn.orcpt.is_none() => {
+                    let decoded = v.split_once(';').and_then(|(kind, addr)| Some(format!("{kind};{}", smtp_command::xtext_decode(addr)?)));
+                    match decoded {
+                        Some(o) => dsn.orcpt = Some(o),
+                        None => return self.reply(out, Reply::new(501, (5, 4), "Bad ORCPT parameter")),
+                    }
+                }
+                ("NOTIFY" | "ORCPT", _) if self.config.dsn => return self.reply(out, Reply::new(501, (5, 4), format!("Bad {} parameter", p.keyword))),
+                _ => return self.reply(out, Reply::new(555, (5, 4), format!("Unsupported parameter {}", p.keyword))),
+            }
         }
         if tx.rcpts.len() >= self.config.max_recipients {
             // RFC 5321 §4.5.3.1.10: 452, the client sends the rest in another transaction. Not a
@@ -532,7 +565,7 @@ impl Session {
             return;
         }
         out.push(Action::CheckRcpt(to.clone()));
-        self.waiting = Waiting::Rcpt(to);
+        self.waiting = Waiting::Rcpt(to, dsn);
     }
 
     fn data_command(&mut self, out: &mut Vec<Action>) {
@@ -609,6 +642,11 @@ impl Session {
             client_ip: self.client_ip.clone(),
             helo: self.helo.as_ref().map(|(h, _)| h.clone()).unwrap_or_default(),
             origin: "smtp",
+            dsn: if tx.dsn.ret.is_none() && tx.dsn.envid.is_none() && tx.dsn.recipients.iter().all(|r| *r == RcptDsn::default()) {
+                Dsn::default()
+            } else {
+                tx.dsn.clone()
+            },
         };
         // S3: submitted mail gets the Message-ID and Date its client left out.
         let (message_id, date) = (!data.received.has_message_id(), !data.received.has_date());

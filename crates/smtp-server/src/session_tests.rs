@@ -29,6 +29,7 @@ fn config() -> SessionConfig {
         tls_active: false,
         allow_plaintext_auth: false,
         require_auth: false,
+        dsn: true,
     }
 }
 
@@ -1354,6 +1355,7 @@ fn random_input_never_panics() {
             tls_active: false,
             allow_plaintext_auth: rng.chance(50),
             require_auth: rng.chance(20),
+            dsn: rng.chance(50),
         };
         let mut s = Session::new(cfg.clone(), IP.into());
         let mut st = FuzzState::default();

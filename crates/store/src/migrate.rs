@@ -9,6 +9,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0002_access_lists.sql"),
     include_str!("../../../migrations/0003_outbound.sql"),
     include_str!("../../../migrations/0004_filters.sql"),
+    include_str!("../../../migrations/0005_dsn.sql"),
 ];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
