@@ -7,6 +7,10 @@
 //! values, which the caller supplies in [`MessageFacts`]. When several rules match, the lowest
 //! id decides. Matching is linear in the value's length whatever the pattern, so a hostile
 //! value of megabytes costs no more than reading it.
+//!
+//! The quarantine (messages a *keep* rule held back) is kept here too: listing, release —
+//! the held recipients are queued again and the message is marked released, which the
+//! filtering snap-in honours — and deletion. Each change writes a journal row (OW).
 
 use std::fmt;
 use std::str::FromStr;
@@ -46,7 +50,7 @@ impl Field {
 
 impl fmt::Display for Field {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -80,7 +84,7 @@ impl Action {
 
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 

@@ -1,16 +1,49 @@
-//! Non-delivery reports (RFC 3464, RFC 3462 multipart/report): what the non-delivery snap-in
-//! sends back to the sender of a message some recipients of which failed after acceptance.
+//! Delivery status reports (RFC 3464, RFC 3462 multipart/report): failure reports from the
+//! non-delivery snap-in, and — when a client asked with RFC 3461 NOTIFY — delay and success
+//! reports. This module only builds the text; `reports` queues it.
 
 use mail_proto::date::rfc5322;
 
-/// One failed recipient.
+/// What happened to a recipient (RFC 3464 §2.3.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Failed,
+    Delayed,
+    Delivered,
+    /// Handed to a host that does not offer DSN: no further reports will come.
+    Relayed,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Failed => "failed",
+            Action::Delayed => "delayed",
+            Action::Delivered => "delivered",
+            Action::Relayed => "relayed",
+        }
+    }
+}
+
+/// One recipient's block of a report.
 #[derive(Clone, Debug)]
 pub struct Failure {
     pub recipient: String,
+    /// ORCPT of RFC 3461 (`rfc822;addr`), reported as Original-Recipient.
+    pub orcpt: Option<String>,
+    pub action: Action,
     /// Enhanced status code, e.g. "5.1.1".
     pub status: String,
-    /// What went wrong, e.g. the remote server's reply.
+    /// What happened, e.g. the remote server's reply.
     pub diagnostic: String,
+}
+
+/// The part of the original message a report returns (RFC 3461 RET).
+pub enum Attachment<'a> {
+    /// text/rfc822-headers.
+    Headers(&'a [u8]),
+    /// message/rfc822: the whole message.
+    Full(&'a [u8]),
 }
 
 /// What the report says about the original message.
@@ -18,8 +51,9 @@ pub struct Original<'a> {
     pub qid: &'a str,
     pub sender: &'a str,
     pub arrived: i64,
-    /// The original header section (CRLF lines), attached as text/rfc822-headers.
-    pub headers: &'a [u8],
+    /// ENVID of RFC 3461, reported as Original-Envelope-Id.
+    pub envid: Option<&'a str>,
+    pub attachment: Attachment<'a>,
 }
 
 /// The enhanced status of a reply text ("550 5.1.1 unknown" → "5.1.1", "5.1.2 no such domain"
@@ -32,13 +66,22 @@ pub fn status_of(reply: &str) -> String {
     }
     match reply.trim_start().as_bytes().first() {
         Some(b'4') => "4.0.0".into(),
+        Some(b'2') => "2.0.0".into(),
         _ => "5.0.0".into(),
     }
 }
 
-/// The whole report message, CRLF line ends. `to` is the original sender.
-pub fn report(hostname: &str, to: &str, original: &Original<'_>, failures: &[Failure], now: i64) -> Vec<u8> {
+/// The whole report message, CRLF line ends. `to` is the original sender; `reply_to` the DSN
+/// responsible person, if one is configured.
+pub fn report(hostname: &str, to: &str, reply_to: Option<&str>, original: &Original<'_>, entries: &[Failure], now: i64) -> Vec<u8> {
     let boundary = format!("{}/{}", original.qid, hostname);
+    let failed = entries.iter().any(|e| e.action == Action::Failed);
+    let delayed = entries.iter().any(|e| e.action == Action::Delayed);
+    let subject = match (failed, delayed) {
+        (true, _) => "Undelivered Mail Returned to Sender",
+        (false, true) => "Delayed Mail (still being retried)",
+        _ => "Successful Mail Delivery Report",
+    };
     let mut m = String::new();
     let mut line = |s: &str| {
         m.push_str(s);
@@ -46,9 +89,12 @@ pub fn report(hostname: &str, to: &str, original: &Original<'_>, failures: &[Fai
     };
     line(&format!("From: Mail Delivery System <MAILER-DAEMON@{hostname}>"));
     line(&format!("To: <{to}>"));
-    line("Subject: Undelivered Mail Returned to Sender");
+    if let Some(r) = reply_to {
+        line(&format!("Reply-To: <{r}>"));
+    }
+    line(&format!("Subject: {subject}"));
     line(&format!("Date: {}", rfc5322(now)));
-    line(&format!("Message-ID: <{}.bounce@{hostname}>", original.qid));
+    line(&format!("Message-ID: <{}.{now}.report@{hostname}>", original.qid));
     line("Auto-Submitted: auto-replied");
     line("MIME-Version: 1.0");
     line(&format!("Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\""));
@@ -60,33 +106,47 @@ pub fn report(hostname: &str, to: &str, original: &Original<'_>, failures: &[Fai
     line("");
     line(&format!("This is the mail system at host {hostname}."));
     line("");
-    line("Your message could not be delivered to one or more recipients.");
-    line("The details are below; the headers of your message are attached.");
+    line(match (failed, delayed) {
+        (true, _) => "Your message could not be delivered to one or more recipients.",
+        (false, true) => "Your message has not been delivered yet; it will be tried again. Nothing needs doing.",
+        _ => "Your message was delivered as you asked to be told.",
+    });
+    line("The details are below; your message, or its headers, is attached.");
     line("");
-    for f in failures {
-        line(&format!("<{}>: {}", f.recipient, one_line(&f.diagnostic)));
+    for e in entries {
+        line(&format!("<{}>: {}", e.recipient, one_line(&e.diagnostic)));
     }
     line("");
     line(&format!("--{boundary}"));
     line("Content-Type: message/delivery-status");
     line("");
     line(&format!("Reporting-MTA: dns; {hostname}"));
+    if let Some(envid) = original.envid {
+        line(&format!("Original-Envelope-Id: {}", one_line(envid)));
+    }
     line(&format!("X-Postroom-Queue-ID: {}", original.qid));
     line(&format!("Arrival-Date: {}", rfc5322(original.arrived)));
-    for f in failures {
+    for e in entries {
         line("");
-        line(&format!("Final-Recipient: rfc822; {}", f.recipient));
-        line("Action: failed");
-        line(&format!("Status: {}", f.status));
-        line(&format!("Diagnostic-Code: smtp; {}", one_line(&f.diagnostic)));
+        if let Some(orcpt) = &e.orcpt {
+            line(&format!("Original-Recipient: {}", one_line(orcpt)));
+        }
+        line(&format!("Final-Recipient: rfc822; {}", e.recipient));
+        line(&format!("Action: {}", e.action.as_str()));
+        line(&format!("Status: {}", e.status));
+        line(&format!("Diagnostic-Code: smtp; {}", one_line(&e.diagnostic)));
     }
     line("");
     line(&format!("--{boundary}"));
-    line("Content-Type: text/rfc822-headers");
+    let (kind, bytes) = match original.attachment {
+        Attachment::Headers(h) => ("text/rfc822-headers", h),
+        Attachment::Full(b) => ("message/rfc822", b),
+    };
+    line(&format!("Content-Type: {kind}"));
     line("");
     let mut out = m.into_bytes();
-    out.extend_from_slice(original.headers);
-    if !original.headers.ends_with(b"\r\n") {
+    out.extend_from_slice(bytes);
+    if !bytes.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
@@ -117,23 +177,37 @@ mod tests {
         assert_eq!(status_of("421 try later"), "4.0.0");
     }
 
+    fn failure(rcpt: &str, status: &str, diagnostic: &str) -> Failure {
+        Failure { recipient: rcpt.into(), orcpt: None, action: Action::Failed, status: status.into(), diagnostic: diagnostic.into() }
+    }
+
     #[test]
     fn report_is_multipart_report_with_one_block_per_recipient() {
         let headers = b"From: sam@example.test\r\nSubject: hi\r\n";
-        let failures = vec![
-            Failure { recipient: "x@remote.example".into(), status: "5.1.1".into(), diagnostic: "550 5.1.1 no\r\nsuch".into() },
-            Failure { recipient: "y@remote.example".into(), status: "5.4.7".into(), diagnostic: "retries exhausted".into() },
-        ];
-        let original = Original { qid: "Q1", sender: "sam@example.test", arrived: 0, headers };
-        let r = String::from_utf8(report("mail.example.test", "sam@example.test", &original, &failures, 0)).unwrap();
+        let mut second = failure("y@remote.example", "5.4.7", "retries exhausted");
+        second.orcpt = Some("rfc822;Y@Remote.Example".into());
+        let entries = vec![failure("x@remote.example", "5.1.1", "550 5.1.1 no\r\nsuch"), second];
+        let original = Original { qid: "Q1", sender: "sam@example.test", arrived: 0, envid: Some("job-7"), attachment: Attachment::Headers(headers) };
+        let r = String::from_utf8(report("mail.example.test", "sam@example.test", Some("admin@example.test"), &original, &entries, 0)).unwrap();
         assert!(r.contains("report-type=delivery-status"));
-        assert!(r.contains("Auto-Submitted: auto-replied"));
+        assert!(r.contains("Auto-Submitted: auto-replied") && r.contains("Reply-To: <admin@example.test>"));
+        assert!(r.contains("Original-Envelope-Id: job-7"));
         assert!(r.contains("Final-Recipient: rfc822; x@remote.example\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 no  such"));
-        assert!(r.contains("Status: 5.4.7"));
-        assert!(r.contains("Subject: hi"));
+        assert!(r.contains("Original-Recipient: rfc822;Y@Remote.Example\r\nFinal-Recipient: rfc822; y@remote.example"));
+        assert!(r.contains("Content-Type: text/rfc822-headers\r\n\r\nFrom: sam@example.test"));
         let bytes = r.as_bytes();
         assert!(bytes.iter().enumerate().all(|(i, &b)| b != b'\n' || (i > 0 && bytes[i - 1] == b'\r')), "CRLF only");
         assert!(r.ends_with("--Q1/mail.example.test--\r\n"));
+    }
+
+    #[test]
+    fn success_report_with_the_full_message() {
+        let original = Original { qid: "Q2", sender: "s@x.test", arrived: 0, envid: None, attachment: Attachment::Full(b"Subject: s\r\n\r\nbody\r\n") };
+        let entry = Failure { action: Action::Relayed, ..failure("r@x.test", "2.0.0", "relayed to a host without DSN") };
+        let r = String::from_utf8(report("h.test", "s@x.test", None, &original, &[entry], 0)).unwrap();
+        assert!(r.contains("Subject: Successful Mail Delivery Report") && r.contains("Action: relayed"));
+        assert!(r.contains("Content-Type: message/rfc822\r\n\r\nSubject: s\r\n\r\nbody\r\n"));
+        assert!(!r.contains("Reply-To"));
     }
 
     #[test]

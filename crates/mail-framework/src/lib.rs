@@ -13,6 +13,7 @@ pub mod mime_scan;
 pub mod outbound;
 pub mod pipeline;
 pub mod queue;
+pub mod reports;
 pub mod snapins;
 pub mod storage;
 

@@ -20,6 +20,7 @@
 //! [`Scan`] says whether a bound cut the walk short.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 
 use mail_parser::decoders::DecodeFnc;
 use mail_parser::parsers::MessageStream;
@@ -105,10 +106,18 @@ pub fn scan(raw: &[u8], limits: &Limits) -> Scan {
             Source::Decoded(i) => &decoded[i],
         };
         let data = &buf[e.start..e.end];
-        let mut stream = MessageStream::new(data);
+        let (block_end, body_from) = header_block(data);
+        let tamed: Vec<u8>;
         let mut headers: Vec<Header<'_>> = Vec::new();
-        // false: the header block never ended (a cut message); what was read still counts.
-        let body_at = if stream.parse_headers(&parser, &mut headers) { stream.offset() } else { data.len() };
+        let body_at = if data[..block_end].iter().filter(|&&b| b == b'*').count() > MAX_STARS {
+            tamed = tame(&data[..block_end]);
+            MessageStream::new(&tamed).parse_headers(&parser, &mut headers);
+            body_from
+        } else {
+            let mut stream = MessageStream::new(data);
+            // false: the header block never ended (a cut message); what was read still counts.
+            if stream.parse_headers(&parser, &mut headers) { stream.offset() } else { data.len() }
+        };
         let body = &data[body_at.min(data.len())..];
 
         if e.top {
@@ -124,31 +133,30 @@ pub fn scan(raw: &[u8], limits: &Limits) -> Scan {
         // Every Content-Type and Content-Disposition header counts for names and types (a
         // hostile part may carry two); the first Content-Type decides the structure.
         let mut boundary: Option<String> = None;
-        let mut types: Vec<String> = Vec::new();
-        let mut names: Vec<String> = Vec::new();
+        let (mut types, mut names) = (Distinct::default(), Distinct::default());
         for h in &headers {
             let Some(ct) = h.value.as_content_type() else { continue };
             let name = match h.name {
                 HeaderName::ContentType => {
-                    if types.is_empty() {
+                    if types.list.is_empty() {
                         boundary = ct.attribute("boundary").map(str::to_string);
                     }
-                    push_new(&mut types, format!("{}/{}", ct.ctype(), ct.subtype().unwrap_or_default()).to_lowercase());
+                    types.push(format!("{}/{}", ct.ctype(), ct.subtype().unwrap_or_default()).to_lowercase());
                     ct.attribute("name")
                 }
                 HeaderName::ContentDisposition => ct.attribute("filename"),
                 _ => None,
             };
             if let Some(name) = name {
-                push_new(&mut names, name.to_string());
+                names.push(name.to_string());
             }
         }
-        if types.is_empty() {
+        if types.list.is_empty() {
             types.push(if e.in_digest { "message/rfc822" } else { "text/plain" }.to_string());
         }
-        let mime = types[0].clone();
-        out.mime_types.extend(types);
-        out.attachments.extend(names);
+        let mime = types.list[0].clone();
+        out.mime_types.extend(types.list);
+        out.attachments.extend(names.list);
 
         let children_depth = e.depth + 1;
         let enters = mime.starts_with("multipart/") && boundary.is_some() || mime == "message/rfc822" || mime == "message/global";
@@ -203,10 +211,120 @@ pub fn scan(raw: &[u8], limits: &Limits) -> Scan {
     out
 }
 
-fn push_new(list: &mut Vec<String>, value: String) {
-    if !list.contains(&value) {
-        list.push(value);
+/// Values in first-seen order, each once (a part may repeat a header many times over).
+#[derive(Default)]
+struct Distinct {
+    list: Vec<String>,
+    seen: HashSet<String>,
+}
+
+impl Distinct {
+    fn push(&mut self, value: String) {
+        if self.seen.insert(value.clone()) {
+            self.list.push(value);
+        }
     }
+}
+
+/// Where an entity's header block ends and its body begins: the first line that is empty or
+/// blank (as mail-parser reads it), or the end of the input.
+fn header_block(data: &[u8]) -> (usize, usize) {
+    let mut pos = 0;
+    while pos < data.len() {
+        let end = data[pos..].iter().position(|&b| b == b'\n').map_or(data.len(), |i| pos + i);
+        if data[pos..end].iter().all(u8::is_ascii_whitespace) && end < data.len() {
+            return (pos, end + 1);
+        }
+        pos = end + 1;
+    }
+    (data.len(), data.len())
+}
+
+/// More `*` than this in one header block: its parameters are tamed before parsing.
+const MAX_STARS: usize = 1000;
+/// RFC 2231 continuation sections kept per parameter when taming.
+const MAX_SECTIONS: usize = 256;
+
+/// A header block with its Content-Type and Content-Disposition parameters cut down to what
+/// the walk needs. mail-parser merges RFC 2231 continuations (`name*1=`, `name*2*=`...) in
+/// time that grows with sections × parameters, so a header of a few megabytes of them would
+/// take minutes. Taming keeps every ordinary parameter and, of the numbered continuation
+/// sections (index 1 and up), at most [`MAX_SECTIONS`] for each of `name`, `filename` and
+/// `boundary` — none for other parameters, which nothing here reads. Only a block with more
+/// than [`MAX_STARS`] `*` is tamed: real mail never comes near.
+fn tame(block: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(block.len());
+    let mut start = 0;
+    while start < block.len() {
+        // One field: its first line and the folded lines after it (RFC 5322 §2.2.3).
+        let mut end = start;
+        loop {
+            end = block[end..].iter().position(|&b| b == b'\n').map_or(block.len(), |i| end + i + 1);
+            if end >= block.len() || !matches!(block[end], b' ' | b'\t') {
+                break;
+            }
+        }
+        let field = &block[start..end];
+        let colon = field.iter().position(|&b| b == b':');
+        let is_mime = colon.is_some_and(|c| {
+            let name = field[..c].trim_ascii();
+            name.eq_ignore_ascii_case(b"content-type") || name.eq_ignore_ascii_case(b"content-disposition")
+        });
+        match colon {
+            Some(c) if is_mime => {
+                out.extend_from_slice(&field[..=c]);
+                let mut kept: HashMap<Vec<u8>, usize> = HashMap::new();
+                for (i, piece) in parameters(&field[c + 1..]).into_iter().enumerate() {
+                    if i > 0 {
+                        let name = piece.split(|&b| b == b'=').next().unwrap_or_default().trim_ascii().to_ascii_lowercase();
+                        if let Some(base) = continuation_of(&name) {
+                            let n = kept.entry(base.to_vec()).or_default();
+                            if !matches!(base, b"name" | b"filename" | b"boundary") || *n >= MAX_SECTIONS {
+                                continue;
+                            }
+                            *n += 1;
+                        }
+                        out.push(b';');
+                    }
+                    out.extend_from_slice(piece);
+                }
+                if !out.ends_with(b"\n") {
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+            _ => out.extend_from_slice(field),
+        }
+        start = end;
+    }
+    out
+}
+
+/// A header value split at the semicolons outside quoted strings (RFC 2045 §5.1).
+fn parameters(value: &[u8]) -> Vec<&[u8]> {
+    let (mut pieces, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+    for (i, &b) in value.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b';' if !quoted => {
+                pieces.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    pieces.push(&value[start..]);
+    pieces
+}
+
+/// `name*3` or `name*3*` (RFC 2231 §3 section 1 and up): `name`. Section 0 and `name*` are
+/// not continuations.
+fn continuation_of(name: &[u8]) -> Option<&[u8]> {
+    let star = name.iter().position(|&b| b == b'*')?;
+    let index = name[star + 1..].strip_suffix(b"*").unwrap_or(&name[star + 1..]);
+    let numbered = !index.is_empty() && index.iter().all(u8::is_ascii_digit) && index.iter().any(|&b| b != b'0');
+    numbered.then_some(&name[..star])
 }
 
 /// Decode a whole encoded body with one of mail-parser's MIME decoders; None when it is not
@@ -491,6 +609,69 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
         assert!(s.too_many_parts);
         assert_eq!(s.mime_types.len(), DEFAULT_MAX_PARTS);
+    }
+
+    fn timed(raw: &[u8]) -> Scan {
+        let start = Instant::now();
+        let s = scan(raw, &limits());
+        assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+        s
+    }
+
+    #[test]
+    fn hostile_header_shapes_finish_quickly() {
+        // Megabytes of RFC 2231 continuation sections, of one parameter and of many, with the
+        // real file name behind them.
+        for distinct in [false, true] {
+            let mut raw = b"Content-Type: application/octet-stream".to_vec();
+            for i in 1..150_000 {
+                let name = if distinct { format!("x{i}") } else { "junk".to_string() };
+                raw.extend(format!(";\r\n {name}*{i}=a").as_bytes());
+            }
+            raw.extend(b";\r\n name*0=\"ev\"; name*1*=%69l.VBS\r\n\r\nbody");
+            let s = timed(&raw);
+            assert_eq!(s.attachments, ["evil.VBS"], "distinct: {distinct}");
+        }
+        // The same header a hundred thousand times over, each different.
+        let mut raw = Vec::new();
+        for i in 0..100_000 {
+            raw.extend(format!("Content-Type: a/b{i}; name=n{i}\r\n").as_bytes());
+        }
+        raw.extend(b"\r\nx");
+        let s = timed(&raw);
+        assert_eq!((s.mime_types.len(), s.attachments.len()), (100_000, 100_000));
+        // Many encoded-words, addresses and parameters.
+        let mut raw = b"From: ".to_vec();
+        for i in 0..100_000 {
+            raw.extend(format!("a{i}@b.example,\r\n ").as_bytes());
+        }
+        raw.extend(b"x@y.example\r\nSubject: ");
+        for _ in 0..100_000 {
+            raw.extend(b"=?UTF-8?Q?a?=\r\n ");
+        }
+        raw.extend(b"b\r\nContent-Type: text/plain");
+        for i in 0..100_000 {
+            raw.extend(format!(";\r\n a{i}=b").as_bytes());
+        }
+        raw.extend(b"\r\n\r\nx");
+        let s = timed(&raw);
+        assert_eq!(s.from.len(), 100_001);
+        assert_eq!(s.subjects[0], format!("{} b", "a".repeat(100_000)), "adjacent encoded-words join without their blanks");
+    }
+
+    #[test]
+    fn taming_keeps_what_the_walk_reads() {
+        let block = b"Subject: a*b\r\nContent-Type: application/x; a=\"q;*1\"; foo*1=x;\r\n name*0*=utf-8''%41; name*1=B; boundary=\"z\"\r\n";
+        let tamed = tame(block);
+        assert_eq!(
+            String::from_utf8(tamed).unwrap(),
+            "Subject: a*b\r\nContent-Type: application/x; a=\"q;*1\";\r\n name*0*=utf-8''%41; name*1=B; boundary=\"z\"\r\n"
+        );
+        assert_eq!(continuation_of(b"name*1*"), Some(b"name".as_slice()));
+        assert_eq!(continuation_of(b"name*0"), None);
+        assert_eq!(continuation_of(b"name*"), None);
+        assert_eq!(header_block(b"A: 1\r\n \r\nbody"), (6, 9));
+        assert_eq!(header_block(b"A: 1\r\n"), (6, 6));
     }
 
     #[test]

@@ -6,6 +6,8 @@ use rusqlite::{params, Connection};
 use store::journal::{self, code};
 use store::StoreError;
 
+use crate::bounce::{Action, Failure};
+
 /// A recipient due for an attempt.
 #[derive(Clone, Debug)]
 pub struct Due {
@@ -19,6 +21,12 @@ pub struct Due {
     pub received_at: i64,
     /// The alias or forwarding address this recipient came from: sent as `Delivered-To`.
     pub expanded_from: Option<String>,
+    /// RFC 3461 parameters, passed on to a next hop that offers DSN.
+    pub notify: Option<String>,
+    pub orcpt: Option<String>,
+    pub ret: Option<String>,
+    pub envid: Option<String>,
+    pub delay_notified: bool,
 }
 
 impl Due {
@@ -31,7 +39,9 @@ impl Due {
 /// What one attempt did for one recipient.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Delivered(String),
+    /// Accepted by the next hop; `relayed` = that hop does not offer DSN, so no report will come
+    /// from further on (RFC 3461 §6.2.2: "relayed").
+    Delivered { reply: String, relayed: bool },
     /// Temporary: try again later (4xx, no answer, DNS trouble).
     Retry(String),
     /// Permanent: report to the sender (5xx, no such domain, null MX, a loop).
@@ -46,12 +56,15 @@ pub struct Schedule {
     pub second_count: u32,
     pub second_interval_secs: i64,
     pub lifetime_secs: i64,
+    /// After this long a waiting recipient's sender gets one "delayed" report (C4).
+    pub delay_warning_secs: i64,
 }
 
 /// Recipients due now, oldest first.
 pub fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT r.id, r.message_id, m.qid, m.mail_from, r.address, r.attempts, m.size, m.received_at, r.expanded_from
+        "SELECT r.id, r.message_id, m.qid, m.mail_from, r.address, r.attempts, m.size, m.received_at, r.expanded_from,
+                r.notify, r.orcpt, m.dsn_ret, m.dsn_envid, r.delay_notified
            FROM recipients r JOIN messages m ON m.id = r.message_id
           WHERE r.state = 'forward' AND r.held = 0 AND (r.next_attempt IS NULL OR r.next_attempt <= ?1)
           ORDER BY r.message_id, r.id LIMIT ?2",
@@ -67,6 +80,11 @@ pub fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<Due>, StoreE
             size: r.get(6)?,
             received_at: r.get(7)?,
             expanded_from: r.get(8)?,
+            notify: r.get(9)?,
+            orcpt: r.get(10)?,
+            ret: r.get(11)?,
+            envid: r.get(12)?,
+            delay_notified: r.get(13)?,
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -94,7 +112,12 @@ pub fn record(conn: &Connection, results: &[(Due, Outcome)], schedule: &Schedule
     for (due, outcome) in results {
         let attempts = due.attempts + 1;
         let (state, next, reply, code) = match outcome {
-            Outcome::Delivered(reply) => ("sent", None, reply.clone(), code::CLIENT_DELIVERED),
+            Outcome::Delivered { reply, relayed } => {
+                if *relayed {
+                    report(conn, due, Action::Relayed, "2.0.0", &format!("{reply} (relayed to a host that does not offer DSN)"))?;
+                }
+                ("sent", None, reply.clone(), code::CLIENT_DELIVERED)
+            }
             Outcome::Failed(reply) => ("bounce", None, reply.clone(), code::CLIENT_UNDELIVERABLE),
             Outcome::Retry(reply) => {
                 let first = i64::from(schedule.first_count);
@@ -104,10 +127,16 @@ pub fn record(conn: &Connection, results: &[(Due, Outcome)], schedule: &Schedule
                     ("bounce", None, format!("{reply} (delivery time expired after {attempts} attempts)"), code::CLIENT_UNDELIVERABLE)
                 } else if attempts > total {
                     ("bounce", None, format!("{reply} (retries exhausted after {attempts} attempts)"), code::CLIENT_UNDELIVERABLE)
-                } else if attempts <= first {
-                    ("forward", Some(now + schedule.first_interval_secs), reply.clone(), code::CLIENT_RETRY_1)
                 } else {
-                    ("forward", Some(now + schedule.second_interval_secs), reply.clone(), code::CLIENT_RETRY_2)
+                    if !due.delay_notified && now - due.received_at >= schedule.delay_warning_secs {
+                        report(conn, due, Action::Delayed, &crate::bounce::status_of(reply), reply)?;
+                        conn.prepare_cached("UPDATE recipients SET delay_notified = 1 WHERE id = ?1")?.execute([due.recipient_id])?;
+                    }
+                    if attempts <= first {
+                        ("forward", Some(now + schedule.first_interval_secs), reply.clone(), code::CLIENT_RETRY_1)
+                    } else {
+                        ("forward", Some(now + schedule.second_interval_secs), reply.clone(), code::CLIENT_RETRY_2)
+                    }
                 }
             }
         };
@@ -134,6 +163,17 @@ pub fn record(conn: &Connection, results: &[(Due, Outcome)], schedule: &Schedule
         }
     }
     Ok(bounced)
+}
+
+/// A success or delay report (C4) for one recipient, when its NOTIFY asks for one.
+fn report(conn: &Connection, due: &Due, action: Action, status: &str, diagnostic: &str) -> Result<(), StoreError> {
+    if due.mail_from.is_empty() || !crate::reports::wanted(due.notify.as_deref(), action) {
+        return Ok(());
+    }
+    let Some(subject) = crate::reports::Subject::load(conn, due.message_id)? else { return Ok(()) };
+    let entry = Failure { recipient: due.address.clone(), orcpt: due.orcpt.clone(), action, status: status.into(), diagnostic: diagnostic.into() };
+    crate::reports::queue(conn, &subject, &due.mail_from, &[], "bounce", &[entry])?;
+    Ok(())
 }
 
 /// `postroom queue retry|hold|release|delete ID`: ID is a queue id (all its waiting recipients).

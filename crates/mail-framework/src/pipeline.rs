@@ -75,6 +75,9 @@ pub struct WorkItem {
     pub depth: i64,
     /// Addresses that replace or accompany this one (an alias, a forwarding address).
     pub expand_to: Vec<String>,
+    /// RFC 3461 NOTIFY and ORCPT given for this recipient.
+    pub notify: Option<String>,
+    pub orcpt: Option<String>,
 }
 
 /// What a snap-in may read while it examines a batch.
@@ -113,9 +116,11 @@ pub struct Framework {
 }
 
 impl Framework {
-    /// The built-in snap-ins in i5/OS exit-point order; `hostname` signs non-delivery reports.
+    /// The built-in snap-ins in i5/OS exit-point order; `hostname` signs delivery reports
+    /// (unless `reports::configure` was called first, with more settings).
     pub fn new(queue: Queue, domains: LocalDomains, hostname: &str) -> Self {
-        let snapins = crate::snapins::builtin(hostname, domains.postmaster());
+        crate::reports::configure(crate::reports::ReportSettings { hostname: hostname.to_string(), responsible_person: None });
+        let snapins = crate::snapins::builtin(domains.postmaster());
         Self::with_snapins(queue, domains, snapins)
     }
 
@@ -204,7 +209,7 @@ fn load_batch(conn: &Connection) -> Result<Vec<WorkItem>, StoreError> {
     // `bounce` rows failed after acceptance (in the SMTP client): they come pre-tagged for the
     // non-delivery snap-in, with the reason in last_reply.
     let mut stmt = conn.prepare_cached(
-        "SELECT r.id, r.address, m.id, m.qid, m.mail_from, m.size, m.received_at, m.origin, r.state, r.last_reply, r.depth
+        "SELECT r.id, r.address, m.id, m.qid, m.mail_from, m.size, m.received_at, m.origin, r.state, r.last_reply, r.depth, r.notify, r.orcpt
            FROM recipients r JOIN messages m ON m.id = r.message_id
           WHERE r.state IN ('queued', 'bounce') AND (r.next_attempt IS NULL OR r.next_attempt <= ?1)
           ORDER BY r.message_id, r.id LIMIT ?2",
@@ -231,7 +236,16 @@ fn load_batch(conn: &Connection) -> Result<Vec<WorkItem>, StoreError> {
             }
             _ => Tag::Unresolved,
         };
-        items.push(WorkItem { recipient_id: r.get(0)?, address: r.get(1)?, message, tag, depth: r.get(10)?, expand_to: Vec::new() });
+        items.push(WorkItem {
+            recipient_id: r.get(0)?,
+            address: r.get(1)?,
+            message,
+            tag,
+            depth: r.get(10)?,
+            expand_to: Vec::new(),
+            notify: r.get(11)?,
+            orcpt: r.get(12)?,
+        });
     }
     Ok(items)
 }

@@ -204,14 +204,14 @@ async fn only_the_first_max_bytes_are_walked() {
         Box::new(Filtering { max_bytes: 4096, ..Filtering::default() }),
         Box::new(LocalDelivery),
         Box::new(Forwarding),
-        Box::new(NonDelivery { hostname: "mail.example.test".into(), postmaster: "admin@example.test".into() }),
+        Box::new(NonDelivery { postmaster: "admin@example.test".into() }),
     ];
     let fw = Framework::with_snapins(s.queue.clone(), s.domains.clone(), chain);
     enqueue(&s.queue, &virus(), &RCPTS[..1], "smtp").await;
     fw.run_once().await.unwrap();
     assert_eq!(s.states()[0].1, "delivered");
     // The built-in chain reads 10 MiB and finds it.
-    assert_eq!(snapins::builtin("h", "p").iter().map(|s| s.name()).collect::<Vec<_>>()[..2], ["address-resolution", "filtering"]);
+    assert_eq!(snapins::builtin("p").iter().map(|s| s.name()).collect::<Vec<_>>()[..2], ["address-resolution", "filtering"]);
     enqueue(&s.queue, &virus(), &RCPTS[..1], "smtp").await;
     s.framework().run_once().await.unwrap();
     assert_eq!(s.states()[1].1, "quarantined");

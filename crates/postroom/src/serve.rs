@@ -51,6 +51,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     spawn_journal_retention(store.clone(), config.journal.retention_days);
     let domains = LocalDomains::new(&config.domains, &config.postmaster);
+    let responsible = (!config.delivery.dsn_responsible_person.is_empty()).then(|| config.delivery.dsn_responsible_person.clone());
+    mail_framework::reports::configure(mail_framework::reports::ReportSettings { hostname: config.hostname.clone(), responsible_person: responsible });
     let storage = StorageGuard::default();
     let framework = Framework::new(queue.clone(), domains.clone(), &config.hostname).with_storage_guard(storage.clone());
     storage.monitor(store.clone(), config.data_dir.clone(), config.storage.min_free_mb, framework.pipeline_wake()).await;
@@ -248,6 +250,7 @@ fn outbound_settings(c: &Config, own_addresses: Vec<std::net::SocketAddr>) -> Ou
             second_count: d.second_retry_count,
             second_interval_secs: d.second_retry_interval_secs as i64,
             lifetime_secs: d.queue_lifetime_hours as i64 * 3600,
+            delay_warning_secs: d.delay_warning_secs as i64,
         },
         max_connections: d.max_connections,
         max_connections_per_domain: d.max_connections_per_domain,

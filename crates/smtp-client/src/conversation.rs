@@ -105,6 +105,19 @@ pub struct Envelope<'a> {
     pub size: u64,
     /// The body has 8-bit content: `BODY=8BITMIME` when the server offers 8BITMIME.
     pub eight_bit: bool,
+    /// RFC 3461 parameters to pass on when the server offers DSN.
+    pub dsn: Option<&'a Dsn>,
+}
+
+/// RFC 3461 parameters of a message: RET and ENVID, and each recipient's NOTIFY and ORCPT (in
+/// the order of `Envelope::recipients`). After an attempt, `peer_offers` tells whether the
+/// server offered DSN — if not, a success is "relayed" and the sender may be told so.
+#[derive(Debug, Default)]
+pub struct Dsn {
+    pub ret: Option<String>,
+    pub envid: Option<String>,
+    pub recipients: Vec<(Option<String>, Option<String>)>,
+    pub peer_offers: std::sync::atomic::AtomicBool,
 }
 
 /// What became of one recipient.
@@ -255,6 +268,7 @@ struct Capabilities {
     size: bool,
     eight_bit_mime: bool,
     starttls: bool,
+    dsn: bool,
 }
 
 impl Capabilities {
@@ -268,6 +282,7 @@ impl Capabilities {
                 "SIZE" => caps.size = true,
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "STARTTLS" => caps.starttls = true,
+                "DSN" => caps.dsn = true,
                 _ => {}
             }
         }
@@ -399,14 +414,38 @@ impl Session<'_> {
         if envelope.eight_bit && caps.eight_bit_mime {
             mail.push_str(" BODY=8BITMIME");
         }
+        let dsn = envelope.dsn.filter(|_| caps.dsn);
+        if let Some(d) = envelope.dsn {
+            d.peer_offers.store(caps.dsn, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(d) = dsn {
+            // RFC 3461 §4.3, §4.4: passed on unchanged.
+            if let Some(ret) = &d.ret {
+                let _ = write!(mail, " RET={ret}");
+            }
+            if let Some(envid) = &d.envid {
+                let _ = write!(mail, " ENVID={}", mail_proto::smtp_command::xtext_encode(envid));
+            }
+        }
         mail.push_str("\r\n");
-        let rcpt = |r: &String| format!("RCPT TO:<{r}>\r\n");
+        let rcpt_params = |i: usize| -> String {
+            let Some((notify, orcpt)) = dsn.and_then(|d| d.recipients.get(i)) else { return String::new() };
+            let mut p = String::new();
+            if let Some(n) = notify {
+                let _ = write!(p, " NOTIFY={n}");
+            }
+            if let Some((kind, addr)) = orcpt.as_deref().and_then(|o| o.split_once(';')) {
+                let _ = write!(p, " ORCPT={kind};{}", mail_proto::smtp_command::xtext_encode(addr));
+            }
+            p
+        };
+        let rcpt = |i: usize, r: &String| format!("RCPT TO:<{r}>{}\r\n", rcpt_params(i));
         let mut outcomes = Vec::with_capacity(envelope.recipients.len());
 
         let data_reply = if caps.pipelining {
             // RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order.
             let mut batch = mail;
-            envelope.recipients.iter().for_each(|r| batch.push_str(&rcpt(r)));
+            envelope.recipients.iter().enumerate().for_each(|(i, r)| batch.push_str(&rcpt(i, r)));
             batch.push_str("DATA\r\n");
             tracing::debug!(host = self.host, commands = envelope.recipients.len() + 2, "sending pipelined MAIL, RCPT, DATA");
             self.send("MAIL", t.mail, batch.as_bytes()).await?;
@@ -430,8 +469,8 @@ impl Session<'_> {
             if reply.code / 100 != 2 {
                 return Err(SessionError::Rejected { stage: "MAIL", reply });
             }
-            for r in envelope.recipients {
-                let reply = self.command("RCPT", t.rcpt, &rcpt(r)).await?;
+            for (i, r) in envelope.recipients.iter().enumerate() {
+                let reply = self.command("RCPT", t.rcpt, &rcpt(i, r)).await?;
                 outcomes.push(rcpt_outcome(reply));
             }
             if !outcomes.contains(&RcptOutcome::Accepted) {
@@ -931,7 +970,7 @@ mod tests {
     async fn run(script: Script, settings: &ClientSettings, to: &[&str], body: &mut impl BodySource) -> (Result<Vec<RcptOutcome>, SessionError>, Log) {
         let (addr, server) = server(script).await;
         let recipients = rcpts(to);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: false };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: false, dsn: None };
         let result = deliver(settings, "mx.test", addr, &envelope, body).await;
         let log = tokio::time::timeout(Duration::from_secs(3), server).await.expect("server finished").unwrap();
         (result, log)
@@ -953,7 +992,7 @@ mod tests {
         ]);
         let (addr, server) = server(Script::default()).await;
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: true };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: true, dsn: None };
         let result = deliver(&settings(), "mx.test", addr, &envelope, &mut body).await.unwrap();
         let log = server.await.unwrap();
         assert_eq!(result, vec![RcptOutcome::Accepted]);
@@ -979,7 +1018,7 @@ mod tests {
         let script = Script { ehlo: "250-mx.test\r\n250 PIPELINING\r\n", ..Script::default() };
         let (addr, server) = server(script).await;
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "", recipients: &recipients, size: 99, eight_bit: true };
+        let envelope = Envelope { mail_from: "", recipients: &recipients, size: 99, eight_bit: true, dsn: None };
         let result = deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap();
         assert_eq!(result, vec![RcptOutcome::Accepted]);
         let log = server.await.unwrap();
@@ -1203,7 +1242,7 @@ mod tests {
         };
         let (addr, server) = server(script).await;
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: true };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: true, dsn: None };
         let mut body = Chunks::new(&[b"Subject: secret\r\n\r\n.x\r\n"]);
         let result = deliver(&settings(), "mx.test", addr, &envelope, &mut body).await.unwrap();
         let log = server.await.unwrap();
@@ -1245,7 +1284,7 @@ mod tests {
         // The caller's retry (C5): same host, no STARTTLS.
         let (addr, server) = server(script).await;
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None };
         let result = deliver_plaintext(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap();
         assert_eq!(result, vec![RcptOutcome::Accepted]);
         let log = server.await.unwrap();
@@ -1273,7 +1312,7 @@ mod tests {
         // An IPv6 bind address cannot reach an IPv4 destination.
         s.bind_address = Some("::1".parse().unwrap());
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None };
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let result = deliver(&s, "mx.test", addr, &envelope, &mut simple_body()).await;
         assert!(matches!(result, Err(SessionError::Connect(_))), "{result:?}");
@@ -1284,7 +1323,7 @@ mod tests {
         // A port that was just free.
         let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None };
         let result = deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await;
         assert!(matches!(result, Err(SessionError::Connect(_))), "{result:?}");
     }
@@ -1294,12 +1333,12 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         for (from, to) in [("a@x.test\r\nRCPT TO:<evil@x.test>", "b@x.test"), ("a@x.test", "b@x.test>\r\nDATA")] {
             let recipients = rcpts(&[to]);
-            let envelope = Envelope { mail_from: from, recipients: &recipients, size: 1, eight_bit: false };
+            let envelope = Envelope { mail_from: from, recipients: &recipients, size: 1, eight_bit: false, dsn: None };
             let result = deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await;
             assert!(matches!(result, Err(SessionError::Protocol(_))), "{result:?}");
         }
         // No recipients: nothing to do, no connection.
-        let envelope = Envelope { mail_from: "a@x.test", recipients: &[], size: 1, eight_bit: false };
+        let envelope = Envelope { mail_from: "a@x.test", recipients: &[], size: 1, eight_bit: false, dsn: None };
         assert_eq!(deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap(), vec![]);
     }
 
@@ -1324,7 +1363,7 @@ mod tests {
     #[test]
     fn capabilities_from_ehlo() {
         let r = Reply::multiline(250, vec!["mx.test hello".into(), "pipelining".into(), "SIZE 1000".into(), "8BITMIME".into(), "STARTTLS".into()]);
-        assert_eq!(Capabilities::from_ehlo(&r), Capabilities { pipelining: true, size: true, eight_bit_mime: true, starttls: true });
+        assert_eq!(Capabilities::from_ehlo(&r), Capabilities { pipelining: true, size: true, eight_bit_mime: true, starttls: true, dsn: false });
         // The greeting line is not a keyword.
         let r = Reply::multiline(250, vec!["PIPELINING".into()]);
         assert_eq!(Capabilities::from_ehlo(&r), Capabilities::default());
@@ -1352,7 +1391,7 @@ mod tests {
         fn assert_send<T: Send>(_: &T) {}
         let s = settings();
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "", recipients: &recipients, size: 0, eight_bit: false };
+        let envelope = Envelope { mail_from: "", recipients: &recipients, size: 0, eight_bit: false, dsn: None };
         let mut body = simple_body();
         let fut = deliver(&s, "h", "127.0.0.1:9".parse().unwrap(), &envelope, &mut body);
         assert_send(&fut);

@@ -13,7 +13,7 @@ use store::journal::{self, code};
 use store::{Durability, Store};
 use tokio::sync::{Notify, Semaphore};
 
-use crate::conversation::{self, BodySource, ClientSettings, Envelope, RcptOutcome, SessionError};
+use crate::conversation::{self, BodySource, ClientSettings, Dsn, Envelope, RcptOutcome, SessionError};
 use crate::route::{self, Route, RouteSettings};
 
 /// Everything the outbound side is configured with.
@@ -149,8 +149,8 @@ impl OutboundQueue {
             }
         }
         match recorded {
-            Ok(bounced) if bounced > 0 => self.inner.framework.notify_one(),
-            Ok(_) => {}
+            // Bounces and reports wait for the pipeline.
+            Ok(_) => self.inner.framework.notify_one(),
             Err(e) => tracing::error!(error = %e, "could not record delivery results; they will be retried"),
         }
         self.inner.wake.notify_one();
@@ -169,7 +169,21 @@ impl OutboundQueue {
             Route::Fail(why) => return vec![Outcome::Failed(why); group.len()],
         };
         let recipients: Vec<String> = group.iter().map(|d| d.address.clone()).collect();
-        let envelope = Envelope { mail_from: &first.mail_from, recipients: &recipients, size: first.size as u64, eight_bit: true };
+        // RFC 3461 parameters go on only when some recipient or the message has any.
+        let wants_dsn = group.iter().any(|d| d.notify.is_some() || d.orcpt.is_some()) || first.ret.is_some() || first.envid.is_some();
+        let dsn = Dsn {
+            ret: first.ret.clone(),
+            envid: first.envid.clone(),
+            recipients: group.iter().map(|d| (d.notify.clone(), d.orcpt.clone())).collect(),
+            ..Default::default()
+        };
+        let envelope = Envelope {
+            mail_from: &first.mail_from,
+            recipients: &recipients,
+            size: first.size as u64,
+            eight_bit: true,
+            dsn: wants_dsn.then_some(&dsn),
+        };
         let mut last_error = String::from("no host could be reached");
         for host in &hosts {
             for addr in &host.addrs {
@@ -178,7 +192,10 @@ impl OutboundQueue {
                     let settings = ClientSettings { starttls: tls, ..self.inner.settings.client.clone() };
                     let mut body = StoreBody::new(self.inner.store.clone(), first.message_id, first.expanded_from.as_deref());
                     match conversation::deliver(&settings, &host.name, *addr, &envelope, &mut body).await {
-                        Ok(results) => return results.into_iter().map(outcome).collect(),
+                        Ok(results) => {
+                            let relayed = !dsn.peer_offers.load(std::sync::atomic::Ordering::Relaxed);
+                            return results.into_iter().map(|r| outcome(r, relayed)).collect();
+                        }
                         // C5: a failed handshake is retried in plaintext on the same host.
                         Err(SessionError::Tls(e)) if tls => {
                             tracing::info!(host = %host.name, error = %e, "STARTTLS failed; retrying in plaintext");
@@ -209,9 +226,9 @@ impl OutboundQueue {
     }
 }
 
-fn outcome(r: RcptOutcome) -> Outcome {
+fn outcome(r: RcptOutcome, relayed: bool) -> Outcome {
     match r {
-        RcptOutcome::Accepted => Outcome::Delivered("250 accepted".into()),
+        RcptOutcome::Accepted => Outcome::Delivered { reply: "250 accepted".into(), relayed },
         RcptOutcome::Deferred(reply) => Outcome::Retry(reply.to_string().trim_end().to_string()),
         RcptOutcome::Failed(reply) => Outcome::Failed(reply.to_string().trim_end().to_string()),
     }

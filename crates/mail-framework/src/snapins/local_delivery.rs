@@ -5,7 +5,9 @@ use rusqlite::{params, Connection};
 use store::journal::{self, code};
 use store::StoreError;
 
+use crate::bounce::{Action, Failure};
 use crate::pipeline::{SnapIn, Tag, WorkItem};
+use crate::reports::Subject;
 
 pub struct LocalDelivery;
 
@@ -26,6 +28,19 @@ impl SnapIn for LocalDelivery {
             let n = insert.execute(params![user_id, item.message.id, item.recipient_id, prefix.as_bytes(), size, store::now()])?;
             if n == 1 {
                 usage.execute(params![user_id, size])?;
+            }
+            // RFC 3461: NOTIFY=SUCCESS asks for a "delivered" report.
+            if n == 1 && crate::reports::wanted(item.notify.as_deref(), Action::Delivered) && !item.message.mail_from.is_empty() {
+                if let Some(subject) = Subject::load(tx, item.message.id)? {
+                    let entry = Failure {
+                        recipient: item.address.clone(),
+                        orcpt: item.orcpt.clone(),
+                        action: Action::Delivered,
+                        status: "2.0.0".into(),
+                        diagnostic: "250 2.0.0 delivered to the mailbox".into(),
+                    };
+                    crate::reports::queue(tx, &subject, &item.message.mail_from, &[], "bounce", &[entry])?;
+                }
             }
             journal::append(
                 tx,

@@ -14,13 +14,13 @@ pub use non_delivery::NonDelivery;
 
 use crate::SnapIn;
 
-/// `hostname` signs non-delivery reports; `postmaster` receives reports about failed reports.
-pub fn builtin(hostname: &str, postmaster: &str) -> Vec<Box<dyn SnapIn>> {
+/// `postmaster` receives reports about failed reports.
+pub fn builtin(postmaster: &str) -> Vec<Box<dyn SnapIn>> {
     vec![
         Box::new(AddressResolution),
         Box::new(Filtering::default()),
         Box::new(LocalDelivery),
         Box::new(Forwarding),
-        Box::new(NonDelivery { hostname: hostname.to_string(), postmaster: postmaster.to_string() }),
+        Box::new(NonDelivery { postmaster: postmaster.to_string() }),
     ]
 }

@@ -1,19 +1,17 @@
 //! Non-delivery (journal A): each recipient that failed after acceptance is journaled, and the
-//! sender gets one RFC 3464 report per message listing them. Never a report to the null sender;
-//! a report that itself fails goes to the postmaster once; one that fails too is dropped.
+//! sender gets one RFC 3464 report per message listing those whose NOTIFY asks for it. Never a
+//! report to the null sender; a report that itself fails goes to the postmaster once; one that
+//! fails too is dropped. A local `nondelivery@…` address gets a copy of every report (C4).
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use store::journal::{self, code};
 use store::StoreError;
 
-use crate::bounce::{self, Failure, Original};
+use crate::bounce::{Action, Failure};
 use crate::pipeline::{SnapIn, Tag, WorkItem};
-
-/// Header bytes of the original message attached to a report.
-const MAX_ATTACHED_HEADERS: usize = 64 * 1024;
+use crate::reports::{self, Subject};
 
 pub struct NonDelivery {
-    pub hostname: String,
     /// Where reports about failed reports go.
     pub postmaster: String,
 }
@@ -27,25 +25,32 @@ impl SnapIn for NonDelivery {
         let failed: Vec<&WorkItem> = items.iter().filter(|i| matches!(i.tag, Tag::NonDelivery { .. })).collect();
         for group in failed.chunk_by(|a, b| a.message.id == b.message.id) {
             let message = &group[0].message;
-            let failures: Vec<Failure> = group
-                .iter()
-                .map(|i| {
-                    let Tag::NonDelivery { status, reason } = &i.tag else { unreachable!("filtered above") };
-                    Failure { recipient: i.address.clone(), status: status.clone(), diagnostic: reason.clone() }
-                })
-                .collect();
-            for f in &failures {
-                let detail = format!("{} {}", f.status, f.diagnostic);
+            let mut entries = Vec::new();
+            for i in group {
+                let Tag::NonDelivery { status, reason } = &i.tag else { unreachable!("filtered above") };
+                let detail = format!("{status} {reason}");
                 let entry = journal::Entry {
                     code: code::NON_DELIVERY,
                     qid: &message.qid,
                     originator: &message.mail_from,
-                    recipient: &f.recipient,
+                    recipient: &i.address,
                     size: Some(message.size),
                     detail: &detail,
                     ..Default::default()
                 };
                 journal::append(tx, &entry)?;
+                if reports::wanted(i.notify.as_deref(), Action::Failed) {
+                    entries.push(Failure {
+                        recipient: i.address.clone(),
+                        orcpt: i.orcpt.clone(),
+                        action: Action::Failed,
+                        status: status.clone(),
+                        diagnostic: reason.clone(),
+                    });
+                }
+            }
+            if entries.is_empty() {
+                continue; // NOTIFY=NEVER
             }
             let (to, origin) = match (message.origin.as_str(), message.mail_from.as_str()) {
                 ("bounce", _) => (self.postmaster.as_str(), "double-bounce"),
@@ -60,26 +65,9 @@ impl SnapIn for NonDelivery {
                 }
                 (_, sender) => (sender, "bounce"),
             };
-            let first_chunk: Option<Vec<u8>> = tx
-                .prepare_cached("SELECT data FROM body_chunks WHERE message_id = ?1 ORDER BY seq LIMIT 1")?
-                .query_row([message.id], |r| r.get(0))
-                .optional()?;
-            let first_chunk = first_chunk.unwrap_or_default();
-            let original = Original {
-                qid: &message.qid,
-                sender: &message.mail_from,
-                arrived: message.received_at,
-                headers: bounce::header_section(&first_chunk, MAX_ATTACHED_HEADERS),
-            };
-            let report = bounce::report(&self.hostname, to, &original, &failures, store::now());
-            let qid = crate::queue::new_qid();
-            tx.prepare_cached("INSERT INTO messages (qid, complete, mail_from, size, received_at, origin) VALUES (?1, 1, '', ?2, ?3, ?4)")?
-                .execute(params![qid, report.len() as i64, store::now(), origin])?;
-            let id = tx.last_insert_rowid();
-            tx.prepare_cached("INSERT INTO body_chunks (message_id, seq, data) VALUES (?1, 0, ?2)")?.execute(params![id, report])?;
-            tx.prepare_cached("INSERT INTO recipients (message_id, address, state) VALUES (?1, ?2, 'queued')")?.execute(params![id, to])?;
-            let detail = format!("report {qid} to {to} for {} failed recipient(s)", failures.len());
-            journal::append(tx, &journal::Entry { code: code::NON_DELIVERY_REPORT, qid: &message.qid, recipient: to, detail: &detail, ..Default::default() })?;
+            let Some(subject) = Subject::load(tx, message.id)? else { continue };
+            let copies: Vec<String> = reports::nondelivery_copy(tx)?.into_iter().collect();
+            reports::queue(tx, &subject, to, &copies, origin, &entries)?;
         }
         Ok(())
     }
