@@ -515,3 +515,21 @@ def test_delay_report_then_failure_report(net):
     wait_queue_empty(srv)
     time.sleep(1.0)
     assert sorted(actions_for(srv, SAM_USER, SAM_PW, "o@other.example")) == ["delayed", "failed"]
+
+
+def test_dsn_peer_refusing_at_rcpt_is_reported_by_us(net):
+    """C4 / RFC 3461 §5.2: the next hop speaks DSN but refuses the recipient at RCPT - the
+    message never reached it, so reporting the failure is still our job: Sam gets Action:
+    failed with the peer's reply."""
+    net.other.caps = DEFAULT_CAPS + ["DSN"]
+    net.other.rcpt["x@other.example"] = REFUSAL
+    srv = net.server()
+    submit_dsn(srv, SAM_ADDR, [("x@other.example", "NOTIFY=FAILURE ORCPT=rfc822;x@other.example")],
+               make_message("dsn peer says no", sender=SAM_ADDR, to="x@other.example"), "RET=HDRS ENVID=peer-no")
+    raw = wait_report_with(srv, SAM_USER, SAM_PW, "x@other.example", "failed")
+    r = report(raw, "x@other.example", "failed", r"5\.1\.1")
+    assert "dsn-test" in r["fields"].get("diagnostic-code", ""), r["fields"]
+    assert r["parsed"]["per_message"].get("original-envelope-id") == "peer-no"
+    (line,) = rcpt_lines(net.other, "x@other.example")
+    assert re.search(r"(?i)\bNOTIFY=FAILURE\b", line), line
+    wait_queue_empty(srv)

@@ -409,3 +409,40 @@ mod tests {
         assert_eq!(bad, [(5, "7 .8.9.3".to_string()), (7, "garbage".to_string())]);
     }
 }
+
+/// Host authentication entries (SPEC C5, i5/OS ADDSMTPLE *HOSTAUTH): the user and password the
+/// SMTP client gives a remote host that requires AUTH. The password is never shown.
+pub mod hostauth {
+    use rusqlite::{params, Connection, OptionalExtension};
+
+    use crate::Result;
+
+    pub fn add(conn: &Connection, host: &str, user: &str, password: &str) -> Result<()> {
+        let host = crate::resolve::normalise_domain(host);
+        conn.execute(
+            "INSERT INTO hostauth (host, user, password, added_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(host) DO UPDATE SET user = ?2, password = ?3, added_at = ?4",
+            params![host, user, password, store::now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn remove(conn: &Connection, host: &str) -> Result<bool> {
+        Ok(conn.execute("DELETE FROM hostauth WHERE host = ?1", [crate::resolve::normalise_domain(host)])? > 0)
+    }
+
+    /// (host, user, added) for every entry: no passwords.
+    pub fn show(conn: &Connection) -> Result<Vec<(String, String, i64)>> {
+        let mut stmt = conn.prepare("SELECT host, user, added_at FROM hostauth ORDER BY host")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// The credentials for `host`, if any.
+    pub fn lookup(conn: &Connection, host: &str) -> Result<Option<(String, String)>> {
+        Ok(conn
+            .prepare_cached("SELECT user, password FROM hostauth WHERE host = ?1")?
+            .query_row([crate::resolve::normalise_domain(host)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+}

@@ -200,3 +200,38 @@ pub enum QueueCommand {
     Release,
     Delete,
 }
+
+/// The dial-up domains of C7, set once at start-up: their mail waits (held = 2) until ETRN.
+static ETRN_DOMAINS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+pub fn set_etrn_domains(domains: Vec<String>) {
+    let _ = ETRN_DOMAINS.set(domains.into_iter().map(|d| d.to_ascii_lowercase()).collect());
+}
+
+/// The ETRN domain an address belongs to (the domain itself or a parent), if any.
+pub fn etrn_domain(address: &str) -> Option<String> {
+    let domain = address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())?;
+    ETRN_DOMAINS.get()?.iter().find(|e| domain == **e || domain.ends_with(&format!(".{e}"))).cloned()
+}
+
+/// Is `domain` (with `subdomains` for `ETRN @domain`) a dial-up domain of ours?
+pub fn is_etrn_domain(domain: &str) -> bool {
+    let d = domain.to_ascii_lowercase();
+    ETRN_DOMAINS.get().is_some_and(|list| list.iter().any(|e| d == *e || d.ends_with(&format!(".{e}"))))
+}
+
+/// Release mail held for `domain` (and its subdomains when asked): due now. Returns how many.
+pub fn release_etrn(conn: &Connection, domain: &str, subdomains: bool) -> Result<usize, StoreError> {
+    let d = domain.to_ascii_lowercase();
+    Ok(conn.execute(
+        "UPDATE recipients SET held = 0, next_attempt = NULL
+          WHERE held = 2 AND state = 'forward'
+            AND (lower(address) LIKE '%@' || ?1 OR (?2 AND lower(address) LIKE '%.' || ?1))",
+        params![d, subdomains],
+    )?)
+}
+
+/// The send scheduler (C7): release everything held for ETRN.
+pub fn release_all_etrn(conn: &Connection) -> Result<usize, StoreError> {
+    Ok(conn.execute("UPDATE recipients SET held = 0, next_attempt = NULL WHERE held = 2 AND state = 'forward'", [])?)
+}

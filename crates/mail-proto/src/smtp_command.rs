@@ -29,6 +29,8 @@ pub enum Command {
     Vrfy(String),
     StartTls,
     Auth(String),
+    /// RFC 1985: start delivery of mail held for a node (`domain`, `@domain`, `#queue`).
+    Etrn(String),
     /// A command RFC 5321 knows that Postroom does not offer (EXPN, SEND, SOML, SAML, TURN).
     NotImplemented(String),
     Unknown(String),
@@ -79,6 +81,7 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         "HELP" => Command::Help,
         "VRFY" => Command::Vrfy(text()),
         "AUTH" => Command::Auth(text()),
+        "ETRN" => Command::Etrn(text()),
         "EXPN" | "SEND" | "SOML" | "SAML" | "TURN" => Command::NotImplemented(verb),
         _ => Command::Unknown(verb),
     })

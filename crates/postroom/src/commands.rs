@@ -107,7 +107,7 @@ pub fn open(config: &Config) -> anyhow::Result<(Store, LocalDomains)> {
 }
 
 /// Passwords never appear on a command line (INTERFACE.md): one line from standard input.
-fn read_password() -> anyhow::Result<String> {
+pub fn read_password() -> anyhow::Result<String> {
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).context("reading the password from standard input")?;
     let pw = line.trim_end_matches(['\r', '\n']).to_string();

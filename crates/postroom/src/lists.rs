@@ -24,11 +24,15 @@ pub enum ListCommand {
     /// Add an entry: relay/reject "ADDRESS [MASK]" or CIDR; near DOMAIN; kill user@host, @host
     /// or @*suffix; rbl ZONE (i5/OS ADDSMTPLE).
     Add {
-        /// relay, reject, near, kill or rbl.
+        /// relay, reject, near, kill, rbl or hostauth.
         kind: String,
-        /// The entry; "192.168.1.0 255.255.255.0" may be given as one or two arguments.
+        /// The entry; "192.168.1.0 255.255.255.0" may be given as one or two arguments;
+        /// for hostauth: HOST USER (the password is read from standard input).
         #[arg(required = true, num_args = 1..)]
         entry: Vec<String>,
+        /// hostauth: read the password from the first line of standard input (always so).
+        #[arg(long)]
+        password_stdin: bool,
     },
     /// Remove an entry (i5/OS RMVSMTPLE).
     Remove {
@@ -50,16 +54,56 @@ pub enum ListCommand {
 }
 
 fn kind(text: &str) -> anyhow::Result<ListKind> {
-    if text.eq_ignore_ascii_case("hostauth") {
-        bail!("the hostauth list comes with authenticated outbound delivery; it is not available yet");
+    ListKind::from_str(text).map_err(|_| anyhow::anyhow!("unknown list {text:?}: expected relay, reject, near, kill, rbl or hostauth"))
+}
+
+/// C5: `list add|remove|show hostauth`; the password comes from standard input, never shown.
+fn hostauth(cmd: ListCommand, store: &store::Store) -> anyhow::Result<()> {
+    use directory::access::hostauth;
+    match cmd {
+        ListCommand::Add { entry, .. } => {
+            let [host, user] = entry.as_slice() else { bail!("usage: postroom list add hostauth HOST USER --password-stdin") };
+            let password = crate::commands::read_password()?;
+            let (h, u) = (host.clone(), user.clone());
+            store.write_blocking(Durability::Full, move |c| hostauth::add(c, &h, &u, &password).map_err(into_store))?;
+            println!("hostauth list: {host} as {user} (password stored, never shown)");
+        }
+        ListCommand::Remove { entry, .. } => {
+            let host = entry.join(" ");
+            let h = host.clone();
+            if !store.write_blocking(Durability::Full, move |c| hostauth::remove(c, &h).map_err(into_store))? {
+                bail!("no hostauth entry for {host}");
+            }
+            println!("hostauth list: removed {host}");
+        }
+        ListCommand::Show { .. } => {
+            let rows = store.read_blocking(|c| hostauth::show(c).map_err(into_store))?;
+            if rows.is_empty() {
+                println!("hostauth list is empty");
+            }
+            for (host, user, added) in rows {
+                println!("{host:<30} {user:<20} added {}", mail_proto::date::rfc5322(added));
+            }
+        }
+        ListCommand::ImportLegacy { .. } => unreachable!("not a hostauth command"),
     }
-    ListKind::from_str(text).map_err(|e| anyhow::anyhow!(e))
+    Ok(())
+}
+
+fn is_hostauth(cmd: &ListCommand) -> bool {
+    match cmd {
+        ListCommand::Add { kind, .. } | ListCommand::Remove { kind, .. } | ListCommand::Show { kind } => kind.eq_ignore_ascii_case("hostauth"),
+        ListCommand::ImportLegacy { .. } => false,
+    }
 }
 
 pub fn list(cmd: ListCommand, config: &Config) -> anyhow::Result<()> {
     let (store, _) = open(config)?;
+    if is_hostauth(&cmd) {
+        return hostauth(cmd, &store);
+    }
     match cmd {
-        ListCommand::Add { kind: k, entry } => {
+        ListCommand::Add { kind: k, entry, .. } => {
             let (k, text) = (kind(&k)?, entry.join(" "));
             let (entry, added) = store.write_blocking(Durability::Full, move |c| access::add(c, k, &text).map_err(into_store))?;
             if added {

@@ -51,6 +51,9 @@ pub struct ClientSettings {
     /// For the TCP connect, and separately for the TLS handshake after STARTTLS.
     pub connect_timeout: Duration,
     pub timeouts: Timeouts,
+    /// User and password for a host on the host-authentication list (C5): sent with AUTH PLAIN
+    /// or LOGIN when the server offers AUTH — and only over TLS.
+    pub credentials: Option<(String, String)>,
 }
 
 impl ClientSettings {
@@ -62,6 +65,7 @@ impl ClientSettings {
             starttls: true,
             connect_timeout: Duration::from_secs(30),
             timeouts: Timeouts::default(),
+            credentials: None,
         }
     }
 }
@@ -269,6 +273,8 @@ struct Capabilities {
     eight_bit_mime: bool,
     starttls: bool,
     dsn: bool,
+    auth_plain: bool,
+    auth_login: bool,
 }
 
 impl Capabilities {
@@ -283,6 +289,11 @@ impl Capabilities {
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "STARTTLS" => caps.starttls = true,
                 "DSN" => caps.dsn = true,
+                "AUTH" => {
+                    let mechanisms = line.to_ascii_uppercase();
+                    caps.auth_plain = mechanisms.split_ascii_whitespace().any(|m| m == "PLAIN");
+                    caps.auth_login = mechanisms.split_ascii_whitespace().any(|m| m == "LOGIN");
+                }
                 _ => {}
             }
         }
@@ -359,6 +370,9 @@ impl Session<'_> {
                 tracing::debug!(host = self.host, reply = %show(&reply), "STARTTLS refused; continuing without TLS");
             }
         }
+        if let Some((user, password)) = &self.settings.credentials {
+            self.authenticate(&caps, user, password).await?;
+        }
         self.transaction(envelope, body, caps).await
     }
 
@@ -379,6 +393,34 @@ impl Session<'_> {
         } else {
             Err(SessionError::Rejected { stage: "HELO", reply: helo })
         }
+    }
+
+    /// C5: AUTH to a host on the host-authentication list, never in plaintext (the password
+    /// would cross the network in the clear). Without TLS the attempt goes on unauthenticated
+    /// and the server's answer to MAIL decides.
+    async fn authenticate(&mut self, caps: &Capabilities, user: &str, password: &str) -> Result<(), SessionError> {
+        if !matches!(self.transport, Transport::Tls(_)) {
+            tracing::warn!(host = self.host, "not sending host credentials without TLS");
+            return Ok(());
+        }
+        let t = self.settings.timeouts;
+        let reply = if caps.auth_plain {
+            let token = mail_proto::sasl::encode(format!("\0{user}\0{password}").as_bytes());
+            self.command("AUTH", t.mail, &format!("AUTH PLAIN {token}\r\n")).await?
+        } else if caps.auth_login {
+            let r = self.command("AUTH", t.mail, "AUTH LOGIN\r\n").await?;
+            if r.code != 334 {
+                return Err(SessionError::Rejected { stage: "AUTH", reply: r });
+            }
+            let r = self.command("AUTH", t.mail, &format!("{}\r\n", mail_proto::sasl::encode(user.as_bytes()))).await?;
+            if r.code != 334 {
+                return Err(SessionError::Rejected { stage: "AUTH", reply: r });
+            }
+            self.command("AUTH", t.mail, &format!("{}\r\n", mail_proto::sasl::encode(password.as_bytes()))).await?
+        } else {
+            return Ok(());
+        };
+        if reply.code / 100 == 2 { Ok(()) } else { Err(SessionError::Rejected { stage: "AUTH", reply }) }
     }
 
     async fn start_tls(&mut self) -> Result<(), SessionError> {
@@ -955,6 +997,7 @@ mod tests {
             starttls: true,
             connect_timeout: t,
             timeouts: Timeouts { greeting: t, mail: t, rcpt: t, data_init: t, data_block: t, data_term: t },
+            credentials: None,
         }
     }
 
@@ -1363,7 +1406,7 @@ mod tests {
     #[test]
     fn capabilities_from_ehlo() {
         let r = Reply::multiline(250, vec!["mx.test hello".into(), "pipelining".into(), "SIZE 1000".into(), "8BITMIME".into(), "STARTTLS".into()]);
-        assert_eq!(Capabilities::from_ehlo(&r), Capabilities { pipelining: true, size: true, eight_bit_mime: true, starttls: true, dsn: false });
+        assert_eq!(Capabilities::from_ehlo(&r), Capabilities { pipelining: true, size: true, eight_bit_mime: true, starttls: true, ..Default::default() });
         // The greeting line is not a keyword.
         let r = Reply::multiline(250, vec!["PIPELINING".into()]);
         assert_eq!(Capabilities::from_ehlo(&r), Capabilities::default());

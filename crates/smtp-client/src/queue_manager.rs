@@ -186,10 +186,13 @@ impl OutboundQueue {
         };
         let mut last_error = String::from("no host could be reached");
         for host in &hosts {
+            // C5: credentials for hosts on the host-authentication list.
+            let name = host.name.clone();
+            let credentials = self.inner.store.read(move |c| directory::access::hostauth::lookup(c, &name).map_err(directory::into_store)).await.ok().flatten();
             for addr in &host.addrs {
                 let mut tls = self.inner.settings.client.starttls;
                 loop {
-                    let settings = ClientSettings { starttls: tls, ..self.inner.settings.client.clone() };
+                    let settings = ClientSettings { starttls: tls, credentials: credentials.clone(), ..self.inner.settings.client.clone() };
                     let mut body = StoreBody::new(self.inner.store.clone(), first.message_id, first.expanded_from.as_deref());
                     match conversation::deliver(&settings, &host.name, *addr, &envelope, &mut body).await {
                         Ok(results) => {

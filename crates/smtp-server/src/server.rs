@@ -388,6 +388,10 @@ impl Driver<'_> {
                         *stream = plain.upgrade(tls.acceptor(), self.server.settings.tls_handshake_timeout).await?;
                         pending.extend(self.session.handle(Event::TlsUp));
                     }
+                    Action::Etrn(node) => {
+                        let reply = self.etrn(&node).await;
+                        pending.extend(self.session.handle(Event::EtrnDone(reply)));
+                    }
                     Action::VerifyPassword { user, password } => {
                         let outcome = self.verify_password(&user, &password).await;
                         pending.extend(self.session.handle(Event::AuthDone(outcome)));
@@ -524,6 +528,35 @@ impl Driver<'_> {
             Err(e) => {
                 tracing::warn!(error = %e, "password check failed");
                 AuthOutcome::TempFail
+            }
+        }
+    }
+
+    /// RFC 1985 ETRN (C7): a client that may relay (listed or authenticated) starts delivery of
+    /// the mail held for one of our dial-up domains.
+    async fn etrn(&self, node: &str) -> Reply {
+        if let Some(queue) = node.strip_prefix('#') {
+            return Reply::new(458, (0, 0), format!("Unable to queue messages for node #{queue}: queue names are not supported"));
+        }
+        let (domain, subdomains) = match node.strip_prefix('@') {
+            Some(d) => (d.to_ascii_lowercase(), true),
+            None => (node.to_ascii_lowercase(), false),
+        };
+        let allowed = self.session.authenticated().is_some() || self.facts.lists.relay_match(self.facts.ip).is_some();
+        if !allowed {
+            self.server.journal(code::SMTP_REJECTED, self.facts.ip, node, "ETRN refused: client may not relay (C7)");
+            return Reply::new(459, (7, 1), format!("Node {node} not allowed: this client may not issue ETRN"));
+        }
+        if !mail_framework::outbound::is_etrn_domain(&domain) {
+            return Reply::new(459, (7, 1), format!("Node {node} not allowed: not a dial-up domain of this server"));
+        }
+        let d = domain.clone();
+        match self.server.store().write(Durability::Full, move |c| mail_framework::outbound::release_etrn(c, &d, subdomains)).await {
+            Ok(0) => Reply::plain(251, format!("OK, no messages waiting for node {node}")),
+            Ok(n) => Reply::plain(253, format!("OK, {n} pending messages for node {node} started")),
+            Err(e) => {
+                tracing::error!(error = %e, "ETRN release failed");
+                Reply::new(458, (3, 0), format!("Unable to queue messages for node {node}"))
             }
         }
     }

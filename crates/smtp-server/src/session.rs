@@ -55,6 +55,8 @@ pub enum Event<'a> {
     TlsUp,
     /// Answer to `VerifyPassword`.
     AuthDone(AuthOutcome),
+    /// Answer to `Etrn`.
+    EtrnDone(Reply),
     /// The queue id on success.
     EnqueueDone(Result<String, String>),
     Timeout,
@@ -71,6 +73,8 @@ pub enum Action {
     Penalize,
     /// Write the replies so far, then do the TLS handshake; answer with `TlsUp` (or close).
     StartTls,
+    /// RFC 1985: release mail held for this node; answer with `EtrnDone`.
+    Etrn(String),
     /// Check credentials (A1); answer with `AuthDone`.
     VerifyPassword { user: String, password: String },
     /// A message body starts: the driver opens an incoming message and writes Received.
@@ -117,6 +121,7 @@ enum Waiting {
     Nothing,
     Tls,
     Password,
+    Etrn,
     Helo { name: String, esmtp: bool },
     Rcpt(Address, RcptDsn),
     Enqueue,
@@ -282,6 +287,13 @@ impl Session {
                     AuthOutcome::TempFail => self.reply(&mut out, Reply::new(454, (7, 0), "Temporary authentication failure")),
                 }
             }
+            Event::EtrnDone(reply) => {
+                if !matches!(self.waiting, Waiting::Etrn) {
+                    return out;
+                }
+                self.waiting = Waiting::Nothing;
+                self.reply(&mut out, reply);
+            }
             Event::EnqueueDone(result) => {
                 if !matches!(self.waiting, Waiting::Enqueue) {
                     return out;
@@ -390,6 +402,17 @@ impl Session {
             }
             Command::StartTls => self.starttls(out),
             Command::Auth(arg) => self.auth(&arg, out),
+            Command::Etrn(arg) => {
+                // RFC 1985 §5: after HELO/EHLO, outside a mail transaction.
+                if self.helo.is_none() || self.tx.is_some() {
+                    return self.reply(out, Reply::new(503, (5, 1), "Error: ETRN needs EHLO and no mail transaction"));
+                }
+                if arg.is_empty() || arg.contains(' ') {
+                    return self.reply(out, Reply::new(501, (5, 4), "Syntax: ETRN node"));
+                }
+                out.push(Action::Etrn(arg));
+                self.waiting = Waiting::Etrn;
+            }
             Command::NotImplemented(_) => self.reply(out, Reply::new(502, (5, 1), "Command not implemented")),
             Command::Unknown(_) => self.reply(out, Reply::new(500, (5, 2), "Error: command not recognized")),
         }
@@ -413,6 +436,7 @@ impl Session {
                 format!("SIZE {}", self.config.max_message_size),
                 "8BITMIME".into(),
                 "ENHANCEDSTATUSCODES".into(),
+                "ETRN".into(),
             ];
             if self.config.dsn {
                 lines.push("DSN".into());

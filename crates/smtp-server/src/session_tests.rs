@@ -166,6 +166,10 @@ impl Harness {
                     self.absorb(more, text);
                 }
                 Action::AddHeaders { message_id, date } => self.added_headers.push((message_id, date)),
+                Action::Etrn(node) => {
+                    let more = self.session.handle(Event::EtrnDone(Reply::plain(251, format!("OK, no messages waiting for node {node}"))));
+                    self.absorb(more, text);
+                }
             }
         }
     }
@@ -1289,6 +1293,7 @@ fn fuzz_pump(s: &mut Session, cfg: &SessionConfig, event: Event<'_>, rng: &mut X
                     next = Some(Event::HeloChecked(verdict));
                 }
                 Action::Penalize | Action::AddHeaders { .. } => {}
+                Action::Etrn(_) => next = Some(Event::EtrnDone(Reply::plain(251, "OK"))),
                 Action::StartTls => next = Some(Event::TlsUp),
                 Action::VerifyPassword { .. } => {
                     let outcome = if rng.chance(50) { AuthOutcome::Ok("sam".into()) } else { AuthOutcome::Failed };

@@ -1,5 +1,6 @@
 //! Forwarding (journal C6): recipients tagged *forward* go on the outbound queue — state
-//! `forward`, due now — in the same transaction; the SMTP client takes them from there.
+//! `forward`, due now — in the same transaction; the SMTP client takes them from there. Mail
+//! for a dial-up domain (C7) is held until ETRN.
 
 use rusqlite::Connection;
 use store::journal::{self, code};
@@ -15,7 +16,12 @@ impl SnapIn for Forwarding {
     }
 
     fn apply(&self, tx: &Connection, items: &[WorkItem]) -> Result<(), StoreError> {
+        let mut hold = tx.prepare_cached("UPDATE recipients SET held = 2 WHERE id = ?1")?;
         for item in items.iter().filter(|i| i.tag == Tag::Forward) {
+            // C7: mail for a dial-up domain waits until its server asks with ETRN.
+            if crate::outbound::etrn_domain(&item.address).is_some() {
+                hold.execute([item.recipient_id])?;
+            }
             let entry = journal::Entry {
                 code: code::FORWARD_ENQUEUED,
                 qid: &item.message.qid,

@@ -30,17 +30,19 @@ impl SnapIn for LocalDelivery {
                 usage.execute(params![user_id, size])?;
             }
             // RFC 3461: NOTIFY=SUCCESS asks for a "delivered" report.
-            if n == 1 && crate::reports::wanted(item.notify.as_deref(), Action::Delivered) && !item.message.mail_from.is_empty() {
-                if let Some(subject) = Subject::load(tx, item.message.id)? {
-                    let entry = Failure {
-                        recipient: item.address.clone(),
-                        orcpt: item.orcpt.clone(),
-                        action: Action::Delivered,
-                        status: "2.0.0".into(),
-                        diagnostic: "250 2.0.0 delivered to the mailbox".into(),
-                    };
-                    crate::reports::queue(tx, &subject, &item.message.mail_from, &[], "bounce", &[entry])?;
-                }
+            if n == 1
+                && crate::reports::wanted(item.notify.as_deref(), Action::Delivered)
+                && !item.message.mail_from.is_empty()
+                && let Some(subject) = Subject::load(tx, item.message.id)?
+            {
+                let entry = Failure {
+                    recipient: item.address.clone(),
+                    orcpt: item.orcpt.clone(),
+                    action: Action::Delivered,
+                    status: "2.0.0".into(),
+                    diagnostic: "250 2.0.0 delivered to the mailbox".into(),
+                };
+                crate::reports::queue(tx, &subject, &item.message.mail_from, &[], "bounce", &[entry])?;
             }
             journal::append(
                 tx,
