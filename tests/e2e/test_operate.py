@@ -56,6 +56,7 @@ def _line_with(out: str, pattern: str) -> str | None:
 def test_status_all_up(sam):
     """O2: `status` exits 0 and prints each listener with its address and "up", the framework
     worker and the outbound client, the queue depths and the oldest message's age."""
+    _wait_status_ok(sam)  # right after start: test_status_up_as_soon_as_ready
     r = sam.cli("status")
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
     out = r.stdout
@@ -74,6 +75,27 @@ def test_status_all_up(sam):
     assert not re.search(r"(?i)\bdown\b", out), out
 
 
+def _wait_status_ok(srv, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = srv.cli("status")
+        if r.returncode == 0:
+            return
+        assert time.monotonic() < deadline, f"status not 0 after {timeout}s:\n{r.stdout}{r.stderr}"
+        time.sleep(0.2)
+
+
+def test_status_up_as_soon_as_ready(make_server):
+    """O2: as soon as `serve` is ready (it wrote data_dir/listening), `status` says everything
+    is up and exits 0 - a script that starts the server and then checks it must not see DOWN."""
+    srv = make_server()
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        r = srv.cli("status")
+        assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+        time.sleep(0.1)
+
+
 def _delivery_depth(out: str) -> int | None:
     m = (re.search(r"(?i)(\d+)\s+(?:messages?\s+)?(?:waiting\s+)?for\s+delivery", out)
          or re.search(r"(?i)deliver\w*\b[^0-9\n]{0,40}?(\d+)", out))
@@ -87,6 +109,7 @@ def test_status_shows_waiting_mail(make_server):
                       delivery={"mail_router": "127.0.0.1:9"})
     srv.cli_ok("list", "add", "relay", "127.0.0.0/8")
     srv.start()
+    _wait_status_ok(srv)
     before = srv.cli_ok("status").stdout
     assert _delivery_depth(before) == 0, f"empty server shows a delivery depth other than 0:\n{before}"
     submit(srv, "someone@far.example", make_message("waiting", to="someone@far.example"))

@@ -149,7 +149,8 @@ pub fn collect_message(c: &Connection, message_id: i64) -> rusqlite::Result<bool
         .prepare_cached(
             "DELETE FROM messages WHERE id = ?1
                AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message_id = ?1)
-               AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state IN ('queued', 'forward', 'bounce'))",
+               AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state IN ('queued', 'forward', 'bounce'))
+               AND NOT EXISTS (SELECT 1 FROM quarantine WHERE message_id = ?1 AND released = 0)",
         )?
         .execute([message_id])?;
     Ok(n > 0)

@@ -120,12 +120,18 @@ impl Framework {
     /// (unless `reports::configure` was called first, with more settings).
     pub fn new(queue: Queue, domains: LocalDomains, hostname: &str) -> Self {
         crate::reports::configure(crate::reports::ReportSettings { hostname: hostname.to_string(), responsible_person: None });
-        let snapins = crate::snapins::builtin(domains.postmaster());
+        let snapins = crate::snapins::builtin(domains.postmaster(), crate::snapins::DEFAULT_FILTER_MAX_BYTES);
         Self::with_snapins(queue, domains, snapins)
     }
 
     pub fn with_snapins(queue: Queue, domains: LocalDomains, snapins: Vec<Box<dyn SnapIn>>) -> Self {
         Framework { queue, domains, snapins: Arc::new(snapins), outbound: Arc::new(tokio::sync::Notify::new()), heartbeat: Default::default(), storage: Default::default() }
+    }
+
+    /// Replace the snap-ins (e.g. to set the filters' parse limit).
+    pub fn with_snapin_chain(mut self, snapins: Vec<Box<dyn SnapIn>>) -> Self {
+        self.snapins = Arc::new(snapins);
+        self
     }
 
     /// Pause while the storage guard says space is low (F5).

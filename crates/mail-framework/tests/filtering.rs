@@ -211,7 +211,7 @@ async fn only_the_first_max_bytes_are_walked() {
     fw.run_once().await.unwrap();
     assert_eq!(s.states()[0].1, "delivered");
     // The built-in chain reads 10 MiB and finds it.
-    assert_eq!(snapins::builtin("p").iter().map(|s| s.name()).collect::<Vec<_>>()[..2], ["address-resolution", "filtering"]);
+    assert_eq!(snapins::builtin("p", snapins::DEFAULT_FILTER_MAX_BYTES).iter().map(|s| s.name()).collect::<Vec<_>>()[..2], ["address-resolution", "filtering"]);
     enqueue(&s.queue, &virus(), &RCPTS[..1], "smtp").await;
     s.framework().run_once().await.unwrap();
     assert_eq!(s.states()[1].1, "quarantined");

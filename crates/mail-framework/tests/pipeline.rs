@@ -120,7 +120,7 @@ async fn a_failing_step_rolls_back_the_whole_batch() {
     let s = setup(4096);
     enqueue(&s.queue, b"Subject: x\r\n\r\nhi\r\n", &["samjones@example.test"]).await;
     let fail = Arc::new(AtomicBool::new(true));
-    let mut chain = snapins::builtin("admin@example.test");
+    let mut chain = snapins::builtin("admin@example.test", snapins::DEFAULT_FILTER_MAX_BYTES);
     chain.push(Box::new(Flaky(fail.clone())));
     let fw = Framework::with_snapins(s.queue.clone(), s.domains.clone(), chain);
     assert!(fw.run_once().await.is_err());

@@ -230,6 +230,8 @@ pub struct StorageConfig {
     pub min_free_mb: u64,
     /// KiB per stored body chunk.
     pub body_chunk_kib: u32,
+    /// Bytes of a message the filters parse (F3); beyond them only MIME headers are walked.
+    pub filter_max_bytes: usize,
 }
 
 /// `[log]`.
@@ -454,7 +456,7 @@ impl Default for JournalConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { min_free_mb: 512, body_chunk_kib: 256 }
+        StorageConfig { min_free_mb: 512, body_chunk_kib: 256, filter_max_bytes: 10 * 1024 * 1024 }
     }
 }
 

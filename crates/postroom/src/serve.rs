@@ -56,7 +56,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     mail_framework::outbound::set_etrn_domains(config.delivery.etrn_domains.clone());
     spawn_send_scheduler(&config, store.clone());
     let storage = StorageGuard::default();
-    let framework = Framework::new(queue.clone(), domains.clone(), &config.hostname).with_storage_guard(storage.clone());
+    let chain = mail_framework::snapins::builtin(domains.postmaster(), config.storage.filter_max_bytes);
+    let framework =
+        Framework::new(queue.clone(), domains.clone(), &config.hostname).with_snapin_chain(chain).with_storage_guard(storage.clone());
     storage.monitor(store.clone(), config.data_dir.clone(), config.storage.min_free_mb, framework.pipeline_wake()).await;
     let (outbound_wake, pipeline_wake, framework_beat) = (framework.outbound_wake(), framework.pipeline_wake(), framework.heartbeat());
     tokio::spawn(framework.run());

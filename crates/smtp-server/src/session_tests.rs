@@ -690,13 +690,25 @@ fn unknown_mail_parameter_is_555() {
 }
 
 #[test]
-fn any_rcpt_parameter_is_555() {
-    let mut h = Harness::ready(config());
+fn unknown_rcpt_parameters_are_555_and_dsn_ones_checked() {
+    let mut h = Harness::ready(config_with(|c| c.dsn = false));
     h.cmd("MAIL FROM:<a@b.example>", "250 2.1.0");
     h.cmd("RCPT TO:<jane@example.test> NOTIFY=NEVER", "555 5.5.4");
     h.cmd("RCPT TO:<jane@example.test> FOO", "555 5.5.4");
     assert!(h.checks.is_empty());
     h.cmd("RCPT TO:<jane@example.test>", "250 2.1.5");
+    // With DSN on (RFC 3461), NOTIFY and ORCPT are taken and checked.
+    let mut h = Harness::ready(config());
+    h.local = vec!["jane@example.test".into()];
+    h.cmd("MAIL FROM:<a@b.example> RET=HDRS ENVID=job+2B7", "250 2.1.0");
+    h.cmd("RCPT TO:<jane@example.test> NOTIFY=SOMETIMES", "501 5.5.4");
+    h.cmd("RCPT TO:<jane@example.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Jane+2Bx@example.test", "250 2.1.5");
+    h.cmd("DATA", "354");
+    h.send("Subject: dsn\r\n\r\nbody\r\n.\r\n");
+    let dsn = &h.enqueues.last().expect("enqueued").dsn;
+    assert_eq!((dsn.ret.as_deref(), dsn.envid.as_deref()), (Some("HDRS"), Some("job+7")));
+    assert_eq!(dsn.recipients[0].notify.as_deref(), Some("SUCCESS,DELAY"));
+    assert_eq!(dsn.recipients[0].orcpt.as_deref(), Some("rfc822;Jane+x@example.test"));
 }
 
 #[test]

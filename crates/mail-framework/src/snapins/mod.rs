@@ -14,11 +14,15 @@ pub use non_delivery::NonDelivery;
 
 use crate::SnapIn;
 
-/// `postmaster` receives reports about failed reports.
-pub fn builtin(postmaster: &str) -> Vec<Box<dyn SnapIn>> {
+/// What the filters parse of a message unless configured otherwise (10 MiB).
+pub const DEFAULT_FILTER_MAX_BYTES: usize = 10 * 1024 * 1024;
+
+/// `postmaster` receives reports about failed reports; the filters parse at most
+/// `filter_max_bytes` of a message.
+pub fn builtin(postmaster: &str, filter_max_bytes: usize) -> Vec<Box<dyn SnapIn>> {
     vec![
         Box::new(AddressResolution),
-        Box::new(Filtering::default()),
+        Box::new(Filtering::with_max_bytes(filter_max_bytes)),
         Box::new(LocalDelivery),
         Box::new(Forwarding),
         Box::new(NonDelivery { postmaster: postmaster.to_string() }),
