@@ -172,7 +172,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// How long open sessions may take to finish after SIGTERM.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
 /// O2: every 2 s, the workers' last beats into data_dir/status for `postroom status`.
 fn spawn_status_writer(path: std::path::PathBuf, framework: Heartbeat, outbound: Heartbeat) {
