@@ -533,3 +533,76 @@ def test_dsn_peer_refusing_at_rcpt_is_reported_by_us(net):
     (line,) = rcpt_lines(net.other, "x@other.example")
     assert re.search(r"(?i)\bNOTIFY=FAILURE\b", line), line
     wait_queue_empty(srv)
+
+
+def test_relay_adds_no_dsn_parameters_the_client_did_not_give(net):
+    """RFC 3461 §5.2.1 (b), (c): a message that came without RET, ENVID or NOTIFY goes on to a
+    DSN-capable next hop without them - nothing is made up."""
+    net.mx1.caps = DEFAULT_CAPS + ["DSN"]
+    net.mx2.caps = DEFAULT_CAPS + ["DSN"]
+    srv = net.server()
+    submit_dsn(srv, SAM_ADDR, [("a@remote.example", "")],
+               make_message("no dsn asked", sender=SAM_ADDR, to="a@remote.example"))
+    (tx,) = net.mx1.wait_delivered("a@remote.example")
+    params = esmtp_params(tx.mail_params)
+    assert "RET" not in params and "ENVID" not in params, tx.mail_params
+    (line,) = rcpt_lines(net.mx1, "a@remote.example")
+    assert not re.search(r"(?i)\bNOTIFY=", line), line
+
+
+def test_only_the_recipient_that_asked_gets_a_relayed_report(net):
+    """RFC 3461 §5.2.2: two recipients relayed to a peer without DSN, only one with
+    NOTIFY=SUCCESS -> the report names that one only; a recipient without ORCPT has no
+    Original-Recipient field (RFC 3461 §6.3 (d))."""
+    srv = net.server()
+    submit_dsn(srv, SAM_ADDR, [("a@remote.example", "NOTIFY=SUCCESS"), ("b@remote.example", "")],
+               make_message("one asked", sender=SAM_ADDR, to="a@remote.example"))
+    net.mx1.wait_delivered("b@remote.example")
+    raw = wait_report_with(srv, SAM_USER, SAM_PW, "a@remote.example", "relayed")
+    r = report(raw, "a@remote.example", "relayed", r"2\.0\.0")
+    assert bounce_for(r["parsed"], "b@remote.example") is None, r["parsed"]["recipients"]
+    assert "original-recipient" not in r["fields"], r["fields"]
+    assert "original-envelope-id" not in r["parsed"]["per_message"], r["parsed"]["per_message"]
+    wait_queue_empty(srv)
+    time.sleep(1.0)
+    assert actions_for(srv, SAM_USER, SAM_PW, "b@remote.example") == []
+
+
+def test_envid_comes_back_xtext_decoded(net):
+    """RFC 3461 §4.4, §6.3 (a): ENVID travels as xtext ("+2B" is "+"); the report's
+    Original-Envelope-Id carries the decoded value, "QQ+314159"."""
+    net.other.rcpt["x@other.example"] = REFUSAL
+    srv = net.server()
+    submit_dsn(srv, SAM_ADDR, [("x@other.example", "NOTIFY=FAILURE")],
+               make_message("xtext envid", sender=SAM_ADDR, to="x@other.example"), "ENVID=QQ+2B314159")
+    raw = wait_report_with(srv, SAM_USER, SAM_PW, "x@other.example", "failed")
+    r = report(raw, "x@other.example", "failed", r"5\.1\.1")
+    assert r["parsed"]["per_message"].get("original-envelope-id") == "QQ+314159", r["parsed"]["per_message"]
+
+
+def test_success_report_returns_headers_only_even_with_ret_full(net):
+    """RFC 3461 §4.3: "FULL requests that the entire message be returned in any 'failed' DSN" -
+    RET concerns failure reports; a "delivered" report does not carry the whole message (here a
+    stand-in for a large attachment) back to the sender, even with RET=FULL: at most its headers."""
+    srv = net.server()
+    body = f"Big attachment stand-in.\r\n{BODY_MARKER}\r\n".encode()
+    submit_dsn(srv, SAM_ADDR, [(ADMIN_ADDR, "NOTIFY=SUCCESS")],
+               make_message("success full", body, sender=SAM_ADDR, to=ADMIN_ADDR), "RET=FULL")
+    raw = wait_report_with(srv, SAM_USER, SAM_PW, ADMIN_ADDR, "delivered")
+    r = report(raw, ADMIN_ADDR, "delivered", r"2\.0\.0")
+    assert BODY_MARKER not in raw.decode("utf-8", "replace"), "the success report returns the body"
+    if len(r["parts"]) >= 3:
+        assert r["parts"][2].get_content_type() == "text/rfc822-headers", r["parts"][2].get_content_type()
+
+
+def test_no_delay_report_for_a_null_sender(net):
+    """C4: a message from <> (itself a report) that is delayed gets no delay report - there is
+    nobody to send it to, and neither the postmaster nor anyone else gets one."""
+    net.other.rcpt["o@other.example"] = "451 4.3.0 try again later"
+    srv = net.server(SLOW_SCHEDULE)
+    submit_dsn(srv, "", [("o@other.example", "")],
+               make_message("null sender, slow", sender="mailer-daemon@remote.example", to="o@other.example"))
+    net.other.wait_rcpt("o@other.example", 5, timeout=30)   # well past delay_warning_secs
+    assert reports_of(srv, ADMIN_USER, ADMIN_PW) == []
+    assert reports_of(srv, SAM_USER, SAM_PW) == []
+    assert not [t for p in (net.mx1, net.mx2) for t in p.transactions], "a report went out"

@@ -103,12 +103,12 @@ def test_ehlo_lists_etrn(net):
     assert "ETRN" in keywords, ehlo.lines
 
 
-@pytest.mark.parametrize("arg", [DIAL, "@" + DIAL], ids=["domain", "at-domain"])
+@pytest.mark.parametrize("arg", [DIAL, "@" + DIAL, DIAL.upper()], ids=["domain", "at-domain", "upper-case"])
 def test_mail_for_dialup_domain_is_held_until_etrn(net, arg):
     """C7: mail for dial.example waits in the queue (its host hears nothing, nothing bounces)
     while mail for other domains leaves at once; `ETRN dial.example` (or `ETRN @dial.example`,
     the domain and its subdomains) from a relay-listed client gets 250-253 and the mail is
-    delivered."""
+    delivered. Domain names match whatever their case."""
     peer = dial_world(net)
     srv = etrn_server(net)
     m = send(srv, ["x@dial.example", "a@remote.example"], "held for dialup")
@@ -252,3 +252,50 @@ def test_scheduler_issues_etrn_to_the_upstream_host(net):
         i = next(i for i, c in enumerate(cmds) if c.upper().startswith("ETRN"))
         assert any(c.upper().startswith(("EHLO", "HELO")) for c in cmds[:i]), cmds
     assert upstream.transactions == [], "ETRN run sent mail to the upstream host"
+
+
+def test_mail_arriving_after_an_etrn_run_is_held_again(net):
+    """C7: ETRN starts one delivery run; a message that arrives afterwards waits for the next
+    ETRN."""
+    peer = dial_world(net)
+    srv = etrn_server(net)
+    send(srv, "x@dial.example", "first batch")
+    wait_queue_row(srv, "x@dial.example", timeout=10)
+    _, r = etrn(srv, DIAL)
+    assert r.code in ETRN_OK, r
+    peer.wait_delivered("x@dial.example", timeout=OUT_TIMEOUT)
+    wait_queue_empty(srv)
+    n_conn = len(peer.connections)
+    send(srv, "y@dial.example", "second batch")
+    wait_queue_row(srv, "y@dial.example", timeout=10)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        assert len(peer.connections) == n_conn, f"delivered without ETRN: {peer.summary()}"
+        time.sleep(0.2)
+    _, r = etrn(srv, DIAL)
+    assert r.code in ETRN_OK, r
+    peer.wait_delivered("y@dial.example", timeout=OUT_TIMEOUT)
+
+
+def test_etrn_for_held_domain_with_nothing_queued_is_fine(net):
+    """RFC 1985 §5: ETRN for a domain we serve that has nothing waiting -> 250 (or 251 "no
+    messages waiting"), not an error."""
+    dial_world(net)
+    srv = etrn_server(net)
+    _, r = etrn(srv, DIAL)
+    assert r.code in ETRN_OK, r
+
+
+def test_upstream_down_then_up(net):
+    """C7: the upstream host refuses connections for a while -> the server keeps running and
+    its scheduler keeps trying; once the host is up it gets `ETRN example.test`."""
+    from smtppeer import free_port
+    port = free_port("127.0.0.65")
+    srv = etrn_server(net, {"send_interval_secs": 2, "etrn_upstream": f"127.0.0.65:{port}",
+                            "etrn_upstream_domains": ["example.test"]})
+    time.sleep(5.0)   # two or three scheduler runs against a closed port
+    assert srv.proc.poll() is None, "the server died"
+    upstream = ExtPeer("127.0.0.65", port, name="upstream.example", etrn=True).start()
+    net.peers.append(upstream)
+    (e, *_) = upstream.wait_etrn(1, timeout=OUT_TIMEOUT)
+    assert e.argument.lower() == "example.test", e

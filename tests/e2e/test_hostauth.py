@@ -196,3 +196,55 @@ def test_removed_entry_is_no_longer_used(net):
     (tx,) = peer.wait_delivered("b@auth.example", timeout=OUT_TIMEOUT)
     assert tx.connection >= n_conn, "the second message reused the first connection"
     assert len(peer.auths) == n_auth, f"AUTH after the entry was removed: {peer.auths[n_auth:]!r}"
+
+
+def test_login_only_peer_and_a_password_with_spaces_and_umlauts(net):
+    """C5: a host offering only AUTH LOGIN gets LOGIN; the password is the whole stdin line, as
+    typed (inner spaces, non-ASCII), and the host name matches whatever its case in the list.
+    Neither the journal nor the server log shows the password afterwards."""
+    password = "pässwörd mit Leerzeichen 9"
+    peer = auth_world(net, starttls=True, auth=["LOGIN"], require_auth=True)
+    srv = net.server(start=False)
+    add_hostauth(srv, "MX.Auth.Example", USER, password)
+    srv.start()
+    m = send(srv, "a@auth.example", "login only")
+    (tx,) = peer.wait_delivered("a@auth.example", timeout=OUT_TIMEOUT)
+    assert tx.message.endswith(m)
+    ok = [a for a in peer.auths if 200 <= a.reply < 300]
+    assert ok and ok[-1].mechanism == "LOGIN" and ok[-1].tls, peer.auths
+    assert ok[-1].user == USER and ok[-1].password == password, peer.auths
+    journal = srv.cli_ok("journal").stdout
+    assert password not in journal and PASSWORD not in journal
+    assert password not in srv.stderr_text()
+
+
+def test_hostauth_add_without_user_is_refused(net):
+    """C5: `list add hostauth HOST` without a user is a user error (exit 1), nothing is stored."""
+    srv = net.server(start=False)
+    r = srv.cli("list", "add", "hostauth", HOST, "--password-stdin", input=PASSWORD + "\n")
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.strip(), "no message says what was wrong"
+    assert HOST not in srv.cli_ok("list", "show", "hostauth").stdout
+
+
+def test_failed_tls_handshake_then_plaintext_retry_sends_no_password(net):
+    """C5: STARTTLS is offered but the handshake fails; the opportunistic plaintext retry to the
+    same host must not carry the credentials (AUTH only over TLS) - the host, which requires
+    AUTH, never sees them and the message is not delivered."""
+    peer = auth_world(net, tls_broken=True, auth=["PLAIN", "LOGIN"], require_auth=True)
+    srv = net.server(start=False)
+    add_hostauth(srv)
+    srv.start()
+    send(srv, "a@auth.example", "broken tls, no password")
+    deadline = time.monotonic() + OUT_TIMEOUT
+    while not any(c.tls_failed for c in peer.connections):
+        assert time.monotonic() < deadline, f"STARTTLS never tried: {peer.summary()}"
+        time.sleep(0.1)
+    # the plaintext retry: a later connection that gets as far as MAIL (or at least EHLO)
+    while len(peer.connections) < 2:
+        assert time.monotonic() < deadline, f"no plaintext retry: {peer.summary()}"
+        time.sleep(0.1)
+    time.sleep(3.0)
+    assert auth_commands(peer) == [] and peer.auths == [], auth_commands(peer)
+    assert secrets_in(peer) == []
+    assert not peer.delivered(), peer.summary()

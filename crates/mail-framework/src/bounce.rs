@@ -73,7 +73,8 @@ pub fn status_of(reply: &str) -> String {
 
 /// The whole report message, CRLF line ends. `to` is the original sender; `reply_to` the DSN
 /// responsible person, if one is configured.
-pub fn report(hostname: &str, to: &str, reply_to: Option<&str>, original: &Original<'_>, entries: &[Failure], now: i64) -> Vec<u8> {
+/// `report_id` (the report's own queue id) makes its Message-ID unique.
+pub fn report(hostname: &str, to: &str, reply_to: Option<&str>, report_id: &str, original: &Original<'_>, entries: &[Failure], now: i64) -> Vec<u8> {
     let boundary = format!("{}/{}", original.qid, hostname);
     let failed = entries.iter().any(|e| e.action == Action::Failed);
     let delayed = entries.iter().any(|e| e.action == Action::Delayed);
@@ -94,7 +95,7 @@ pub fn report(hostname: &str, to: &str, reply_to: Option<&str>, original: &Origi
     }
     line(&format!("Subject: {subject}"));
     line(&format!("Date: {}", rfc5322(now)));
-    line(&format!("Message-ID: <{}.{now}.report@{hostname}>", original.qid));
+    line(&format!("Message-ID: <{report_id}.report@{hostname}>"));
     line("Auto-Submitted: auto-replied");
     line("MIME-Version: 1.0");
     line(&format!("Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\""));
@@ -188,10 +189,10 @@ mod tests {
         second.orcpt = Some("rfc822;Y@Remote.Example".into());
         let entries = vec![failure("x@remote.example", "5.1.1", "550 5.1.1 no\r\nsuch"), second];
         let original = Original { qid: "Q1", sender: "sam@example.test", arrived: 0, envid: Some("job-7"), attachment: Attachment::Headers(headers) };
-        let r = String::from_utf8(report("mail.example.test", "sam@example.test", Some("admin@example.test"), &original, &entries, 0)).unwrap();
+        let r = String::from_utf8(report("mail.example.test", "sam@example.test", Some("admin@example.test"), "R1", &original, &entries, 0)).unwrap();
         assert!(r.contains("report-type=delivery-status"));
         assert!(r.contains("Auto-Submitted: auto-replied") && r.contains("Reply-To: <admin@example.test>"));
-        assert!(r.contains("Original-Envelope-Id: job-7"));
+        assert!(r.contains("Original-Envelope-Id: job-7") && r.contains("Message-ID: <R1.report@mail.example.test>"));
         assert!(r.contains("Final-Recipient: rfc822; x@remote.example\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 no  such"));
         assert!(r.contains("Original-Recipient: rfc822;Y@Remote.Example\r\nFinal-Recipient: rfc822; y@remote.example"));
         assert!(r.contains("Content-Type: text/rfc822-headers\r\n\r\nFrom: sam@example.test"));
@@ -204,7 +205,7 @@ mod tests {
     fn success_report_with_the_full_message() {
         let original = Original { qid: "Q2", sender: "s@x.test", arrived: 0, envid: None, attachment: Attachment::Full(b"Subject: s\r\n\r\nbody\r\n") };
         let entry = Failure { action: Action::Relayed, ..failure("r@x.test", "2.0.0", "relayed to a host without DSN") };
-        let r = String::from_utf8(report("h.test", "s@x.test", None, &original, &[entry], 0)).unwrap();
+        let r = String::from_utf8(report("h.test", "s@x.test", None, "R2", &original, &[entry], 0)).unwrap();
         assert!(r.contains("Subject: Successful Mail Delivery Report") && r.contains("Action: relayed"));
         assert!(r.contains("Content-Type: message/rfc822\r\n\r\nSubject: s\r\n\r\nbody\r\n"));
         assert!(!r.contains("Reply-To"));

@@ -84,7 +84,9 @@ impl Subject {
 /// Returns the report's queue id.
 pub fn queue(conn: &Connection, subject: &Subject, to: &str, copies: &[String], origin: &str, entries: &[Failure]) -> Result<String, StoreError> {
     let s = settings();
-    let full_wanted = subject.ret.as_deref() == Some("FULL");
+    // RFC 3461 §4.3: RET=FULL returns the whole message in "failed" reports; other reports
+    // carry the headers.
+    let full_wanted = subject.ret.as_deref() == Some("FULL") && entries.iter().any(|e| e.action == Action::Failed);
     let size: i64 = conn.query_row("SELECT coalesce(sum(length(data)), 0) FROM body_chunks WHERE message_id = ?1", [subject.message_id], |r| r.get(0))?;
     let mut stmt = conn.prepare_cached("SELECT data FROM body_chunks WHERE message_id = ?1 ORDER BY seq")?;
     let mut chunks = stmt.query_map([subject.message_id], |r| r.get::<_, Vec<u8>>(0))?;
@@ -103,8 +105,8 @@ pub fn queue(conn: &Connection, subject: &Subject, to: &str, copies: &[String], 
         Attachment::Headers(bounce::header_section(&body, MAX_HEADERS))
     };
     let original = Original { qid: &subject.qid, sender: &subject.sender, arrived: subject.received_at, envid: subject.envid.as_deref(), attachment };
-    let report = bounce::report(&s.hostname, to, s.responsible_person.as_deref(), &original, entries, store::now());
     let qid = crate::queue::new_qid();
+    let report = bounce::report(&s.hostname, to, s.responsible_person.as_deref(), &qid, &original, entries, store::now());
     conn.prepare_cached("INSERT INTO messages (qid, complete, mail_from, size, received_at, origin) VALUES (?1, 1, '', ?2, ?3, ?4)")?
         .execute(params![qid, report.len() as i64, store::now(), origin])?;
     let id = conn.last_insert_rowid();
