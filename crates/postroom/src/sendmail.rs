@@ -117,7 +117,7 @@ pub fn submit(config: &Config, from: &str, recipients: &[String], message: &[u8]
             eprintln!("postroom: message not sent: {e}");
             match e {
                 SubmitError::Unavailable(_) | SubmitError::Temporary(_) | SubmitError::Io(_) => EX_TEMPFAIL,
-                SubmitError::NoRecipient => EX_NOUSER,
+                SubmitError::NoRecipient(_) => EX_NOUSER,
                 SubmitError::Refused(_) => EX_DATAERR,
             }
         }
@@ -221,8 +221,13 @@ pub struct SendArgs {
     html: Option<PathBuf>,
 }
 
-/// Build the message with mail-builder; the text body comes from standard input.
+/// Build the message with mail-builder; the text body comes from standard input. Unlike
+/// `sendmail`, `send` follows the other commands: exit 0, or 1 with the reason on stderr.
 pub fn send(args: SendArgs, config: &Config) -> u8 {
+    u8::from(compose_and_submit(args, config) != EX_OK)
+}
+
+fn compose_and_submit(args: SendArgs, config: &Config) -> u8 {
     let mut text = String::new();
     if let Err(e) = std::io::stdin().read_to_string(&mut text) {
         eprintln!("postroom: reading the body: {e}");

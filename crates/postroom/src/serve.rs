@@ -132,6 +132,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // The SMTP client: an MX that resolves to one of our own SMTP listeners is a loop.
     let own: Vec<std::net::SocketAddr> = bound.iter().filter(|l| l.starts_with("smtp ")).filter_map(|l| l[5..].parse().ok()).collect();
     let outbound = OutboundQueue::new(outbound_settings(&config, own), store.clone(), dns, outbound_wake, pipeline_wake);
+    // Both workers are alive from here on; `status` must not see a gap before their first round.
+    framework_beat.beat();
+    outbound.heartbeat().beat();
     spawn_status_writer(config.data_dir.join(crate::status::STATUS_FILE), framework_beat, outbound.heartbeat());
     tokio::spawn(outbound.run());
     write_listening(&config, &bound)?;
@@ -176,42 +179,19 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
 /// O2: every 2 s, the workers' last beats into data_dir/status for `postroom status`.
 fn spawn_status_writer(path: std::path::PathBuf, framework: Heartbeat, outbound: Heartbeat) {
-    tokio::spawn(async move {
-        loop {
-            let text = format!("pid {}\nupdated {}\nframework {}\noutbound {}\n", std::process::id(), store::now(), framework.last(), outbound.last());
-            let tmp = path.with_extension("tmp");
-            if write_private(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
-                tracing::warn!(path = %path.display(), "cannot write the status file");
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+    let write = move || {
+        let text = format!("pid {}\nupdated {}\nframework {}\noutbound {}\n", std::process::id(), store::now(), framework.last(), outbound.last());
+        let tmp = path.with_extension("tmp");
+        if write_private(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+            tracing::warn!(path = %path.display(), "cannot write the status file");
         }
-    });
-}
-
-/// C7: every `send_interval_secs`, release the mail held for dial-up domains and ask the
-/// upstream server, if one is set, to send what it holds for us (ETRN).
-fn spawn_send_scheduler(config: &Config, store: Store) {
-    let d = &config.delivery;
-    if d.send_interval_secs == 0 {
-        return;
-    }
-    let every = Duration::from_secs(d.send_interval_secs);
-    let upstream: Option<std::net::SocketAddr> = d.etrn_upstream.parse().ok();
-    let (domains, helo) = (d.etrn_upstream_domains.clone(), config.hostname.clone());
+    };
+    // Written once before `listening` appears, so `status` never sees a gap.
+    write();
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(every).await;
-            match store.write(store::Durability::Full, mail_framework::outbound::release_all_etrn).await {
-                Ok(n) if n > 0 => tracing::info!(released = n, "send scheduler: held mail released"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "send scheduler could not release held mail"),
-            }
-            if let (Some(addr), false) = (upstream, domains.is_empty()) {
-                match smtp_client::etrn::request(addr, &helo, &domains).await {
-                    Ok(replies) => tracing::info!(upstream = %addr, replies = ?replies.iter().map(|r| r.code).collect::<Vec<_>>(), "ETRN sent"),
-                    Err(e) => tracing::warn!(upstream = %addr, error = %e, "ETRN to the upstream server failed"),
-                }
-            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            write();
         }
     });
 }

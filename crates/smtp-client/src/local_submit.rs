@@ -22,9 +22,9 @@ pub enum SubmitError {
     /// A permanent refusal of the message or sender (5xx).
     #[error("refused: {0}")]
     Refused(String),
-    /// Every recipient was refused.
-    #[error("no recipient was accepted")]
-    NoRecipient,
+    /// Every recipient was refused: each with the server's reply.
+    #[error("no recipient was accepted: {}", .0.iter().map(|(r, why)| format!("{r}: {why}")).collect::<Vec<_>>().join("; "))]
+    NoRecipient(Vec<(String, String)>),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -56,7 +56,7 @@ pub async fn submit<R: AsyncRead + Unpin>(socket: &Path, from: &str, recipients:
         }
     }
     if accepted == 0 {
-        return Err(SubmitError::NoRecipient);
+        return Err(SubmitError::NoRecipient(report.refused));
     }
     let reply = c.command("DATA").await?;
     if reply.code != 354 {
