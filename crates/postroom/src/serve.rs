@@ -196,6 +196,34 @@ fn spawn_status_writer(path: std::path::PathBuf, framework: Heartbeat, outbound:
     });
 }
 
+/// C7: every `send_interval_secs`, release the mail held for dial-up domains and ask the
+/// upstream server, if one is set, to send what it holds for us (ETRN).
+fn spawn_send_scheduler(config: &Config, store: Store) {
+    let d = &config.delivery;
+    if d.send_interval_secs == 0 {
+        return;
+    }
+    let every = Duration::from_secs(d.send_interval_secs);
+    let upstream: Option<std::net::SocketAddr> = d.etrn_upstream.parse().ok();
+    let (domains, helo) = (d.etrn_upstream_domains.clone(), config.hostname.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match store.write(store::Durability::Full, mail_framework::outbound::release_all_etrn).await {
+                Ok(n) if n > 0 => tracing::info!(released = n, "send scheduler: held mail released"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "send scheduler could not release held mail"),
+            }
+            if let (Some(addr), false) = (upstream, domains.is_empty()) {
+                match smtp_client::etrn::request(addr, &helo, &domains).await {
+                    Ok(replies) => tracing::info!(upstream = %addr, replies = ?replies.iter().map(|r| r.code).collect::<Vec<_>>(), "ETRN sent"),
+                    Err(e) => tracing::warn!(upstream = %addr, error = %e, "ETRN to the upstream server failed"),
+                }
+            }
+        }
+    });
+}
+
 /// A file only the server's user may read (D4).
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
