@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PYTHON ?= python3
 
-.PHONY: run build test deps unit e2e bench lint fmt
+.PHONY: run build test deps unit e2e bench lint fmt fuzz
 
 run:
 	$(CARGO) run --release -p postroom -- serve
@@ -25,6 +25,10 @@ e2e: build deps
 
 bench:
 	bash bench/run.sh
+
+# Fuzz every parser and session for FUZZ_SECONDS each (default 60); replays fuzz/regressions first.
+fuzz:
+	bash fuzz/run.sh
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

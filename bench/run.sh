@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
-# Postroom benchmark (`make bench`): starts a throw-away server on loopback, drives it with
-# postroom-loadgen, and prints a Markdown table of rates, latency and server CPU per message.
-# It measures; it asserts nothing. See bench/README.md for the knobs.
+# Postroom benchmark (`make bench`), side by side with Postfix, smtp-sink and Dovecot.
+#
+# Starts a throw-away Postroom and private peer instances (bench/peers.sh) on loopback high ports
+# under one temporary directory, runs each scenario ROUNDS times with the targets interleaved
+# (A B A B ...), and prints a Markdown table of medians, server CPU µs per unit beside every rate,
+# and the ratio Postroom/peer against the goals of the performance issue. It measures; it asserts
+# nothing. Everything it started is stopped, and the directory deleted, on any exit.
+# See bench/README.md for the knobs and BENCHMARKS.md for the method and the latest figures.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-N=${N:-5000}                      # messages for the 1 KiB SMTP scenarios (N/10 for 100 KiB)
-SIZE=${SIZE:-1024}                # message size for scenarios (a) and (b)
-C=${C:-10}                        # SMTP client concurrency
-POP_C=${POP_C:-4}                 # POP3 client concurrency
-POP_MSGS=${POP_MSGS:-100}         # messages per mailbox for the POP3 scenarios
-POP_SIZE=${POP_SIZE:-10240}       # their size
-POP_SESSIONS=${POP_SESSIONS:-2000}
-MAX_SECONDS=${MAX_SECONDS:-60}    # bound on each scenario
-BUDGET_SECONDS=${BUDGET_SECONDS:-480}  # bound on all scenarios together (the build excluded)
+N=${N:-5000}                      # messages per run, 1 KiB SMTP scenarios
+N_E2E=${N_E2E:-$((N / 2))}        # messages per run, end-to-end scenario
+N_BIG=${N_BIG:-$((N / 10 > 0 ? N / 10 : 1))}  # messages per run, 100 KiB scenario
+ROUNDS=${ROUNDS:-3}               # interleaved rounds per scenario (medians over these)
+C=${C:-10}                        # SMTP sessions
+POP_C=${POP_C:-4}                 # POP3 clients
+POP_MSGS=${POP_MSGS:-100}         # messages per POP3 mailbox (10 mailboxes)
+POP_SIZE=${POP_SIZE:-10240}
+POP_REPEAT=${POP_REPEAT:-10}      # passes over the 10 mailboxes per retr-all run
+POP_SESSIONS=${POP_SESSIONS:-1000} # login-one sessions per run
+BIG_BOX=${BIG_BOX:-10000}         # messages already in the "full" mailbox
+IDLE=${IDLE:-1000}                # idle SMTP connections, and as many idle POP3 connections
+HUGE=${HUGE:-50000000}            # size of the one large message (octets)
+MAX_SECONDS=${MAX_SECONDS:-60}    # bound on each single run
+BUDGET_SECONDS=${BUDGET_SECONDS:-720}  # bound on all scenarios together (build, install excluded)
+PEERS=${PEERS:-1}                 # 0: Postroom only
 POSTROOM=${POSTROOM_BIN:-target/release/postroom}
 LOADGEN=${LOADGEN_BIN:-target/release/postroom-loadgen}
+
+# shellcheck source=bench/peers.sh
+source bench/peers.sh
 
 if [[ -z "${SKIP_BUILD:-}" ]]; then
     cargo build --release -p postroom -p loadgen
@@ -24,12 +39,30 @@ fi
 for b in "$POSTROOM" "$LOADGEN"; do
     [[ -x "$b" ]] || { echo "bench: $b not found or not executable" >&2; exit 1; }
 done
+HAVE_PEERS=""
+if [[ "$PEERS" != 0 ]]; then
+    if peers_install; then
+        HAVE_PEERS=1
+    else
+        echo "bench: running without peers" >&2
+    fi
+fi
+SMTP_SOURCE=$(command -v smtp-source || true)
+if [[ -z "$SMTP_SOURCE" ]]; then
+    echo "bench: smtp-source (package postfix) is needed for the SMTP scenarios" >&2
+    exit 1
+fi
+
+# 2,000 idle connections need descriptors on both ends.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/postroom-bench.XXXXXX")
+chmod 755 "$TMP"   # the peers' unprivileged workers traverse it
 DATA="$TMP/data"
 CFG="$TMP/postroom.toml"
 SERVER_PID=""
 CHILD=""   # the bounded client command running now, if any
+BG_PIDS=() # background clients (idle connections)
 
 # bounded OUTFILE ERRFILE SECONDS CMD...: runs CMD under `timeout` in the background and waits,
 # so that a signal to this script is handled at once (the trap then stops CMD too). Sets RC.
@@ -47,12 +80,12 @@ stop_server() {
     [[ -n "$SERVER_PID" ]] || return 0
     if kill -0 "$SERVER_PID" 2>/dev/null; then
         kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do
+        for _ in $(seq 1 150); do
             kill -0 "$SERVER_PID" 2>/dev/null || break
             sleep 0.1
         done
         if kill -0 "$SERVER_PID" 2>/dev/null; then
-            echo "bench: server did not stop within 10 s of SIGTERM; sending SIGKILL" >&2
+            echo "bench: server did not stop within 15 s of SIGTERM; sending SIGKILL" >&2
             kill -KILL "$SERVER_PID" 2>/dev/null || true
         fi
     fi
@@ -67,7 +100,12 @@ cleanup() {
         kill -TERM "$CHILD" 2>/dev/null || true
         wait "$CHILD" 2>/dev/null || true
     fi
+    for p in "${BG_PIDS[@]}"; do
+        kill -TERM "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
     stop_server
+    peers_stop_all
     if [[ -n "${KEEP_TMP:-}" ]]; then
         echo "bench: kept $TMP" >&2
     else
@@ -79,7 +117,21 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# No DNS: resolvers point at a loopback port where nothing answers; all mail is local.
+now() { date +%s.%N; }
+fsub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", b - a }'; }
+# Value of a numeric field in a flat one-line JSON object.
+jget() { sed -n "s/.*\"$2\":\([-0-9.eE+]*\).*/\1/p" <<<"$1"; }
+fmt() { awk -v x="$1" -v p="${2:-1}" 'BEGIN { if (x == "") print "n/a"; else printf "%.*f", p, x }'; }
+div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b + 0 == 0) print ""; else print a / b }'; }
+median() {
+    printf '%s\n' "$@" | awk 'NF' | sort -g | awk '{ a[NR] = $1 }
+        END { if (NR == 0) print ""; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+CLK_TCK=$(getconf CLK_TCK)
+ticks_us() { awk -v a="$1" -v b="$2" -v t="$CLK_TCK" 'BEGIN { if (a == "" || b == "") print ""; else print (b - a) / t * 1e6 }'; }
+
+# ---------------------------------------------------------------------------------------------
+# Postroom. No DNS: resolvers point at a loopback port where nothing answers; all mail is local.
 cat >"$CFG" <<EOF
 data_dir = "$DATA"
 hostname = "bench.example.test"
@@ -90,14 +142,14 @@ postmaster = "admin@example.test"
 listen = ["127.0.0.1:0"]
 submission_listen = []
 tls_listen = []
-max_sessions = 500
-max_sessions_per_ip = 500
+max_sessions = $((IDLE + 500))
+max_sessions_per_ip = $((IDLE + 500))
 
 [pop3]
 listen = ["127.0.0.1:0"]
 tls_listen = []
-max_sessions = 500
-max_sessions_per_ip = 500
+max_sessions = $((IDLE + 500))
+max_sessions_per_ip = $((IDLE + 500))
 
 [dns]
 servers = ["127.0.0.1:9"]
@@ -109,16 +161,18 @@ min_free_mb = 0
 enabled = true
 EOF
 
-pw() { echo "bench-pw-$1"; }
+PW=bench-pw
 USERS=(u1 u2 u3 u4 u5 u6 u7 u8 u9 u10)
-for u in "${USERS[@]}" admin; do
-    pw "$u" | timeout 60 "$POSTROOM" --config "$CFG" user add "$u" --address "$u@example.test" \
+EMPTY_USERS=()
+for r in $(seq 1 "$ROUNDS"); do EMPTY_USERS+=("empty$r"); done
+echo "bench: creating Postroom users" >&2
+for u in "${USERS[@]}" admin e2e big "${EMPTY_USERS[@]}"; do
+    echo "$PW" | timeout 60 "$POSTROOM" --config "$CFG" user add "$u" --address "$u@example.test" \
         --password-stdin >/dev/null || { echo "bench: user add $u failed" >&2; exit 1; }
 done
 
 "$POSTROOM" --config "$CFG" serve >"$TMP/serve.log" 2>&1 &
 SERVER_PID=$!
-
 for _ in $(seq 1 300); do
     if [[ -s "$DATA/listening" ]] && grep -q '^smtp ' "$DATA/listening" \
         && grep -q '^pop3 ' "$DATA/listening"; then
@@ -139,183 +193,383 @@ if [[ -z "$SMTP_ADDR" || -z "$POP_ADDR" ]]; then
     exit 1
 fi
 for a in "$SMTP_ADDR" "$POP_ADDR"; do
-    [[ "$a" == 127.* || "$a" == "[::1]:"* ]] || { echo "bench: $a is not loopback" >&2; exit 1; }
+    [[ "$a" == 127.* ]] || { echo "bench: $a is not IPv4 loopback" >&2; exit 1; }
 done
 
-CLK_TCK=$(getconf CLK_TCK)
+# Peers.
+PF_ADDR="" DV_ADDR="" SINK_ADDR=""
+if [[ -n "$HAVE_PEERS" ]]; then
+    if pf_start "$TMP/postfix" "$(free_port)"; then PF_ADDR="127.0.0.1:$PF_PORT"; fi
+    if dv_start "$TMP/dovecot" "$(free_port)" "$PW" "${USERS[@]}"; then DV_ADDR="127.0.0.1:$DV_PORT"; fi
+    if sink_start "$(free_port)"; then SINK_ADDR="127.0.0.1:$SINK_PORT"; fi
+fi
+echo "bench: postroom smtp $SMTP_ADDR pop3 $POP_ADDR; postfix ${PF_ADDR:-none}," \
+    "dovecot ${DV_ADDR:-none}, smtp-sink ${SINK_ADDR:-none}; N=$N ROUNDS=$ROUNDS C=$C" >&2
+
 NPROC=$(nproc 2>/dev/null || echo '?')
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_SECONDS))
-
-# Server CPU time (utime + stime, all threads) in clock ticks; empty if the server is gone.
-cpu_ticks() {
-    local s
-    s=$(cat "/proc/$SERVER_PID/stat" 2>/dev/null) || return 0
-    s=${s##*) }                     # drop "pid (comm) ", comm may hold spaces
-    # shellcheck disable=SC2086
-    set -- $s                       # $1 = state (field 3), so utime = $12, stime = $13
-    echo $(( ${12} + ${13} ))
-}
-peak_rss_mib() {
-    awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$SERVER_PID/status" 2>/dev/null || true
-}
-# Value of a numeric field in a flat one-line JSON object.
-jget() { sed -n "s/.*\"$2\":\([-0-9.eE+]*\).*/\1/p" <<<"$1"; }
-fmt() { awk -v x="$1" -v p="${2:-1}" 'BEGIN { if (x == "") print "n/a"; else printf "%.*f", p, x }'; }
-# Seconds left for a scenario: the smaller of MAX_SECONDS and what the budget still allows.
 time_left() {
     local left=$((DEADLINE - $(date +%s)))
     ((left < MAX_SECONDS)) && echo "$left" || echo "$MAX_SECONDS"
 }
+budget_ok() { ((DEADLINE - $(date +%s) >= 5)); }
 
-ROWS=()
-ERRFILES=()
-row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 |"); }
+pid_of() { # target -> root pid of its process tree
+    case $1 in
+        postroom | empty | full) echo "$SERVER_PID" ;;  # empty/full: the mailbox scenario
+        postfix) echo "$PF_PID" ;;
+        dovecot) echo "$DV_PID" ;;
+        sink) echo "$SINK_PID" ;;
+    esac
+}
 
-# run_loadgen NAME -- ARGS...: runs the loadgen with a bound, sets OUT (its JSON) and CPU_US
-# (server CPU microseconds used meanwhile), and NOTE_RUN (status remarks).
-run_loadgen() {
-    local name=$1 secs c0 c1
-    shift
+# After a client finishes, work the server still does for it (queue runs, delivery after the
+# 250) is counted: wait until the tree's CPU stops moving (≤ 1 tick in 0.3 s), at most 15 s.
+settle() {
+    local root=$1 a b
+    a=$(tree_ticks "$root")
+    for _ in $(seq 1 50); do
+        sleep 0.3
+        b=$(tree_ticks "$root")
+        [[ -z "$a" || -z "$b" ]] && break
+        ((b - a <= 1)) && break
+        a=$b
+    done
+}
+
+# Results: VAL[scenario|target] holds the per-round rates, CPU[scenario|target] the per-round
+# server CPU µs per unit, NOTE[scenario|target] remarks.
+declare -A VAL CPU NOTE
+add_note() { NOTE[$1]="${NOTE[$1]:+${NOTE[$1]}; }$2"; }
+
+# measure KEY TARGET CMD...: runs the client CMD bounded; sets EL (wall seconds from the client's
+# start until it ends, or, when AFTER_CLIENT names a command, until that command returns, e.g. once
+# every message is in its mailbox; it sets AFTER_OK), CPU_US (server tree CPU µs from the start
+# until the tree is idle again), OUTF/ERRF (the client's output files).
+AFTER_CLIENT=""
+measure() {
+    local key=$1 target=$2
+    shift 2
+    local root c0 c1 t0 t1 secs
+    root=$(pid_of "$target")
     secs=$(time_left)
-    OUT="" CPU_US="" NOTE_RUN="" CPU_NOTE=""
-    if ((DEADLINE - $(date +%s) < 5)); then
-        NOTE_RUN="skipped: time budget (BUDGET_SECONDS=$BUDGET_SECONDS) used up"
-        return 0
+    OUTF="$TMP/run.out" ERRF="$TMP/run.err"
+    settle "$root"
+    c0=$(tree_ticks "$root")
+    t0=$(now)
+    bounded "$OUTF" "$ERRF" $((secs + 15)) "$@"
+    AFTER_OK=1
+    if [[ -n "$AFTER_CLIENT" ]]; then
+        $AFTER_CLIENT || AFTER_OK=""
     fi
-    c0=$(cpu_ticks)
-    bounded "$TMP/$name.json" "$TMP/$name.err" $((secs + 30)) "$LOADGEN" "$@" --max-seconds "$secs"
-    OUT=$(cat "$TMP/$name.json")
-    c1=$(cpu_ticks)
-    if [[ -n "$c0" && -n "$c1" ]]; then
-        CPU_US=$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" 'BEGIN { print (b - a) / t * 1e6 }')
-        # Clock-tick resolution: flag short scenarios whose CPU figure is coarse.
-        if ((c1 - c0 < 100)); then
-            CPU_NOTE="server CPU from only $((c1 - c0)) clock ticks: coarse"
-        fi
-    else
-        NOTE_RUN="server not running"
+    t1=$(now)
+    EL=$(fsub "$t0" "$t1")
+    settle "$root"
+    c1=$(tree_ticks "$root")
+    CPU_US=$(ticks_us "$c0" "$c1")
+    if ((RC != 0)); then
+        add_note "$key|$target" "client exit $RC$( ((RC == 124)) && echo ' (time bound)')"
     fi
-    ((RC == 0)) || NOTE_RUN="${NOTE_RUN:+$NOTE_RUN; }loadgen exit $RC"
-    grep -q 'max-seconds reached' "$TMP/$name.err" 2>/dev/null \
-        && NOTE_RUN="${NOTE_RUN:+$NOTE_RUN; }stopped at the ${secs} s bound"
-    local unfinished
-    unfinished=$(jget "$OUT" unfinished)
-    [[ "${unfinished:-0}" == 0 ]] || NOTE_RUN="${NOTE_RUN:+$NOTE_RUN; }$unfinished cut off in flight"
-    [[ -s "$TMP/$name.err" ]] && ERRFILES+=("$name")
+    if [[ -s "$ERRF" ]] && ! grep -q 'max-seconds reached' "$ERRF"; then
+        add_note "$key|$target" "client said: $(head -c 160 "$ERRF" | tr '\n' ' ')"
+    fi
+    grep -q 'max-seconds reached' "$ERRF" 2>/dev/null && add_note "$key|$target" "stopped at the time bound"
     return 0
 }
-per() { # per CPU_US COUNT -> µs per unit
-    awk -v c="$1" -v n="$2" 'BEGIN { if (c == "" || n + 0 == 0) print ""; else print c / n }'
+record() { # KEY TARGET RATE CPU_PER_UNIT
+    VAL[$1|$2]="${VAL[$1|$2]:-} $3"
+    CPU[$1|$2]="${CPU[$1|$2]:-} $4"
 }
 
-smtp_scenario() { # label name size messages extra-args...
-    local label=$1 name=$2 size=$3 msgs=$4
-    shift 4
-    run_loadgen "$name" smtp --addr "$SMTP_ADDR" --messages "$msgs" --size "$size" \
-        --from "bench@example.test" --to "admin@example.test" "$@"
-    local acc err secs
-    acc=$(jget "$OUT" accepted) err=$(jget "$OUT" errors) secs=$(jget "$OUT" seconds)
-    row "$label" "$(fmt "$(jget "$OUT" msgs_per_sec)" 1) msg/s" "$(fmt "$(jget "$OUT" mb_per_sec)" 2)" \
-        "$(fmt "$(per "$CPU_US" "$acc")" 0)" "$(fmt "$(jget "$OUT" p50_ms)" 2)" \
-        "${acc:-0}/$msgs accepted, ${err:-?} errors, $(fmt "$secs" 2) s, p99 $(fmt "$(jget "$OUT" p99_ms)" 2) ms, peak RSS $(peak_rss_mib) MiB${NOTE_RUN:+; $NOTE_RUN}${CPU_NOTE:+; $CPU_NOTE}"
+# smtp_source_run KEY TARGET ADDR RCPT MSGS SIZE [-d]: smtp-source, rate from wall time.
+smtp_source_run() {
+    local key=$1 target=$2 addr=$3 rcpt=$4 msgs=$5 size=$6
+    shift 6
+    measure "$key" "$target" "$SMTP_SOURCE" "$@" -s "$C" -m "$msgs" -l "$size" \
+        -f bench@example.test -t "$rcpt" "$addr"
+    if ((RC == 0)); then
+        record "$key" "$target" "$(div "$msgs" "$EL")" "$(div "$CPU_US" "$msgs")"
+    fi
 }
 
-echo "bench: server pid $SERVER_PID, smtp $SMTP_ADDR, pop3 $POP_ADDR; N=$N SIZE=$SIZE C=$C" >&2
+pr_stat() { # USER -> messages in the Postroom mailbox (empty on failure)
+    { timeout 20 "$LOADGEN" pop3 --addr "$POP_ADDR" --user "$1:$PW" --mode stat --concurrency 1 \
+        --max-seconds 10 2>/dev/null || true; } | sed -n 's/.*"messages":\([0-9]*\).*/\1/p'
+}
 
-echo "bench: (a) SMTP, new connection per message" >&2
-smtp_scenario "(a) SMTP $SIZE B, new conn/msg, C=$C" a "$SIZE" "$N" --concurrency "$C"
-echo "bench: (b) SMTP, persistent connections" >&2
-smtp_scenario "(b) SMTP $SIZE B, persistent, C=$C" b "$SIZE" "$N" --concurrency "$C" --reuse
-echo "bench: (c) SMTP 100 KiB, persistent connections" >&2
-smtp_scenario "(c) SMTP 100 KiB, persistent, C=$C" c 102400 $((N / 10 > 0 ? N / 10 : 1)) \
-    --concurrency "$C" --reuse
+# wait_count KIND USER|- TARGET_COUNT SECONDS: polls until the mailbox holds TARGET_COUNT;
+# returns 1 on timeout. KIND: postroom (POP3 STAT) or postfix (Maildir files).
+wait_count() {
+    local kind=$1 user=$2 want=$3 until n
+    until=$(($(date +%s) + $4))
+    while (($(date +%s) < until)); do
+        if [[ $kind == postroom ]]; then n=$(pr_stat "$user"); else n=$(pf_maildir_count); fi
+        [[ -n "$n" ]] && ((n >= want)) && return 0
+        sleep 0.1
+    done
+    return 1
+}
 
-# (d) setup: POP_MSGS messages of POP_SIZE to each of u1..u10 (one message, ten recipients).
-echo "bench: (d) filling ${#USERS[@]} mailboxes with $POP_MSGS messages of $POP_SIZE B" >&2
-TO_ARGS=() USER_ARGS=()
-for u in "${USERS[@]}"; do
-    TO_ARGS+=(--to "$u@example.test")
-    USER_ARGS+=(--user "$u:$(pw "$u")")
-done
-run_loadgen fill smtp --addr "$SMTP_ADDR" --messages "$POP_MSGS" --size "$POP_SIZE" \
-    --concurrency "$POP_C" --reuse --from "bench@example.test" "${TO_ARGS[@]}"
-FILL_NOTE="fill: $(jget "$OUT" accepted)/$POP_MSGS accepted${NOTE_RUN:+ ($NOTE_RUN)}, peak RSS then $(peak_rss_mib) MiB"
-# Delivery into mailboxes may lag the 250: poll STAT over POP3 until every box holds POP_MSGS.
-FILLED=""
-WAIT_UNTIL=$(($(date +%s) + $(time_left)))
-while (($(date +%s) < WAIT_UNTIL)); do
-    bounded "$TMP/stat.json" /dev/null 30 "$LOADGEN" pop3 --addr "$POP_ADDR" "${USER_ARGS[@]}" \
-        --mode stat --concurrency "$POP_C" --max-seconds 20
-    S=$(cat "$TMP/stat.json")
-    MINM=$(jget "$S" min_messages)
-    if [[ -n "$MINM" && "$(jget "$S" users)" == "${#USERS[@]}" ]] && ((MINM >= POP_MSGS)); then
-        FILLED=1
-        break
-    fi
-    sleep 0.5
-done
-if [[ -z "$FILLED" ]]; then
-    FILL_NOTE="$FILL_NOTE; mailboxes not full in time (STAT: ${S:-none})"
-    echo "bench: queue after waiting:" >&2
-    bounded "$TMP/queue.txt" "$TMP/queue.err" 20 "$POSTROOM" --config "$CFG" queue list
-    head -n 20 "$TMP/queue.txt" "$TMP/queue.err" >&2
+echo "bench: scenarios, budget ${BUDGET_SECONDS} s" >&2
+
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$SERVER_PID/status" 2>/dev/null; }
+hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$SERVER_PID/status" 2>/dev/null; }
+
+# --- S8: idle connections: Postroom's total RSS (first, on the fresh server) ------------
+IDLE_RESULT="" IDLE_NOTE=""
+if budget_ok; then
+    echo "bench: $IDLE idle SMTP + $IDLE idle POP3 connections" >&2
+    rss0=$(rss_kib)
+    rm -f "$TMP/idle-smtp.ready" "$TMP/idle-pop3.ready"
+    timeout 120 "$LOADGEN" idle --addr "$SMTP_ADDR" --proto smtp --connections "$IDLE" \
+        --hold-seconds 8 --ready-file "$TMP/idle-smtp.ready" --max-seconds 40 \
+        >"$TMP/idle-smtp.json" 2>"$TMP/idle-smtp.err" &
+    BG_PIDS+=($!)
+    timeout 120 "$LOADGEN" idle --addr "$POP_ADDR" --proto pop3 --connections "$IDLE" \
+        --hold-seconds 8 --ready-file "$TMP/idle-pop3.ready" --max-seconds 40 \
+        >"$TMP/idle-pop3.json" 2>"$TMP/idle-pop3.err" &
+    BG_PIDS+=($!)
+    for _ in $(seq 1 500); do
+        [[ -s "$TMP/idle-smtp.ready" && -s "$TMP/idle-pop3.ready" ]] && break
+        sleep 0.1
+    done
+    sleep 1
+    rss1=$(rss_kib)
+    IDLE_RESULT=$(awk -v k="$rss1" 'BEGIN { if (k != "") printf "%.1f", k / 1024 }')
+    IDLE_NOTE="opened: SMTP $(jget "$(cat "$TMP/idle-smtp.ready" 2>/dev/null)" opened)/$IDLE, POP3 $(jget "$(cat "$TMP/idle-pop3.ready" 2>/dev/null)" opened)/$IDLE; RSS before $(fmt "$(div "$rss0" 1024)" 1) MiB"
+    for p in "${BG_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    BG_PIDS=()
+    for f in smtp pop3; do
+        c=$(jget "$(cat "$TMP/idle-$f.json" 2>/dev/null)" closed_during_hold)
+        [[ -z "$c" || "$c" == 0 ]] || IDLE_NOTE="$IDLE_NOTE; $f: $c closed by the server during the hold"
+    done
 fi
 
-echo "bench: (d) POP3 retr-all" >&2
-run_loadgen d pop3 --addr "$POP_ADDR" "${USER_ARGS[@]}" --mode retr-all --concurrency "$POP_C"
-n=$(jget "$OUT" retrieved)
-row "(d) POP3 RETR all, ${#USERS[@]} users × $POP_MSGS × $((POP_SIZE / 1024)) KiB, C=$POP_C" \
-    "$(fmt "$(jget "$OUT" retr_per_sec)" 1) RETR/s" "$(fmt "$(jget "$OUT" mb_per_sec)" 2)" \
-    "$(fmt "$(per "$CPU_US" "$n")" 0)" "—" \
-    "${n:-0} retrieved, $(jget "$OUT" errors) errors, $(fmt "$(jget "$OUT" seconds)" 2) s; $FILL_NOTE; peak RSS $(peak_rss_mib) MiB${NOTE_RUN:+; $NOTE_RUN}${CPU_NOTE:+; $CPU_NOTE}"
-
-echo "bench: (e) POP3 login-one" >&2
-run_loadgen e pop3 --addr "$POP_ADDR" "${USER_ARGS[@]}" --mode login-one \
-    --sessions "$POP_SESSIONS" --concurrency "$POP_C"
-n=$(jget "$OUT" sessions)
-row "(e) POP3 login + RETR 1 + QUIT, C=$POP_C" "$(fmt "$(jget "$OUT" sessions_per_sec)" 1) sessions/s" "—" \
-    "$(fmt "$(per "$CPU_US" "$n")" 0)" "$(fmt "$(jget "$OUT" p50_ms)" 2)" \
-    "${n:-0}/$POP_SESSIONS sessions, $(jget "$OUT" errors) errors, $(fmt "$(jget "$OUT" seconds)" 2) s, p99 $(fmt "$(jget "$OUT" p99_ms)" 2) ms; µs per session; peak RSS $(peak_rss_mib) MiB${NOTE_RUN:+; $NOTE_RUN}${CPU_NOTE:+; $CPU_NOTE}"
-
-# Optional peer data point: Postfix's smtp-source, only if already installed (not installed here).
-SMTP_SOURCE=$(command -v smtp-source || { [[ -x /usr/sbin/smtp-source ]] && echo /usr/sbin/smtp-source; } || true)
-if [[ -n "$SMTP_SOURCE" ]]; then
-    secs=$(time_left)
-    if ((DEADLINE - $(date +%s) >= 5)); then
-        echo "bench: (f) smtp-source" >&2
-        c0=$(cpu_ticks)
-        t0=$(date +%s.%N)
-        bounded "$TMP/f.out" "$TMP/f.err" "$secs" "$SMTP_SOURCE" -s 10 -m "$N" -l 1024 -f a@b \
-            -t u1@example.test "$SMTP_ADDR"
-        rc=$RC
-        t1=$(date +%s.%N)
-        c1=$(cpu_ticks)
-        el=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
-        cpu=""
-        [[ -n "$c0" && -n "$c1" ]] && cpu=$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" 'BEGIN { print (b - a) / t * 1e6 }')
-        note="$N messages in $(fmt "$el" 2) s (wall clock, includes client start-up)"
-        ((rc == 0)) || note="$note; smtp-source exit $rc (124 = time bound): rate is an upper bound"
-        row "(f) smtp-source -s 10 -l 1024 (Postfix peer client)" \
-            "$(fmt "$(awk -v n="$N" -v e="$el" 'BEGIN { print n / e }')" 1) msg/s" \
-            "$(fmt "$(awk -v n="$N" -v e="$el" 'BEGIN { print n * 1024 / e / 1e6 }')" 2)" \
-            "$(fmt "$(per "$cpu" "$N")" 0)" "—" "$note"
-    fi
+# --- S9: one 50 MB message: Postroom's RSS growth -------------------------------------------------
+HUGE_RESULT="" HUGE_NOTE=""
+if budget_ok; then
+    echo "bench: one message of $HUGE octets" >&2
+    sleep 1
+    # Reset the peak (VmHWM) to the current RSS, so the peak afterwards is this message's.
+    echo 5 >"/proc/$SERVER_PID/clear_refs" 2>/dev/null || HUGE_NOTE="could not reset VmHWM (clear_refs); "
+    rss0=$(rss_kib)
+    bounded "$TMP/huge.json" "$TMP/huge.err" 120 "$LOADGEN" smtp --addr "$SMTP_ADDR" --messages 1 \
+        --size "$HUGE" --concurrency 1 --from bench@example.test --to admin@example.test --max-seconds 100
+    sleep 1
+    hwm=$(hwm_kib)
+    o=$(cat "$TMP/huge.json")
+    HUGE_RESULT=$(awk -v a="$rss0" -v b="$hwm" 'BEGIN { if (a != "" && b != "") printf "%.1f", (b - a) * 1024 / 1e6 }')
+    HUGE_NOTE="${HUGE_NOTE}accepted $(jget "$o" accepted)/1 in $(fmt "$(jget "$o" seconds)" 2) s; RSS before $(fmt "$(div "$rss0" 1024)" 1) MiB, peak $(fmt "$(div "$hwm" 1024)" 1) MiB"
 fi
 
-RSS=$(peak_rss_mib)
-echo
-echo "## Postroom benchmark ($(date -u +%Y-%m-%dT%H:%M:%SZ), $NPROC CPUs, loopback)"
-echo
-echo "| scenario | rate | MB/s | server CPU µs/msg | p50 ms | notes |"
-echo "|---|---|---|---|---|---|"
-printf '%s\n' "${ROWS[@]}"
-echo
-echo "Server peak RSS (VmHWM): ${RSS:-n/a} MiB. MB = 10^6 octets of message data; server CPU is"
-echo "utime+stime of the server process during the scenario (clock tick ${CLK_TCK} Hz) divided by"
-echo "messages accepted / RETRs / sessions. Loadgen and server share the same $NPROC CPUs."
-for f in "${ERRFILES[@]}"; do
-    echo
-    echo "loadgen messages, scenario $f:"
-    head -n 8 "$TMP/$f.err" | sed 's/^/    /'
+# --- S1, S2: SMTP accept, 1 KiB, new connection per message / persistent -----------------------
+for s in new persist; do
+    flag=()
+    [[ $s == persist ]] && flag=(-d)
+    for r in $(seq 1 "$ROUNDS"); do
+        budget_ok || break
+        echo "bench: smtp-$s round $r" >&2
+        smtp_source_run "smtp-$s" postroom "$SMTP_ADDR" admin@example.test "$N" 1024 "${flag[@]}"
+        [[ -n "$PF_ADDR" ]] && smtp_source_run "smtp-$s" postfix "$PF_ADDR" sink@example.test "$N" 1024 "${flag[@]}"
+        [[ -n "$SINK_ADDR" ]] && smtp_source_run "smtp-$s" sink "$SINK_ADDR" sink@example.test "$N" 1024 "${flag[@]}"
+    done
 done
+
+# --- S3: accepted -> in the mailbox ------------------------------------------------------------
+# The time runs from the client's start until the last message is in the mailbox (Postroom: POP3
+# STAT polled every 0.1 s; Postfix: files in the Maildir's new/ counted every 0.1 s).
+E2E_WANT=0
+e2e_wait_postroom() { wait_count postroom e2e "$E2E_WANT" "$(time_left)"; }
+e2e_wait_postfix() { wait_count postfix - "$E2E_WANT" "$(time_left)"; }
+for r in $(seq 1 "$ROUNDS"); do
+    budget_ok || break
+    echo "bench: e2e round $r" >&2
+    base=$(pr_stat e2e)
+    if [[ -n "$base" ]]; then
+        E2E_WANT=$((base + N_E2E)) AFTER_CLIENT=e2e_wait_postroom
+        measure e2e postroom "$SMTP_SOURCE" -s "$C" -m "$N_E2E" -l 1024 -f bench@example.test \
+            -t e2e@example.test "$SMTP_ADDR"
+        AFTER_CLIENT=""
+        if ((RC == 0)) && [[ -n "$AFTER_OK" ]]; then
+            record e2e postroom "$(div "$N_E2E" "$EL")" "$(div "$CPU_US" "$N_E2E")"
+        else
+            add_note "e2e|postroom" "round $r: not all delivered in time"
+        fi
+    fi
+    if [[ -n "$PF_ADDR" ]]; then
+        E2E_WANT=$(($(pf_maildir_count) + N_E2E)) AFTER_CLIENT=e2e_wait_postfix
+        measure e2e postfix "$SMTP_SOURCE" -s "$C" -m "$N_E2E" -l 1024 -f bench@example.test \
+            -t box@vmail.example.test "$PF_ADDR"
+        AFTER_CLIENT=""
+        if ((RC == 0)) && [[ -n "$AFTER_OK" ]]; then
+            record e2e postfix "$(div "$N_E2E" "$EL")" "$(div "$CPU_US" "$N_E2E")"
+        else
+            add_note "e2e|postfix" "round $r: not all delivered in time"
+        fi
+    fi
+done
+
+# --- S4: 100 KiB, persistent (MB/s) --------------------------------------------------------------
+for r in $(seq 1 "$ROUNDS"); do
+    budget_ok || break
+    echo "bench: 100k round $r" >&2
+    for t in postroom postfix; do
+        [[ $t == postfix && -z "$PF_ADDR" ]] && continue
+        addr=$SMTP_ADDR rcpt=admin@example.test
+        [[ $t == postfix ]] && addr=$PF_ADDR rcpt=sink@example.test
+        measure big "$t" "$SMTP_SOURCE" -d -s "$C" -m "$N_BIG" -l 102400 -f bench@example.test \
+            -t "$rcpt" "$addr"
+        if ((RC == 0)); then
+            record big "$t" "$(div "$(awk -v n="$N_BIG" 'BEGIN { print n * 102400 / 1e6 }')" "$EL")" \
+                "$(div "$CPU_US" "$N_BIG")"
+        fi
+    done
+done
+
+# --- S5, S6: POP3 ---------------------------------------------------------------------------------
+if budget_ok; then
+    echo "bench: filling POP3 mailboxes (${#USERS[@]} × $POP_MSGS × $POP_SIZE B)" >&2
+    TO_ARGS=() USER_ARGS=()
+    for u in "${USERS[@]}"; do
+        TO_ARGS+=(--to "$u@example.test")
+        USER_ARGS+=(--user "$u:$PW")
+    done
+    bounded "$TMP/fill.json" "$TMP/fill.err" 120 "$LOADGEN" smtp --addr "$SMTP_ADDR" \
+        --messages "$POP_MSGS" --size "$POP_SIZE" --concurrency "$POP_C" --reuse \
+        --from bench@example.test "${TO_ARGS[@]}" --max-seconds 100
+    FILLED=""
+    for _ in $(seq 1 240); do
+        S=$(timeout 30 "$LOADGEN" pop3 --addr "$POP_ADDR" "${USER_ARGS[@]}" --mode stat \
+            --concurrency "$POP_C" --max-seconds 20 2>/dev/null || true)
+        m=$(jget "$S" min_messages)
+        if [[ -n "$m" ]] && ((m >= POP_MSGS)); then FILLED=1; break; fi
+        sleep 0.5
+    done
+    [[ -n "$FILLED" ]] || add_note "retr|postroom" "mailboxes not full after 120 s (STAT: ${S:-none})"
+    if [[ -n "$DV_ADDR" ]]; then
+        for u in "${USERS[@]}"; do
+            "$LOADGEN" maildir --dir "$TMP/dovecot/mail/$u/Maildir" --messages "$POP_MSGS" \
+                --size "$POP_SIZE" --from bench@example.test --to "$u@example.test" >/dev/null
+        done
+        dv_chown
+        # Warm-up: Dovecot builds its index and uidlist on the first access.
+        timeout 60 "$LOADGEN" pop3 --addr "$DV_ADDR" "${USER_ARGS[@]}" --mode retr-all \
+            --concurrency "$POP_C" --max-seconds 50 >/dev/null 2>&1 || true
+    fi
+    timeout 60 "$LOADGEN" pop3 --addr "$POP_ADDR" "${USER_ARGS[@]}" --mode retr-all \
+        --concurrency "$POP_C" --max-seconds 50 >/dev/null 2>&1 || true
+fi
+for mode in retr login; do
+    for r in $(seq 1 "$ROUNDS"); do
+        budget_ok || break
+        echo "bench: pop3 $mode round $r" >&2
+        for t in postroom dovecot; do
+            [[ $t == dovecot && -z "$DV_ADDR" ]] && continue
+            addr=$POP_ADDR
+            [[ $t == dovecot ]] && addr=$DV_ADDR
+            if [[ $mode == retr ]]; then
+                measure retr "$t" "$LOADGEN" pop3 --addr "$addr" "${USER_ARGS[@]}" --mode retr-all \
+                    --repeat "$POP_REPEAT" --concurrency "$POP_C" --max-seconds "$(time_left)"
+                o=$(cat "$OUTF")
+                n=$(jget "$o" retrieved)
+                [[ "$(jget "$o" errors)" == 0 ]] || add_note "retr|$t" "round $r: $(jget "$o" errors) errors"
+                [[ -n "$n" ]] && ((n > 0)) && record retr "$t" "$(jget "$o" retr_per_sec)" "$(div "$CPU_US" "$n")"
+            else
+                measure login "$t" "$LOADGEN" pop3 --addr "$addr" "${USER_ARGS[@]}" --mode login-one \
+                    --sessions "$POP_SESSIONS" --concurrency "$POP_C" --max-seconds "$(time_left)"
+                o=$(cat "$OUTF")
+                n=$(jget "$o" sessions)
+                [[ "$(jget "$o" errors)" == 0 ]] || add_note "login|$t" "round $r: $(jget "$o" errors) errors"
+                [[ -n "$n" ]] && ((n > 0)) && record login "$t" "$(jget "$o" sessions_per_sec)" "$(div "$CPU_US" "$n")"
+            fi
+        done
+    done
+done
+
+# --- S7: accept into a mailbox holding BIG_BOX messages vs an empty one (Postroom only) ---------
+if budget_ok; then
+    echo "bench: filling the big mailbox with $BIG_BOX messages" >&2
+    bounded "$TMP/bigfill.json" "$TMP/bigfill.err" 150 "$LOADGEN" smtp --addr "$SMTP_ADDR" \
+        --messages "$BIG_BOX" --size 1024 --concurrency "$C" --reuse --from bench@example.test \
+        --to big@example.test --max-seconds 120
+    wait_count postroom big "$BIG_BOX" 120 || add_note "full|postroom" "big mailbox not full in time"
+    add_note "full|postroom" "big mailbox before: $(pr_stat big) messages"
+fi
+for r in $(seq 1 "$ROUNDS"); do
+    budget_ok || break
+    echo "bench: full-mailbox round $r" >&2
+    for t in empty full; do
+        user=big
+        [[ $t == empty ]] && user=${EMPTY_USERS[$((r - 1))]}
+        smtp_source_run "mbox" "$t" "$SMTP_ADDR" "$user@example.test" "$N" 1024 -d
+    done
+done
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+cell() { # KEY TARGET DECIMALS -> "median rate"
+    fmt "$(median ${VAL[$1|$2]:-})" "$3"
+}
+cpucell() { fmt "$(median ${CPU[$1|$2]:-})" 0; }
+ratio() { # KEY A B -> median(A)/median(B)
+    local a b
+    a=$(median ${VAL[$1|$2]:-}) b=$(median ${VAL[$1|$3]:-})
+    fmt "$(div "$a" "$b")" 2
+}
+verdict() { # RATIO GOAL -> met / NOT met / n/a
+    awk -v r="$1" -v g="$2" 'BEGIN { if (r == "n/a" || r == "") print "n/a"; else if (r + 0 >= g) print "met"; else print "**not met**" }'
+}
+nrounds() { local v=(${VAL[$1|$2]:-}); echo "${#v[@]}"; }
+notes() { # KEY TARGET...
+    local out="" t
+    for t in "${@:2}"; do
+        [[ -n "${NOTE[$1|$t]:-}" ]] && out="${out:+$out; }$t: ${NOTE[$1|$t]}"
+    done
+    echo "$out"
+}
+LINES=()
+line() { LINES+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 | $8 | $9 |"); }
+cmp_row() { # LABEL KEY PEER PEERNAME UNIT DECIMALS GOAL
+    local r
+    r=$(ratio "$2" postroom "$3")
+    line "$1" "$(cell "$2" postroom "$6") $5" "$(cpucell "$2" postroom)" "$4" \
+        "$(cell "$2" "$3" "$6") $5" "$(cpucell "$2" "$3")" "**$r×**" "≥ $7× — $(verdict "$r" "$7")" \
+        "rounds $(nrounds "$2" postroom)/$(nrounds "$2" "$3")$(n=$(notes "$2" postroom "$3"); [[ -n $n ]] && echo "; $n")"
+}
+
+KI=$((POP_SIZE / 1024))
+cmp_row "SMTP accept 1 KiB, new connection per message, $C sessions (smtp-source)" smtp-new postfix "Postfix (discard)" msg/s 0 3
+cmp_row "same vs smtp-sink (no-work limit)" smtp-new sink "smtp-sink" msg/s 0 0.4
+cmp_row "SMTP accept 1 KiB, persistent, $C sessions (smtp-source -d)" smtp-persist postfix "Postfix (discard)" msg/s 0 3
+r=$(ratio smtp-persist postroom sink)
+line "same vs smtp-sink (no-work limit)" "$(cell smtp-persist postroom 0) msg/s" "$(cpucell smtp-persist postroom)" \
+    "smtp-sink" "$(cell smtp-persist sink 0) msg/s" "$(cpucell smtp-persist sink)" "$r×" "—" "no goal"
+cmp_row "accepted → in the mailbox, $N_E2E × 1 KiB, $C sessions" e2e postfix "Postfix → Maildir (virtual)" msg/s 0 2.5
+cmp_row "SMTP 100 KiB, persistent, $C sessions" big postfix "Postfix (discard)" MB/s 1 2
+cmp_row "POP3 RETR, ${#USERS[@]} users × $POP_MSGS × $KI KiB ×$POP_REPEAT passes, $POP_C clients" retr dovecot "Dovecot" RETR/s 0 2
+cmp_row "POP3 login + RETR 1 + QUIT, $POP_C clients (µs per session)" login dovecot "Dovecot (default login)" sessions/s 0 20
+r=$(ratio mbox full empty)
+line "SMTP accept into a mailbox holding $BIG_BOX messages (persistent)" "$(cell mbox full 0) msg/s" "$(cpucell mbox full)" \
+    "Postroom, empty mailbox" "$(cell mbox empty 0) msg/s" "$(cpucell mbox empty)" "**$r×**" "≥ 0.9× — $(verdict "$r" 0.9)" \
+    "rounds $(nrounds mbox full)/$(nrounds mbox empty)$(n=$(notes mbox full empty); [[ -n $n ]] && echo "; $n")"
+vd=$(awk -v x="$IDLE_RESULT" 'BEGIN { if (x == "") print "n/a"; else if (x + 0 < 64) print "met"; else print "**not met**" }')
+line "$IDLE idle SMTP + $IDLE idle POP3 connections: Postroom total RSS" "${IDLE_RESULT:-n/a} MiB" "—" "—" "—" "—" "—" "< 64 MiB — $vd" "$IDLE_NOTE"
+vd=$(awk -v x="$HUGE_RESULT" 'BEGIN { if (x == "") print "n/a"; else if (x + 0 < 60) print "met"; else print "**not met**" }')
+line "one $((HUGE / 1000000)) MB message: Postroom RSS growth" "${HUGE_RESULT:-n/a} MB" "—" "—" "—" "—" "—" "< 60 MB — $vd" "$HUGE_NOTE"
+
+echo
+echo "## Postroom vs Postfix and Dovecot ($(date -u +%Y-%m-%dT%H:%M:%SZ), $NPROC CPUs, loopback)"
+echo
+echo "Medians of $ROUNDS interleaved rounds. N=$N, N_E2E=$N_E2E, N_BIG=$N_BIG, POP_SESSIONS=$POP_SESSIONS; scenarios took $(($(date +%s) - START)) s."
+echo
+echo "| scenario | Postroom | CPU µs/unit | peer | peer | peer CPU µs/unit | Postroom/peer | goal | notes |"
+echo "|---|---|---|---|---|---|---|---|---|"
+printf '%s\n' "${LINES[@]}"
+echo
+echo "CPU µs/unit: utime+stime of the whole server process tree (Postfix and Dovecot: master and"
+echo "every child, reaped ones included), from the client's start until the tree is idle again,"
+echo "divided by messages, RETRs or sessions. Clients and servers share the same $NPROC CPUs."
+echo "Postroom's RSS at the end: $(fmt "$(div "$(rss_kib)" 1024)" 1) MiB (peak since the 50 MB message: $(fmt "$(div "$(hwm_kib)" 1024)" 1) MiB)."
+echo "Per-round rates (msg/s etc.):"
+for k in "${!VAL[@]}"; do echo "  $k:${VAL[$k]}   (CPU µs/unit:$(for x in ${CPU[$k]}; do printf ' %.0f' "$x"; done))"; done | sort

@@ -6,6 +6,8 @@
 //! session count and by `--max-seconds`. It never deletes mail over POP3.
 #![forbid(unsafe_code)]
 
+mod idle;
+mod maildir;
 mod msggen;
 mod pop3;
 mod smtp;
@@ -86,6 +88,48 @@ enum Cmd {
         /// RETR commands in flight per connection (retr-all).
         #[arg(long, default_value_t = 8)]
         window: usize,
+        /// Passes over the user list (retr-all, stat): each user's mailbox is read this many
+        /// times, so that a small mailbox set still makes a measurable run.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+    },
+    /// Open N connections, read each greeting, hold them idle, then QUIT them all.
+    Idle {
+        /// Server address, IP:PORT on loopback (127.0.0.0/8 or [::1]).
+        #[arg(long, value_parser = parse_loopback_addr)]
+        addr: SocketAddr,
+        #[arg(long, value_enum)]
+        proto: idle::Proto,
+        /// Connections to open and hold.
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Connects in flight at once while opening.
+        #[arg(long, default_value_t = 64)]
+        parallel: usize,
+        /// How long to hold them once all are open.
+        #[arg(long, default_value_t = 5.0)]
+        hold_seconds: f64,
+        /// File written (one JSON line: opened, failed) once all are open, before the hold.
+        #[arg(long)]
+        ready_file: Option<std::path::PathBuf>,
+        /// Stop opening new connections after this many seconds.
+        #[arg(long, default_value_t = 60.0)]
+        max_seconds: f64,
+    },
+    /// Write N generated messages into a Maildir (DIR/new), e.g. to fill a peer's mailboxes.
+    Maildir {
+        /// The Maildir (cur/, new/ and tmp/ are created).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 100)]
+        messages: u64,
+        /// Approximate message size in octets (headers included).
+        #[arg(long, default_value_t = 10240)]
+        size: usize,
+        #[arg(long, default_value = "loadgen@example.test")]
+        from: String,
+        #[arg(long = "to", default_value = "user@example.test")]
+        to: Vec<String>,
     },
 }
 
@@ -163,6 +207,7 @@ fn main() -> Result<()> {
             sessions,
             max_seconds,
             window,
+            repeat,
         } => {
             if !(max_seconds > 0.0 && max_seconds.is_finite()) {
                 bail!("--max-seconds must be positive");
@@ -175,8 +220,47 @@ fn main() -> Result<()> {
                 sessions,
                 max_seconds,
                 window,
+                repeat: repeat.max(1),
             }))
         }
+        Cmd::Idle {
+            addr,
+            proto,
+            connections,
+            parallel,
+            hold_seconds,
+            ready_file,
+            max_seconds,
+        } => {
+            if !(max_seconds > 0.0 && max_seconds.is_finite()) {
+                bail!("--max-seconds must be positive");
+            }
+            if !(hold_seconds >= 0.0 && hold_seconds.is_finite() && hold_seconds <= 3600.0) {
+                bail!("--hold-seconds must be between 0 and 3600");
+            }
+            rt.block_on(idle::run(idle::IdleOpts {
+                addr,
+                proto,
+                connections,
+                parallel,
+                hold_seconds,
+                ready_file,
+                max_seconds,
+            }))
+        }
+        Cmd::Maildir {
+            dir,
+            messages,
+            size,
+            from,
+            to,
+        } => maildir::run(maildir::MaildirOpts {
+            dir,
+            messages,
+            size,
+            from,
+            to,
+        }),
     }
 }
 

@@ -173,9 +173,8 @@ pub fn dot_stuff_into(raw: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(b".\r\n");
 }
 
-/// Inverse of [`dot_stuff_into`] for tests and verification: strips the terminator and one leading
-/// dot from each line. Returns `None` if the terminator is missing.
-#[cfg(test)]
+/// Inverse of [`dot_stuff_into`] (tests, verification and Maildir filling): strips the
+/// terminator and one leading dot from each line. Returns `None` if the terminator is missing.
 pub fn dot_unstuff(wire: &[u8]) -> Option<Vec<u8>> {
     let body = if wire == b".\r\n" {
         &wire[..0]

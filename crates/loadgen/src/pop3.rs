@@ -33,6 +33,8 @@ pub struct PopOpts {
     pub max_seconds: f64,
     /// RETR commands kept in flight.
     pub window: usize,
+    /// Passes over the user list (retr-all, stat).
+    pub repeat: usize,
 }
 
 struct Shared {
@@ -191,9 +193,10 @@ async fn per_user_worker(s: Arc<Shared>) {
             break;
         }
         let i = s.next_user.fetch_add(1, Ordering::Relaxed);
-        let Some((user, pass)) = s.opts.users.get(i) else {
+        if i >= s.opts.users.len() * s.opts.repeat {
             break;
-        };
+        }
+        let (user, pass) = &s.opts.users[i % s.opts.users.len()];
         let r = match s.opts.mode {
             Mode::Stat => stat_only(&s, user, pass).await,
             _ => retr_all(&s, user, pass).await,

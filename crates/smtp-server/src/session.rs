@@ -336,8 +336,10 @@ impl Session {
                     self.input.clear();
                     if !self.skipping_line {
                         self.skipping_line = true;
-                        self.reply(out, Reply::new(500, (5, 2), "Error: line too long"));
+                        // Penalize before the reply: if the reply reaches the error limit it
+                        // closes the session, and nothing after Close is carried out.
                         out.push(Action::Penalize);
+                        self.reply(out, Reply::new(500, (5, 2), "Error: line too long"));
                     }
                 }
                 return;
@@ -349,8 +351,8 @@ impl Session {
             let limit = if self.sasl.is_some() { limit } else { smtp_command::line_limit(&line) };
             if line.len() > limit {
                 self.sasl = None;
-                self.reply(out, Reply::new(500, (5, 2), "Error: line too long"));
                 out.push(Action::Penalize);
+                self.reply(out, Reply::new(500, (5, 2), "Error: line too long"));
                 continue;
             }
             line.truncate(line.len() - 1);

@@ -1533,3 +1533,17 @@ fn submission_requires_auth_for_mail_and_adds_missing_headers() {
     h.send("Message-ID: <x@y>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nbody\r\n.\r\n");
     assert_eq!(h.added_headers.len(), 1, "nothing added when both are present");
 }
+
+/// Found by the smtp_session fuzz target: an over-long line that is also the last allowed
+/// error must still ask for the penalty, before the session closes (R9).
+#[test]
+fn penalty_comes_before_close_on_the_last_error() {
+    for input in [format!("x\r\nx\r\nNOOP {}\r\n", "a".repeat(600)), "x\r\nx\r\n".to_string() + &"a".repeat(2100)] {
+        let mut s = Session::new(config_with(|c| c.max_errors = 3), IP.into());
+        s.handle(Event::Connected);
+        let actions = s.handle(Event::Bytes(input.as_bytes()));
+        let penalize = actions.iter().position(|a| *a == Action::Penalize).expect("penalized");
+        let close = actions.iter().position(|a| *a == Action::Close).expect("closed after 3 errors");
+        assert!(penalize < close, "{actions:?}");
+    }
+}
