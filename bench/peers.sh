@@ -67,11 +67,19 @@ peers_install() {
     return 0
 }
 
+# True if something listens on TCP PORT (any address), from /proc/net/tcp{,6}: no ss needed.
+port_listening() {
+    local h
+    h=$(printf ':%04X' "$1")
+    cat /proc/net/tcp /proc/net/tcp6 2>/dev/null \
+        | awk -v h="$h" '$4 == "0A" && substr($2, length($2) - 4) == h { f = 1 } END { exit !f }'
+}
+
 free_port() {
     local p
     for _ in $(seq 1 200); do
         p=$((20000 + RANDOM % 40000))
-        if [[ -z $(ss -Hltn "sport = :$p" 2>/dev/null) ]]; then
+        if ! port_listening "$p"; then
             echo "$p"
             return 0
         fi
@@ -101,7 +109,7 @@ tree_ticks() {
 wait_listen() {
     local port=$1 secs=$2
     for _ in $(seq 1 $((secs * 10))); do
-        [[ -n $(ss -Hltn "sport = :$port" 2>/dev/null) ]] && return 0
+        port_listening "$port" && return 0
         sleep 0.1
     done
     return 1

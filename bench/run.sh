@@ -7,6 +7,8 @@
 # and the ratio Postroom/peer against the goals of the performance issue. It measures; it asserts
 # nothing. Everything it started is stopped, and the directory deleted, on any exit.
 # See bench/README.md for the knobs and BENCHMARKS.md for the method and the latest figures.
+# The per-round result lists are split into words on purpose (median, nrounds):
+# shellcheck disable=SC2086,SC2206
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -207,6 +209,7 @@ echo "bench: postroom smtp $SMTP_ADDR pop3 $POP_ADDR; postfix ${PF_ADDR:-none},"
     "dovecot ${DV_ADDR:-none}, smtp-sink ${SINK_ADDR:-none}; N=$N ROUNDS=$ROUNDS C=$C" >&2
 
 NPROC=$(nproc 2>/dev/null || echo '?')
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_SECONDS))
 time_left() {
@@ -560,6 +563,9 @@ line "one $((HUGE / 1000000)) MB message: Postroom RSS growth" "${HUGE_RESULT:-n
 
 echo
 echo "## Postroom vs Postfix and Dovecot ($(date -u +%Y-%m-%dT%H:%M:%SZ), $NPROC CPUs, loopback)"
+echo
+echo "Machine: $NPROC × $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1), $(awk '/^MemTotal:/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM; load average at the start $LOAD0."
+echo "Peers: Postfix $(postconf -d -h mail_version 2>/dev/null || echo '?'), Dovecot $(dovecot --version 2>/dev/null | cut -d' ' -f1 || echo '?'), smtp-sink/smtp-source from the Postfix package."
 echo
 echo "Medians of $ROUNDS interleaved rounds. N=$N, N_E2E=$N_E2E, N_BIG=$N_BIG, POP_SESSIONS=$POP_SESSIONS; scenarios took $(($(date +%s) - START)) s."
 echo

@@ -63,8 +63,7 @@ pub async fn run(opts: IdleOpts) -> Result<()> {
     let mut launched = 0usize;
     let parallel = opts.parallel.max(1);
     loop {
-        while launched < opts.connections && pending.len() < parallel && Instant::now() < deadline
-        {
+        while launched < opts.connections && pending.len() < parallel && Instant::now() < deadline {
             let (addr, proto) = (opts.addr, opts.proto);
             pending.spawn(async move {
                 tokio::time::timeout(Duration::from_secs(10), open_one(addr, proto))
