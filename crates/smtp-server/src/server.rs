@@ -379,7 +379,16 @@ impl Driver<'_> {
                         let verdict = self.check_rcpt(&addr).await;
                         pending.extend(self.session.handle(Event::RcptChecked(verdict)));
                     }
-                    Action::Penalize => hang_up |= self.penalize(),
+                    Action::Penalize => {
+                        if self.penalize() {
+                            // R9: the client reads the refusal that comes with the penalty (the
+                            // next action), then the connection ends; nothing else it sent runs.
+                            if let Some(Action::Reply(r)) = pending.pop_front() {
+                                self.out.extend_from_slice(&r.to_bytes());
+                            }
+                            hang_up = true;
+                        }
+                    }
                     Action::StartTls => {
                         stream.write_all(&self.out).await?;
                         self.out.clear();
