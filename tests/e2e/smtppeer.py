@@ -98,6 +98,7 @@ class Connection:
     tls_failed: bool = False
     starttls_offered: bool = False
     helo: str | None = None
+    authed: bool = False
     commands: list[str] = field(default_factory=list)
     raw: bytearray = field(default_factory=bytearray)
 
@@ -195,6 +196,7 @@ class Peer:
         self.lock = threading.Lock()
         self.connections: list[Connection] = []
         self.transactions: list[Transaction] = []
+        self.rcpt_params: list[tuple[str, str]] = []
         self._rcpt_seen: dict[str, int] = {}
         self._data_seen = 0
         self._mail_seen = 0
@@ -373,8 +375,11 @@ class Peer:
                 wire.buf = b""
                 conn.tls = True
                 conn.helo = None
+                conn.authed = False
                 tx = None
             elif verb == "MAIL":
+                if not self._mail_allowed(wire, conn):
+                    continue
                 m = re.match(r"(?i)FROM:\s*<([^>]*)>\s*(.*)$", arg)
                 if not m:
                     wire.send("501 5.5.4 syntax")
@@ -392,7 +397,7 @@ class Peer:
                     tx = None  # refused: no transaction; RCPT gets 503
                 wire.send(reply)
             elif verb == "RCPT":
-                m = re.match(r"(?i)TO:\s*<([^>]*)>", arg)
+                m = re.match(r"(?i)TO:\s*<([^>]*)>\s*(.*)$", arg)
                 if tx is None or not m:
                     wire.send("503 5.5.1 need MAIL" if tx is None else "501 5.5.4 syntax")
                     continue
@@ -402,6 +407,7 @@ class Peer:
                     n = self._rcpt_seen.get(key, 0)
                     self._rcpt_seen[key] = n + 1
                     spec = self.rcpt.get(key, self.rcpt.get(addr, self.rcpt_default))
+                    self.rcpt_params.append((addr, m.group(2)))
                 reply = _pick(spec, n)
                 with self.lock:
                     tx.rcpts.append((addr, int(reply[:3])))
@@ -440,7 +446,19 @@ class Peer:
             elif verb == "NOOP":
                 wire.send("250 2.0.0 ok")
             else:
-                wire.send("502 5.5.2 not implemented")
+                handled = self._extra_verb(verb, arg, wire, conn)
+                if handled is None:
+                    return
+                if not handled:
+                    wire.send("502 5.5.2 not implemented")
+
+    def _mail_allowed(self, wire: "_Wire", conn: Connection) -> bool:
+        """Hook: may MAIL proceed on this connection? (ExtPeer demands AUTH.)"""
+        return True
+
+    def _extra_verb(self, verb: str, arg: str, wire: "_Wire", conn: Connection) -> bool | None:
+        """Hook for verbs the base peer does not know: True handled, False not, None = hang up."""
+        return False
 
     # -- what was seen -----------------------------------------------------------------------
     def delivered(self) -> list[Transaction]:
@@ -901,7 +919,6 @@ class ExtPeer(Peer):
         self.etrn_reply = etrn_reply
         self.auths: list[AuthRecord] = []
         self.etrns: list[EtrnRecord] = []
-        self.rcpt_params: list[tuple[str, str]] = []
         self._auth_seen = 0
         self._etrn_seen = 0
 
@@ -988,152 +1005,32 @@ class ExtPeer(Peer):
         wire.send(reply)
         return reply.startswith("2")
 
-    def _session(self, sock, conn: Connection) -> None:
-        # Peer._session with AUTH, ETRN and the AUTH requirement added.
-        wire = _Wire(sock, conn)
-        greeting = _pick(self.greeting, conn.index).format(name=self.name)
-        wire.send(greeting)
-        refusing = not greeting.startswith("2")
-        tx: Transaction | None = None
-        authed = False
-        while not self._stop.is_set():
-            line = wire.readline()
-            if line is None:
-                return
-            text = line.rstrip(b"\r\n").decode("latin-1")
+    def _mail_allowed(self, wire: _Wire, conn: Connection) -> bool:
+        if self.require_auth and not conn.authed:
+            wire.send("530 5.7.0 Authentication required")
+            return False
+        return True
+
+    def _extra_verb(self, verb: str, arg: str, wire: _Wire, conn: Connection) -> bool | None:
+        if verb == "AUTH":
+            if conn.authed:
+                wire.send("503 5.5.1 already authenticated")
+                return True
+            ok = self._auth(wire, conn, arg)
+            if ok is None:
+                return None
+            conn.authed = conn.authed or ok
+            return True
+        if verb == "ETRN" and self.etrn:
             with self.lock:
-                conn.commands.append(text)
-            verb = text.split(" ", 1)[0].upper()
-            arg = text[len(verb):].strip()
-            if verb == "QUIT":
-                wire.send("221 2.0.0 bye")
-                return
-            if refusing:
-                wire.send("503 5.5.1 go away")
-                continue
-            if verb in ("EHLO", "HELO"):
-                conn.helo = arg
-                tx = None
-                if verb == "EHLO":
-                    self._caps_reply(wire, arg, conn)
-                else:
-                    wire.send(f"250 {self.name}")
-            elif verb == "STARTTLS":
-                if not (self.starttls or self.tls_broken) or conn.tls:
-                    wire.send("502 5.5.1 not offered")
-                    continue
-                wire.send("220 2.0.0 ready to start TLS")
-                if self.tls_broken:
-                    conn.tls_failed = True
-                    time.sleep(0.05)
-                    sock.sendall(b"this is not a TLS server hello\r\n" * 4)
-                    return
-                try:
-                    tsock = self._ssl_ctx.wrap_socket(sock, server_side=True)
-                except (ssl.SSLError, OSError):
-                    conn.tls_failed = True
-                    return
-                with self.lock:
-                    self._socks.discard(sock)
-                    self._socks.add(tsock)
-                sock = tsock
-                wire.sock = tsock
-                wire.buf = b""
-                conn.tls = True
-                conn.helo = None
-                tx = None
-                authed = False
-            elif verb == "AUTH":
-                if authed:
-                    wire.send("503 5.5.1 already authenticated")
-                    continue
-                ok = self._auth(wire, conn, arg)
-                if ok is None:
-                    return
-                authed = authed or ok
-            elif verb == "ETRN":
-                if not self.etrn:
-                    wire.send("502 5.5.2 not implemented")
-                    continue
-                with self.lock:
-                    n = self._etrn_seen
-                    self._etrn_seen += 1
-                reply = _pick(self.etrn_reply, n)
-                with self.lock:
-                    self.etrns.append(EtrnRecord(conn.index, conn.client_ip, conn.tls, arg,
-                                                 int(reply[:3])))
-                wire.send(reply)
-            elif verb == "MAIL":
-                if self.require_auth and not authed:
-                    wire.send("530 5.7.0 Authentication required")
-                    continue
-                m = re.match(r"(?i)FROM:\s*<([^>]*)>\s*(.*)$", arg)
-                if not m:
-                    wire.send("501 5.5.4 syntax")
-                    continue
-                tx = Transaction(connection=conn.index, client_ip=conn.client_ip, tls=conn.tls,
-                                 helo=conn.helo, mail_from=m.group(1), mail_params=m.group(2),
-                                 at=time.monotonic())
-                with self.lock:
-                    self.transactions.append(tx)
-                    n = self._mail_seen
-                    self._mail_seen += 1
-                reply = _pick(self.mail_reply, n)
-                tx.mail_reply = int(reply[:3])
-                if not reply.startswith("2"):
-                    tx = None
-                wire.send(reply)
-            elif verb == "RCPT":
-                m = re.match(r"(?i)TO:\s*<([^>]*)>\s*(.*)$", arg)
-                if tx is None or not m:
-                    wire.send("503 5.5.1 need MAIL" if tx is None else "501 5.5.4 syntax")
-                    continue
-                addr = m.group(1)
-                key = addr.lower()
-                with self.lock:
-                    n = self._rcpt_seen.get(key, 0)
-                    self._rcpt_seen[key] = n + 1
-                    spec = self.rcpt.get(key, self.rcpt.get(addr, self.rcpt_default))
-                    self.rcpt_params.append((addr, m.group(2)))
-                reply = _pick(spec, n)
-                with self.lock:
-                    tx.rcpts.append((addr, int(reply[:3])))
-                wire.send(reply)
-            elif verb == "DATA":
-                if tx is None or not tx.accepted:
-                    wire.send("554 5.5.1 no valid recipients")
-                    continue
-                wire.send("354 go ahead")
-                chunks = []
-                while True:
-                    dl = wire.readline()
-                    if dl is None:
-                        return
-                    if dl == b".\r\n":
-                        break
-                    chunks.append(dl)
-                with self.lock:
-                    tx.raw_data = b"".join(chunks)
-                    n = self._data_seen
-                    self._data_seen += 1
-                if self.data_delay:
-                    time.sleep(self.data_delay)
-                    if _client_gone(sock):
-                        return
-                reply = _pick(self.data_reply, n)
-                if reply == "DROP":
-                    return
-                with self.lock:
-                    tx.data_reply = int(reply[:3])
-                wire.send(reply)
-                tx = None
-            elif verb == "RSET":
-                tx = None
-                wire.send("250 2.0.0 ok")
-            elif verb == "NOOP":
-                wire.send("250 2.0.0 ok")
-            else:
-                wire.send("502 5.5.2 not implemented")
+                n = self._etrn_seen
+                self._etrn_seen += 1
+            reply = _pick(self.etrn_reply, n)
+            with self.lock:
+                self.etrns.append(EtrnRecord(conn.index, conn.client_ip, conn.tls, arg, int(reply[:3])))
+            wire.send(reply)
+            return True
+        return False
 
     def wait_etrn(self, n: int = 1, timeout: float = 30.0) -> list[EtrnRecord]:
         deadline = time.monotonic() + timeout

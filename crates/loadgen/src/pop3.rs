@@ -85,31 +85,7 @@ pub async fn run(opts: PopOpts) -> Result<()> {
             Mode::LoginOne => tasks.spawn(async move { login_one_worker(s, t, concurrency).await }),
         };
     }
-    let hard_stop = deadline + Duration::from_secs(2);
-    let cut = tokio::time::timeout_at(hard_stop, async {
-        while let Some(r) = tasks.join_next().await {
-            if let Err(e) = r
-                && e.is_panic()
-            {
-                std::panic::resume_unwind(e.into_panic());
-            }
-        }
-    })
-    .await
-    .is_err();
-    if cut {
-        tasks.abort_all();
-    }
-    if cut
-        || shared
-            .stats
-            .timed_out
-            .load(std::sync::atomic::Ordering::Relaxed)
-    {
-        eprintln!(
-            "postroom-loadgen: --max-seconds reached, stopped taking work (in flight then: cut after 2 s)"
-        );
-    }
+    crate::stats::join_workers(tasks, deadline, &shared.stats).await;
     let secs = start.elapsed().as_secs_f64();
     let st = &shared.stats;
     st.report_unsampled();

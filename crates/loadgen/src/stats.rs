@@ -133,6 +133,29 @@ pub fn rate(n: f64, secs: f64) -> f64 {
     if secs > 0.0 { n / secs } else { 0.0 }
 }
 
+/// Wait for the worker tasks. They stop taking work at `deadline`; anything still in flight
+/// two seconds later is cut, and the run says so.
+pub async fn join_workers<T: 'static>(mut tasks: tokio::task::JoinSet<T>, deadline: tokio::time::Instant, stats: &Stats) {
+    let hard_stop = deadline + Duration::from_secs(2);
+    let cut = tokio::time::timeout_at(hard_stop, async {
+        while let Some(r) = tasks.join_next().await {
+            if let Err(e) = r
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+    })
+    .await
+    .is_err();
+    if cut {
+        tasks.abort_all();
+    }
+    if cut || stats.timed_out.load(Ordering::Relaxed) {
+        eprintln!("postroom-loadgen: --max-seconds reached, stopped taking work (in flight then: cut after 2 s)");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

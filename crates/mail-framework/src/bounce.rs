@@ -27,7 +27,7 @@ impl Action {
 
 /// One recipient's block of a report.
 #[derive(Clone, Debug)]
-pub struct Failure {
+pub struct ReportEntry {
     pub recipient: String,
     /// ORCPT of RFC 3461 (`rfc822;addr`), reported as Original-Recipient.
     pub orcpt: Option<String>,
@@ -74,7 +74,7 @@ pub fn status_of(reply: &str) -> String {
 /// The whole report message, CRLF line ends. `to` is the original sender; `reply_to` the DSN
 /// responsible person, if one is configured.
 /// `report_id` (the report's own queue id) makes its Message-ID unique.
-pub fn report(hostname: &str, to: &str, reply_to: Option<&str>, report_id: &str, original: &Original<'_>, entries: &[Failure], now: i64) -> Vec<u8> {
+pub fn report(hostname: &str, to: &str, reply_to: Option<&str>, report_id: &str, original: &Original<'_>, entries: &[ReportEntry], now: i64) -> Vec<u8> {
     let boundary = format!("{}/{}", original.qid, hostname);
     let failed = entries.iter().any(|e| e.action == Action::Failed);
     let delayed = entries.iter().any(|e| e.action == Action::Delayed);
@@ -178,8 +178,8 @@ mod tests {
         assert_eq!(status_of("421 try later"), "4.0.0");
     }
 
-    fn failure(rcpt: &str, status: &str, diagnostic: &str) -> Failure {
-        Failure { recipient: rcpt.into(), orcpt: None, action: Action::Failed, status: status.into(), diagnostic: diagnostic.into() }
+    fn failure(rcpt: &str, status: &str, diagnostic: &str) -> ReportEntry {
+        ReportEntry { recipient: rcpt.into(), orcpt: None, action: Action::Failed, status: status.into(), diagnostic: diagnostic.into() }
     }
 
     #[test]
@@ -204,7 +204,7 @@ mod tests {
     #[test]
     fn success_report_with_the_full_message() {
         let original = Original { qid: "Q2", sender: "s@x.test", arrived: 0, envid: None, attachment: Attachment::Full(b"Subject: s\r\n\r\nbody\r\n") };
-        let entry = Failure { action: Action::Relayed, ..failure("r@x.test", "2.0.0", "relayed to a host without DSN") };
+        let entry = ReportEntry { action: Action::Relayed, ..failure("r@x.test", "2.0.0", "relayed to a host without DSN") };
         let r = String::from_utf8(report("h.test", "s@x.test", None, "R2", &original, &[entry], 0)).unwrap();
         assert!(r.contains("Subject: Successful Mail Delivery Report") && r.contains("Action: relayed"));
         assert!(r.contains("Content-Type: message/rfc822\r\n\r\nSubject: s\r\n\r\nbody\r\n"));

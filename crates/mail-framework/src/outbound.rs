@@ -6,7 +6,7 @@ use rusqlite::{params, Connection};
 use store::journal::{self, code};
 use store::StoreError;
 
-use crate::bounce::{Action, Failure};
+use crate::bounce::{Action, ReportEntry};
 
 /// A recipient due for an attempt.
 #[derive(Clone, Debug)]
@@ -171,7 +171,7 @@ fn report(conn: &Connection, due: &Due, action: Action, status: &str, diagnostic
         return Ok(());
     }
     let Some(subject) = crate::reports::Subject::load(conn, due.message_id)? else { return Ok(()) };
-    let entry = Failure { recipient: due.address.clone(), orcpt: due.orcpt.clone(), action, status: status.into(), diagnostic: diagnostic.into() };
+    let entry = ReportEntry { recipient: due.address.clone(), orcpt: due.orcpt.clone(), action, status: status.into(), diagnostic: diagnostic.into() };
     crate::reports::queue(conn, &subject, &due.mail_from, &[], "bounce", &[entry])?;
     Ok(())
 }

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use store::journal::{self, code};
 use store::StoreError;
 
-use crate::bounce::{self, Action, Attachment, Failure, Original};
+use crate::bounce::{self, Action, Attachment, ReportEntry, Original};
 
 /// A report returns the whole message only up to this size; beyond it, the headers.
 const MAX_RETURNED: i64 = 10 * 1024 * 1024;
@@ -82,7 +82,7 @@ impl Subject {
 
 /// Queue a report to `to` about `subject`; `copies` are further recipients of the same report.
 /// Returns the report's queue id.
-pub fn queue(conn: &Connection, subject: &Subject, to: &str, copies: &[String], origin: &str, entries: &[Failure]) -> Result<String, StoreError> {
+pub fn queue(conn: &Connection, subject: &Subject, to: &str, copies: &[String], origin: &str, entries: &[ReportEntry]) -> Result<String, StoreError> {
     let s = settings();
     // RFC 3461 §4.3: RET=FULL returns the whole message in "failed" reports; other reports
     // carry the headers.

@@ -128,13 +128,11 @@ pub fn socket_path(config: &Config) -> PathBuf {
     config.data_dir.join(SOCKET)
 }
 
-/// Envelope sender when no -f is given: the calling user at this host (A4).
+/// Envelope sender when no -f is given: the calling user at this host (A4), named the way the
+/// server names the peer of its local socket.
 fn default_sender(config: &Config) -> String {
     let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(0);
-    let name = std::fs::read_to_string("/etc/passwd")
-        .ok()
-        .and_then(|p| p.lines().find(|l| l.split(':').nth(2) == Some(&uid.to_string())).and_then(|l| l.split(':').next().map(str::to_string)))
-        .unwrap_or_else(|| format!("uid{uid}"));
+    let name = smtp_server::local::user_name(uid).unwrap_or_else(|| format!("uid{uid}"));
     format!("{name}@{}", config.hostname)
 }
 

@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
-mod local;
+pub mod local;
 pub mod policy;
 pub mod received;
 pub mod server;

@@ -240,7 +240,8 @@ impl SmtpServer {
     async fn local_connection(self, unix: tokio::net::UnixStream) {
         let Ok(cred) = unix.peer_cred() else { return };
         let uid = cred.uid();
-        let user = crate::local::user_name(uid).unwrap_or_else(|| format!("uid{uid}"));
+        // /etc/passwd is a file read: off the async workers.
+        let user = tokio::task::spawn_blocking(move || crate::local::user_name(uid)).await.ok().flatten().unwrap_or_else(|| format!("uid{uid}"));
         let loopback = IpAddr::from([127, 0, 0, 1]);
         let Some(_slot) = self.limits.take(loopback) else { return };
         let record = match self.lists.client(self.store(), loopback).await {

@@ -5,7 +5,7 @@ use rusqlite::{params, Connection};
 use store::journal::{self, code};
 use store::StoreError;
 
-use crate::bounce::{Action, Failure};
+use crate::bounce::{Action, ReportEntry};
 use crate::pipeline::{SnapIn, Tag, WorkItem};
 use crate::reports::Subject;
 
@@ -35,7 +35,7 @@ impl SnapIn for LocalDelivery {
                 && !item.message.mail_from.is_empty()
                 && let Some(subject) = Subject::load(tx, item.message.id)?
             {
-                let entry = Failure {
+                let entry = ReportEntry {
                     recipient: item.address.clone(),
                     orcpt: item.orcpt.clone(),
                     action: Action::Delivered,

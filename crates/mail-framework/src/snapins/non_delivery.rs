@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use store::journal::{self, code};
 use store::StoreError;
 
-use crate::bounce::{Action, Failure};
+use crate::bounce::{Action, ReportEntry};
 use crate::pipeline::{SnapIn, Tag, WorkItem};
 use crate::reports::{self, Subject};
 
@@ -40,7 +40,7 @@ impl SnapIn for NonDelivery {
                 };
                 journal::append(tx, &entry)?;
                 if reports::wanted(i.notify.as_deref(), Action::Failed) {
-                    entries.push(Failure {
+                    entries.push(ReportEntry {
                         recipient: i.address.clone(),
                         orcpt: i.orcpt.clone(),
                         action: Action::Failed,
