@@ -9,7 +9,7 @@ use directory::admin::{Admin, UserInfo};
 use directory::LocalDomains;
 use store::{Store, StoreOptions};
 
-use crate::config::{Config, ConfigError};
+use postroom::config::{Config, ConfigError};
 
 #[derive(Subcommand)]
 pub enum UserCommand {

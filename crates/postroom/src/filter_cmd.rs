@@ -13,7 +13,7 @@ use mail_proto::date::rfc5322;
 use store::Durability;
 
 use crate::commands::open;
-use crate::config::Config;
+use postroom::config::Config;
 
 /// Header octets `quarantine show` prints, at most.
 const MAX_HEADERS: usize = 64 * 1024;

@@ -17,7 +17,7 @@ use smtp_server::policy::ClientFacts;
 use store::Durability;
 
 use crate::commands::open;
-use crate::config::Config;
+use postroom::config::Config;
 
 #[derive(Subcommand)]
 pub enum ListCommand {

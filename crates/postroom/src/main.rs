@@ -3,7 +3,6 @@
 #![forbid(unsafe_code)]
 
 mod commands;
-mod config;
 mod filter_cmd;
 mod lists;
 mod queue_cmd;
@@ -15,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use postroom::config;
 
 /// A complete mail suite for a small office: SMTP in, POP3 out, one durable queue between.
 #[derive(Parser)]

@@ -9,7 +9,7 @@ use mail_proto::date::rfc5322;
 use store::Durability;
 
 use crate::commands::open;
-use crate::config::Config;
+use postroom::config::Config;
 
 #[derive(Subcommand)]
 pub enum QueueCommand {

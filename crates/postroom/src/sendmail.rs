@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use smtp_client::local_submit::{self, SubmitError};
 
-use crate::config::Config;
+use postroom::config::Config;
 
 /// The local submission socket inside the data directory.
 pub const SOCKET: &str = "sendmail.sock";

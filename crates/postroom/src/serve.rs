@@ -20,7 +20,7 @@ use tls::{CertSource, ServerTls};
 use store::{Store, StoreOptions};
 use tokio::net::TcpListener;
 
-use crate::config::{AuthMode, Config, HeloVerify, LogFormat, PlaintextAuth, RelayMode, SocketLayer, VerifyFromUser};
+use postroom::config::{AuthMode, Config, HeloVerify, LogFormat, PlaintextAuth, RelayMode, SocketLayer, VerifyFromUser};
 
 /// The file `serve` writes once it listens: one `name address` line per listener.
 pub const LISTENING_FILE: &str = "listening";

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::commands::open;
-use crate::config::Config;
+use postroom::config::Config;
 
 /// Written by `serve` every 2 s: the workers' last beats.
 pub const STATUS_FILE: &str = "status";
