@@ -15,8 +15,9 @@ use mail_proto::net::normalise_ip;
 use mail_proto::DotStuffer;
 use store::journal::{self, code};
 use store::{Durability, Store};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tls::{ServerTls, Stream};
 
 use crate::session::{Action, Event, LoginOutcome, MaildropMessage, Session, SessionConfig};
@@ -112,7 +113,7 @@ impl Pop3Server {
         let _ = tcp.set_nodelay(true);
         let mut stream = Stream::Plain(tcp);
         let Some(_slot) = self.limits.take(ip) else {
-            let _ = stream.write_all(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n").await;
+            let _ = stream.write_all_within(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n", self.settings.inactivity_timeout).await;
             return;
         };
         if implicit_tls {
@@ -154,13 +155,15 @@ impl Driver<'_> {
         let mut buf = vec![0u8; 16 * 1024];
         let mut out = Vec::new();
         let mut actions = self.session.handle(Event::Connected);
+        let mut progress = self.session.progress();
+        let mut deadline = Instant::now() + self.server.settings.inactivity_timeout;
         loop {
             let mut pending: std::collections::VecDeque<Action> = actions.into();
             while let Some(action) = pending.pop_front() {
                 match action {
                     Action::Reply(bytes) => out.extend_from_slice(&bytes),
                     Action::StartTls => {
-                        stream.write_all(&out).await?;
+                        stream.write_all_within(&out, self.server.settings.inactivity_timeout).await?;
                         out.clear();
                         let Some(tls) = &self.server.tls else { return Ok(()) };
                         let plain = std::mem::replace(stream, Stream::Broken);
@@ -188,24 +191,29 @@ impl Driver<'_> {
                         pending.extend(self.session.handle(Event::UpdateDone(ok)));
                     }
                     Action::Close => {
-                        stream.write_all(&out).await?;
-                        let _ = stream.shutdown().await;
+                        stream.write_all_within(&out, self.server.settings.inactivity_timeout).await?;
+                        stream.shutdown_within(self.server.settings.inactivity_timeout).await;
                         return Ok(());
                     }
                 }
             }
             if !out.is_empty() {
-                stream.write_all(&out).await?;
+                stream.write_all_within(&out, self.server.settings.inactivity_timeout).await?;
                 out.clear();
             }
-            // P6: any input restarts the inactivity timer (RFC 1939 §3).
+            // P6: a command restarts the inactivity timer (RFC 1939 §3); bytes without a line end
+            // do not, so a trickle cannot hold the session (and its slot) open.
+            if self.session.progress() != progress {
+                progress = self.session.progress();
+                deadline = Instant::now() + self.server.settings.inactivity_timeout;
+            }
             // O3: on shutdown the session ends without UPDATE: nothing is deleted.
             let mut shutdown = self.server.shutdown.clone();
             let read = tokio::select! {
-                r = tokio::time::timeout(self.server.settings.inactivity_timeout, stream.read(&mut buf)) => r,
+                r = tokio::time::timeout_at(deadline, stream.read(&mut buf)) => r,
                 _ = until_shutdown(&mut shutdown) => {
-                    stream.write_all(b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n").await?;
-                    let _ = stream.shutdown().await;
+                    stream.write_all_within(b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n", self.server.settings.inactivity_timeout).await?;
+                    stream.shutdown_within(self.server.settings.inactivity_timeout).await;
                     return Ok(());
                 }
             };
@@ -283,7 +291,7 @@ impl Driver<'_> {
                     break;
                 }
                 if out.len() >= 64 * 1024 {
-                    stream.write_all(out).await?;
+                    stream.write_all_within(out, self.server.settings.inactivity_timeout).await?;
                     out.clear();
                 }
                 let Some(chunk_id) = chunks.next() else { break };

@@ -279,6 +279,8 @@ pub struct Session {
     user: Option<String>,
     /// The connection is encrypted (implicit TLS, or STLS completed).
     tls: bool,
+    /// Complete lines read, well-formed or not: the inactivity timer restarts on these only.
+    lines: u64,
 }
 
 impl Session {
@@ -293,6 +295,7 @@ impl Session {
             errors: 0,
             failed_logins: 0,
             user: None,
+            lines: 0,
         }
     }
 
@@ -334,6 +337,12 @@ impl Session {
     /// Authenticated user name, for logs (kept after close).
     pub fn user(&self) -> Option<&str> {
         self.user.as_deref()
+    }
+
+    /// Complete lines read so far. P6: the driver restarts its inactivity timer when this
+    /// moves, so a client trickling one byte at a time cannot hold the session open.
+    pub fn progress(&self) -> u64 {
+        self.lines
     }
 
     /// True once [`Action::Close`] has been produced.
@@ -452,17 +461,20 @@ impl Session {
             match newline {
                 Some(i) if i + 1 > limit => {
                     pos += i + 1;
+                    self.lines += 1;
                     self.line_too_long(out);
                 }
                 Some(i) => {
                     let line = rest[..i].to_vec();
                     pos += i + 1;
+                    self.lines += 1;
                     self.command(&line, out);
                 }
                 // Whatever follows, the line cannot fit any more.
                 None if rest.len() >= limit => {
                     pos = self.input.len();
                     self.discarding = true;
+                    self.lines += 1;
                     self.line_too_long(out);
                 }
                 None => break,
@@ -1034,6 +1046,23 @@ mod tests {
         assert!(!s.is_waiting());
         assert_eq!(s.user(), Some("alice"));
         s
+    }
+
+    #[test]
+    fn progress_counts_complete_lines_only() {
+        // P6: the driver's inactivity timer follows this; a trickle must not move it.
+        let mut s = logged_in();
+        let before = s.progress();
+        for b in b"NOO" {
+            assert!(feed(&mut s, &[*b]).is_empty());
+        }
+        assert_eq!(s.progress(), before);
+        assert_eq!(feed(&mut s, b"P\r\n"), vec![r("+OK\r\n")]);
+        assert_eq!(s.progress(), before + 1);
+        feed(&mut s, &[b'x'; 300]);
+        assert_eq!(s.progress(), before + 2, "an over-long line counts once, when refused");
+        feed(&mut s, b"xx\r\nNOOP\r\n");
+        assert_eq!(s.progress(), before + 3);
     }
 
     /// Concatenated Reply bytes as text; panics on other actions.

@@ -17,7 +17,7 @@ use mail_proto::net::normalise_ip;
 use mail_proto::{Address, LineEndings, Reply};
 use store::journal::{self, code};
 use store::{Durability, Store};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tls::{ServerTls, Stream};
@@ -145,14 +145,14 @@ impl SmtpServer {
         // S4: sessions in total and per client address.
         let Some(_slot) = self.limits.take(ip) else {
             let r = Reply::new(421, (7, 0), format!("{hostname} Error: too many connections, try again later"));
-            let _ = stream.write_all(&r.to_bytes()).await;
+            let _ = stream.write_all_within(&r.to_bytes(), self.settings.command_timeout).await;
             return;
         };
         let record = match self.lists.client(self.store(), ip).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the access lists");
-                let _ = stream.write_all(&Reply::new(421, (3, 0), format!("{hostname} Local error, try again later")).to_bytes()).await;
+                let _ = stream.write_all_within(&Reply::new(421, (3, 0), format!("{hostname} Local error, try again later")).to_bytes(), self.settings.command_timeout).await;
                 return;
             }
         };
@@ -174,8 +174,8 @@ impl SmtpServer {
         let decision = self.settings.policy.connect(&facts);
         if let Some(reply) = decision.connect_reply(&hostname) {
             self.journal(code::SMTP_CONNECTION_REFUSED, ip, "", &decision.rule.to_string());
-            let _ = stream.write_all(&reply.to_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _ = stream.write_all_within(&reply.to_bytes(), self.settings.command_timeout).await;
+            stream.shutdown_within(self.settings.command_timeout).await;
             return;
         }
         let config = self.session_config(kind, &facts, &stream);
@@ -391,7 +391,7 @@ impl Driver<'_> {
                         }
                     }
                     Action::StartTls => {
-                        stream.write_all(&self.out).await?;
+                        stream.write_all_within(&self.out, self.server.settings.command_timeout).await?;
                         self.out.clear();
                         let Some(tls) = &self.server.services.tls else { return Ok(()) };
                         let plain = std::mem::replace(stream, Stream::Broken);
@@ -466,11 +466,11 @@ impl Driver<'_> {
                 }
             }
             if !self.out.is_empty() {
-                stream.write_all(&self.out).await?;
+                stream.write_all_within(&self.out, self.server.settings.command_timeout).await?;
                 self.out.clear();
             }
             if hang_up {
-                let _ = stream.shutdown().await;
+                stream.shutdown_within(self.server.settings.command_timeout).await;
                 return Ok(());
             }
             // S4: the command deadline restarts only when a command completes, so a trickle of
@@ -488,8 +488,8 @@ impl Driver<'_> {
                 r = tokio::time::timeout_at(deadline, stream.read(&mut buf)) => r,
                 _ = until_shutdown(&mut shutdown), if between_commands => {
                     let bye = Reply::new(421, (3, 2), format!("{} Service shutting down, try again later", self.server.settings.hostname));
-                    stream.write_all(&bye.to_bytes()).await?;
-                    let _ = stream.shutdown().await;
+                    stream.write_all_within(&bye.to_bytes(), self.server.settings.command_timeout).await?;
+                    stream.shutdown_within(self.server.settings.command_timeout).await;
                     return Ok(());
                 }
             };

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -188,6 +188,21 @@ impl Stream {
             Ok(Err(e)) => Err(e),
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake deadline passed")),
         }
+    }
+
+    /// `write_all` that gives up after `limit`: a client that stops reading (a pipelining client
+    /// that never collects its replies, a POP3 client that RETRs and stalls) must not hold its
+    /// session, and its slot, forever.
+    pub async fn write_all_within(&mut self, bytes: &[u8], limit: Duration) -> io::Result<()> {
+        match tokio::time::timeout(limit, self.write_all(bytes)).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")),
+        }
+    }
+
+    /// Ends the connection (TLS close_notify, then FIN), giving up after `limit`.
+    pub async fn shutdown_within(&mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.shutdown()).await;
     }
 
     pub fn is_tls(&self) -> bool {
