@@ -15,7 +15,7 @@ use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::PasswordHasher;
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use blake2::{Blake2b512, Digest};
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::{RecvTimeoutError, Sender, TrySendError};
 
 use crate::{DirectoryError, Result};
 
@@ -27,14 +27,22 @@ pub fn hash_password(password: &str) -> Result<String> {
     Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()).map_err(|e| DirectoryError::Hash(e.to_string()))
 }
 
+thread_local! {
+    static MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Gives this thread's argon2 working memory back to the operating system: a server that has
+/// gone quiet after a burst of logins should not keep 19 MiB per pool thread resident. A block
+/// this large is mmapped by the allocator, so dropping it unmaps it.
+fn release_memory() {
+    MEMORY.with(|memory| *memory.borrow_mut() = Vec::new());
+}
+
 /// Verify against a PHC string (blocking).
 ///
 /// The argon2 working memory (19 MiB with the default parameters) is kept per thread and reused:
 /// allocating it afresh for every verification makes glibc's heap grow by that much per login.
 pub fn verify_password(hash: &str, password: &str) -> bool {
-    thread_local! {
-        static MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
-    }
     let Ok(parsed) = PasswordHash::new(hash) else { return false };
     let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else { return false };
     let Ok(algorithm) = Algorithm::try_from(parsed.algorithm.as_str()) else { return false };
@@ -58,6 +66,8 @@ type CacheEntry = ([u8; 64], Instant);
 
 const CACHE_TTL: Duration = Duration::from_secs(3600);
 const CACHE_MAX: usize = 10_000;
+/// A pool thread with no verification for this long frees its argon2 memory.
+const RELEASE_AFTER_IDLE: Duration = Duration::from_secs(10);
 
 /// Bounded pool of argon2 threads.
 #[derive(Clone)]
@@ -76,9 +86,11 @@ impl PasswordPool {
             let rx = rx.clone();
             std::thread::Builder::new()
                 .name(format!("argon2-{i}"))
-                .spawn(move || {
-                    while let Ok(job) = rx.recv() {
-                        job();
+                .spawn(move || loop {
+                    match rx.recv_timeout(RELEASE_AFTER_IDLE) {
+                        Ok(job) => job(),
+                        Err(RecvTimeoutError::Timeout) => release_memory(),
+                        Err(RecvTimeoutError::Disconnected) => return,
                     }
                 })
                 .expect("spawn argon2 thread");
@@ -167,6 +179,10 @@ mod tests {
             assert!(!verify_password(&h, "correct horsE"));
         }
         assert!(!verify_password("not a phc string", "x"));
+        assert!(MEMORY.with(|m| m.borrow().capacity()) >= 19 * 1024, "19 MiB of 1 KiB blocks kept");
+        release_memory();
+        assert_eq!(MEMORY.with(|m| m.borrow().capacity()), 0);
+        assert!(verify_password(&h, "correct horse"), "verifies again after the release");
     }
 
     #[test]
