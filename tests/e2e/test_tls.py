@@ -196,6 +196,28 @@ def test_pop3s_greets_only_after_handshake(make_tls_server):
         s.close()
 
 
+@pytest.mark.parametrize("listener", ["smtps", "pop3s"])
+def test_refusal_at_the_session_limit_is_sent_inside_tls(make_tls_server, listener):
+    """S4, S6, P2: at max_sessions_per_ip an implicit-TLS client completes the handshake and reads
+    the refusal (421 / -ERR [SYS/TEMP]) over TLS, not bytes in clear text that break its TLS."""
+    proto = "smtp" if listener == "smtps" else "pop3"
+    srv = make_tls_server(**{proto: {"max_sessions_per_ip": 1}})
+    connect = smtps_client if listener == "smtps" else pops_client
+    first = connect(getattr(srv, listener))
+    try:
+        second = connect(getattr(srv, listener))
+        try:
+            if listener == "smtps":
+                expect(second.greeting, 421)
+                assert "too many connections" in second.greeting.text.lower(), second.greeting
+            else:
+                assert second.greeting.startswith(b"-ERR [SYS/TEMP]"), second.greeting
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
 @pytest.mark.parametrize("listener", ["smtps", "submission", "smtp", "pop3s", "pop3"])
 def test_unfinished_handshake_is_dropped(make_tls_server, listener):
     """S4: a client that starts a TLS handshake and never finishes it is dropped after

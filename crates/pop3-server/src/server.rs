@@ -112,11 +112,8 @@ impl Pop3Server {
         let ip = normalise_ip(peer.ip());
         let _ = tcp.set_nodelay(true);
         let mut stream = Stream::Plain(tcp);
-        let Some(_slot) = self.limits.take(ip) else {
-            let _ = stream.write_all_within(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n", self.settings.inactivity_timeout).await;
-            return;
-        };
         if implicit_tls {
+            // TLS first (within the handshake deadline), so even a refusal below is readable.
             let Some(tls) = &self.tls else { return };
             stream = match stream.upgrade(tls.acceptor(), self.settings.tls_handshake_timeout).await {
                 Ok(s) => s,
@@ -126,6 +123,10 @@ impl Pop3Server {
                 }
             };
         }
+        let Some(_slot) = self.limits.take(ip) else {
+            let _ = stream.write_all_within(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n", self.settings.inactivity_timeout).await;
+            return;
+        };
         let config = SessionConfig {
             hostname: self.settings.hostname.clone(),
             allow_plaintext_auth: self.settings.plaintext_from_loopback && ip.is_loopback(),
