@@ -124,6 +124,8 @@ class Server:
         self.smtp: tuple[str, int] | None = None
         self.pop3: tuple[str, int] | None = None
         self.listeners: dict[str, tuple[str, int]] = {}
+        # Run in the child before exec (e.g. to lower its resource limits).
+        self.preexec_fn = None
         self._log = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -142,6 +144,7 @@ class Server:
             stdout=self._log,
             stderr=self._log,
             env=env,
+            preexec_fn=self.preexec_fn,
         )
         deadline = time.monotonic() + ready_timeout
         while True:

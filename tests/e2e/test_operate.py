@@ -536,3 +536,42 @@ def test_quota_errors(sam):
     r = sam.cli("user", "quota", NAME, "lots")
     assert r.returncode in (1, 2), (r.returncode, r.stdout, r.stderr)
     assert mailbox_count(sam, NAME, PW) == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Open-file limit (S4: the session limits only hold if every session can have a descriptor)
+# ------------------------------------------------------------------------------------------
+
+def _open_file_limit(pid: int) -> tuple[int, int]:
+    for line in open(f"/proc/{pid}/limits"):
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no 'Max open files' in /proc/PID/limits")
+
+
+def test_soft_open_file_limit_is_raised_to_the_hard_one(make_server):
+    """A soft limit of 300 (a common default is 1024) cannot hold 200 SMTP + 200 POP3 sessions:
+    the server raises it to the hard limit, and says nothing about it."""
+    import resource
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1000:
+        pytest.skip(f"hard open-file limit {hard} here")
+    srv = make_server(start=False)
+    srv.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+    srv.start()
+    assert _open_file_limit(srv.proc.pid) == (hard, hard)
+    assert "open-file limit" not in srv.stderr_text()
+
+
+def test_open_file_limit_too_low_for_the_sessions_is_reported(make_server):
+    """With a hard limit of 300 the server still runs, but warns which settings do not fit."""
+    import resource
+    srv = make_server(start=False)
+    srv.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+    srv.start()
+    assert _open_file_limit(srv.proc.pid) == (300, 300)
+    log = srv.stderr_text()
+    assert "open-file limit is below smtp.max_sessions + pop3.max_sessions" in log, log
+    assert "limit=300" in log and "wanted=676" in log, log
+    assert "\x1b[" not in log, "colour escape codes in a log that is not a terminal"

@@ -27,13 +27,36 @@ pub const LISTENING_FILE: &str = "listening";
 
 pub fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
+    raise_descriptor_limit(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(run(config))
 }
 
+/// Every session, pending TLS handshake and outbound connection holds a descriptor. Past the
+/// open-file limit `accept` fails, and a flood's extra clients wait unanswered instead of reading
+/// a 421; so the soft limit is raised to the hard one (as nginx and Go's runtime do), and a limit
+/// too low for the configured sessions is reported.
+fn raise_descriptor_limit(config: &Config) {
+    // Listeners, the database and its WAL, the sendmail socket, log files: a generous reserve.
+    const RESERVE: u64 = 256;
+    let wanted = (config.smtp.max_sessions + config.pop3.max_sessions + config.delivery.max_connections) as u64 + RESERVE;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            limit,
+            wanted,
+            "the open-file limit is below smtp.max_sessions + pop3.max_sessions + delivery.max_connections + {RESERVE}: \
+             clients past it wait unanswered; raise it (ulimit -n, systemd LimitNOFILE=) or lower the max_sessions"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
+}
+
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or the journal would keep the escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
