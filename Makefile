@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PYTHON ?= python3
 
-.PHONY: run build test deps unit e2e bench lint fmt fuzz
+.PHONY: run build test deps unit e2e soak bench lint fmt fuzz
 
 run:
 	$(CARGO) run --release -p postroom -- serve
@@ -22,6 +22,12 @@ deps:
 
 e2e: build deps
 	$(PYTHON) -m pytest -n auto tests/e2e
+
+# The kill -9 loop of the e2e suite, longer: POSTROOM_SOAK_KILLS kills (default 100) spread over
+# POSTROOM_SOAK_MESSAGES acknowledged messages (default 50,000).
+soak: build deps
+	POSTROOM_SOAK_KILLS=$${POSTROOM_SOAK_KILLS:-100} POSTROOM_SOAK_MESSAGES=$${POSTROOM_SOAK_MESSAGES:-50000} \
+		$(PYTHON) -m pytest -m soak tests/e2e
 
 bench:
 	bash bench/run.sh

@@ -20,6 +20,13 @@ DEFAULT_TIMEOUT = 120
 SAM = ("sam", "SamJones@example.test", "sam-secret-1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "soak: load and crash loops whose length POSTROOM_SOAK_* variables scale (short by default)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     # Every test is bounded: 120 s unless the test sets its own timeout marker.
     for item in items:

@@ -18,7 +18,8 @@ use smtp_client::queue_manager::{OutboundQueue, OutboundSettings};
 use smtp_client::route::RouteSettings;
 use tls::{CertSource, ServerTls};
 use store::{Store, StoreOptions};
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+use tokio::net::{TcpListener, TcpSocket};
 
 use postroom::config::{AuthMode, Config, HeloVerify, LogFormat, PlaintextAuth, RelayMode, SocketLayer, VerifyFromUser};
 
@@ -30,6 +31,20 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     raise_descriptor_limit(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(run(config))
+}
+
+/// Connections the kernel completes before `accept` takes them. The usual 128 loses clients in a
+/// burst: once the queue is full the kernel drops the client's final ACK, and the client, which
+/// waits for the greeting, hangs instead of reading a 220 or a 421. Linux caps it at somaxconn.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket with SO_REUSEADDR (a restart does not wait out TIME_WAIT) and a backlog
+/// that holds a burst of connections.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Every session, pending TLS handshake and outbound connection holds a descriptor. Past the
@@ -125,7 +140,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ];
     for (name, key, addrs, kind) in smtp_listeners {
         for addr in addrs {
-            let listener = TcpListener::bind(addr).await.with_context(|| format!("{key}: cannot listen on {addr}"))?;
+            let listener = listen(*addr).with_context(|| format!("{key}: cannot listen on {addr}"))?;
             bound.push(format!("{name} {}", listener.local_addr()?));
             tokio::spawn(smtp.clone().serve(listener, kind));
         }
@@ -138,7 +153,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ];
     for (name, key, addrs, implicit_tls, wanted) in pop3_listeners {
         for addr in addrs.iter().filter(|_| wanted) {
-            let listener = TcpListener::bind(addr).await.with_context(|| format!("{key}: cannot listen on {addr}"))?;
+            let listener = listen(*addr).with_context(|| format!("{key}: cannot listen on {addr}"))?;
             bound.push(format!("{name} {}", listener.local_addr()?));
             tokio::spawn(pop3.clone().serve(listener, implicit_tls));
         }
@@ -153,7 +168,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(smtp.clone().serve_local(local));
     // The SMTP client: an MX that resolves to one of our own SMTP listeners is a loop.
-    let own: Vec<std::net::SocketAddr> = bound.iter().filter(|l| l.starts_with("smtp ")).filter_map(|l| l[5..].parse().ok()).collect();
+    let own: Vec<SocketAddr> = bound.iter().filter(|l| l.starts_with("smtp ")).filter_map(|l| l[5..].parse().ok()).collect();
     let outbound = OutboundQueue::new(outbound_settings(&config, own), store.clone(), dns, outbound_wake, pipeline_wake);
     // Both workers are alive from here on; `status` must not see a gap before their first round.
     framework_beat.beat();
@@ -227,7 +242,7 @@ fn spawn_send_scheduler(config: &Config, store: Store) {
         return;
     }
     let every = Duration::from_secs(d.send_interval_secs);
-    let upstream: Option<std::net::SocketAddr> = d.etrn_upstream.parse().ok();
+    let upstream: Option<SocketAddr> = d.etrn_upstream.parse().ok();
     let (domains, helo) = (d.etrn_upstream_domains.clone(), config.hostname.clone());
     tokio::spawn(async move {
         loop {
@@ -289,7 +304,7 @@ fn load_tls(config: &Config) -> anyhow::Result<Option<ServerTls>> {
     Ok(Some(tls))
 }
 
-fn outbound_settings(c: &Config, own_addresses: Vec<std::net::SocketAddr>) -> OutboundSettings {
+fn outbound_settings(c: &Config, own_addresses: Vec<SocketAddr>) -> OutboundSettings {
     let d = &c.delivery;
     let mut client = ClientSettings::new(c.hostname.clone());
     client.bind_address = d.bind_address.parse().ok();
