@@ -196,14 +196,21 @@ def test_pop3s_greets_only_after_handshake(make_tls_server):
         s.close()
 
 
+@pytest.mark.parametrize("first_handshakes", [True, False], ids=["session", "handshake-pending"])
 @pytest.mark.parametrize("listener", ["smtps", "pop3s"])
-def test_refusal_at_the_session_limit_is_sent_inside_tls(make_tls_server, listener):
+def test_refusal_at_the_session_limit_is_sent_inside_tls(make_tls_server, listener, first_handshakes):
     """S4, S6, P2: at max_sessions_per_ip an implicit-TLS client completes the handshake and reads
-    the refusal (421 / -ERR [SYS/TEMP]) over TLS, not bytes in clear text that break its TLS."""
+    the refusal (421 / -ERR [SYS/TEMP]) over TLS, not bytes in clear text that break its TLS. A
+    client still in (or never starting) its handshake holds its slot like any other, so the
+    per-address limit also bounds connections that never handshake."""
     proto = "smtp" if listener == "smtps" else "pop3"
     srv = make_tls_server(**{proto: {"max_sessions_per_ip": 1}})
     connect = smtps_client if listener == "smtps" else pops_client
-    first = connect(getattr(srv, listener))
+    if first_handshakes:
+        first = connect(getattr(srv, listener))
+    else:
+        first = LineSocket(getattr(srv, listener))
+        time.sleep(0.3)  # nothing to read yet: give the server a moment to accept it first
     try:
         second = connect(getattr(srv, listener))
         try:

@@ -112,10 +112,20 @@ impl Pop3Server {
         let ip = normalise_ip(peer.ip());
         let _ = tcp.set_nodelay(true);
         let mut stream = Stream::Plain(tcp);
-        if implicit_tls {
-            // TLS first (within the handshake deadline), so even a refusal below is readable.
-            let Some(tls) = &self.tls else { return };
-            stream = match stream.upgrade(tls.acceptor(), self.settings.tls_handshake_timeout).await {
+        // P2: on pop3s, TLS first, within the handshake deadline.
+        let handshake = match (implicit_tls, &self.tls) {
+            (true, Some(tls)) => Some((tls.acceptor(), self.settings.tls_handshake_timeout)),
+            (true, None) => return,
+            (false, _) => None,
+        };
+        // Sessions in total and per client address, counted from the connect.
+        let Some(_slot) = self.limits.take(ip) else {
+            let refusal = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n";
+            stream.refuse(handshake, refusal, self.settings.inactivity_timeout).await;
+            return;
+        };
+        if let Some((acceptor, deadline)) = handshake {
+            stream = match stream.upgrade(acceptor, deadline).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(client = %ip, error = %e, "implicit TLS handshake failed");
@@ -123,10 +133,6 @@ impl Pop3Server {
                 }
             };
         }
-        let Some(_slot) = self.limits.take(ip) else {
-            let _ = stream.write_all_within(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n", self.settings.inactivity_timeout).await;
-            return;
-        };
         let config = SessionConfig {
             hostname: self.settings.hostname.clone(),
             allow_plaintext_auth: self.settings.plaintext_from_loopback && ip.is_loopback(),

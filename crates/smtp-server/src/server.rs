@@ -131,10 +131,21 @@ impl SmtpServer {
         let _ = tcp.set_nodelay(true);
         let hostname = self.settings.hostname.clone();
         let mut stream = Stream::Plain(tcp);
-        if kind == ListenerKind::Smtps {
-            // RFC 8314: TLS first, within the handshake deadline.
-            let Some(tls) = &self.services.tls else { return };
-            stream = match stream.upgrade(tls.acceptor(), self.settings.tls_handshake_timeout).await {
+        // RFC 8314: on smtps, TLS first, within the handshake deadline.
+        let implicit_tls = match (kind, &self.services.tls) {
+            (ListenerKind::Smtps, Some(tls)) => Some((tls.acceptor(), self.settings.tls_handshake_timeout)),
+            (ListenerKind::Smtps, None) => return,
+            _ => None,
+        };
+        // S4: sessions in total and per client address, counted from the connect (a client
+        // still in its TLS handshake holds a slot, as one still to send EHLO does).
+        let Some(_slot) = self.limits.take(ip) else {
+            let r = Reply::new(421, (7, 0), format!("{hostname} Error: too many connections, try again later"));
+            stream.refuse(implicit_tls, &r.to_bytes(), self.settings.command_timeout).await;
+            return;
+        };
+        if let Some((acceptor, deadline)) = implicit_tls {
+            stream = match stream.upgrade(acceptor, deadline).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(client = %ip, error = %e, "implicit TLS handshake failed");
@@ -142,12 +153,6 @@ impl SmtpServer {
                 }
             };
         }
-        // S4: sessions in total and per client address.
-        let Some(_slot) = self.limits.take(ip) else {
-            let r = Reply::new(421, (7, 0), format!("{hostname} Error: too many connections, try again later"));
-            let _ = stream.write_all_within(&r.to_bytes(), self.settings.command_timeout).await;
-            return;
-        };
         let record = match self.lists.client(self.store(), ip).await {
             Ok(r) => r,
             Err(e) => {

@@ -20,6 +20,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 /// Names of the generated certificate files inside the data directory.
@@ -169,6 +170,10 @@ fn generate(cert: &Path, key: &Path, hostname: &str) -> Result<(), TlsError> {
     write(cert, made.cert.pem())
 }
 
+/// Refusal handshakes (see [`Stream::refuse`]) running at once, at most.
+pub const REFUSALS_AT_ONCE: usize = 64;
+static REFUSALS: Semaphore = Semaphore::const_new(REFUSALS_AT_ONCE);
+
 /// A client connection: plain until upgraded, or TLS from the start.
 pub enum Stream {
     Plain(TcpStream),
@@ -187,6 +192,27 @@ impl Stream {
             Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls))),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake deadline passed")),
+        }
+    }
+
+    /// Tells a client that came past the session limit `refusal`, then ends the connection. On an
+    /// implicit-TLS listener (`tls`: the acceptor and the handshake deadline) the refusal follows
+    /// a handshake so the client can read it. Such a client holds no session slot, so at most
+    /// [`REFUSALS_AT_ONCE`] refusal handshakes run at a time; past that the connection is just
+    /// closed, and a flood on a TLS port cannot pile up descriptors in handshakes.
+    pub async fn refuse(self, tls: Option<(TlsAcceptor, Duration)>, refusal: &[u8], limit: Duration) {
+        let mut stream = self;
+        let mut _permit = None;
+        if let Some((acceptor, deadline)) = tls {
+            let Ok(permit) = REFUSALS.try_acquire() else { return };
+            _permit = Some(permit);
+            stream = match stream.upgrade(acceptor, deadline).await {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        }
+        if stream.write_all_within(refusal, limit).await.is_ok() {
+            stream.shutdown_within(limit).await;
         }
     }
 
