@@ -7,6 +7,7 @@ No DNS lookups: smtplib always gets an explicit local_hostname.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import poplib
@@ -910,3 +911,41 @@ def mailbox_count(srv: Server, user: str, password: str) -> int:
         return p.stat()[0]
     finally:
         p.quit()
+
+
+def maildrop_subjects(srv: Server, user: str, password: str) -> list[str]:
+    """The Subject of every message in the maildrop, in order (TOP n 0: headers only)."""
+    p = login_retry(srv, user, password, timeout=20)
+    try:
+        count, _ = p.stat()
+        return [subject_of(b"\r\n".join(p.top(i, 0)[1]) + b"\r\n") for i in range(1, count + 1)]
+    finally:
+        p.quit()
+
+
+def assert_delivered_exactly_once(srv: Server, user: str, password: str, acked, sent, event: str,
+                                  timeout: float = 60.0) -> None:
+    """F1 after `event` (kill -9, SIGTERM...): every subject in `acked` (answered 250) reaches the
+    maildrop; once the queue is empty no subject is there twice and none that was not in `sent`."""
+    acked = set(acked)
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = acked - set(maildrop_subjects(srv, user, password))
+        if not missing:
+            break
+        assert time.monotonic() < deadline, (
+            f"{len(missing)} of {len(acked)} acknowledged message(s) lost after {event}: "
+            f"{sorted(missing)[:20]}")
+        time.sleep(0.5)
+    # Mail that was committed but never acknowledged may still be on its way: let it settle.
+    deadline = time.monotonic() + 30
+    while queue_entries(srv):
+        assert time.monotonic() < deadline, srv.cli("queue", "list").stdout
+        time.sleep(0.25)
+    counts = collections.Counter(maildrop_subjects(srv, user, password))
+    dups = {s: c for s, c in counts.items() if c > 1}
+    assert not dups, (f"delivered more than once after {event} "
+                      f"({sum(1 for s in dups if s in acked)} of them acknowledged): "
+                      f"{dict(list(dups.items())[:20])}")
+    strangers = set(counts) - set(sent)
+    assert not strangers, f"messages nobody sent: {sorted(strangers)[:20]}"

@@ -3,7 +3,6 @@ D2 quota)."""
 
 from __future__ import annotations
 
-import collections
 import json
 import queue
 import re
@@ -20,12 +19,12 @@ import pytest
 from conftest import SAM
 from helpers import (
     BIN,
+    assert_delivered_exactly_once,
     CLIENT_NAME,
     JANE,
     db_path,
     expect,
     fetch_all,
-    login_retry,
     mailbox_count,
     make_message,
     pop_login,
@@ -169,15 +168,6 @@ def _sender(srv, work, acked, attempted, lock):
                 pass
 
 
-def _subjects(srv):
-    p = login_retry(srv, NAME, PW, timeout=20)
-    try:
-        count, _ = p.stat()
-        return [subject_of(b"\r\n".join(p.top(i, 0)[1]) + b"\r\n") for i in range(1, count + 1)]
-    finally:
-        p.quit()
-
-
 @pytest.mark.timeout(180)
 def test_sigterm_under_load_loses_nothing(sam):
     """O3: SIGTERM while 8 clients send: the server exits 0 within 10 s; after a restart every
@@ -219,20 +209,7 @@ def test_sigterm_under_load_loses_nothing(sam):
     assert len(acked_set) < N, "SIGTERM came too late to test anything"
 
     sam.start()
-    deadline = time.monotonic() + 60
-    while True:
-        got = _subjects(sam)
-        missing = acked_set - set(got)
-        if not missing:
-            break
-        assert time.monotonic() < deadline, (
-            f"{len(missing)} acknowledged message(s) lost after SIGTERM: {sorted(missing)[:20]}")
-        time.sleep(0.5)
-    time.sleep(2)
-    counts = collections.Counter(_subjects(sam))
-    dup = {s: c for s, c in counts.items() if c > 1}
-    assert not dup, f"messages delivered more than once: {dup}"
-    assert set(counts) <= set(subjects)
+    assert_delivered_exactly_once(sam, NAME, PW, acked_set, subjects, "SIGTERM")
 
 
 def _mid_data_session(srv):
