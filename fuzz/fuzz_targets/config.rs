@@ -1,6 +1,8 @@
 //! The configuration file: `Config::parse`, `validate`, the warnings of `config check` and the
-//! listener list `serve` binds. Besides "no panic": `config show` prints `effective_toml`, which
-//! promises to parse back to the same values, so an administrator can save what it printed.
+//! listener list `serve` binds. Besides "no panic": `config check` prints `effective_toml` for a
+//! valid configuration, which promises to parse back to the same values, so an administrator can
+//! save what it printed. An invalid one is never printed; its text need only parse again (its
+//! domains, normalised once more, may lose another trailing dot: "a.." is refused either way).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -14,10 +16,11 @@ fuzz_target!(|data: &[u8]| {
     let _ = config.listeners();
     let shown = config.effective_toml();
     match Config::parse(&shown, "fuzz.toml") {
-        Ok(again) => {
+        Ok(again) if valid => {
             assert_eq!(again, config, "input {text:?} shown as {shown:?}");
-            assert_eq!(again.validate().is_ok(), valid);
+            assert!(again.validate().is_ok(), "input {text:?} shown as {shown:?} is no longer valid");
         }
+        Ok(_) => {}
         Err(e) => panic!("input {text:?} shown as {shown:?} does not parse back: {e}"),
     }
 });

@@ -860,6 +860,9 @@ mod tests {
         }
         refused(r#"domains = ["ok.test", "bad_domain.test"]"#, "domains", "domain name");
         refused(r#"domains = ["a..test"]"#, "domains", "domain name");
+        // Found by fuzzing (fuzz/regressions/config): one trailing dot is the root and goes; with
+        // two, the name keeps an empty label and is refused rather than shown differently.
+        refused(r#"domains = ["a.test.."]"#, "domains", "domain name");
         refused(r#"postmaster = "admin""#, "postmaster", "local@domain");
         refused(r#"postmaster = "@example.test""#, "postmaster", "local@domain");
         refused("smtp = { max_message_size = 1023 }", "smtp.max_message_size", "1024");
