@@ -562,10 +562,10 @@ vd=$(awk -v x="$HUGE_RESULT" 'BEGIN { if (x == "") print "n/a"; else if (x + 0 <
 line "one $((HUGE / 1000000)) MB message: Postroom RSS growth" "${HUGE_RESULT:-n/a} MB" "—" "—" "—" "—" "—" "< 60 MB — $vd" "$HUGE_NOTE"
 
 echo
-# What a server that has worked keeps once it is quiet (the argon2 threads free their memory
-# after 10 s without a login).
+# What a server that has worked keeps once it is quiet (the argon2 threads free their memory after
+# 10 s without a login, the heap is trimmed every 10 s).
 RSS_END=$(rss_kib)
-sleep 12
+sleep 25
 RSS_QUIET=$(rss_kib)
 
 echo "## Postroom vs Postfix and Dovecot ($(date -u +%Y-%m-%dT%H:%M:%SZ), $NPROC CPUs, loopback)"
@@ -582,6 +582,6 @@ echo
 echo "CPU µs/unit: utime+stime of the whole server process tree (Postfix and Dovecot: master and"
 echo "every child, reaped ones included), from the client's start until the tree is idle again,"
 echo "divided by messages, RETRs or sessions. Clients and servers share the same $NPROC CPUs."
-echo "Postroom's RSS at the end: $(fmt "$(div "$RSS_END" 1024)" 1) MiB, after 12 s without work $(fmt "$(div "$RSS_QUIET" 1024)" 1) MiB (peak since the 50 MB message: $(fmt "$(div "$(hwm_kib)" 1024)" 1) MiB)."
+echo "Postroom's RSS at the end: $(fmt "$(div "$RSS_END" 1024)" 1) MiB, after 25 s without work $(fmt "$(div "$RSS_QUIET" 1024)" 1) MiB (peak since the 50 MB message: $(fmt "$(div "$(hwm_kib)" 1024)" 1) MiB)."
 echo "Per-round rates (msg/s etc.):"
 for k in "${!VAL[@]}"; do echo "  $k:${VAL[$k]}   (CPU µs/unit:$(for x in ${CPU[$k]}; do printf ' %.0f' "$x"; done))"; done | sort

@@ -67,6 +67,19 @@ fn raise_descriptor_limit(config: &Config) {
     }
 }
 
+/// Every 10 s the heap's free pages go back to the OS (see the heap-trim crate), so a server that
+/// has served a burst returns to its idle size instead of keeping its peak.
+fn spawn_heap_trim() {
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let _ = tokio::task::spawn_blocking(heap_trim::release_free_memory).await;
+        }
+    });
+}
+
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| "info".into());
     // Colours only on a terminal: a log file or the journal would keep the escape codes.
@@ -88,6 +101,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(dropped, "removed messages whose DATA never finished (no 250 was given)");
     }
     spawn_journal_retention(store.clone(), config.journal.retention_days);
+    spawn_heap_trim();
     let domains = LocalDomains::new(&config.domains, &config.postmaster);
     let responsible = (!config.delivery.dsn_responsible_person.is_empty()).then(|| config.delivery.dsn_responsible_person.clone());
     mail_framework::reports::configure(mail_framework::reports::ReportSettings { hostname: config.hostname.clone(), responsible_person: responsible });
