@@ -563,7 +563,7 @@ line "one $((HUGE / 1000000)) MB message: Postroom RSS growth" "${HUGE_RESULT:-n
 
 echo
 # What a server that has worked keeps once it is quiet (the argon2 threads free their memory after
-# 10 s without a login, the heap is trimmed every 10 s).
+# 10 s without a login; the heap is trimmed once the server has been quiet for 10 s).
 RSS_END=$(rss_kib)
 sleep 25
 RSS_QUIET=$(rss_kib)

@@ -22,6 +22,49 @@ pub fn release_free_memory() -> bool {
     }
 }
 
+/// Trims only when the process has gone quiet: under load the pages would be faulted straight
+/// back in, so a trim would cost time and save nothing.
+#[derive(Debug, Default)]
+pub struct QuietTrimmer {
+    last_cpu: Option<std::time::Duration>,
+    trimmed_since_work: bool,
+}
+
+impl QuietTrimmer {
+    /// Call at a fixed interval; trims once when the CPU the process used since the previous
+    /// call is below `quiet`, and not again until there has been work. True if it trimmed.
+    pub fn tick(&mut self, quiet: std::time::Duration) -> bool {
+        let Some(now) = process_cpu_time() else { return false };
+        let used = self.last_cpu.map(|before| now.saturating_sub(before));
+        self.last_cpu = Some(now);
+        match used {
+            Some(used) if used < quiet => {
+                if self.trimmed_since_work {
+                    return false;
+                }
+                self.trimmed_since_work = true;
+                release_free_memory()
+            }
+            _ => {
+                self.trimmed_since_work = false;
+                false
+            }
+        }
+    }
+}
+
+/// User + system CPU time of this process so far, from /proc/self/stat (fields 14 and 15, in
+/// clock ticks of 1/100 s on Linux).
+fn process_cpu_time() -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; the fields after its ')' are plain.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(std::time::Duration::from_millis((utime + stime) * 10))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -29,6 +72,25 @@ mod tests {
     fn rss_kib() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn trims_once_per_quiet_spell_and_never_while_busy() {
+        let mut t = QuietTrimmer::default();
+        let quiet = std::time::Duration::from_millis(100);
+        assert!(!t.tick(quiet), "the first tick has nothing to compare with");
+        // Busy: burn well over 100 ms of CPU between ticks.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(400) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        assert!(!t.tick(quiet), "no trim right after work");
+        assert!(!t.trimmed_since_work);
+        // Quiet now: the next tick trims (or finds nothing to release), the one after does nothing.
+        let _ = t.tick(quiet);
+        assert!(t.trimmed_since_work, "a quiet tick marks the spell as trimmed");
+        assert!(!t.tick(quiet), "only one trim per quiet spell");
     }
 
     #[test]

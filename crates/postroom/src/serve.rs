@@ -67,17 +67,20 @@ fn raise_descriptor_limit(config: &Config) {
     }
 }
 
-/// Every 10 s the heap's free pages go back to the OS (see the heap-trim crate), so a server that
-/// has served a burst returns to its idle size instead of keeping its peak.
+/// Once the server has gone quiet (under 100 ms of CPU in 10 s), the heap's free pages go back
+/// to the OS (see the heap-trim crate): a server that has served a burst returns to its idle
+/// size instead of keeping its peak.
 fn spawn_heap_trim() {
-    tokio::spawn(async {
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let _ = tokio::task::spawn_blocking(heap_trim::release_free_memory).await;
-        }
-    });
+    std::thread::Builder::new()
+        .name("heap-trim".into())
+        .spawn(|| {
+            let mut trimmer = heap_trim::QuietTrimmer::default();
+            loop {
+                std::thread::sleep(Duration::from_secs(10));
+                trimmer.tick(Duration::from_millis(100));
+            }
+        })
+        .expect("spawn heap-trim thread");
 }
 
 fn init_logging(config: &Config) {
