@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import poplib
 import shutil
 import smtplib
 import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +32,6 @@ from helpers import (
     RawPop,
     Reply,
     Server,
-    ServerError,
     SmtpClient,
     SourcePop,
     _connect_from,
@@ -91,7 +88,6 @@ class TlsServer(Server):
                 merged[k] = v
         super().__init__(tmp, merged, name=name)
         self.cfg = merge_config(base_config(self.data_dir), merged)
-        self.submission = self.smtps = self.pop3s = None
 
     def expected_listeners(self) -> set[str]:
         smtp, pop3 = self.cfg.get("smtp", {}), self.cfg.get("pop3", {})
@@ -108,46 +104,6 @@ class TlsServer(Server):
         if pop3.get("tls_listen") and layer != "nonsecure":
             want.add("pop3s")
         return want
-
-    def start(self, ready_timeout: float = 20.0) -> "TlsServer":
-        listening = self.data_dir / "listening"
-        if listening.exists():
-            listening.unlink()
-        self._log = open(self.stderr_path, "ab")
-        self._log.write(f"\n===== start {time.strftime('%H:%M:%S')} =====\n".encode())
-        self._log.flush()
-        env = dict(os.environ)
-        env.setdefault("RUST_BACKTRACE", "1")
-        self.proc = subprocess.Popen(
-            [str(self._bin()), "--config", str(self.config_path), "serve"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, env=env,
-        )
-        want = self.expected_listeners()
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise ServerError(f"postroom serve exited with status {self.proc.returncode} before "
-                                  f"it was ready\n" + self.stderr_text())
-            if listening.exists():
-                parsed = self._parse_listening(listening.read_text(errors="replace"))
-                if want <= set(parsed):
-                    self.listeners = parsed
-                    self.smtp = parsed.get("smtp")
-                    self.pop3 = parsed.get("pop3")
-                    self.submission = parsed.get("submission")
-                    self.smtps = parsed.get("smtps")
-                    self.pop3s = parsed.get("pop3s")
-                    return self
-            if time.monotonic() > deadline:
-                self.kill()
-                raise ServerError(f"postroom serve did not write {listening} with {sorted(want)} "
-                                  f"within {ready_timeout}s\n" + self.stderr_text())
-            time.sleep(0.05)
-
-    @staticmethod
-    def _bin():
-        from helpers import BIN
-        return BIN
 
     def listening_names(self) -> list[str]:
         text = (self.data_dir / "listening").read_text(errors="replace")

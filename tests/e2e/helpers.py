@@ -124,12 +124,17 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.smtp: tuple[str, int] | None = None
         self.pop3: tuple[str, int] | None = None
+        self.submission = self.smtps = self.pop3s = None
         self.listeners: dict[str, tuple[str, int]] = {}
         # Run in the child before exec (e.g. to lower its resource limits).
         self.preexec_fn = None
         self._log = None
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def expected_listeners(self) -> set[str]:
+        """The listeners whose lines in data_dir/listening mean the server is ready."""
+        return {"smtp", "pop3"}
+
     def start(self, ready_timeout: float = 20.0) -> "Server":
         listening = self.data_dir / "listening"
         if listening.exists():
@@ -147,6 +152,7 @@ class Server:
             env=env,
             preexec_fn=self.preexec_fn,
         )
+        want = self.expected_listeners()
         deadline = time.monotonic() + ready_timeout
         while True:
             if self.proc.poll() is not None:
@@ -156,15 +162,15 @@ class Server:
                 )
             if listening.exists():
                 parsed = self._parse_listening(listening.read_text(errors="replace"))
-                if "smtp" in parsed and "pop3" in parsed:
+                if want <= set(parsed):
                     self.listeners = parsed
-                    self.smtp = parsed["smtp"]
-                    self.pop3 = parsed["pop3"]
+                    for name in ("smtp", "pop3", "submission", "smtps", "pop3s"):
+                        setattr(self, name, parsed.get(name))
                     return self
             if time.monotonic() > deadline:
                 self.kill()
                 raise ServerError(
-                    f"postroom serve did not write {listening} with smtp and pop3 within "
+                    f"postroom serve did not write {listening} with {sorted(want)} within "
                     f"{ready_timeout}s\n" + self.stderr_text()
                 )
             time.sleep(0.05)

@@ -1,33 +1,15 @@
 //! The filtering snap-in in the pipeline against a real SQLite file (F3): keep quarantines,
 //! discard deletes, release delivers; reports are not filtered; the size bound holds.
 
-use directory::admin::Admin;
 use directory::filters::{self, Action, Field};
-use directory::{mailbox, LocalDomains};
+use directory::mailbox;
 use mail_builder::MessageBuilder;
 use mail_framework::snapins::{self, AddressResolution, Filtering, Forwarding, LocalDelivery, NonDelivery};
-use mail_framework::{Envelope, Framework, Queue, SnapIn};
-use store::{Durability, Store, StoreOptions};
+use mail_framework::{Framework, SnapIn};
+use store::Durability;
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    store: Store,
-    queue: Queue,
-    domains: LocalDomains,
-    sam: i64,
-}
-
-fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-    let domains = LocalDomains::new(&["example.test".to_string()], "admin@example.test");
-    let admin = Admin { store: &store, domains: &domains };
-    admin.add_user("sam", &["SamJones@example.test".into()], None).unwrap();
-    let sam = admin.show_user("sam").unwrap().id;
-    // Small chunks: a message spans several body_chunks rows.
-    let queue = Queue::new(store.clone(), 4096);
-    Setup { _dir: dir, store, queue, domains, sam }
-}
+mod common;
+use common::{enqueue, setup, Setup};
 
 impl Setup {
     fn framework(&self) -> Framework {
@@ -37,15 +19,6 @@ impl Setup {
     fn rule(&self, field: Field, pattern: &str, action: Action) {
         let pattern = pattern.to_string();
         self.store.write_blocking(Durability::Full, move |c| Ok(filters::add(c, field, &pattern, action)?)).unwrap();
-    }
-
-    fn states(&self) -> Vec<(String, String)> {
-        self.store
-            .read_blocking(|c| {
-                let mut s = c.prepare("SELECT address, state FROM recipients ORDER BY id")?;
-                Ok(s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?)
-            })
-            .unwrap()
     }
 
     fn count(&self, sql: &'static str) -> i64 {
@@ -60,22 +33,6 @@ impl Setup {
             })
             .unwrap()
     }
-}
-
-async fn enqueue(queue: &Queue, body: &[u8], rcpts: &[&str], origin: &'static str) -> String {
-    let mut incoming = queue.incoming();
-    for piece in body.chunks(1000) {
-        incoming.push(piece).await.unwrap();
-    }
-    let env = Envelope {
-        mail_from: "jane@remote.example".into(),
-        recipients: rcpts.iter().map(|s| s.to_string()).collect(),
-        client_ip: "127.0.0.1".into(),
-        helo: "client".into(),
-        origin,
-        ..Default::default()
-    };
-    incoming.commit(env).await.unwrap()
 }
 
 /// A message with 20 KB of text before a `€invoice.VBS` attachment (RFC 2231 encoded name).
@@ -98,7 +55,7 @@ const RCPTS: [&str; 2] = ["samjones@example.test", "someone@remote.example"];
 
 #[tokio::test]
 async fn keep_quarantines_and_release_delivers() {
-    let s = setup();
+    let s = setup(4096);
     s.rule(Field::Attachment, "*.vbs", Action::Keep);
     let qid = enqueue(&s.queue, &virus(), &RCPTS, "smtp").await;
     let fw = s.framework();
@@ -133,7 +90,7 @@ async fn keep_quarantines_and_release_delivers() {
 
 #[tokio::test]
 async fn discard_deletes_the_message() {
-    let s = setup();
+    let s = setup(4096);
     s.rule(Field::Subject, "*INVOICE*", Action::Discard);
     let qid = enqueue(&s.queue, &virus(), &RCPTS, "smtp").await;
     let fw = s.framework();
@@ -153,7 +110,7 @@ async fn discard_deletes_the_message() {
 
 #[tokio::test]
 async fn quarantine_delete_frees_the_message() {
-    let s = setup();
+    let s = setup(4096);
     s.rule(Field::MimeType, "application/*", Action::Keep);
     let qid = enqueue(&s.queue, &virus(), &RCPTS[..1], "smtp").await;
     s.framework().run_once().await.unwrap();
@@ -167,7 +124,7 @@ async fn quarantine_delete_frees_the_message() {
 
 #[tokio::test]
 async fn clean_mail_reports_and_originators() {
-    let s = setup();
+    let s = setup(4096);
     s.rule(Field::Attachment, "*.vbs", Action::Keep);
     s.rule(Field::From, "*@BAD.example", Action::Discard);
     let fw = s.framework();
@@ -196,7 +153,7 @@ async fn clean_mail_reports_and_originators() {
 
 #[tokio::test]
 async fn only_the_first_max_bytes_are_walked() {
-    let s = setup();
+    let s = setup(4096);
     s.rule(Field::Attachment, "*.vbs", Action::Keep);
     // The attachment's headers lie past the first 4 KiB: a filter bounded to 4 KiB misses it.
     let chain: Vec<Box<dyn SnapIn>> = vec![

@@ -3,57 +3,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use directory::admin::Admin;
-use directory::{mailbox, LocalDomains};
+use directory::mailbox;
 use mail_framework::pipeline::Context;
 use mail_framework::snapins;
-use mail_framework::{Envelope, Framework, Queue, SnapIn, WorkItem};
+use mail_framework::{Framework, SnapIn, WorkItem};
 use store::rusqlite::Connection;
-use store::{Durability, Store, StoreError, StoreOptions};
+use store::{Durability, Store, StoreError};
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    store: Store,
-    queue: Queue,
-    domains: LocalDomains,
-    sam: i64,
-}
-
-fn setup(chunk: usize) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-    let domains = LocalDomains::new(&["example.test".to_string()], "admin@example.test");
-    let admin = Admin { store: &store, domains: &domains };
-    admin.add_user("sam", &["SamJones@example.test".into()], None).unwrap();
-    let sam = admin.show_user("sam").unwrap().id;
-    let queue = Queue::new(store.clone(), chunk);
-    Setup { _dir: dir, store, queue, domains, sam }
-}
-
-async fn enqueue(queue: &Queue, body: &[u8], rcpts: &[&str]) -> String {
-    let mut incoming = queue.incoming();
-    for piece in body.chunks(1000) {
-        incoming.push(piece).await.unwrap();
-    }
-    let env = Envelope {
-        mail_from: "jane@remote.example".into(),
-        recipients: rcpts.iter().map(|s| s.to_string()).collect(),
-        client_ip: "127.0.0.1".into(),
-        helo: "client".into(),
-        origin: "smtp",
-        dsn: Default::default(),
-    };
-    incoming.commit(env).await.unwrap()
-}
-
-fn states(store: &Store) -> Vec<(String, String)> {
-    store
-        .read_blocking(|c| {
-            let mut s = c.prepare("SELECT address, state FROM recipients ORDER BY id")?;
-            Ok(s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?)
-        })
-        .unwrap()
-}
+mod common;
+use common::{enqueue, setup};
 
 async fn message_bytes(store: &Store, mailbox_id: i64) -> Vec<u8> {
     let layout = mailbox::layout(store, mailbox_id).await.unwrap().unwrap();
@@ -68,11 +26,11 @@ async fn message_bytes(store: &Store, mailbox_id: i64) -> Vec<u8> {
 async fn tags_each_recipient_and_delivers_locally_once() {
     let s = setup(4096);
     let body: Vec<u8> = (0..10_000u32).map(|i| b"abcdefgh\r\n"[(i % 10) as usize]).collect();
-    enqueue(&s.queue, &body, &["samjones@EXAMPLE.test", "someone@remote.example", "postmaster"]).await;
+    enqueue(&s.queue, &body, &["samjones@EXAMPLE.test", "someone@remote.example", "postmaster"], "smtp").await;
     let fw = Framework::new(s.queue.clone(), s.domains.clone(), "mail.example.test");
     assert_eq!(fw.run_once().await.unwrap(), 3);
     assert_eq!(
-        states(&s.store),
+        s.states(),
         [
             ("samjones@EXAMPLE.test".to_string(), "delivered".to_string()),
             ("someone@remote.example".into(), "forward".into()),
@@ -118,13 +76,13 @@ impl SnapIn for Flaky {
 #[tokio::test]
 async fn a_failing_step_rolls_back_the_whole_batch() {
     let s = setup(4096);
-    enqueue(&s.queue, b"Subject: x\r\n\r\nhi\r\n", &["samjones@example.test"]).await;
+    enqueue(&s.queue, b"Subject: x\r\n\r\nhi\r\n", &["samjones@example.test"], "smtp").await;
     let fail = Arc::new(AtomicBool::new(true));
     let mut chain = snapins::builtin("admin@example.test", snapins::DEFAULT_FILTER_MAX_BYTES);
     chain.push(Box::new(Flaky(fail.clone())));
     let fw = Framework::with_snapins(s.queue.clone(), s.domains.clone(), chain);
     assert!(fw.run_once().await.is_err());
-    assert_eq!(states(&s.store)[0].1, "queued", "state change rolled back with the mailbox row");
+    assert_eq!(s.states()[0].1, "queued", "state change rolled back with the mailbox row");
     assert!(mailbox::snapshot(&s.store, s.sam).await.unwrap().is_empty());
     fail.store(false, Ordering::SeqCst);
     fw.run_once().await.unwrap();

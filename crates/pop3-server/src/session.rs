@@ -1028,6 +1028,11 @@ mod tests {
         s.handle(Event::Bytes(bytes))
     }
 
+    /// `cmd` is answered with `want` alone; a failure names the command.
+    fn answers(s: &mut Session, cmd: &[u8], want: &Action) {
+        assert_eq!(feed(s, cmd), vec![want.clone()], "{}", String::from_utf8_lossy(cmd));
+    }
+
     /// Session in TRANSACTION over `messages()`.
     fn logged_in() -> Session {
         let mut s = connected(config());
@@ -1366,12 +1371,7 @@ mod tests {
             b"TOP 2 1\r\n",
             b"DELE 2\r\n",
         ] {
-            assert_eq!(
-                feed(&mut s, cmd),
-                vec![gone.clone()],
-                "{}",
-                String::from_utf8_lossy(cmd)
-            );
+            answers(&mut s, cmd, &gone);
         }
         assert_eq!(feed(&mut s, b"RSET\r\n"), vec![r("+OK\r\n")]);
         assert_eq!(feed(&mut s, b"LIST 2\r\n"), vec![r("+OK 2 200\r\n")]);
@@ -1416,12 +1416,7 @@ mod tests {
             (b"UIDL x\r\n", &syntax),
         ];
         for (cmd, want) in cases {
-            assert_eq!(
-                feed(&mut s, cmd),
-                vec![(*want).clone()],
-                "{}",
-                String::from_utf8_lossy(cmd)
-            );
+            answers(&mut s, cmd, want);
         }
         // Huge line counts saturate rather than fail.
         assert_eq!(
@@ -2027,12 +2022,7 @@ mod tests {
             b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n",
             b"AUTH LOGIN\r\n",
         ] {
-            assert_eq!(
-                feed(&mut s, cmd),
-                vec![use_stls.clone()],
-                "{}",
-                String::from_utf8_lossy(cmd)
-            );
+            answers(&mut s, cmd, &use_stls);
         }
         upgrade(&mut s);
         assert_eq!(feed(&mut s, b"USER alice\r\n"), vec![r("+OK\r\n")]);
@@ -2255,12 +2245,7 @@ mod tests {
             (b"AUTH PLAIN AGEAYgBj\r\n", &malformed), // three NULs
         ];
         for (cmd, want) in cases {
-            assert_eq!(
-                feed(&mut s, cmd),
-                vec![(*want).clone()],
-                "{}",
-                String::from_utf8_lossy(cmd)
-            );
+            answers(&mut s, cmd, want);
         }
         assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![r("+ \r\n")]);
         assert_eq!(
