@@ -8,11 +8,11 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use mail_proto::Address;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 use store::Store;
 
-use crate::resolve::normalise_domain;
 use crate::Result;
+use crate::resolve::normalise_domain;
 
 /// Which list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,7 +297,8 @@ impl ListCache {
 /// Add an entry (canonicalised); false when it was already there.
 pub fn add(conn: &Connection, kind: ListKind, text: &str) -> Result<(String, bool)> {
     let entry = kind.canonical(text).map_err(crate::DirectoryError::BadListEntry)?;
-    let n = conn.execute("INSERT OR IGNORE INTO access_lists (kind, entry, added_at) VALUES (?1, ?2, ?3)", params![kind.as_str(), entry, store::now()])?;
+    let n =
+        conn.execute("INSERT OR IGNORE INTO access_lists (kind, entry, added_at) VALUES (?1, ?2, ?3)", params![kind.as_str(), entry, store::now()])?;
     Ok((entry, n > 0))
 }
 
@@ -413,7 +414,7 @@ mod tests {
 /// Host authentication entries (SPEC C5, i5/OS ADDSMTPLE *HOSTAUTH): the user and password the
 /// SMTP client gives a remote host that requires AUTH. The password is never shown.
 pub mod hostauth {
-    use rusqlite::{params, Connection, OptionalExtension};
+    use rusqlite::{Connection, OptionalExtension, params};
 
     use crate::Result;
 

@@ -2,10 +2,10 @@
 //! Blocking: these run in the CLI process, which has no async runtime.
 
 use mail_proto::Address;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 use store::{Durability, Store};
 
-use crate::resolve::{into_store, normalise_domain, LocalDomains};
+use crate::resolve::{LocalDomains, into_store, normalise_domain};
 use crate::{DirectoryError, Result};
 
 /// What `user list` and `user show` print.
@@ -48,10 +48,7 @@ impl Admin<'_> {
             if user_id(c, &name)?.is_some() {
                 return Err(DirectoryError::UserExists(name));
             }
-            c.execute(
-                "INSERT INTO users (name, password_hash, created_at) VALUES (?1, ?2, ?3)",
-                params![name, password_hash, store::now()],
-            )?;
+            c.execute("INSERT INTO users (name, password_hash, created_at) VALUES (?1, ?2, ?3)", params![name, password_hash, store::now()])?;
             let id = c.last_insert_rowid();
             for (i, a) in addresses.iter().enumerate() {
                 add_address(c, domains, id, a, i == 0)?;
@@ -145,8 +142,9 @@ impl Admin<'_> {
             if !domains.contains(c, &a.domain)? {
                 return Err(DirectoryError::NotLocalDomain(a.domain_lower()));
             }
-            let owner: Option<String> =
-                c.query_row("SELECT u.name FROM addresses x JOIN users u ON u.id = x.user_id WHERE x.address = ?1", [a.key()], |r| r.get(0)).optional()?;
+            let owner: Option<String> = c
+                .query_row("SELECT u.name FROM addresses x JOIN users u ON u.id = x.user_id WHERE x.address = ?1", [a.key()], |r| r.get(0))
+                .optional()?;
             if let Some(owner) = owner {
                 return Err(DirectoryError::AddressTaken(a.key(), owner));
             }
@@ -244,9 +242,8 @@ fn add_address(c: &Connection, domains: &LocalDomains, user_id: i64, address: &s
         return Err(DirectoryError::NotLocalDomain(parsed.domain_lower()));
     }
     let key = parsed.key();
-    let owner: Option<String> = c
-        .query_row("SELECT u.name FROM addresses a JOIN users u ON u.id = a.user_id WHERE a.address = ?1", [&key], |r| r.get(0))
-        .optional()?;
+    let owner: Option<String> =
+        c.query_row("SELECT u.name FROM addresses a JOIN users u ON u.id = a.user_id WHERE a.address = ?1", [&key], |r| r.get(0)).optional()?;
     if let Some(owner) = owner {
         return Err(DirectoryError::AddressTaken(key, owner));
     }
@@ -260,24 +257,20 @@ fn user_id(c: &Connection, name: &str) -> Result<Option<i64>> {
 
 fn user_info(c: &Connection, name: &str) -> Result<UserInfo> {
     let row = c
-        .query_row(
-            "SELECT id, name, enabled, removed, password_hash IS NOT NULL, quota_bytes, forward_to FROM users WHERE name = ?1",
-            [name],
-            |r| {
-                Ok(UserInfo {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    enabled: r.get(2)?,
-                    removed: r.get(3)?,
-                    has_password: r.get(4)?,
-                    quota_bytes: r.get(5)?,
-                    forward_to: r.get(6)?,
-                    addresses: Vec::new(),
-                    messages: 0,
-                    bytes: 0,
-                })
-            },
-        )
+        .query_row("SELECT id, name, enabled, removed, password_hash IS NOT NULL, quota_bytes, forward_to FROM users WHERE name = ?1", [name], |r| {
+            Ok(UserInfo {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                enabled: r.get(2)?,
+                removed: r.get(3)?,
+                has_password: r.get(4)?,
+                quota_bytes: r.get(5)?,
+                forward_to: r.get(6)?,
+                addresses: Vec::new(),
+                messages: 0,
+                bytes: 0,
+            })
+        })
         .optional()?;
     let mut info = row.ok_or_else(|| DirectoryError::NoSuchUser(name.to_string()))?;
     let mut stmt = c.prepare_cached("SELECT address FROM addresses WHERE user_id = ?1 ORDER BY preferred DESC, address")?;
@@ -301,4 +294,3 @@ fn check_domain(d: &str) -> Result<()> {
         _ => Err(DirectoryError::BadDomain(d.to_string())),
     }
 }
-

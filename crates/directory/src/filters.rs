@@ -15,7 +15,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 use store::journal::{self, code};
 
 /// The longest pattern accepted.
@@ -145,9 +145,10 @@ impl Rule {
             Field::From => facts.originators.iter().filter(|v| !v.is_empty()).find(matches),
             Field::Subject => facts.subjects.iter().find(matches),
             // Windows drops trailing dots and blanks: "x.vbs." and "x.vbs " open as x.vbs.
-            Field::Attachment => facts.attachments.iter().find(|v| {
-                wildcard_match(&self.pattern, v) || wildcard_match(&self.pattern, v.trim_end_matches(['.', ' ', '\t']))
-            }),
+            Field::Attachment => facts
+                .attachments
+                .iter()
+                .find(|v| wildcard_match(&self.pattern, v) || wildcard_match(&self.pattern, v.trim_end_matches(['.', ' ', '\t']))),
             Field::MimeType => facts.mime_types.iter().find(matches),
         }
         .map(String::as_str)
@@ -344,7 +345,18 @@ pub fn quarantine_release(conn: &Connection, key: &str) -> Result<(Quarantined, 
     )?;
     conn.execute("UPDATE quarantine SET released = 1, released_at = ?2 WHERE id = ?1", params![q.id, store::now()])?;
     let detail = format!("released from quarantine {} by the administrator ({}): {n} recipient(s) queued", q.id, q.rule);
-    journal::append(conn, &journal::Entry { code: code::FILTERED, qid: &q.qid, originator: &q.mail_from, recipient: &q.recipients.join(", "), size: Some(q.size), detail: &detail, ..Default::default() })?;
+    journal::append(
+        conn,
+        &journal::Entry {
+            code: code::FILTERED,
+            qid: &q.qid,
+            originator: &q.mail_from,
+            recipient: &q.recipients.join(", "),
+            size: Some(q.size),
+            detail: &detail,
+            ..Default::default()
+        },
+    )?;
     Ok((q, n))
 }
 
@@ -361,7 +373,18 @@ pub fn quarantine_delete(conn: &Connection, key: &str) -> Result<(Quarantined, u
     )?;
     conn.execute("DELETE FROM quarantine WHERE id = ?1", [q.id])?;
     let detail = format!("deleted from quarantine {} by the administrator ({})", q.id, q.rule);
-    journal::append(conn, &journal::Entry { code: code::FILTERED, qid: &q.qid, originator: &q.mail_from, recipient: &q.recipients.join(", "), size: Some(q.size), detail: &detail, ..Default::default() })?;
+    journal::append(
+        conn,
+        &journal::Entry {
+            code: code::FILTERED,
+            qid: &q.qid,
+            originator: &q.mail_from,
+            recipient: &q.recipients.join(", "),
+            size: Some(q.size),
+            detail: &detail,
+            ..Default::default()
+        },
+    )?;
     crate::mailbox::collect_message(conn, q.message_id)?;
     Ok((q, n))
 }
@@ -439,7 +462,11 @@ mod tests {
         assert_eq!(rule(1, Field::Subject, "*.vbs", Action::Keep).first_match(&facts), None, "a rule looks at its own field only");
         assert_eq!(rule(1, Field::MimeType, "application/*", Action::Keep).first_match(&facts), None);
 
-        let rules = [rule(1, Field::MimeType, "video/*", Action::Keep), rule(2, Field::Attachment, "*.vbs", Action::Discard), rule(3, Field::Subject, "*", Action::Keep)];
+        let rules = [
+            rule(1, Field::MimeType, "video/*", Action::Keep),
+            rule(2, Field::Attachment, "*.vbs", Action::Discard),
+            rule(3, Field::Subject, "*", Action::Keep),
+        ];
         let (r, v) = evaluate(&rules, &facts).unwrap();
         assert_eq!((r.id, r.action, v.as_str()), (2, Action::Discard, "€invoice.VBS"));
         assert!(evaluate(&rules[..1], &facts).is_none());

@@ -14,7 +14,7 @@ pub mod penalty;
 pub mod resolve;
 
 pub use passwords::PasswordPool;
-pub use resolve::{into_store, Forward, LocalDomains, Resolution};
+pub use resolve::{Forward, LocalDomains, Resolution, into_store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {

@@ -1,6 +1,6 @@
 //! The POP3 side of the directory: logins, maildrop snapshots, message bytes, deletions.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 use store::journal::{self, code};
 use store::{Durability, Store};
 
@@ -108,9 +108,7 @@ pub async fn layout(store: &Store, mailbox_id: i64) -> Result<Option<MessageLayo
 
 /// One body chunk by its row id.
 pub async fn chunk(store: &Store, chunk_id: i64) -> Result<Vec<u8>> {
-    Ok(store
-        .read(move |c| Ok(c.prepare_cached("SELECT data FROM body_chunks WHERE id = ?1")?.query_row([chunk_id], |r| r.get(0))?))
-        .await?)
+    Ok(store.read(move |c| Ok(c.prepare_cached("SELECT data FROM body_chunks WHERE id = ?1")?.query_row([chunk_id], |r| r.get(0))?)).await?)
 }
 
 /// POP3 UPDATE state: delete these mailbox rows of `user_id`, free bodies nobody needs any more,
@@ -133,10 +131,8 @@ pub async fn delete(store: &Store, user_id: i64, ids: Vec<i64>) -> Result<()> {
                 }
             }
             c.prepare_cached("UPDATE users SET used_bytes = max(0, used_bytes - ?2) WHERE id = ?1")?.execute(params![user_id, freed])?;
-            c.prepare_cached(
-                "DELETE FROM users WHERE id = ?1 AND removed = 1 AND NOT EXISTS (SELECT 1 FROM mailbox WHERE user_id = ?1)",
-            )?
-            .execute([user_id])?;
+            c.prepare_cached("DELETE FROM users WHERE id = ?1 AND removed = 1 AND NOT EXISTS (SELECT 1 FROM mailbox WHERE user_id = ?1)")?
+                .execute([user_id])?;
             Ok(())
         })
         .await?;

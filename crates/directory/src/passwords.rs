@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::PasswordHasher;
+use argon2::password_hash::phc::PasswordHash;
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use blake2::{Blake2b512, Digest};
 use crossbeam_channel::{RecvTimeoutError, Sender, TrySendError};
@@ -86,11 +86,13 @@ impl PasswordPool {
             let rx = rx.clone();
             std::thread::Builder::new()
                 .name(format!("argon2-{i}"))
-                .spawn(move || loop {
-                    match rx.recv_timeout(RELEASE_AFTER_IDLE) {
-                        Ok(job) => job(),
-                        Err(RecvTimeoutError::Timeout) => release_memory(),
-                        Err(RecvTimeoutError::Disconnected) => return,
+                .spawn(move || {
+                    loop {
+                        match rx.recv_timeout(RELEASE_AFTER_IDLE) {
+                            Ok(job) => job(),
+                            Err(RecvTimeoutError::Timeout) => release_memory(),
+                            Err(RecvTimeoutError::Disconnected) => return,
+                        }
                     }
                 })
                 .expect("spawn argon2 thread");

@@ -36,9 +36,7 @@ pub struct IdleOpts {
 type R = WireReader<TcpStream>;
 
 async fn open_one(addr: SocketAddr, proto: Proto) -> Result<R, String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
     let mut r = WireReader::new(stream);
     let ok = match proto {
@@ -46,11 +44,7 @@ async fn open_one(addr: SocketAddr, proto: Proto) -> Result<R, String> {
         Proto::Pop3 => r.read_pop_status().await,
     }
     .map_err(|e| format!("greeting: {e}"))?;
-    if ok {
-        Ok(r)
-    } else {
-        Err(format!("greeting: {}", r.text()))
-    }
+    if ok { Ok(r) } else { Err(format!("greeting: {}", r.text())) }
 }
 
 pub async fn run(opts: IdleOpts) -> Result<()> {
@@ -66,9 +60,7 @@ pub async fn run(opts: IdleOpts) -> Result<()> {
         while launched < opts.connections && pending.len() < parallel && Instant::now() < deadline {
             let (addr, proto) = (opts.addr, opts.proto);
             pending.spawn(async move {
-                tokio::time::timeout(Duration::from_secs(10), open_one(addr, proto))
-                    .await
-                    .unwrap_or_else(|_| Err("no greeting within 10 s".into()))
+                tokio::time::timeout(Duration::from_secs(10), open_one(addr, proto)).await.unwrap_or_else(|_| Err("no greeting within 10 s".into()))
             });
             launched += 1;
         }
@@ -87,11 +79,7 @@ pub async fn run(opts: IdleOpts) -> Result<()> {
         }
     }
     let open_secs = start.elapsed().as_secs_f64();
-    let ready = json_line(&[
-        ("opened", J::U(conns.len() as u64)),
-        ("failed", J::U(failed)),
-        ("open_seconds", J::F(open_secs, 3)),
-    ]);
+    let ready = json_line(&[("opened", J::U(conns.len() as u64)), ("failed", J::U(failed)), ("open_seconds", J::F(open_secs, 3))]);
     if let Some(p) = &opts.ready_file {
         // Write then rename, so a watcher never sees a partial file.
         let tmp = p.with_extension("tmp");

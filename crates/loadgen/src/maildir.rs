@@ -25,10 +25,7 @@ pub fn run(opts: MaildirOpts) -> Result<()> {
     let factory = MessageFactory::new(opts.size, &opts.from, &opts.to);
     let host = "loadgen.example.test";
     let pid = std::process::id();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
     let mut wire = Vec::new();
     let mut bytes = 0u64;
     for seq in 0..opts.messages {
@@ -46,9 +43,6 @@ pub fn run(opts: MaildirOpts) -> Result<()> {
         std::fs::rename(&tmp, opts.dir.join("new").join(&name))?;
         bytes += raw.len() as u64;
     }
-    println!(
-        "{}",
-        json_line(&[("written", J::U(opts.messages)), ("bytes", J::U(bytes))])
-    );
+    println!("{}", json_line(&[("written", J::U(opts.messages)), ("bytes", J::U(bytes))]));
     Ok(())
 }

@@ -20,11 +20,7 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "postroom-loadgen",
-    version,
-    about = "Load generator for Postroom benchmarks (loopback only)"
-)]
+#[command(name = "postroom-loadgen", version, about = "Load generator for Postroom benchmarks (loopback only)")]
 struct Cli {
     /// Tokio worker threads (0 = one per CPU).
     #[arg(long, global = true, default_value_t = 0)]
@@ -138,25 +134,17 @@ enum Cmd {
 fn parse_loopback_addr(s: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = match s.strip_prefix("localhost:") {
         Some(port) => {
-            let port = port
-                .parse::<u16>()
-                .map_err(|_| format!("bad port in {s:?}"))?;
+            let port = port.parse::<u16>().map_err(|_| format!("bad port in {s:?}"))?;
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
         }
-        None => s.parse().map_err(|_| {
-            format!("{s:?} is not IP:PORT (use 127.0.0.1:PORT or [::1]:PORT; no name lookups)")
-        })?,
+        None => s.parse().map_err(|_| format!("{s:?} is not IP:PORT (use 127.0.0.1:PORT or [::1]:PORT; no name lookups)"))?,
     };
     let loopback = match addr.ip() {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
     };
     if !loopback {
-        return Err(format!(
-            "refusing {addr}: postroom-loadgen only connects to loopback addresses (127.0.0.0/8 or [::1])"
-        ));
+        return Err(format!("refusing {addr}: postroom-loadgen only connects to loopback addresses (127.0.0.0/8 or [::1])"));
     }
     if addr.port() == 0 {
         return Err("port 0 is not a server port".into());
@@ -173,94 +161,28 @@ fn main() -> Result<()> {
     }
     let rt = rt.build()?;
     match cli.cmd {
-        Cmd::Smtp {
-            addr,
-            messages,
-            size,
-            concurrency,
-            reuse,
-            from,
-            to,
-            max_seconds,
-            helo,
-        } => {
+        Cmd::Smtp { addr, messages, size, concurrency, reuse, from, to, max_seconds, helo } => {
             if !(max_seconds > 0.0 && max_seconds.is_finite()) {
                 bail!("--max-seconds must be positive");
             }
-            rt.block_on(smtp::run(smtp::SmtpOpts {
-                addr,
-                messages,
-                size,
-                concurrency,
-                reuse,
-                from,
-                to,
-                max_seconds,
-                helo,
-            }))
+            rt.block_on(smtp::run(smtp::SmtpOpts { addr, messages, size, concurrency, reuse, from, to, max_seconds, helo }))
         }
-        Cmd::Pop3 {
-            addr,
-            users,
-            concurrency,
-            mode,
-            sessions,
-            max_seconds,
-            window,
-            repeat,
-        } => {
+        Cmd::Pop3 { addr, users, concurrency, mode, sessions, max_seconds, window, repeat } => {
             if !(max_seconds > 0.0 && max_seconds.is_finite()) {
                 bail!("--max-seconds must be positive");
             }
-            rt.block_on(pop3::run(pop3::PopOpts {
-                addr,
-                users,
-                concurrency,
-                mode,
-                sessions,
-                max_seconds,
-                window,
-                repeat: repeat.max(1),
-            }))
+            rt.block_on(pop3::run(pop3::PopOpts { addr, users, concurrency, mode, sessions, max_seconds, window, repeat: repeat.max(1) }))
         }
-        Cmd::Idle {
-            addr,
-            proto,
-            connections,
-            parallel,
-            hold_seconds,
-            ready_file,
-            max_seconds,
-        } => {
+        Cmd::Idle { addr, proto, connections, parallel, hold_seconds, ready_file, max_seconds } => {
             if !(max_seconds > 0.0 && max_seconds.is_finite()) {
                 bail!("--max-seconds must be positive");
             }
             if !(hold_seconds >= 0.0 && hold_seconds.is_finite() && hold_seconds <= 3600.0) {
                 bail!("--hold-seconds must be between 0 and 3600");
             }
-            rt.block_on(idle::run(idle::IdleOpts {
-                addr,
-                proto,
-                connections,
-                parallel,
-                hold_seconds,
-                ready_file,
-                max_seconds,
-            }))
+            rt.block_on(idle::run(idle::IdleOpts { addr, proto, connections, parallel, hold_seconds, ready_file, max_seconds }))
         }
-        Cmd::Maildir {
-            dir,
-            messages,
-            size,
-            from,
-            to,
-        } => maildir::run(maildir::MaildirOpts {
-            dir,
-            messages,
-            size,
-            from,
-            to,
-        }),
+        Cmd::Maildir { dir, messages, size, from, to } => maildir::run(maildir::MaildirOpts { dir, messages, size, from, to }),
     }
 }
 
@@ -274,17 +196,8 @@ mod tests {
         assert!(parse_loopback_addr("127.8.9.10:25").is_ok());
         assert!(parse_loopback_addr("[::1]:110").is_ok());
         assert!(parse_loopback_addr("[::ffff:127.0.0.1]:110").is_ok());
-        assert_eq!(
-            parse_loopback_addr("localhost:25").unwrap(),
-            "127.0.0.1:25".parse::<SocketAddr>().unwrap()
-        );
-        for bad in [
-            "10.0.0.1:25",
-            "192.168.1.1:25",
-            "8.8.8.8:25",
-            "[::2]:25",
-            "0.0.0.0:25",
-        ] {
+        assert_eq!(parse_loopback_addr("localhost:25").unwrap(), "127.0.0.1:25".parse::<SocketAddr>().unwrap());
+        for bad in ["10.0.0.1:25", "192.168.1.1:25", "8.8.8.8:25", "[::2]:25", "0.0.0.0:25"] {
             let e = parse_loopback_addr(bad).unwrap_err();
             assert!(e.contains("loopback"), "{bad}: {e}");
         }
@@ -310,17 +223,7 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(c.cmd, Cmd::Smtp { reuse: true, ref to, .. } if to.len() == 2));
-        assert!(
-            Cli::try_parse_from([
-                "postroom-loadgen",
-                "smtp",
-                "--addr",
-                "10.1.1.1:25",
-                "--to",
-                "a@b"
-            ])
-            .is_err()
-        );
+        assert!(Cli::try_parse_from(["postroom-loadgen", "smtp", "--addr", "10.1.1.1:25", "--to", "a@b"]).is_err());
         let c = Cli::try_parse_from([
             "postroom-loadgen",
             "pop3",
@@ -334,13 +237,6 @@ mod tests {
             "5",
         ])
         .unwrap();
-        assert!(matches!(
-            c.cmd,
-            Cmd::Pop3 {
-                mode: pop3::Mode::LoginOne,
-                sessions: 5,
-                ..
-            }
-        ));
+        assert!(matches!(c.cmd, Cmd::Pop3 { mode: pop3::Mode::LoginOne, sessions: 5, .. }));
     }
 }

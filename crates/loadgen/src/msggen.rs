@@ -176,19 +176,10 @@ pub fn dot_stuff_into(raw: &[u8], out: &mut Vec<u8>) {
 /// Inverse of [`dot_stuff_into`] (tests, verification and Maildir filling): strips the
 /// terminator and one leading dot from each line. Returns `None` if the terminator is missing.
 pub fn dot_unstuff(wire: &[u8]) -> Option<Vec<u8>> {
-    let body = if wire == b".\r\n" {
-        &wire[..0]
-    } else {
-        wire.strip_suffix(b"\r\n.\r\n")
-            .map(|b| &wire[..b.len() + 2])?
-    };
+    let body = if wire == b".\r\n" { &wire[..0] } else { wire.strip_suffix(b"\r\n.\r\n").map(|b| &wire[..b.len() + 2])? };
     let mut out = Vec::with_capacity(body.len());
     for line in body.split_inclusive(|&b| b == b'\n') {
-        let line = if line.first() == Some(&b'.') {
-            &line[1..]
-        } else {
-            line
-        };
+        let line = if line.first() == Some(&b'.') { &line[1..] } else { line };
         out.extend_from_slice(line);
     }
     Some(out)
@@ -210,9 +201,7 @@ pub fn rfc5322_date(unix: u64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
     const WD: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MON: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MON: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     format!(
         "{}, {:02} {} {} {:02}:{:02}:{:02} +0000",
         WD[days.rem_euclid(7) as usize],
@@ -239,9 +228,7 @@ pub struct MessageFactory {
 
 impl MessageFactory {
     pub fn new(size: usize, from: &str, to: &[String]) -> Self {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let run_id = format!("{:x}.{:x}", now.as_nanos() as u64, std::process::id());
         let mut f = MessageFactory {
             from: from.to_string(),
@@ -319,10 +306,7 @@ mod tests {
             for l in lines(&b) {
                 let l = l.strip_suffix(b"\r").unwrap();
                 assert!(l.len() <= MAX_LINE, "line too long: {}", l.len());
-                assert!(
-                    l.iter().all(|&c| (0x20..0x7f).contains(&c)),
-                    "non-printable"
-                );
+                assert!(l.iter().all(|&c| (0x20..0x7f).contains(&c)), "non-printable");
             }
         }
     }
@@ -340,10 +324,7 @@ mod tests {
         let raw = b"hello\r\n.\r\n..\r\n.x\r\nmid.dle\r\n";
         let mut w = Vec::new();
         dot_stuff_into(raw, &mut w);
-        assert_eq!(
-            &w[..],
-            &b"hello\r\n..\r\n...\r\n..x\r\nmid.dle\r\n.\r\n"[..]
-        );
+        assert_eq!(&w[..], &b"hello\r\n..\r\n...\r\n..x\r\nmid.dle\r\n.\r\n"[..]);
         assert_eq!(dot_unstuff(&w).unwrap(), raw.to_vec());
         // Missing final CRLF is added; empty body is just the terminator.
         let mut w = Vec::new();
@@ -396,10 +377,7 @@ mod tests {
     #[test]
     fn date_format() {
         assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
-        assert_eq!(
-            rfc5322_date(1_700_000_000),
-            "Tue, 14 Nov 2023 22:13:20 +0000"
-        );
+        assert_eq!(rfc5322_date(1_700_000_000), "Tue, 14 Nov 2023 22:13:20 +0000");
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
     }
 }

@@ -136,9 +136,7 @@ pub async fn run(opts: PopOpts) -> Result<()> {
 
 /// Connects, reads the greeting and logs in with USER/PASS (RFC 1939 §7).
 async fn login(addr: SocketAddr, user: &str, pass: &str) -> Result<R, String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let mut r = WireReader::new(stream);
     let io = |e: std::io::Error| format!("{user}: {e}");
@@ -194,11 +192,7 @@ async fn stat(r: &mut R, user: &str) -> Result<(u64, u64), String> {
     if !r.read_pop_status().await.map_err(io)? {
         return Err(format!("STAT for {user}: {}", r.text()));
     }
-    let mut f = r
-        .text()
-        .split_whitespace()
-        .skip(1)
-        .map(|n| n.parse::<u64>().ok());
+    let mut f = r.text().split_whitespace().skip(1).map(|n| n.parse::<u64>().ok());
     match (f.next().flatten(), f.next().flatten()) {
         (Some(n), Some(o)) => Ok((n, o)),
         _ => Err(format!("STAT for {user}: unparsable {:?}", r.text())),
@@ -244,15 +238,12 @@ async fn retr_all(s: &Shared, user: &str, pass: &str) -> Result<(), String> {
             s.retrieved.fetch_add(1, Ordering::Relaxed);
         } else {
             let msg = done + 1;
-            s.stats
-                .add_error(|| format!("RETR {msg} for {user}: {}", r.text()));
+            s.stats.add_error(|| format!("RETR {msg} for {user}: {}", r.text()));
         }
         done += 1;
         in_flight -= 1;
         if Instant::now() >= s.deadline + Duration::from_secs(1) {
-            return Err(format!(
-                "{user}: --max-seconds reached after {done}/{count} messages"
-            ));
+            return Err(format!("{user}: --max-seconds reached after {done}/{count} messages"));
         }
     }
     if !quit(&mut r).await.map_err(io)? {
@@ -266,11 +257,7 @@ async fn retr_all(s: &Shared, user: &str, pass: &str) -> Result<(), String> {
 /// tasks.
 async fn login_one_worker(s: Arc<Shared>, t: usize, c: usize) {
     let users = &s.opts.users;
-    let mine: Vec<usize> = if users.len() >= c {
-        (0..users.len()).filter(|j| j % c == t).collect()
-    } else {
-        vec![t % users.len()]
-    };
+    let mine: Vec<usize> = if users.len() >= c { (0..users.len()).filter(|j| j % c == t).collect() } else { vec![t % users.len()] };
     let mut k = 0usize;
     loop {
         if s.stats.past(s.deadline) {
@@ -302,8 +289,7 @@ async fn login_one(s: &Shared, user: &str, pass: &str) -> Result<(), String> {
         s.stats.bytes.fetch_add(n, Ordering::Relaxed);
     } else {
         // An empty mailbox answers -ERR; the session still counts, but say so once.
-        s.stats
-            .sample(|| format!("RETR 1 for {user}: {}", r.text()));
+        s.stats.sample(|| format!("RETR 1 for {user}: {}", r.text()));
     }
     if !quit(&mut r).await.map_err(io)? {
         return Err(format!("QUIT for {user}: {}", r.text()));

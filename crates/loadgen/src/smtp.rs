@@ -65,14 +65,7 @@ pub async fn run(opts: SmtpOpts) -> Result<()> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(opts.max_seconds);
     let concurrency = opts.concurrency.max(1);
-    let shared = Arc::new(Shared {
-        opts,
-        factory,
-        envelope: envelope.into_bytes(),
-        next: AtomicU64::new(0),
-        stats: Stats::default(),
-        deadline,
-    });
+    let shared = Arc::new(Shared { opts, factory, envelope: envelope.into_bytes(), next: AtomicU64::new(0), stats: Stats::default(), deadline });
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
         let s = shared.clone();
@@ -91,10 +84,7 @@ pub async fn run(opts: SmtpOpts) -> Result<()> {
             ("errors", J::U(st.get(&st.errors))),
             ("seconds", J::F(secs, 3)),
             ("msgs_per_sec", J::F(rate(accepted as f64, secs), 1)),
-            (
-                "mb_per_sec",
-                J::F(rate(st.get(&st.bytes) as f64 / 1e6, secs), 3)
-            ),
+            ("mb_per_sec", J::F(rate(st.get(&st.bytes) as f64 / 1e6, secs), 3)),
             ("p50_ms", J::F(p50, 3)),
             ("p99_ms", J::F(p99, 3)),
             ("unfinished", J::U(st.unfinished())),
@@ -172,12 +162,7 @@ async fn connect(s: &Shared) -> Result<Conn, Fail> {
     }
     // RFC 2920: PIPELINING is an EHLO keyword on a line of its own.
     let pipelining = r.text().lines().skip(1).any(|l| {
-        let kw = l
-            .get(4..)
-            .unwrap_or("")
-            .split_whitespace()
-            .next()
-            .unwrap_or("");
+        let kw = l.get(4..).unwrap_or("").split_whitespace().next().unwrap_or("");
         kw.eq_ignore_ascii_case("PIPELINING")
     });
     Ok(Conn { r, pipelining })
@@ -204,10 +189,7 @@ async fn transaction(s: &Shared, c: &mut Conn, wire: &[u8]) -> Result<(), Fail> 
             return Err(Fail::Reply(format!("MAIL FROM: {t}")));
         }
         if data != 354 {
-            return Err(Fail::Reply(format!(
-                "DATA ({rcpt_ok}/{nrcpt} RCPT accepted): {}",
-                c.r.text()
-            )));
+            return Err(Fail::Reply(format!("DATA ({rcpt_ok}/{nrcpt} RCPT accepted): {}", c.r.text())));
         }
     } else {
         let mail = format!("MAIL FROM:<{}>\r\n", s.opts.from);

@@ -171,11 +171,7 @@ mod tests {
 
     #[test]
     fn json() {
-        let s = json_line(&[
-            ("a", J::U(3)),
-            ("b", J::F(1.23456, 2)),
-            ("c", J::F(f64::NAN, 1)),
-        ]);
+        let s = json_line(&[("a", J::U(3)), ("b", J::F(1.23456, 2)), ("c", J::F(f64::NAN, 1))]);
         assert_eq!(s, r#"{"a":3,"b":1.23,"c":0}"#);
     }
 }

@@ -30,13 +30,7 @@ fn invalid(msg: String) -> io::Error {
 
 impl<R: AsyncRead + Unpin> WireReader<R> {
     pub fn new(inner: R) -> Self {
-        WireReader {
-            inner,
-            buf: Vec::with_capacity(INITIAL_CAPACITY),
-            pos: 0,
-            text: String::new(),
-            finder: memmem::Finder::new(b"\r\n.\r\n"),
-        }
+        WireReader { inner, buf: Vec::with_capacity(INITIAL_CAPACITY), pos: 0, text: String::new(), finder: memmem::Finder::new(b"\r\n.\r\n") }
     }
 
     pub fn get_mut(&mut self) -> &mut R {
@@ -62,10 +56,7 @@ impl<R: AsyncRead + Unpin> WireReader<R> {
         }
         let n = self.inner.read_buf(&mut self.buf).await?;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed by server",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed by server"));
         }
         Ok(())
     }
@@ -77,11 +68,7 @@ impl<R: AsyncRead + Unpin> WireReader<R> {
             if let Some(i) = memchr::memchr(b'\n', &self.buf[scanned..]) {
                 let nl = scanned + i;
                 let start = self.pos;
-                let end = if nl > start && self.buf[nl - 1] == b'\r' {
-                    nl - 1
-                } else {
-                    nl
-                };
+                let end = if nl > start && self.buf[nl - 1] == b'\r' { nl - 1 } else { nl };
                 self.pos = nl + 1;
                 return Ok(start..end);
             }
@@ -119,9 +106,7 @@ impl<R: AsyncRead + Unpin> WireReader<R> {
                 let l = String::from_utf8_lossy(line).into_owned();
                 return Err(invalid(format!("malformed SMTP reply line: {l:?}")));
             }
-            let code = line[..3]
-                .iter()
-                .fold(0u16, |a, &d| a * 10 + u16::from(d - b'0'));
+            let code = line[..3].iter().fold(0u16, |a, &d| a * 10 + u16::from(d - b'0'));
             let last = match line.get(3) {
                 None | Some(b' ') => true,
                 Some(b'-') => false,
@@ -219,15 +204,8 @@ mod tests {
     }
 
     impl AsyncRead for Chunked {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            let n = self
-                .chunk
-                .min(self.data.len() - self.pos)
-                .min(buf.remaining());
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let n = self.chunk.min(self.data.len() - self.pos).min(buf.remaining());
             let p = self.pos;
             buf.put_slice(&self.data[p..p + n]);
             self.pos += n;
@@ -236,11 +214,7 @@ mod tests {
     }
 
     fn reader(data: &[u8], chunk: usize) -> WireReader<Chunked> {
-        WireReader::new(Chunked {
-            data: data.to_vec(),
-            pos: 0,
-            chunk,
-        })
+        WireReader::new(Chunked { data: data.to_vec(), pos: 0, chunk })
     }
 
     const CHUNKS: &[usize] = &[1, 2, 3, 4, 5, 7, 64, 100_000];
@@ -254,10 +228,7 @@ mod tests {
             assert_eq!(r.read_smtp_reply().await.unwrap(), 220);
             assert_eq!(r.text(), "220 bench.example.test ESMTP");
             assert_eq!(r.read_smtp_reply().await.unwrap(), 250);
-            assert_eq!(
-                r.text(),
-                "250-bench.example.test\n250-PIPELINING\n250 SIZE 1000"
-            );
+            assert_eq!(r.text(), "250-bench.example.test\n250-PIPELINING\n250 SIZE 1000");
             assert_eq!(r.read_smtp_reply().await.unwrap(), 354);
             assert_eq!(r.read_smtp_reply().await.unwrap(), 550);
             assert_eq!(r.text(), "550 5.1.1 no");
@@ -270,15 +241,9 @@ mod tests {
     #[tokio::test]
     async fn smtp_malformed() {
         let mut r = reader(b"hello\r\n", 3);
-        assert_eq!(
-            r.read_smtp_reply().await.unwrap_err().kind(),
-            io::ErrorKind::InvalidData
-        );
+        assert_eq!(r.read_smtp_reply().await.unwrap_err().kind(), io::ErrorKind::InvalidData);
         let mut r = reader(b"250xok\r\n", 3);
-        assert_eq!(
-            r.read_smtp_reply().await.unwrap_err().kind(),
-            io::ErrorKind::InvalidData
-        );
+        assert_eq!(r.read_smtp_reply().await.unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 
     #[tokio::test]

@@ -74,7 +74,15 @@ pub fn status_of(reply: &str) -> String {
 /// The whole report message, CRLF line ends. `to` is the original sender; `reply_to` the DSN
 /// responsible person, if one is configured.
 /// `report_id` (the report's own queue id) makes its Message-ID unique.
-pub fn report(hostname: &str, to: &str, reply_to: Option<&str>, report_id: &str, original: &Original<'_>, entries: &[ReportEntry], now: i64) -> Vec<u8> {
+pub fn report(
+    hostname: &str,
+    to: &str,
+    reply_to: Option<&str>,
+    report_id: &str,
+    original: &Original<'_>,
+    entries: &[ReportEntry],
+    now: i64,
+) -> Vec<u8> {
     let boundary = format!("{}/{}", original.qid, hostname);
     let failed = entries.iter().any(|e| e.action == Action::Failed);
     let delayed = entries.iter().any(|e| e.action == Action::Delayed);
@@ -193,7 +201,9 @@ mod tests {
         assert!(r.contains("report-type=delivery-status"));
         assert!(r.contains("Auto-Submitted: auto-replied") && r.contains("Reply-To: <admin@example.test>"));
         assert!(r.contains("Original-Envelope-Id: job-7") && r.contains("Message-ID: <R1.report@mail.example.test>"));
-        assert!(r.contains("Final-Recipient: rfc822; x@remote.example\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 no  such"));
+        assert!(
+            r.contains("Final-Recipient: rfc822; x@remote.example\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 no  such")
+        );
         assert!(r.contains("Original-Recipient: rfc822;Y@Remote.Example\r\nFinal-Recipient: rfc822; y@remote.example"));
         assert!(r.contains("Content-Type: text/rfc822-headers\r\n\r\nFrom: sam@example.test"));
         let bytes = r.as_bytes();
@@ -203,7 +213,8 @@ mod tests {
 
     #[test]
     fn success_report_with_the_full_message() {
-        let original = Original { qid: "Q2", sender: "s@x.test", arrived: 0, envid: None, attachment: Attachment::Full(b"Subject: s\r\n\r\nbody\r\n") };
+        let original =
+            Original { qid: "Q2", sender: "s@x.test", arrived: 0, envid: None, attachment: Attachment::Full(b"Subject: s\r\n\r\nbody\r\n") };
         let entry = ReportEntry { action: Action::Relayed, ..failure("r@x.test", "2.0.0", "relayed to a host without DSN") };
         let r = String::from_utf8(report("h.test", "s@x.test", None, "R2", &original, &[entry], 0)).unwrap();
         assert!(r.contains("Subject: Successful Mail Delivery Report") && r.contains("Action: relayed"));

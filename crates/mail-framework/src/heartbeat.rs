@@ -1,8 +1,8 @@
 //! Liveness of the long-running workers, for `postroom status` (SPEC O2): each worker stamps
 //! its loop; `serve` writes the stamps to a small file the status command reads.
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 #[derive(Clone, Debug, Default)]
 pub struct Heartbeat(Arc<AtomicI64>);

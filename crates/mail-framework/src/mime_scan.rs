@@ -177,7 +177,14 @@ pub fn scan(raw: &[u8], limits: &Limits) -> Scan {
             let digest = mime == "multipart/digest";
             // Reversed onto the stack, so parts are walked in document order.
             for &(s, t) in found.iter().take(room).rev() {
-                stack.push(Entity { source: e.source, start: body_start + s, end: body_start + t, depth: children_depth, top: false, in_digest: digest });
+                stack.push(Entity {
+                    source: e.source,
+                    start: body_start + s,
+                    end: body_start + t,
+                    depth: children_depth,
+                    top: false,
+                    in_digest: digest,
+                });
             }
             parts += found.len().min(room);
             continue;
@@ -188,7 +195,8 @@ pub fn scan(raw: &[u8], limits: &Limits) -> Scan {
             continue;
         }
         parts += 1;
-        let encoding = headers.header_value(&HeaderName::ContentTransferEncoding).and_then(|v| v.as_text()).unwrap_or_default().trim().to_ascii_lowercase();
+        let encoding =
+            headers.header_value(&HeaderName::ContentTransferEncoding).and_then(|v| v.as_text()).unwrap_or_default().trim().to_ascii_lowercase();
         let inner: Option<Cow<'_, [u8]>> = match encoding.as_str() {
             "base64" => decode(body, MessageStream::decode_base64_mime),
             "quoted-printable" => decode(body, MessageStream::decode_quoted_printable_mime),
@@ -203,7 +211,14 @@ pub fn scan(raw: &[u8], limits: &Limits) -> Scan {
                 decode_budget -= bytes.len();
                 let len = bytes.len();
                 decoded.push(bytes.into_owned());
-                stack.push(Entity { source: Source::Decoded(decoded.len() - 1), start: 0, end: len, depth: children_depth, top: false, in_digest: false });
+                stack.push(Entity {
+                    source: Source::Decoded(decoded.len() - 1),
+                    start: 0,
+                    end: len,
+                    depth: children_depth,
+                    top: false,
+                    in_digest: false,
+                });
             }
             None => stack.push(Entity { source: e.source, start: body_start, end: e.end, depth: children_depth, top: false, in_digest: false }),
         }
@@ -412,8 +427,8 @@ pub fn summary(head: &[u8]) -> Summary {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use mail_builder::mime::MimePart;
     use mail_builder::MessageBuilder;
+    use mail_builder::mime::MimePart;
 
     use super::*;
 
@@ -506,7 +521,10 @@ mod tests {
         let raw = MessageBuilder::new()
             .from("outer@remote.example")
             .subject("outer")
-            .body(MimePart::new("multipart/mixed", vec![MimePart::new("text/plain", "see below"), MimePart::new("message/rfc822", inner).attachment("fwd.eml")]))
+            .body(MimePart::new(
+                "multipart/mixed",
+                vec![MimePart::new("text/plain", "see below"), MimePart::new("message/rfc822", inner).attachment("fwd.eml")],
+            ))
             .write_to_vec()
             .unwrap();
         let s = scan(&raw, &limits());
@@ -676,7 +694,9 @@ mod tests {
 
     #[test]
     fn cut_headers_still_count() {
-        let raw = crlf("Subject: cut\nContent-Type: multipart/mixed; boundary=q\n\n--q\nContent-Type: application/x-sh; name=\"run.sh\"\nContent-Transfer-Enc");
+        let raw = crlf(
+            "Subject: cut\nContent-Type: multipart/mixed; boundary=q\n\n--q\nContent-Type: application/x-sh; name=\"run.sh\"\nContent-Transfer-Enc",
+        );
         let s = scan(&raw, &limits());
         assert_eq!(s.attachments, ["run.sh"]);
         assert_eq!(s.mime_types, ["multipart/mixed", "application/x-sh"]);

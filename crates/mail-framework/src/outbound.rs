@@ -2,9 +2,9 @@
 //! becomes of them after an attempt. The SMTP client delivers; the queue rows and the retry
 //! schedule live here, so a restart resumes exactly where the rows say.
 
-use rusqlite::{params, Connection};
-use store::journal::{self, code};
+use rusqlite::{Connection, params};
 use store::StoreError;
+use store::journal::{self, code};
 
 use crate::bounce::{Action, ReportEntry};
 
@@ -108,7 +108,8 @@ pub fn chunk_ids(conn: &Connection, message_id: i64) -> Result<Vec<i64>, StoreEr
 /// the non-delivery snap-in (state `bounce`).
 pub fn record(conn: &Connection, results: &[(Due, Outcome)], schedule: &Schedule, now: i64) -> Result<usize, StoreError> {
     let mut bounced = 0;
-    let mut set = conn.prepare_cached("UPDATE recipients SET state = ?2, attempts = ?3, next_attempt = ?4, last_reply = ?5 WHERE id = ?1 AND state = 'forward'")?;
+    let mut set = conn
+        .prepare_cached("UPDATE recipients SET state = ?2, attempts = ?3, next_attempt = ?4, last_reply = ?5 WHERE id = ?1 AND state = 'forward'")?;
     for (due, outcome) in results {
         let attempts = due.attempts + 1;
         let (state, next, reply, code) = match outcome {
@@ -171,7 +172,8 @@ fn report(conn: &Connection, due: &Due, action: Action, status: &str, diagnostic
         return Ok(());
     }
     let Some(subject) = crate::reports::Subject::load(conn, due.message_id)? else { return Ok(()) };
-    let entry = ReportEntry { recipient: due.address.clone(), orcpt: due.orcpt.clone(), action, status: status.into(), diagnostic: diagnostic.into() };
+    let entry =
+        ReportEntry { recipient: due.address.clone(), orcpt: due.orcpt.clone(), action, status: status.into(), diagnostic: diagnostic.into() };
     crate::reports::queue(conn, &subject, &due.mail_from, &[], "bounce", &[entry])?;
     Ok(())
 }
@@ -179,15 +181,27 @@ fn report(conn: &Connection, due: &Due, action: Action, status: &str, diagnostic
 /// `postroom queue retry|hold|release|delete ID`: ID is a queue id (all its waiting recipients).
 pub fn command(conn: &Connection, qid: &str, what: QueueCommand) -> Result<usize, StoreError> {
     let sql = match what {
-        QueueCommand::Retry => "UPDATE recipients SET next_attempt = NULL WHERE state = 'forward' AND message_id = (SELECT id FROM messages WHERE qid = ?1)",
+        QueueCommand::Retry => {
+            "UPDATE recipients SET next_attempt = NULL WHERE state = 'forward' AND message_id = (SELECT id FROM messages WHERE qid = ?1)"
+        }
         QueueCommand::Hold => "UPDATE recipients SET held = 1 WHERE state = 'forward' AND message_id = (SELECT id FROM messages WHERE qid = ?1)",
         QueueCommand::Release => "UPDATE recipients SET held = 0 WHERE message_id = (SELECT id FROM messages WHERE qid = ?1)",
-        QueueCommand::Delete => "UPDATE recipients SET state = 'deleted' WHERE state IN ('forward', 'queued', 'bounce') AND message_id = (SELECT id FROM messages WHERE qid = ?1)",
+        QueueCommand::Delete => {
+            "UPDATE recipients SET state = 'deleted' WHERE state IN ('forward', 'queued', 'bounce') AND message_id = (SELECT id FROM messages WHERE qid = ?1)"
+        }
     };
     let n = conn.execute(sql, [qid])?;
     if what == QueueCommand::Delete && n > 0 {
         let id: i64 = conn.query_row("SELECT id FROM messages WHERE qid = ?1", [qid], |r| r.get(0))?;
-        journal::append(conn, &journal::Entry { code: code::QUEUE_DELETED, qid, detail: &format!("{n} recipient(s) deleted by the administrator"), ..Default::default() })?;
+        journal::append(
+            conn,
+            &journal::Entry {
+                code: code::QUEUE_DELETED,
+                qid,
+                detail: &format!("{n} recipient(s) deleted by the administrator"),
+                ..Default::default()
+            },
+        )?;
         directory::mailbox::collect_message(conn, id)?;
     }
     Ok(n)

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use directory::LocalDomains;
-use rusqlite::{params, Connection};
+use rusqlite::{Connection, params};
 use store::journal::{self, code};
 use store::{Durability, Store, StoreError};
 
-use crate::queue::Queue;
 use crate::Result;
+use crate::queue::Queue;
 
 /// Recipients one pipeline transaction takes at most.
 const BATCH: usize = 500;
@@ -125,7 +125,14 @@ impl Framework {
     }
 
     pub fn with_snapins(queue: Queue, domains: LocalDomains, snapins: Vec<Box<dyn SnapIn>>) -> Self {
-        Framework { queue, domains, snapins: Arc::new(snapins), outbound: Arc::new(tokio::sync::Notify::new()), heartbeat: Default::default(), storage: Default::default() }
+        Framework {
+            queue,
+            domains,
+            snapins: Arc::new(snapins),
+            outbound: Arc::new(tokio::sync::Notify::new()),
+            heartbeat: Default::default(),
+            storage: Default::default(),
+        }
     }
 
     /// Replace the snap-ins (e.g. to set the filters' parse limit).

@@ -1,10 +1,10 @@
 //! The durable queue: messages stream in chunk by chunk while DATA arrives, and become queued
 //! with one `synchronous=FULL` commit — only then may the SMTP server answer 250 (F1).
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use rusqlite::{params, Connection};
+use rusqlite::{Connection, params};
 use store::journal::{self, code};
 use store::{Durability, Store, StoreError};
 use tokio::sync::Notify;
@@ -84,10 +84,7 @@ impl Queue {
 
     /// At start-up: drop messages whose DATA never finished (their sender got no 250).
     pub async fn recover(&self) -> Result<usize> {
-        Ok(self
-            .store
-            .write(Durability::Normal, |c| Ok(c.execute("DELETE FROM messages WHERE complete = 0", [])?))
-            .await?)
+        Ok(self.store.write(Durability::Normal, |c| Ok(c.execute("DELETE FROM messages WHERE complete = 0", [])?)).await?)
     }
 }
 
@@ -177,7 +174,8 @@ impl Incoming {
                     envelope.dsn.ret,
                     envelope.dsn.envid
                 ])?;
-                let mut stmt = c.prepare_cached("INSERT INTO recipients (message_id, address, state, notify, orcpt) VALUES (?1, ?2, 'queued', ?3, ?4)")?;
+                let mut stmt =
+                    c.prepare_cached("INSERT INTO recipients (message_id, address, state, notify, orcpt) VALUES (?1, ?2, 'queued', ?3, ?4)")?;
                 for (i, r) in envelope.recipients.iter().enumerate() {
                     let dsn = envelope.dsn.recipients.get(i).cloned().unwrap_or_default();
                     stmt.execute(params![id, r, dsn.notify, dsn.orcpt])?;
@@ -247,8 +245,7 @@ pub struct QueuedRecipient {
     pub last_reply: Option<String>,
 }
 
-const RECIPIENT_COLUMNS: &str =
-    "m.qid, m.mail_from, r.address, r.state, m.size, m.received_at, r.attempts, r.next_attempt, r.held, r.last_reply";
+const RECIPIENT_COLUMNS: &str = "m.qid, m.mail_from, r.address, r.state, m.size, m.received_at, r.attempts, r.next_attempt, r.held, r.last_reply";
 
 fn recipient_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueuedRecipient> {
     Ok(QueuedRecipient {
@@ -277,9 +274,8 @@ pub fn pending(c: &Connection) -> rusqlite::Result<Vec<QueuedRecipient>> {
 
 /// Every recipient of one message, whatever its state (`postroom queue show`).
 pub fn message_recipients(c: &Connection, qid: &str) -> rusqlite::Result<Vec<QueuedRecipient>> {
-    let mut stmt = c.prepare(&format!(
-        "SELECT {RECIPIENT_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id WHERE m.qid = ?1 ORDER BY r.id"
-    ))?;
+    let mut stmt =
+        c.prepare(&format!("SELECT {RECIPIENT_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id WHERE m.qid = ?1 ORDER BY r.id"))?;
     let rows = stmt.query_map([qid], recipient_row)?;
     rows.collect()
 }

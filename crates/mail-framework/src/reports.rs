@@ -5,11 +5,11 @@
 
 use std::sync::OnceLock;
 
-use rusqlite::{params, Connection, OptionalExtension};
-use store::journal::{self, code};
+use rusqlite::{Connection, OptionalExtension, params};
 use store::StoreError;
+use store::journal::{self, code};
 
-use crate::bounce::{self, Action, Attachment, ReportEntry, Original};
+use crate::bounce::{self, Action, Attachment, Original, ReportEntry};
 
 /// A report returns the whole message only up to this size; beyond it, the headers.
 const MAX_RETURNED: i64 = 10 * 1024 * 1024;
@@ -87,7 +87,8 @@ pub fn queue(conn: &Connection, subject: &Subject, to: &str, copies: &[String], 
     // RFC 3461 §4.3: RET=FULL returns the whole message in "failed" reports; other reports
     // carry the headers.
     let full_wanted = subject.ret.as_deref() == Some("FULL") && entries.iter().any(|e| e.action == Action::Failed);
-    let size: i64 = conn.query_row("SELECT coalesce(sum(length(data)), 0) FROM body_chunks WHERE message_id = ?1", [subject.message_id], |r| r.get(0))?;
+    let size: i64 =
+        conn.query_row("SELECT coalesce(sum(length(data)), 0) FROM body_chunks WHERE message_id = ?1", [subject.message_id], |r| r.get(0))?;
     let mut stmt = conn.prepare_cached("SELECT data FROM body_chunks WHERE message_id = ?1 ORDER BY seq")?;
     let mut chunks = stmt.query_map([subject.message_id], |r| r.get::<_, Vec<u8>>(0))?;
     let body: Vec<u8> = if full_wanted && size <= MAX_RETURNED {
@@ -99,11 +100,8 @@ pub fn queue(conn: &Connection, subject: &Subject, to: &str, copies: &[String], 
     } else {
         chunks.next().transpose()?.unwrap_or_default()
     };
-    let attachment = if full_wanted && size <= MAX_RETURNED {
-        Attachment::Full(&body)
-    } else {
-        Attachment::Headers(bounce::header_section(&body, MAX_HEADERS))
-    };
+    let attachment =
+        if full_wanted && size <= MAX_RETURNED { Attachment::Full(&body) } else { Attachment::Headers(bounce::header_section(&body, MAX_HEADERS)) };
     let original = Original { qid: &subject.qid, sender: &subject.sender, arrived: subject.received_at, envid: subject.envid.as_deref(), attachment };
     let qid = crate::queue::new_qid();
     let report = bounce::report(&s.hostname, to, s.responsible_person.as_deref(), &qid, &original, entries, store::now());
@@ -117,7 +115,10 @@ pub fn queue(conn: &Connection, subject: &Subject, to: &str, copies: &[String], 
         rcpt.execute(params![id, c])?;
     }
     let detail = format!("report {qid} ({}) to {to} for {} recipient(s)", entries[0].action.as_str(), entries.len());
-    journal::append(conn, &journal::Entry { code: code::NON_DELIVERY_REPORT, qid: &subject.qid, recipient: to, detail: &detail, ..Default::default() })?;
+    journal::append(
+        conn,
+        &journal::Entry { code: code::NON_DELIVERY_REPORT, qid: &subject.qid, recipient: to, detail: &detail, ..Default::default() },
+    )?;
     Ok(qid)
 }
 

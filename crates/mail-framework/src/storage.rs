@@ -4,8 +4,8 @@
 //! leaving the low state are journaled (7L, 7M).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use store::journal::{self, code};
@@ -64,6 +64,7 @@ impl StorageGuard {
             wake.notify_one();
             (code::STORAGE_OK, format!("free space {} MiB: mail flows again", free / 1024 / 1024))
         };
-        let _ = store.write(Durability::Normal, move |c| Ok(journal::append(c, &journal::Entry { code, detail: &detail, ..Default::default() })?)).await;
+        let _ =
+            store.write(Durability::Normal, move |c| Ok(journal::append(c, &journal::Entry { code, detail: &detail, ..Default::default() })?)).await;
     }
 }

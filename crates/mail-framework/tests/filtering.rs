@@ -9,7 +9,7 @@ use mail_framework::{Framework, SnapIn};
 use store::Durability;
 
 mod common;
-use common::{enqueue, setup, Setup};
+use common::{Setup, enqueue, setup};
 
 impl Setup {
     fn framework(&self) -> Framework {
@@ -168,7 +168,10 @@ async fn only_the_first_max_bytes_are_walked() {
     fw.run_once().await.unwrap();
     assert_eq!(s.states()[0].1, "delivered");
     // The built-in chain reads 10 MiB and finds it.
-    assert_eq!(snapins::builtin("p", snapins::DEFAULT_FILTER_MAX_BYTES).iter().map(|s| s.name()).collect::<Vec<_>>()[..2], ["address-resolution", "filtering"]);
+    assert_eq!(
+        snapins::builtin("p", snapins::DEFAULT_FILTER_MAX_BYTES).iter().map(|s| s.name()).collect::<Vec<_>>()[..2],
+        ["address-resolution", "filtering"]
+    );
     enqueue(&s.queue, &virus(), &RCPTS[..1], "smtp").await;
     s.framework().run_once().await.unwrap();
     assert_eq!(s.states()[1].1, "quarantined");

@@ -1,7 +1,7 @@
 //! The framework against a real SQLite file: enqueue, snap-ins, exactly-once delivery (F1, F2).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use directory::mailbox;
 use mail_framework::pipeline::Context;

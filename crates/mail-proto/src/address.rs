@@ -97,11 +97,7 @@ pub fn parse_path(s: &[u8], kind: PathKind) -> Result<(Option<Address>, &[u8]), 
     }
     let inner = &s[1..];
     if inner.first() == Some(&b'>') {
-        return if kind == PathKind::ReversePath {
-            Ok((None, &inner[1..]))
-        } else {
-            Err(AddressError::Syntax)
-        };
+        return if kind == PathKind::ReversePath { Ok((None, &inner[1..])) } else { Err(AddressError::Syntax) };
     }
     // RFC 5321 §4.1.2 A-d-l: "@one,@two:" — accepted and ignored (§C), remembered for policy.
     let mut rest = inner;
@@ -145,11 +141,7 @@ fn parse_mailbox(s: &[u8], in_path: bool) -> Result<(Address, &[u8]), AddressErr
         return Err(AddressError::TooLong);
     }
     let rest = rest.strip_prefix(b"@").ok_or(AddressError::Syntax)?;
-    let end = if in_path {
-        rest.iter().position(|&b| b == b'>').ok_or(AddressError::Syntax)?
-    } else {
-        rest.len()
-    };
+    let end = if in_path { rest.iter().position(|&b| b == b'>').ok_or(AddressError::Syntax)? } else { rest.len() };
     let domain = parse_domain(&rest[..end])?;
     Ok((Address { local, domain, quoted, source_route: false }, &rest[end..]))
 }

@@ -260,8 +260,7 @@ mod tests {
 
     #[test]
     fn smuggling_sequences_are_errors_in_strict_mode() {
-        let smuggled: [&[u8]; 5] =
-            [b"a\n.\n", b"a\n.\r\n", b"a\r\n.\nMAIL", b"a\r.\r\n", b"a\r\n.\rMAIL"];
+        let smuggled: [&[u8]; 5] = [b"a\n.\n", b"a\n.\r\n", b"a\r\n.\nMAIL", b"a\r.\r\n", b"a\r\n.\rMAIL"];
         for s in smuggled {
             for f in [decode, decode_bytewise] {
                 let (ev, _) = f(LineEndings::Strict, s);

@@ -1,8 +1,8 @@
 //! SASL pieces shared by SMTP AUTH (RFC 4954) and POP3 AUTH (RFC 5034): base64 lines and the
 //! PLAIN mechanism (RFC 4616). LOGIN is just two base64 lines and needs nothing more.
 
-use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 
 /// Longest SASL response line, CRLF included (RFC 4954 §4).
 pub const MAX_SASL_LINE: usize = 12_288;

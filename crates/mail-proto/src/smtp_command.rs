@@ -1,6 +1,6 @@
 //! SMTP command lines (RFC 5321 §4.1.1), parsed without I/O.
 
-use crate::address::{parse_path, Address, AddressError, PathKind};
+use crate::address::{Address, AddressError, PathKind, parse_path};
 
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const MAX_COMMAND_LINE: usize = 512;
@@ -19,8 +19,14 @@ pub enum Command {
     Helo(String),
     Ehlo(String),
     /// `from` is `None` for the null reverse-path `<>`.
-    Mail { from: Option<Address>, params: Vec<Param> },
-    Rcpt { to: Address, params: Vec<Param> },
+    Mail {
+        from: Option<Address>,
+        params: Vec<Param>,
+    },
+    Rcpt {
+        to: Address,
+        params: Vec<Param>,
+    },
     Data,
     Rset,
     Noop,
@@ -109,11 +115,7 @@ fn parse_params(rest: &[u8]) -> Result<Vec<Param>, CommandError> {
 }
 
 fn strip_prefix_ci<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
-    if s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix) {
-        Some(&s[prefix.len()..])
-    } else {
-        None
-    }
+    if s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix) { Some(&s[prefix.len()..]) } else { None }
 }
 
 /// The line limit that applies to a command line starting with these bytes: AUTH may carry an
@@ -205,8 +207,7 @@ pub fn parse_notify(value: &str) -> Option<String> {
     let ok = if items.len() == 1 && items[0] == "NEVER" {
         true
     } else {
-        items.iter().all(|i| matches!(i.as_str(), "SUCCESS" | "FAILURE" | "DELAY"))
-            && items.iter().enumerate().all(|(n, i)| !items[..n].contains(i))
+        items.iter().all(|i| matches!(i.as_str(), "SUCCESS" | "FAILURE" | "DELAY")) && items.iter().enumerate().all(|(n, i)| !items[..n].contains(i))
     };
     ok.then(|| items.join(","))
 }

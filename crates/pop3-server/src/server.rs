@@ -5,20 +5,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use directory::mailbox::{self, LoginUser};
-use directory::access::ListCache;
-use directory::penalty::PenaltyBox;
 use directory::PasswordPool;
+use directory::access::ListCache;
+use directory::mailbox::{self, LoginUser};
+use directory::penalty::PenaltyBox;
+use mail_proto::DotStuffer;
 use mail_proto::dot::TopFilter;
 use mail_proto::limits::SessionLimits;
 use mail_proto::net::normalise_ip;
-use mail_proto::DotStuffer;
 use store::journal::{self, code};
 use store::{Durability, Store};
+use tls::{ServerTls, Stream};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tls::{ServerTls, Stream};
 
 use crate::session::{Action, Event, LoginOutcome, MaildropMessage, Session, SessionConfig};
 
@@ -75,7 +75,17 @@ impl Pop3Server {
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let limits = SessionLimits::new(settings.max_sessions, settings.max_sessions_per_ip);
-        Pop3Server { settings: Arc::new(settings), store, passwords, tls, penalty, lists: ListCache::default(), limits, shutdown, locks: Arc::default() }
+        Pop3Server {
+            settings: Arc::new(settings),
+            store,
+            passwords,
+            tls,
+            penalty,
+            lists: ListCache::default(),
+            limits,
+            shutdown,
+            locks: Arc::default(),
+        }
     }
 
     /// Sessions open now.

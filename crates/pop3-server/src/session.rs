@@ -143,23 +143,10 @@ pub enum Action {
 impl fmt::Debug for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Action::Reply(bytes) => f
-                .debug_tuple("Reply")
-                .field(&String::from_utf8_lossy(bytes))
-                .finish(),
-            Action::Login { user, .. } => f
-                .debug_struct("Login")
-                .field("user", user)
-                .field("password", &"<redacted>")
-                .finish(),
-            Action::SendMessage { id, top_lines } => f
-                .debug_struct("SendMessage")
-                .field("id", id)
-                .field("top_lines", top_lines)
-                .finish(),
-            Action::Update { deleted } => {
-                f.debug_struct("Update").field("deleted", deleted).finish()
-            }
+            Action::Reply(bytes) => f.debug_tuple("Reply").field(&String::from_utf8_lossy(bytes)).finish(),
+            Action::Login { user, .. } => f.debug_struct("Login").field("user", user).field("password", &"<redacted>").finish(),
+            Action::SendMessage { id, top_lines } => f.debug_struct("SendMessage").field("id", id).field("top_lines", top_lines).finish(),
+            Action::Update { deleted } => f.debug_struct("Update").field("deleted", deleted).finish(),
             Action::StartTls => f.write_str("StartTls"),
             Action::Close => f.write_str("Close"),
         }
@@ -220,10 +207,7 @@ enum CmdError {
 
 impl CmdError {
     fn counts(self) -> bool {
-        !matches!(
-            self,
-            CmdError::NoSuchMessage | CmdError::AlreadyDeleted(_) | CmdError::AuthCancelled
-        )
+        !matches!(self, CmdError::NoSuchMessage | CmdError::AlreadyDeleted(_) | CmdError::AuthCancelled)
     }
 
     fn line(self) -> String {
@@ -233,15 +217,11 @@ impl CmdError {
             CmdError::Syntax => "-ERR syntax error".into(),
             CmdError::LineTooLong => "-ERR line too long".into(),
             CmdError::PassWithoutUser => "-ERR PASS must directly follow USER".into(),
-            CmdError::PlaintextDisallowed => {
-                "-ERR [AUTH] Plaintext authentication disallowed without TLS".into()
-            }
+            CmdError::PlaintextDisallowed => "-ERR [AUTH] Plaintext authentication disallowed without TLS".into(),
             CmdError::UseStls => "-ERR [AUTH] Authentication requires TLS: use STLS".into(),
             CmdError::StlsUnavailable => "-ERR STLS not available".into(),
             CmdError::TlsActive => "-ERR Command not permitted when TLS active".into(),
-            CmdError::UnsupportedMechanism => {
-                "-ERR [AUTH] Unsupported authentication mechanism".into()
-            }
+            CmdError::UnsupportedMechanism => "-ERR [AUTH] Unsupported authentication mechanism".into(),
             CmdError::InvalidBase64 => "-ERR [AUTH] Invalid base64".into(),
             CmdError::MalformedPlain => "-ERR [AUTH] Malformed PLAIN response".into(),
             CmdError::AuthCancelled => "-ERR Authentication cancelled".into(),
@@ -260,9 +240,7 @@ const TOO_MANY_ERRORS: &str = "-ERR too many errors";
 const TIMEOUT: &str = "-ERR Inactivity timeout, closing";
 
 /// Verbs valid only in TRANSACTION.
-const TRANSACTION_VERBS: &[&[u8]] = &[
-    b"STAT", b"LIST", b"RETR", b"DELE", b"RSET", b"TOP", b"UIDL", b"NOOP",
-];
+const TRANSACTION_VERBS: &[&[u8]] = &[b"STAT", b"LIST", b"RETR", b"DELE", b"RSET", b"TOP", b"UIDL", b"NOOP"];
 
 /// One POP3 connection's protocol state.
 #[derive(Debug)]
@@ -323,10 +301,7 @@ impl Session {
     /// True while waiting for LoginDone/UpdateDone/TlsUp (driver must not
     /// expect more replies until it feeds it).
     pub fn is_waiting(&self) -> bool {
-        matches!(
-            self.state,
-            State::LoginPending { .. } | State::Update { .. } | State::StartTls
-        )
+        matches!(self.state, State::LoginPending { .. } | State::Update { .. } | State::StartTls)
     }
 
     /// True once the connection is encrypted (implicit TLS or after TlsUp).
@@ -357,10 +332,7 @@ impl Session {
             return;
         }
         self.greeted = true;
-        reply(
-            out,
-            &format!("+OK {} POP3 server ready", self.config.hostname),
-        );
+        reply(out, &format!("+OK {} POP3 server ready", self.config.hostname));
         // Input that (wrongly) arrived before Connected is answered after the greeting.
         self.process_input(out);
     }
@@ -389,10 +361,7 @@ impl Session {
                 let deleted = vec![false; messages.len()];
                 let maildrop = Maildrop { messages, deleted };
                 let (count, octets) = maildrop.totals();
-                reply(
-                    out,
-                    &format!("+OK Logged in, {count} messages ({octets} octets)"),
-                );
+                reply(out, &format!("+OK Logged in, {count} messages ({octets} octets)"));
                 self.user = Some(user);
                 self.state = State::Transaction(maildrop);
             }
@@ -421,10 +390,7 @@ impl Session {
         };
         if committed {
             let host = &self.config.hostname;
-            reply(
-                out,
-                &format!("+OK {host} signing off ({remaining} messages left)"),
-            );
+            reply(out, &format!("+OK {host} signing off ({remaining} messages left)"));
         } else {
             reply(out, UPDATE_FAILED);
         }
@@ -436,12 +402,7 @@ impl Session {
     /// Process complete lines while the session can answer them.
     fn process_input(&mut self, out: &mut Vec<Action>) {
         let mut pos = 0;
-        while self.greeted
-            && matches!(
-                self.state,
-                State::Authorization { .. } | State::Transaction(_) | State::SaslPlain
-            )
-        {
+        while self.greeted && matches!(self.state, State::Authorization { .. } | State::Transaction(_) | State::SaslPlain) {
             let limit = self.line_limit();
             let rest = &self.input[pos..];
             let newline = rest.iter().position(|&b| b == b'\n');
@@ -483,10 +444,7 @@ impl Session {
         // The session ends from UPDATE or CLOSED: nothing left will be answered.
         // After STLS, whatever the client pipelined in plaintext is dropped
         // (RFC 2595 section 4: no command injection across the upgrade).
-        if matches!(
-            self.state,
-            State::Update { .. } | State::Closed | State::StartTls
-        ) {
+        if matches!(self.state, State::Update { .. } | State::Closed | State::StartTls) {
             self.input.clear();
         } else {
             self.input.drain(..pos);
@@ -495,11 +453,7 @@ impl Session {
 
     /// Longest line accepted in the current state, terminator included.
     fn line_limit(&self) -> usize {
-        if matches!(self.state, State::SaslPlain) {
-            MAX_SASL_LINE
-        } else {
-            MAX_LINE
-        }
+        if matches!(self.state, State::SaslPlain) { MAX_SASL_LINE } else { MAX_LINE }
     }
 
     /// An over-long line; one in place of a SASL response aborts the exchange.
@@ -525,10 +479,7 @@ impl Session {
         if matches!(self.state, State::Authorization { .. }) {
             self.authorization_command(&verb, rest, out);
         } else {
-            let args: Vec<&[u8]> = rest
-                .split(|&b| b == b' ')
-                .filter(|a| !a.is_empty())
-                .collect();
+            let args: Vec<&[u8]> = rest.split(|&b| b == b' ').filter(|a| !a.is_empty()).collect();
             self.transaction_command(&verb, &args, out);
         }
     }
@@ -569,11 +520,7 @@ impl Session {
 
     /// USER, PASS or AUTH while credentials are not usable.
     fn refuse_credentials(&mut self, out: &mut Vec<Action>) {
-        let error = if self.stls_offered() {
-            CmdError::UseStls
-        } else {
-            CmdError::PlaintextDisallowed
-        };
+        let error = if self.stls_offered() { CmdError::UseStls } else { CmdError::PlaintextDisallowed };
         self.fail(error, out);
     }
 
@@ -600,16 +547,11 @@ impl Session {
         if !self.credentials_usable() {
             return self.refuse_credentials(out);
         }
-        let args: Vec<&[u8]> = rest
-            .split(|&b| b == b' ')
-            .filter(|a| !a.is_empty())
-            .collect();
+        let args: Vec<&[u8]> = rest.split(|&b| b == b' ').filter(|a| !a.is_empty()).collect();
         match args.as_slice() {
             // Not in RFC 5034, but widely used by clients to probe.
             [] => out.push(multiline("+OK", ["PLAIN"])),
-            [mechanism, ..] if !mechanism.eq_ignore_ascii_case(b"PLAIN") => {
-                self.fail(CmdError::UnsupportedMechanism, out)
-            }
+            [mechanism, ..] if !mechanism.eq_ignore_ascii_case(b"PLAIN") => self.fail(CmdError::UnsupportedMechanism, out),
             [_] => {
                 reply(out, "+ ");
                 self.state = State::SaslPlain;
@@ -652,9 +594,7 @@ impl Session {
         if name.is_empty() {
             return self.fail(CmdError::Syntax, out);
         }
-        self.state = State::Authorization {
-            user: Some(name.to_vec()),
-        };
+        self.state = State::Authorization { user: Some(name.to_vec()) };
         reply(out, "+OK");
     }
 
@@ -678,10 +618,7 @@ impl Session {
 
     /// Ask the driver to check the credentials; LoginDone answers.
     fn start_login(&mut self, user: String, password: String, out: &mut Vec<Action>) {
-        out.push(Action::Login {
-            user: user.clone(),
-            password,
-        });
+        out.push(Action::Login { user: user.clone(), password });
         self.state = State::LoginPending { user };
     }
 
@@ -745,13 +682,7 @@ impl Session {
         let State::Transaction(maildrop) = &self.state else {
             return;
         };
-        let deleted: Vec<i64> = maildrop
-            .messages
-            .iter()
-            .zip(&maildrop.deleted)
-            .filter(|&(_, &d)| d)
-            .map(|(m, _)| m.id)
-            .collect();
+        let deleted: Vec<i64> = maildrop.messages.iter().zip(&maildrop.deleted).filter(|&(_, &d)| d).map(|(m, _)| m.id).collect();
         let remaining = maildrop.messages.len() - deleted.len();
         // Pipelined input after QUIT is dropped by process_input.
         self.state = State::Update { remaining };
@@ -782,29 +713,19 @@ impl Session {
 impl Maildrop {
     /// Non-deleted messages with their 1-based numbers.
     fn visible(&self) -> impl Iterator<Item = (usize, &MaildropMessage)> {
-        self.messages
-            .iter()
-            .zip(&self.deleted)
-            .enumerate()
-            .filter(|&(_, (_, &deleted))| !deleted)
-            .map(|(i, (m, _))| (i + 1, m))
+        self.messages.iter().zip(&self.deleted).enumerate().filter(|&(_, (_, &deleted))| !deleted).map(|(i, (m, _))| (i + 1, m))
     }
 
     /// Count and total octets of the non-deleted messages.
     fn totals(&self) -> (usize, u64) {
-        self.visible().fold((0, 0), |(n, octets), (_, m)| {
-            (n + 1, octets.saturating_add(m.size))
-        })
+        self.visible().fold((0, 0), |(n, octets), (_, m)| (n + 1, octets.saturating_add(m.size)))
     }
 
     /// Index of the visible message named by a message-number argument.
     fn lookup(&self, arg: &[u8]) -> Result<usize, CmdError> {
         let number = parse_number(arg)?;
-        let index = usize::try_from(number)
-            .ok()
-            .and_then(|n| n.checked_sub(1))
-            .filter(|&i| i < self.messages.len())
-            .ok_or(CmdError::NoSuchMessage)?;
+        let index =
+            usize::try_from(number).ok().and_then(|n| n.checked_sub(1)).filter(|&i| i < self.messages.len()).ok_or(CmdError::NoSuchMessage)?;
         if self.deleted[index] {
             return Err(CmdError::AlreadyDeleted(number));
         }
@@ -824,18 +745,11 @@ fn cmd_list(maildrop: &Maildrop, args: &[&[u8]]) -> CmdResult {
         [] => {
             let (count, octets) = maildrop.totals();
             let lines = maildrop.visible().map(|(n, m)| format!("{n} {}", m.size));
-            Ok(vec![multiline(
-                &format!("+OK {count} messages ({octets} octets)"),
-                lines,
-            )])
+            Ok(vec![multiline(&format!("+OK {count} messages ({octets} octets)"), lines)])
         }
         [arg] => {
             let i = maildrop.lookup(arg)?;
-            Ok(vec![ok_line(&format!(
-                "+OK {} {}",
-                i + 1,
-                maildrop.messages[i].size
-            ))])
+            Ok(vec![ok_line(&format!("+OK {} {}", i + 1, maildrop.messages[i].size))])
         }
         _ => Err(CmdError::Syntax),
     }
@@ -844,18 +758,12 @@ fn cmd_list(maildrop: &Maildrop, args: &[&[u8]]) -> CmdResult {
 fn cmd_uidl(maildrop: &Maildrop, args: &[&[u8]]) -> CmdResult {
     match args {
         [] => {
-            let lines = maildrop
-                .visible()
-                .map(|(n, m)| format!("{n} {}", clean_uidl(m)));
+            let lines = maildrop.visible().map(|(n, m)| format!("{n} {}", clean_uidl(m)));
             Ok(vec![multiline("+OK unique-id listing follows", lines)])
         }
         [arg] => {
             let i = maildrop.lookup(arg)?;
-            Ok(vec![ok_line(&format!(
-                "+OK {} {}",
-                i + 1,
-                clean_uidl(&maildrop.messages[i])
-            ))])
+            Ok(vec![ok_line(&format!("+OK {} {}", i + 1, clean_uidl(&maildrop.messages[i])))])
         }
         _ => Err(CmdError::Syntax),
     }
@@ -866,13 +774,7 @@ fn cmd_retr(maildrop: &Maildrop, args: &[&[u8]]) -> CmdResult {
         return Err(CmdError::Syntax);
     };
     let message = &maildrop.messages[maildrop.lookup(arg)?];
-    Ok(vec![
-        ok_line(&format!("+OK {} octets", message.size)),
-        Action::SendMessage {
-            id: message.id,
-            top_lines: None,
-        },
-    ])
+    Ok(vec![ok_line(&format!("+OK {} octets", message.size)), Action::SendMessage { id: message.id, top_lines: None }])
 }
 
 fn cmd_top(maildrop: &Maildrop, args: &[&[u8]]) -> CmdResult {
@@ -881,13 +783,7 @@ fn cmd_top(maildrop: &Maildrop, args: &[&[u8]]) -> CmdResult {
     };
     let lines = parse_number(lines)?;
     let message = &maildrop.messages[maildrop.lookup(msg)?];
-    Ok(vec![
-        ok_line("+OK"),
-        Action::SendMessage {
-            id: message.id,
-            top_lines: Some(lines),
-        },
-    ])
+    Ok(vec![ok_line("+OK"), Action::SendMessage { id: message.id, top_lines: Some(lines) }])
 }
 
 fn cmd_dele(maildrop: &mut Maildrop, args: &[&[u8]]) -> CmdResult {
@@ -911,24 +807,14 @@ fn parse_number(arg: &[u8]) -> Result<u64, CmdError> {
     if arg.is_empty() || !arg.iter().all(u8::is_ascii_digit) {
         return Err(CmdError::Syntax);
     }
-    Ok(arg.iter().fold(0u64, |n, &d| {
-        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
-    }))
+    Ok(arg.iter().fold(0u64, |n, &d| n.saturating_mul(10).saturating_add(u64::from(d - b'0'))))
 }
 
 /// The uidl restricted to 0x21..=0x7E so it can never break the protocol;
 /// falls back to the store id if nothing printable is left.
 fn clean_uidl(message: &MaildropMessage) -> String {
-    let clean: String = message
-        .uidl
-        .chars()
-        .filter(|c| ('!'..='~').contains(c))
-        .collect();
-    if clean.is_empty() {
-        message.id.to_string()
-    } else {
-        clean
-    }
+    let clean: String = message.uidl.chars().filter(|c| ('!'..='~').contains(c)).collect();
+    if clean.is_empty() { message.id.to_string() } else { clean }
 }
 
 fn trim_start(bytes: &[u8]) -> &[u8] {
@@ -985,21 +871,9 @@ mod tests {
 
     fn messages() -> Vec<MaildropMessage> {
         vec![
-            MaildropMessage {
-                id: 10,
-                size: 120,
-                uidl: "uid-a".into(),
-            },
-            MaildropMessage {
-                id: 11,
-                size: 200,
-                uidl: "uid-b".into(),
-            },
-            MaildropMessage {
-                id: 12,
-                size: 300,
-                uidl: "uid-c".into(),
-            },
+            MaildropMessage { id: 10, size: 120, uidl: "uid-a".into() },
+            MaildropMessage { id: 11, size: 200, uidl: "uid-b".into() },
+            MaildropMessage { id: 12, size: 300, uidl: "uid-c".into() },
         ]
     }
 
@@ -1008,19 +882,13 @@ mod tests {
     }
 
     fn login_action(user: &str, password: &str) -> Action {
-        Action::Login {
-            user: user.into(),
-            password: password.into(),
-        }
+        Action::Login { user: user.into(), password: password.into() }
     }
 
     /// Connected session with the greeting checked.
     fn connected(config: SessionConfig) -> Session {
         let mut s = Session::new(config);
-        assert_eq!(
-            s.handle(Event::Connected),
-            vec![r("+OK mail.example.test POP3 server ready\r\n")]
-        );
+        assert_eq!(s.handle(Event::Connected), vec![r("+OK mail.example.test POP3 server ready\r\n")]);
         s
     }
 
@@ -1037,17 +905,9 @@ mod tests {
     fn logged_in() -> Session {
         let mut s = connected(config());
         assert_eq!(feed(&mut s, b"USER alice\r\n"), vec![r("+OK\r\n")]);
-        assert_eq!(
-            feed(&mut s, b"PASS secret\r\n"),
-            vec![login_action("alice", "secret")]
-        );
+        assert_eq!(feed(&mut s, b"PASS secret\r\n"), vec![login_action("alice", "secret")]);
         assert!(s.is_waiting());
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::Ok {
-                messages: messages()
-            })),
-            vec![r("+OK Logged in, 3 messages (620 octets)\r\n")]
-        );
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::Ok { messages: messages() })), vec![r("+OK Logged in, 3 messages (620 octets)\r\n")]);
         assert!(!s.is_waiting());
         assert_eq!(s.user(), Some("alice"));
         s
@@ -1093,80 +953,23 @@ mod tests {
     fn full_session() {
         let mut s = logged_in();
         assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 3 620\r\n")]);
-        assert_eq!(
-            feed(&mut s, b"LIST\r\n"),
-            vec![r(
-                "+OK 3 messages (620 octets)\r\n1 120\r\n2 200\r\n3 300\r\n.\r\n"
-            )]
-        );
+        assert_eq!(feed(&mut s, b"LIST\r\n"), vec![r("+OK 3 messages (620 octets)\r\n1 120\r\n2 200\r\n3 300\r\n.\r\n")]);
         assert_eq!(feed(&mut s, b"LIST 2\r\n"), vec![r("+OK 2 200\r\n")]);
-        assert_eq!(
-            feed(&mut s, b"UIDL\r\n"),
-            vec![r(
-                "+OK unique-id listing follows\r\n1 uid-a\r\n2 uid-b\r\n3 uid-c\r\n.\r\n"
-            )]
-        );
+        assert_eq!(feed(&mut s, b"UIDL\r\n"), vec![r("+OK unique-id listing follows\r\n1 uid-a\r\n2 uid-b\r\n3 uid-c\r\n.\r\n")]);
         assert_eq!(feed(&mut s, b"UIDL 3\r\n"), vec![r("+OK 3 uid-c\r\n")]);
-        assert_eq!(
-            feed(&mut s, b"RETR 1\r\n"),
-            vec![
-                r("+OK 120 octets\r\n"),
-                Action::SendMessage {
-                    id: 10,
-                    top_lines: None
-                }
-            ]
-        );
-        assert_eq!(
-            feed(&mut s, b"TOP 2 5\r\n"),
-            vec![
-                r("+OK\r\n"),
-                Action::SendMessage {
-                    id: 11,
-                    top_lines: Some(5)
-                }
-            ]
-        );
-        assert_eq!(
-            feed(&mut s, b"TOP 3 0\r\n"),
-            vec![
-                r("+OK\r\n"),
-                Action::SendMessage {
-                    id: 12,
-                    top_lines: Some(0)
-                }
-            ]
-        );
-        assert_eq!(
-            feed(&mut s, b"DELE 1\r\n"),
-            vec![r("+OK message 1 deleted\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"RETR 1\r\n"), vec![r("+OK 120 octets\r\n"), Action::SendMessage { id: 10, top_lines: None }]);
+        assert_eq!(feed(&mut s, b"TOP 2 5\r\n"), vec![r("+OK\r\n"), Action::SendMessage { id: 11, top_lines: Some(5) }]);
+        assert_eq!(feed(&mut s, b"TOP 3 0\r\n"), vec![r("+OK\r\n"), Action::SendMessage { id: 12, top_lines: Some(0) }]);
+        assert_eq!(feed(&mut s, b"DELE 1\r\n"), vec![r("+OK message 1 deleted\r\n")]);
         assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 2 500\r\n")]);
         assert_eq!(feed(&mut s, b"RSET\r\n"), vec![r("+OK\r\n")]);
         assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 3 620\r\n")]);
         assert_eq!(feed(&mut s, b"NOOP\r\n"), vec![r("+OK\r\n")]);
-        assert_eq!(
-            feed(&mut s, b"DELE 3\r\n"),
-            vec![r("+OK message 3 deleted\r\n")]
-        );
-        assert_eq!(
-            feed(&mut s, b"DELE 1\r\n"),
-            vec![r("+OK message 1 deleted\r\n")]
-        );
-        assert_eq!(
-            feed(&mut s, b"QUIT\r\n"),
-            vec![Action::Update {
-                deleted: vec![10, 12]
-            }]
-        );
+        assert_eq!(feed(&mut s, b"DELE 3\r\n"), vec![r("+OK message 3 deleted\r\n")]);
+        assert_eq!(feed(&mut s, b"DELE 1\r\n"), vec![r("+OK message 1 deleted\r\n")]);
+        assert_eq!(feed(&mut s, b"QUIT\r\n"), vec![Action::Update { deleted: vec![10, 12] }]);
         assert!(s.is_waiting());
-        assert_eq!(
-            s.handle(Event::UpdateDone(true)),
-            vec![
-                r("+OK mail.example.test signing off (1 messages left)\r\n"),
-                Action::Close
-            ]
-        );
+        assert_eq!(s.handle(Event::UpdateDone(true)), vec![r("+OK mail.example.test signing off (1 messages left)\r\n"), Action::Close]);
         assert!(s.is_closed());
         assert!(!s.is_waiting());
         assert_eq!(s.user(), Some("alice"));
@@ -1175,44 +978,23 @@ mod tests {
     #[test]
     fn quit_without_deletions_still_enters_update() {
         let mut s = logged_in();
-        assert_eq!(
-            feed(&mut s, b"QUIT\r\n"),
-            vec![Action::Update { deleted: vec![] }]
-        );
-        assert_eq!(
-            s.handle(Event::UpdateDone(true)),
-            vec![
-                r("+OK mail.example.test signing off (3 messages left)\r\n"),
-                Action::Close
-            ]
-        );
+        assert_eq!(feed(&mut s, b"QUIT\r\n"), vec![Action::Update { deleted: vec![] }]);
+        assert_eq!(s.handle(Event::UpdateDone(true)), vec![r("+OK mail.example.test signing off (3 messages left)\r\n"), Action::Close]);
     }
 
     #[test]
     fn update_failure() {
         let mut s = logged_in();
         feed(&mut s, b"DELE 2\r\n");
-        assert_eq!(
-            feed(&mut s, b"QUIT\r\n"),
-            vec![Action::Update { deleted: vec![11] }]
-        );
-        assert_eq!(
-            s.handle(Event::UpdateDone(false)),
-            vec![
-                r("-ERR [SYS/TEMP] some deleted messages not removed\r\n"),
-                Action::Close
-            ]
-        );
+        assert_eq!(feed(&mut s, b"QUIT\r\n"), vec![Action::Update { deleted: vec![11] }]);
+        assert_eq!(s.handle(Event::UpdateDone(false)), vec![r("-ERR [SYS/TEMP] some deleted messages not removed\r\n"), Action::Close]);
         assert!(s.handle(Event::UpdateDone(true)).is_empty());
     }
 
     #[test]
     fn input_during_update_is_ignored() {
         let mut s = logged_in();
-        assert_eq!(
-            feed(&mut s, b"QUIT\r\nNOOP\r\n"),
-            vec![Action::Update { deleted: vec![] }]
-        );
+        assert_eq!(feed(&mut s, b"QUIT\r\nNOOP\r\n"), vec![Action::Update { deleted: vec![] }]);
         assert!(feed(&mut s, b"STAT\r\n").is_empty());
         assert!(s.handle(Event::Timeout).len() == 2, "timeout still closes");
         assert!(s.handle(Event::UpdateDone(true)).is_empty());
@@ -1221,10 +1003,7 @@ mod tests {
     #[test]
     fn pipelined_commands_wait_for_login_result() {
         let mut s = connected(config());
-        let out = feed(
-            &mut s,
-            b"CAPA\r\nUSER bob\r\nPASS pw\r\nSTAT\r\nLIST 1\r\nQUIT\r\nNOOP",
-        );
+        let out = feed(&mut s, b"CAPA\r\nUSER bob\r\nPASS pw\r\nSTAT\r\nLIST 1\r\nQUIT\r\nNOOP");
         assert_eq!(out.len(), 3);
         assert!(text(&out[..2]).starts_with("+OK Capability list follows\r\n"));
         assert_eq!(out[1], r("+OK\r\n"));
@@ -1233,33 +1012,17 @@ mod tests {
         // More input while waiting is only buffered.
         assert!(feed(&mut s, b"\r\n").is_empty());
         assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::Ok {
-                messages: messages()
-            })),
-            vec![
-                r("+OK Logged in, 3 messages (620 octets)\r\n"),
-                r("+OK 3 620\r\n"),
-                r("+OK 1 120\r\n"),
-                Action::Update { deleted: vec![] },
-            ]
+            s.handle(Event::LoginDone(LoginOutcome::Ok { messages: messages() })),
+            vec![r("+OK Logged in, 3 messages (620 octets)\r\n"), r("+OK 3 620\r\n"), r("+OK 1 120\r\n"), Action::Update { deleted: vec![] },]
         );
         // NOOP after QUIT is never answered.
-        assert_eq!(
-            s.handle(Event::UpdateDone(true)),
-            vec![
-                r("+OK mail.example.test signing off (3 messages left)\r\n"),
-                Action::Close
-            ]
-        );
+        assert_eq!(s.handle(Event::UpdateDone(true)), vec![r("+OK mail.example.test signing off (3 messages left)\r\n"), Action::Close]);
     }
 
     #[test]
     fn pipelined_after_failed_login_continues_in_authorization() {
         let mut s = connected(config());
-        let out = feed(
-            &mut s,
-            b"USER bob\r\nPASS bad\r\nSTAT\r\nUSER bob\r\nPASS good\r\n",
-        );
+        let out = feed(&mut s, b"USER bob\r\nPASS bad\r\nSTAT\r\nUSER bob\r\nPASS good\r\n");
         assert_eq!(out, vec![r("+OK\r\n"), login_action("bob", "bad")]);
         assert_eq!(
             s.handle(Event::LoginDone(LoginOutcome::BadCredentials)),
@@ -1271,10 +1034,7 @@ mod tests {
             ]
         );
         assert_eq!(s.user(), None);
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::Ok { messages: vec![] })),
-            vec![r("+OK Logged in, 0 messages (0 octets)\r\n")]
-        );
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::Ok { messages: vec![] })), vec![r("+OK Logged in, 0 messages (0 octets)\r\n")]);
         assert_eq!(s.user(), Some("bob"));
     }
 
@@ -1288,9 +1048,7 @@ mod tests {
             for piece in script.chunks(chunk) {
                 all.extend(feed(&mut s, piece));
                 if let State::LoginPending { .. } = s.state {
-                    let outcome = LoginOutcome::Ok {
-                        messages: messages(),
-                    };
+                    let outcome = LoginOutcome::Ok { messages: messages() };
                     all.extend(s.handle(Event::LoginDone(outcome)));
                 }
             }
@@ -1324,10 +1082,7 @@ mod tests {
     fn timeout_deletes_nothing() {
         let mut s = logged_in();
         feed(&mut s, b"DELE 1\r\n");
-        assert_eq!(
-            s.handle(Event::Timeout),
-            vec![r("-ERR Inactivity timeout, closing\r\n"), Action::Close]
-        );
+        assert_eq!(s.handle(Event::Timeout), vec![r("-ERR Inactivity timeout, closing\r\n"), Action::Close]);
         assert!(feed(&mut s, b"QUIT\r\n").is_empty());
     }
 
@@ -1336,41 +1091,19 @@ mod tests {
         let mut s = connected(config());
         feed(&mut s, b"USER a\r\nPASS b\r\nQUIT\r\n");
         assert_eq!(s.handle(Event::Eof), vec![Action::Close]);
-        assert!(
-            s.handle(Event::LoginDone(LoginOutcome::Ok {
-                messages: messages()
-            }))
-            .is_empty()
-        );
+        assert!(s.handle(Event::LoginDone(LoginOutcome::Ok { messages: messages() })).is_empty());
         assert_eq!(s.user(), None);
     }
 
     #[test]
     fn deleted_messages_are_invisible() {
         let mut s = logged_in();
-        assert_eq!(
-            feed(&mut s, b"DELE 2\r\n"),
-            vec![r("+OK message 2 deleted\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"DELE 2\r\n"), vec![r("+OK message 2 deleted\r\n")]);
         assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 2 420\r\n")]);
-        assert_eq!(
-            feed(&mut s, b"LIST\r\n"),
-            vec![r("+OK 2 messages (420 octets)\r\n1 120\r\n3 300\r\n.\r\n")]
-        );
-        assert_eq!(
-            feed(&mut s, b"UIDL\r\n"),
-            vec![r(
-                "+OK unique-id listing follows\r\n1 uid-a\r\n3 uid-c\r\n.\r\n"
-            )]
-        );
+        assert_eq!(feed(&mut s, b"LIST\r\n"), vec![r("+OK 2 messages (420 octets)\r\n1 120\r\n3 300\r\n.\r\n")]);
+        assert_eq!(feed(&mut s, b"UIDL\r\n"), vec![r("+OK unique-id listing follows\r\n1 uid-a\r\n3 uid-c\r\n.\r\n")]);
         let gone = r("-ERR message 2 already deleted\r\n");
-        for cmd in [
-            &b"LIST 2\r\n"[..],
-            b"UIDL 2\r\n",
-            b"RETR 2\r\n",
-            b"TOP 2 1\r\n",
-            b"DELE 2\r\n",
-        ] {
+        for cmd in [&b"LIST 2\r\n"[..], b"UIDL 2\r\n", b"RETR 2\r\n", b"TOP 2 1\r\n", b"DELE 2\r\n"] {
             answers(&mut s, cmd, &gone);
         }
         assert_eq!(feed(&mut s, b"RSET\r\n"), vec![r("+OK\r\n")]);
@@ -1379,14 +1112,8 @@ mod tests {
         let mut s = logged_in();
         feed(&mut s, b"DELE 1\r\n");
         for _ in 0..50 {
-            assert_eq!(
-                feed(&mut s, b"RETR 1\r\n"),
-                vec![r("-ERR message 1 already deleted\r\n")]
-            );
-            assert_eq!(
-                feed(&mut s, b"RETR 9\r\n"),
-                vec![r("-ERR no such message\r\n")]
-            );
+            assert_eq!(feed(&mut s, b"RETR 1\r\n"), vec![r("-ERR message 1 already deleted\r\n")]);
+            assert_eq!(feed(&mut s, b"RETR 9\r\n"), vec![r("-ERR no such message\r\n")]);
         }
     }
 
@@ -1419,16 +1146,7 @@ mod tests {
             answers(&mut s, cmd, want);
         }
         // Huge line counts saturate rather than fail.
-        assert_eq!(
-            feed(&mut s, b"TOP 1 99999999999999999999999\r\n"),
-            vec![
-                r("+OK\r\n"),
-                Action::SendMessage {
-                    id: 10,
-                    top_lines: Some(u64::MAX)
-                }
-            ]
-        );
+        assert_eq!(feed(&mut s, b"TOP 1 99999999999999999999999\r\n"), vec![r("+OK\r\n"), Action::SendMessage { id: 10, top_lines: Some(u64::MAX) }]);
         // Nothing was deleted along the way.
         assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 3 620\r\n")]);
     }
@@ -1437,38 +1155,18 @@ mod tests {
     fn case_insensitive_lenient_spaces_and_bare_lf() {
         let mut s = connected(config());
         assert_eq!(feed(&mut s, b"  user   alice  \n"), vec![r("+OK\r\n")]);
-        assert_eq!(
-            feed(&mut s, b"pAsS secret\n"),
-            vec![login_action("alice", "secret")]
-        );
-        s.handle(Event::LoginDone(LoginOutcome::Ok {
-            messages: messages(),
-        }));
+        assert_eq!(feed(&mut s, b"pAsS secret\n"), vec![login_action("alice", "secret")]);
+        s.handle(Event::LoginDone(LoginOutcome::Ok { messages: messages() }));
         assert_eq!(feed(&mut s, b"list   2  \r\n"), vec![r("+OK 2 200\r\n")]);
-        assert_eq!(
-            feed(&mut s, b"top  1   2\n"),
-            vec![
-                r("+OK\r\n"),
-                Action::SendMessage {
-                    id: 10,
-                    top_lines: Some(2)
-                }
-            ]
-        );
-        assert_eq!(
-            feed(&mut s, b"Stat\r\nnoop\n"),
-            vec![r("+OK 3 620\r\n"), r("+OK\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"top  1   2\n"), vec![r("+OK\r\n"), Action::SendMessage { id: 10, top_lines: Some(2) }]);
+        assert_eq!(feed(&mut s, b"Stat\r\nnoop\n"), vec![r("+OK 3 620\r\n"), r("+OK\r\n")]);
     }
 
     #[test]
     fn password_keeps_spaces() {
         let mut s = connected(config());
         feed(&mut s, b"USER carol\r\n");
-        assert_eq!(
-            feed(&mut s, b"PASS  correct horse battery staple \r\n"),
-            vec![login_action("carol", " correct horse battery staple ")]
-        );
+        assert_eq!(feed(&mut s, b"PASS  correct horse battery staple \r\n"), vec![login_action("carol", " correct horse battery staple ")]);
     }
 
     #[test]
@@ -1486,10 +1184,7 @@ mod tests {
         s.handle(Event::LoginDone(LoginOutcome::TempFail));
         // Missing name or password.
         assert_eq!(feed(&mut s, b"USER\r\n"), vec![r("-ERR syntax error\r\n")]);
-        assert_eq!(
-            feed(&mut s, b"USER   \r\n"),
-            vec![r("-ERR syntax error\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"USER   \r\n"), vec![r("-ERR syntax error\r\n")]);
         feed(&mut s, b"USER dave\r\n");
         assert_eq!(feed(&mut s, b"PASS\r\n"), vec![r("-ERR syntax error\r\n")]);
         feed(&mut s, b"USER dave\r\n");
@@ -1501,20 +1196,11 @@ mod tests {
         let mut s = connected(config());
         let bad = r("-ERR [AUTH] Invalid user name or password\r\n");
         feed(&mut s, b"USER nobody\r\nPASS x\r\n");
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::BadCredentials)),
-            vec![bad.clone()]
-        );
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::BadCredentials)), vec![bad.clone()]);
         // Non-UTF-8 credentials: no Login action, same answer, counted.
-        assert_eq!(
-            feed(&mut s, b"USER alice\r\nPASS \xff\xfe\r\n"),
-            vec![r("+OK\r\n"), bad.clone()]
-        );
+        assert_eq!(feed(&mut s, b"USER alice\r\nPASS \xff\xfe\r\n"), vec![r("+OK\r\n"), bad.clone()]);
         feed(&mut s, b"USER alice\r\nPASS wrong\r\n");
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::BadCredentials)),
-            vec![bad.clone(), Action::Close]
-        );
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::BadCredentials)), vec![bad.clone(), Action::Close]);
         assert!(s.is_closed());
         assert!(feed(&mut s, b"USER alice\r\n").is_empty());
     }
@@ -1523,15 +1209,9 @@ mod tests {
     fn in_use_and_temp_fail_keep_session() {
         let mut s = connected(config());
         feed(&mut s, b"USER alice\r\nPASS secret\r\n");
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::InUse)),
-            vec![r("-ERR [IN-USE] Mailbox is locked by another session\r\n")]
-        );
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::InUse)), vec![r("-ERR [IN-USE] Mailbox is locked by another session\r\n")]);
         feed(&mut s, b"USER alice\r\nPASS secret\r\n");
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::TempFail)),
-            vec![r("-ERR [SYS/TEMP] Temporary failure, try again later\r\n")]
-        );
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::TempFail)), vec![r("-ERR [SYS/TEMP] Temporary failure, try again later\r\n")]);
         // Neither counts as a failed login.
         for _ in 0..5 {
             feed(&mut s, b"USER alice\r\nPASS secret\r\n");
@@ -1539,27 +1219,17 @@ mod tests {
         }
         assert_eq!(s.user(), None);
         feed(&mut s, b"USER alice\r\nPASS secret\r\n");
-        s.handle(Event::LoginDone(LoginOutcome::Ok {
-            messages: messages(),
-        }));
+        s.handle(Event::LoginDone(LoginOutcome::Ok { messages: messages() }));
         assert_eq!(s.user(), Some("alice"));
     }
 
     #[test]
     fn unexpected_results_are_ignored() {
         let mut s = connected(config());
-        assert!(
-            s.handle(Event::LoginDone(LoginOutcome::Ok {
-                messages: messages()
-            }))
-            .is_empty()
-        );
+        assert!(s.handle(Event::LoginDone(LoginOutcome::Ok { messages: messages() })).is_empty());
         assert!(s.handle(Event::UpdateDone(true)).is_empty());
         assert_eq!(s.user(), None);
-        assert_eq!(
-            feed(&mut s, b"STAT\r\n"),
-            vec![r("-ERR command not valid in this state\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("-ERR command not valid in this state\r\n")]);
     }
 
     #[test]
@@ -1567,17 +1237,11 @@ mod tests {
         let mut s = logged_in();
         let mut long = vec![b'A'; 300];
         long.extend_from_slice(b"\r\nNOOP\r\n");
-        assert_eq!(
-            feed(&mut s, &long),
-            vec![r("-ERR line too long\r\n"), r("+OK\r\n")]
-        );
+        assert_eq!(feed(&mut s, &long), vec![r("-ERR line too long\r\n"), r("+OK\r\n")]);
 
         // Split over several events: error reported once, rest of the line skipped.
         assert_eq!(feed(&mut s, &[b'N'; 200]), vec![]);
-        assert_eq!(
-            feed(&mut s, &[b'O'; 200]),
-            vec![r("-ERR line too long\r\n")]
-        );
+        assert_eq!(feed(&mut s, &[b'O'; 200]), vec![r("-ERR line too long\r\n")]);
         assert_eq!(feed(&mut s, b"STAT STAT STAT"), vec![]);
         assert_eq!(feed(&mut s, b"\r\nSTAT\r\n"), vec![r("+OK 3 620\r\n")]);
 
@@ -1595,47 +1259,24 @@ mod tests {
 
     #[test]
     fn error_limit_closes() {
-        let mut s = connected(SessionConfig {
-            max_errors: 3,
-            ..config()
-        });
-        assert_eq!(
-            feed(&mut s, b"FOO\r\n"),
-            vec![r("-ERR unknown command\r\n")]
-        );
+        let mut s = connected(SessionConfig { max_errors: 3, ..config() });
+        assert_eq!(feed(&mut s, b"FOO\r\n"), vec![r("-ERR unknown command\r\n")]);
         assert_eq!(feed(&mut s, b"\r\n"), vec![r("-ERR unknown command\r\n")]);
         assert_eq!(
             feed(&mut s, b"RETR 1\r\nNOOP\r\n"),
-            vec![
-                r("-ERR command not valid in this state\r\n"),
-                r("-ERR too many errors\r\n"),
-                Action::Close
-            ]
+            vec![r("-ERR command not valid in this state\r\n"), r("-ERR too many errors\r\n"), Action::Close]
         );
         assert!(feed(&mut s, b"QUIT\r\n").is_empty());
 
         // Default limit of 20, reached in TRANSACTION; long lines count too.
         let mut s = logged_in();
         for _ in 0..18 {
-            assert_eq!(
-                feed(&mut s, b"bogus\r\n"),
-                vec![r("-ERR unknown command\r\n")]
-            );
+            assert_eq!(feed(&mut s, b"bogus\r\n"), vec![r("-ERR unknown command\r\n")]);
         }
-        assert_eq!(
-            feed(&mut s, b"USER x\r\n"),
-            vec![r("-ERR command not valid in this state\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"USER x\r\n"), vec![r("-ERR command not valid in this state\r\n")]);
         let mut long = vec![b'x'; 400];
         long.extend_from_slice(b"\r\nQUIT\r\n");
-        assert_eq!(
-            feed(&mut s, &long),
-            vec![
-                r("-ERR line too long\r\n"),
-                r("-ERR too many errors\r\n"),
-                Action::Close
-            ]
-        );
+        assert_eq!(feed(&mut s, &long), vec![r("-ERR line too long\r\n"), r("-ERR too many errors\r\n"), Action::Close]);
     }
 
     #[test]
@@ -1650,68 +1291,37 @@ mod tests {
         let mut s = logged_in();
         assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(without_user)]);
 
-        let mut s = connected(SessionConfig {
-            allow_plaintext_auth: false,
-            ..config()
-        });
+        let mut s = connected(SessionConfig { allow_plaintext_auth: false, ..config() });
         assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(without_user)]);
     }
 
     #[test]
     fn plaintext_disallowed() {
-        let mut s = connected(SessionConfig {
-            allow_plaintext_auth: false,
-            ..config()
-        });
+        let mut s = connected(SessionConfig { allow_plaintext_auth: false, ..config() });
         let refused = r("-ERR [AUTH] Plaintext authentication disallowed without TLS\r\n");
         assert_eq!(feed(&mut s, b"USER alice\r\n"), vec![refused.clone()]);
         assert_eq!(feed(&mut s, b"PASS secret\r\n"), vec![refused]);
-        assert_eq!(
-            feed(&mut s, b"QUIT\r\n"),
-            vec![r("+OK mail.example.test signing off\r\n"), Action::Close]
-        );
+        assert_eq!(feed(&mut s, b"QUIT\r\n"), vec![r("+OK mail.example.test signing off\r\n"), Action::Close]);
     }
 
     #[test]
     fn quit_in_authorization_has_no_update() {
         let mut s = connected(config());
-        assert_eq!(
-            feed(&mut s, b"USER a\r\nQUIT\r\nNOOP\r\n"),
-            vec![
-                r("+OK\r\n"),
-                r("+OK mail.example.test signing off\r\n"),
-                Action::Close
-            ]
-        );
+        assert_eq!(feed(&mut s, b"USER a\r\nQUIT\r\nNOOP\r\n"), vec![r("+OK\r\n"), r("+OK mail.example.test signing off\r\n"), Action::Close]);
         assert!(s.is_closed());
     }
 
     #[test]
     fn wrong_state_commands() {
         let mut s = connected(config());
-        for cmd in [
-            "STAT", "LIST", "RETR 1", "DELE 1", "RSET", "TOP 1 1", "UIDL", "NOOP",
-        ] {
+        for cmd in ["STAT", "LIST", "RETR 1", "DELE 1", "RSET", "TOP 1 1", "UIDL", "NOOP"] {
             let line = format!("{cmd}\r\n");
-            assert_eq!(
-                feed(&mut s, line.as_bytes()),
-                vec![r("-ERR command not valid in this state\r\n")],
-                "{cmd}"
-            );
+            assert_eq!(feed(&mut s, line.as_bytes()), vec![r("-ERR command not valid in this state\r\n")], "{cmd}");
         }
-        assert_eq!(
-            feed(&mut s, b"APOP a b\r\n"),
-            vec![r("-ERR unknown command\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"APOP a b\r\n"), vec![r("-ERR unknown command\r\n")]);
         let mut s = logged_in();
-        assert_eq!(
-            feed(&mut s, b"USER bob\r\n"),
-            vec![r("-ERR command not valid in this state\r\n")]
-        );
-        assert_eq!(
-            feed(&mut s, b"PASS pw\r\n"),
-            vec![r("-ERR command not valid in this state\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"USER bob\r\n"), vec![r("-ERR command not valid in this state\r\n")]);
+        assert_eq!(feed(&mut s, b"PASS pw\r\n"), vec![r("-ERR command not valid in this state\r\n")]);
         assert_eq!(s.user(), Some("alice"));
     }
 
@@ -1741,35 +1351,17 @@ mod tests {
         }
         assert!(closed);
         assert!(s.is_closed());
-        assert!(
-            s.handle(Event::LoginDone(LoginOutcome::BadCredentials))
-                .is_empty()
-        );
+        assert!(s.handle(Event::LoginDone(LoginOutcome::BadCredentials)).is_empty());
     }
 
     #[test]
     fn uidl_is_sanitized() {
         let mut s = connected(config());
         feed(&mut s, b"USER a\r\nPASS b\r\n");
-        let messages = vec![
-            MaildropMessage {
-                id: 7,
-                size: 1,
-                uidl: "ab c\r\n.d".into(),
-            },
-            MaildropMessage {
-                id: 8,
-                size: 2,
-                uidl: " \u{e9}".into(),
-            },
-        ];
+        let messages =
+            vec![MaildropMessage { id: 7, size: 1, uidl: "ab c\r\n.d".into() }, MaildropMessage { id: 8, size: 2, uidl: " \u{e9}".into() }];
         s.handle(Event::LoginDone(LoginOutcome::Ok { messages }));
-        assert_eq!(
-            feed(&mut s, b"UIDL\r\n"),
-            vec![r(
-                "+OK unique-id listing follows\r\n1 abc.d\r\n2 8\r\n.\r\n"
-            )]
-        );
+        assert_eq!(feed(&mut s, b"UIDL\r\n"), vec![r("+OK unique-id listing follows\r\n1 abc.d\r\n2 8\r\n.\r\n")]);
     }
 
     #[test]
@@ -1782,17 +1374,11 @@ mod tests {
     // ----- STLS and AUTH PLAIN -----
 
     fn stls_config() -> SessionConfig {
-        SessionConfig {
-            allow_plaintext_auth: false,
-            stls_available: true,
-            ..config()
-        }
+        SessionConfig { allow_plaintext_auth: false, stls_available: true, ..config() }
     }
 
     fn capa_text(extra: &[&str]) -> String {
-        let mut t = String::from(
-            "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n",
-        );
+        let mut t = String::from("+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n");
         for line in extra {
             t.push_str(line);
             t.push_str("\r\n");
@@ -1806,11 +1392,7 @@ mod tests {
         const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::new();
         for chunk in data.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
+            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for i in 0..4 {
                 if i <= chunk.len() {
@@ -1825,10 +1407,7 @@ mod tests {
 
     /// Runs STLS to completion and checks the session is fresh and encrypted.
     fn upgrade(s: &mut Session) {
-        assert_eq!(
-            feed(s, b"STLS\r\n"),
-            vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]
-        );
+        assert_eq!(feed(s, b"STLS\r\n"), vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]);
         assert!(s.is_waiting());
         assert!(s.handle(Event::TlsUp).is_empty());
         assert!(!s.is_waiting());
@@ -1840,10 +1419,7 @@ mod tests {
         let mut s = connected(stls_config());
         assert!(!s.tls_active());
         assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(&capa_text(&["STLS"]))]);
-        assert_eq!(
-            feed(&mut s, b"stls\r\n"),
-            vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]
-        );
+        assert_eq!(feed(&mut s, b"stls\r\n"), vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]);
         assert!(s.is_waiting());
         // Nothing is answered (or kept) before the handshake completes.
         assert!(feed(&mut s, b"CAPA\r\n").is_empty());
@@ -1852,22 +1428,14 @@ mod tests {
         let mut s = connected(stls_config());
         upgrade(&mut s);
         // No second greeting; the CAPA sent during the handshake was dropped.
-        assert_eq!(
-            feed(&mut s, b"CAPA\r\n"),
-            vec![r(&capa_text(&["USER", "SASL PLAIN"]))]
-        );
+        assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(&capa_text(&["USER", "SASL PLAIN"]))]);
         let not_again = r("-ERR Command not permitted when TLS active\r\n");
         assert_eq!(feed(&mut s, b"STLS\r\n"), vec![not_again]);
         // A second TlsUp is not asked for: ignored.
         assert!(s.handle(Event::TlsUp).is_empty());
         feed(&mut s, b"USER alice\r\n");
-        assert_eq!(
-            feed(&mut s, b"PASS secret\r\n"),
-            vec![login_action("alice", "secret")]
-        );
-        s.handle(Event::LoginDone(LoginOutcome::Ok {
-            messages: messages(),
-        }));
+        assert_eq!(feed(&mut s, b"PASS secret\r\n"), vec![login_action("alice", "secret")]);
+        s.handle(Event::LoginDone(LoginOutcome::Ok { messages: messages() }));
         // TRANSACTION: neither STLS nor USER/SASL advertised, both refused.
         assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(&capa_text(&[]))]);
         let wrong = r("-ERR command not valid in this state\r\n");
@@ -1877,19 +1445,11 @@ mod tests {
 
     #[test]
     fn stls_in_transaction_is_wrong_state() {
-        let mut s = connected(SessionConfig {
-            allow_plaintext_auth: true,
-            ..stls_config()
-        });
+        let mut s = connected(SessionConfig { allow_plaintext_auth: true, ..stls_config() });
         feed(&mut s, b"USER alice\r\nPASS secret\r\n");
-        s.handle(Event::LoginDone(LoginOutcome::Ok {
-            messages: messages(),
-        }));
+        s.handle(Event::LoginDone(LoginOutcome::Ok { messages: messages() }));
         assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(&capa_text(&[]))]);
-        assert_eq!(
-            feed(&mut s, b"STLS\r\n"),
-            vec![r("-ERR command not valid in this state\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"STLS\r\n"), vec![r("-ERR command not valid in this state\r\n")]);
         assert!(!s.tls_active());
         assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 3 620\r\n")]);
     }
@@ -1897,23 +1457,14 @@ mod tests {
     #[test]
     fn stls_discards_pipelined_plaintext() {
         // Plaintext auth allowed, so the smuggled lines would succeed if run.
-        let cfg = SessionConfig {
-            allow_plaintext_auth: true,
-            ..stls_config()
-        };
+        let cfg = SessionConfig { allow_plaintext_auth: true, ..stls_config() };
         let mut s = connected(cfg.clone());
-        assert_eq!(
-            feed(&mut s, b"STLS\r\nUSER evil\r\nPASS x\r\n"),
-            vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]
-        );
+        assert_eq!(feed(&mut s, b"STLS\r\nUSER evil\r\nPASS x\r\n"), vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]);
         assert!(s.input.is_empty());
         assert!(feed(&mut s, b"PASS y\r\n").is_empty());
         assert!(s.handle(Event::TlsUp).is_empty());
         assert!(s.input.is_empty());
-        assert_eq!(
-            feed(&mut s, b"PASS x\r\n"),
-            vec![r("-ERR PASS must directly follow USER\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"PASS x\r\n"), vec![r("-ERR PASS must directly follow USER\r\n")]);
 
         // The same, byte by byte and in odd splits: no Login ever appears.
         let script: &[u8] = b"STLS\r\nUSER evil\r\nPASS x\r\nAUTH PLAIN AGV2aWwAeA==\r\n";
@@ -1923,34 +1474,17 @@ mod tests {
             for piece in script.chunks(chunk) {
                 all.extend(feed(&mut s, piece));
             }
-            assert_eq!(
-                all,
-                vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls],
-                "chunk {chunk}"
-            );
+            assert_eq!(all, vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls], "chunk {chunk}");
             assert!(s.handle(Event::TlsUp).is_empty());
-            assert!(
-                feed(&mut s, b"\r\n").len() == 1,
-                "only the empty line is answered"
-            );
+            assert!(feed(&mut s, b"\r\n").len() == 1, "only the empty line is answered");
             assert_eq!(s.user(), None);
         }
 
         // A USER accepted before STLS is forgotten.
         let mut s = connected(cfg);
-        assert_eq!(
-            feed(&mut s, b"USER alice\r\nSTLS\r\n"),
-            vec![
-                r("+OK\r\n"),
-                r("+OK Begin TLS negotiation\r\n"),
-                Action::StartTls
-            ]
-        );
+        assert_eq!(feed(&mut s, b"USER alice\r\nSTLS\r\n"), vec![r("+OK\r\n"), r("+OK Begin TLS negotiation\r\n"), Action::StartTls]);
         s.handle(Event::TlsUp);
-        assert_eq!(
-            feed(&mut s, b"PASS secret\r\n"),
-            vec![r("-ERR PASS must directly follow USER\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"PASS secret\r\n"), vec![r("-ERR PASS must directly follow USER\r\n")]);
     }
 
     #[test]
@@ -1959,105 +1493,52 @@ mod tests {
         let mut s = connected(stls_config());
         let mut bytes = b"STLS\r\n".to_vec();
         bytes.extend_from_slice(&[b'x'; 400]);
-        assert_eq!(
-            feed(&mut s, &bytes),
-            vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]
-        );
+        assert_eq!(feed(&mut s, &bytes), vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]);
         s.handle(Event::TlsUp);
-        assert_eq!(
-            feed(&mut s, b"CAPA\r\n"),
-            vec![r(&capa_text(&["USER", "SASL PLAIN"]))]
-        );
+        assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(&capa_text(&["USER", "SASL PLAIN"]))]);
     }
 
     #[test]
     fn stls_not_available() {
-        let mut s = connected(SessionConfig {
-            max_errors: 2,
-            ..config()
-        });
-        assert_eq!(
-            feed(&mut s, b"CAPA\r\n"),
-            vec![r(&capa_text(&["USER", "SASL PLAIN"]))]
-        );
-        assert_eq!(
-            feed(&mut s, b"STLS\r\n"),
-            vec![r("-ERR STLS not available\r\n")]
-        );
+        let mut s = connected(SessionConfig { max_errors: 2, ..config() });
+        assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(&capa_text(&["USER", "SASL PLAIN"]))]);
+        assert_eq!(feed(&mut s, b"STLS\r\n"), vec![r("-ERR STLS not available\r\n")]);
         assert!(s.handle(Event::TlsUp).is_empty(), "not asked for");
         assert!(!s.tls_active());
         // Counted as an error.
-        assert_eq!(
-            feed(&mut s, b"STLS\r\n"),
-            vec![
-                r("-ERR STLS not available\r\n"),
-                r("-ERR too many errors\r\n"),
-                Action::Close
-            ]
-        );
+        assert_eq!(feed(&mut s, b"STLS\r\n"), vec![r("-ERR STLS not available\r\n"), r("-ERR too many errors\r\n"), Action::Close]);
 
         // Arguments are a syntax error and do not start TLS.
         let mut s = connected(stls_config());
-        assert_eq!(
-            feed(&mut s, b"STLS now\r\n"),
-            vec![r("-ERR syntax error\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"STLS now\r\n"), vec![r("-ERR syntax error\r\n")]);
         assert!(!s.is_waiting());
         // Trailing spaces are tolerated.
-        assert_eq!(
-            feed(&mut s, b"STLS  \r\n"),
-            vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]
-        );
+        assert_eq!(feed(&mut s, b"STLS  \r\n"), vec![r("+OK Begin TLS negotiation\r\n"), Action::StartTls]);
     }
 
     #[test]
     fn plaintext_refused_until_tls() {
         let mut s = connected(stls_config());
         let use_stls = r("-ERR [AUTH] Authentication requires TLS: use STLS\r\n");
-        for cmd in [
-            &b"USER alice\r\n"[..],
-            b"PASS secret\r\n",
-            b"AUTH\r\n",
-            b"AUTH PLAIN\r\n",
-            b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n",
-            b"AUTH LOGIN\r\n",
-        ] {
+        for cmd in
+            [&b"USER alice\r\n"[..], b"PASS secret\r\n", b"AUTH\r\n", b"AUTH PLAIN\r\n", b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", b"AUTH LOGIN\r\n"]
+        {
             answers(&mut s, cmd, &use_stls);
         }
         upgrade(&mut s);
         assert_eq!(feed(&mut s, b"USER alice\r\n"), vec![r("+OK\r\n")]);
-        assert_eq!(
-            feed(&mut s, b"PASS secret\r\n"),
-            vec![login_action("alice", "secret")]
-        );
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::Ok { messages: vec![] })),
-            vec![r("+OK Logged in, 0 messages (0 octets)\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"PASS secret\r\n"), vec![login_action("alice", "secret")]);
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::Ok { messages: vec![] })), vec![r("+OK Logged in, 0 messages (0 octets)\r\n")]);
         assert_eq!(s.user(), Some("alice"));
 
         // Refusals count as errors, not failed logins; STLS does not reset them.
-        let mut s = connected(SessionConfig {
-            max_errors: 3,
-            max_failed_logins: 1,
-            ..stls_config()
-        });
+        let mut s = connected(SessionConfig { max_errors: 3, max_failed_logins: 1, ..stls_config() });
         assert_eq!(feed(&mut s, b"USER a\r\nPASS b\r\n").len(), 2);
         upgrade(&mut s);
-        assert_eq!(
-            feed(&mut s, b"BOGUS\r\n"),
-            vec![
-                r("-ERR unknown command\r\n"),
-                r("-ERR too many errors\r\n"),
-                Action::Close
-            ]
-        );
+        assert_eq!(feed(&mut s, b"BOGUS\r\n"), vec![r("-ERR unknown command\r\n"), r("-ERR too many errors\r\n"), Action::Close]);
 
         // Without STLS on offer, the RFC 2595 wording.
-        let mut s = connected(SessionConfig {
-            stls_available: false,
-            ..stls_config()
-        });
+        let mut s = connected(SessionConfig { stls_available: false, ..stls_config() });
         let refused = r("-ERR [AUTH] Plaintext authentication disallowed without TLS\r\n");
         assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![refused.clone()]);
         assert_eq!(feed(&mut s, b"AUTH\r\n"), vec![refused]);
@@ -2066,39 +1547,16 @@ mod tests {
 
     #[test]
     fn tls_active_from_start() {
-        let mut s = connected(SessionConfig {
-            allow_plaintext_auth: false,
-            stls_available: false,
-            tls_active: true,
-            ..config()
-        });
+        let mut s = connected(SessionConfig { allow_plaintext_auth: false, stls_available: false, tls_active: true, ..config() });
         assert!(s.tls_active());
-        assert_eq!(
-            feed(&mut s, b"CAPA\r\n"),
-            vec![r(&capa_text(&["USER", "SASL PLAIN"]))]
-        );
-        assert_eq!(
-            feed(&mut s, b"STLS\r\n"),
-            vec![r("-ERR Command not permitted when TLS active\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(&capa_text(&["USER", "SASL PLAIN"]))]);
+        assert_eq!(feed(&mut s, b"STLS\r\n"), vec![r("-ERR Command not permitted when TLS active\r\n")]);
         assert!(s.handle(Event::TlsUp).is_empty());
-        assert_eq!(
-            feed(&mut s, b"USER alice\r\nPASS secret\r\n"),
-            vec![r("+OK\r\n"), login_action("alice", "secret")]
-        );
+        assert_eq!(feed(&mut s, b"USER alice\r\nPASS secret\r\n"), vec![r("+OK\r\n"), login_action("alice", "secret")]);
         // Even a misconfigured stls_available is not offered once encrypted.
-        let mut s = connected(SessionConfig {
-            tls_active: true,
-            ..stls_config()
-        });
-        assert_eq!(
-            feed(&mut s, b"CAPA\r\n"),
-            vec![r(&capa_text(&["USER", "SASL PLAIN"]))]
-        );
-        assert_eq!(
-            feed(&mut s, b"STLS\r\n"),
-            vec![r("-ERR Command not permitted when TLS active\r\n")]
-        );
+        let mut s = connected(SessionConfig { tls_active: true, ..stls_config() });
+        assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(&capa_text(&["USER", "SASL PLAIN"]))]);
+        assert_eq!(feed(&mut s, b"STLS\r\n"), vec![r("-ERR Command not permitted when TLS active\r\n")]);
     }
 
     #[test]
@@ -2106,42 +1564,22 @@ mod tests {
         let mut s = connected(config());
         let ir = b64(b"\0alice\0secret");
         assert_eq!(ir, "AGFsaWNlAHNlY3JldA==");
-        assert_eq!(
-            feed(&mut s, format!("auth plain {ir}\r\n").as_bytes()),
-            vec![login_action("alice", "secret")]
-        );
+        assert_eq!(feed(&mut s, format!("auth plain {ir}\r\n").as_bytes()), vec![login_action("alice", "secret")]);
         assert!(s.is_waiting());
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::Ok {
-                messages: messages()
-            })),
-            vec![r("+OK Logged in, 3 messages (620 octets)\r\n")]
-        );
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::Ok { messages: messages() })), vec![r("+OK Logged in, 3 messages (620 octets)\r\n")]);
         assert_eq!(s.user(), Some("alice"));
         assert_eq!(feed(&mut s, b"STAT\r\n"), vec![r("+OK 3 620\r\n")]);
 
         // authzid equal to authcid; password with spaces and UTF-8.
         let mut s = connected(config());
         let ir = b64("bob\0bob\0p \u{e4}ss word".as_bytes());
-        assert_eq!(
-            feed(&mut s, format!("AUTH PLAIN {ir}\r\n").as_bytes()),
-            vec![login_action("bob", "p \u{e4}ss word")]
-        );
+        assert_eq!(feed(&mut s, format!("AUTH PLAIN {ir}\r\n").as_bytes()), vec![login_action("bob", "p \u{e4}ss word")]);
         // Results are answered as for PASS.
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::InUse)),
-            vec![r("-ERR [IN-USE] Mailbox is locked by another session\r\n")]
-        );
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::InUse)), vec![r("-ERR [IN-USE] Mailbox is locked by another session\r\n")]);
         feed(&mut s, format!("AUTH PLAIN {ir}\r\n").as_bytes());
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::TempFail)),
-            vec![r("-ERR [SYS/TEMP] Temporary failure, try again later\r\n")]
-        );
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::TempFail)), vec![r("-ERR [SYS/TEMP] Temporary failure, try again later\r\n")]);
         feed(&mut s, format!("AUTH PLAIN {ir}\r\n").as_bytes());
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::BadCredentials)),
-            vec![r("-ERR [AUTH] Invalid user name or password\r\n")]
-        );
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::BadCredentials)), vec![r("-ERR [AUTH] Invalid user name or password\r\n")]);
         assert_eq!(s.user(), None);
     }
 
@@ -2150,79 +1588,39 @@ mod tests {
         let mut s = connected(config());
         assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![r("+ \r\n")]);
         assert!(!s.is_waiting());
-        assert_eq!(
-            feed(&mut s, b"AGFsaWNlAHNlY3JldA==\r\n"),
-            vec![login_action("alice", "secret")]
-        );
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::BadCredentials)),
-            vec![r("-ERR [AUTH] Invalid user name or password\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"AGFsaWNlAHNlY3JldA==\r\n"), vec![login_action("alice", "secret")]);
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::BadCredentials)), vec![r("-ERR [AUTH] Invalid user name or password\r\n")]);
 
         // Pipelined: AUTH, its response, then TRANSACTION commands.
-        let out = feed(
-            &mut s,
-            b"AUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nSTAT\r\nQUIT\r\n",
-        );
+        let out = feed(&mut s, b"AUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nSTAT\r\nQUIT\r\n");
         assert_eq!(out, vec![r("+ \r\n"), login_action("alice", "secret")]);
         assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::Ok {
-                messages: messages()
-            })),
-            vec![
-                r("+OK Logged in, 3 messages (620 octets)\r\n"),
-                r("+OK 3 620\r\n"),
-                Action::Update { deleted: vec![] },
-            ]
+            s.handle(Event::LoginDone(LoginOutcome::Ok { messages: messages() })),
+            vec![r("+OK Logged in, 3 messages (620 octets)\r\n"), r("+OK 3 620\r\n"), Action::Update { deleted: vec![] },]
         );
 
         // Failed AUTH logins count towards the failed-login limit.
-        let mut s = connected(SessionConfig {
-            max_failed_logins: 2,
-            ..config()
-        });
+        let mut s = connected(SessionConfig { max_failed_logins: 2, ..config() });
         feed(&mut s, b"AUTH PLAIN AGEAYg==\r\n");
         s.handle(Event::LoginDone(LoginOutcome::BadCredentials));
         feed(&mut s, b"AUTH PLAIN\r\nAGEAYg==\r\n");
-        assert_eq!(
-            s.handle(Event::LoginDone(LoginOutcome::BadCredentials)),
-            vec![
-                r("-ERR [AUTH] Invalid user name or password\r\n"),
-                Action::Close
-            ]
-        );
+        assert_eq!(s.handle(Event::LoginDone(LoginOutcome::BadCredentials)), vec![r("-ERR [AUTH] Invalid user name or password\r\n"), Action::Close]);
     }
 
     #[test]
     fn auth_cancel() {
-        let mut s = connected(SessionConfig {
-            max_errors: 1,
-            ..config()
-        });
+        let mut s = connected(SessionConfig { max_errors: 1, ..config() });
         for _ in 0..5 {
-            assert_eq!(
-                feed(&mut s, b"AUTH PLAIN\r\n*\r\n"),
-                vec![r("+ \r\n"), r("-ERR Authentication cancelled\r\n")]
-            );
+            assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n*\r\n"), vec![r("+ \r\n"), r("-ERR Authentication cancelled\r\n")]);
         }
         // Back in AUTHORIZATION; "*" as a command is just unknown.
         assert!(text(&feed(&mut s, b"CAPA\r\n")).starts_with("+OK Capability"));
         assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![r("+ \r\n")]);
-        assert_eq!(
-            feed(&mut s, b" * \r\n"),
-            vec![r("-ERR Authentication cancelled\r\n")]
-        );
+        assert_eq!(feed(&mut s, b" * \r\n"), vec![r("-ERR Authentication cancelled\r\n")]);
         assert!(!s.is_closed());
         // A pending USER is consumed by AUTH.
         feed(&mut s, b"USER alice\r\nAUTH PLAIN\r\n*\r\n");
-        assert_eq!(
-            feed(&mut s, b"PASS x\r\n"),
-            vec![
-                r("-ERR PASS must directly follow USER\r\n"),
-                r("-ERR too many errors\r\n"),
-                Action::Close
-            ]
-        );
+        assert_eq!(feed(&mut s, b"PASS x\r\n"), vec![r("-ERR PASS must directly follow USER\r\n"), r("-ERR too many errors\r\n"), Action::Close]);
     }
 
     #[test]
@@ -2238,35 +1636,26 @@ mod tests {
             (b"AUTH PLAIN AGF=\r\n", &bad),             // non-zero unused bits
             (b"AUTH PLAIN ====\r\n", &bad),
             (b"AUTH PLAIN *\r\n", &bad),
-            (b"AUTH PLAIN =\r\n", &malformed), // empty
+            (b"AUTH PLAIN =\r\n", &malformed),                // empty
             (b"AUTH PLAIN YWxpY2UAc2VjcmV0\r\n", &malformed), // one NUL
-            (b"AUTH PLAIN AABwdw==\r\n", &malformed), // empty authcid
-            (b"AUTH PLAIN AGFsaWNlAA==\r\n", &malformed), // empty password
-            (b"AUTH PLAIN AGEAYgBj\r\n", &malformed), // three NULs
+            (b"AUTH PLAIN AABwdw==\r\n", &malformed),         // empty authcid
+            (b"AUTH PLAIN AGFsaWNlAA==\r\n", &malformed),     // empty password
+            (b"AUTH PLAIN AGEAYgBj\r\n", &malformed),         // three NULs
         ];
         for (cmd, want) in cases {
             answers(&mut s, cmd, want);
         }
         assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![r("+ \r\n")]);
-        assert_eq!(
-            feed(&mut s, b"AGFsa WNlAHNlY3JldA==\r\n"),
-            vec![bad.clone()]
-        );
+        assert_eq!(feed(&mut s, b"AGFsa WNlAHNlY3JldA==\r\n"), vec![bad.clone()]);
         assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![r("+ \r\n")]);
         assert_eq!(feed(&mut s, b"\r\n"), vec![malformed.clone()]);
         // Non-UTF-8 credentials are malformed (RFC 4616 names are UTF-8): no Login.
         let ir = b64(b"\0\xff\0pw");
         assert_eq!(feed(&mut s, format!("AUTH PLAIN {ir}\r\n").as_bytes()), vec![malformed.clone()]);
         // Those errors count towards max_errors.
-        let mut s = connected(SessionConfig {
-            max_errors: 2,
-            ..config()
-        });
+        let mut s = connected(SessionConfig { max_errors: 2, ..config() });
         feed(&mut s, b"AUTH PLAIN !!!!\r\n");
-        assert_eq!(
-            feed(&mut s, b"AUTH PLAIN =\r\n"),
-            vec![malformed, r("-ERR too many errors\r\n"), Action::Close]
-        );
+        assert_eq!(feed(&mut s, b"AUTH PLAIN =\r\n"), vec![malformed, r("-ERR too many errors\r\n"), Action::Close]);
     }
 
     #[test]
@@ -2277,10 +1666,7 @@ mod tests {
         let cmd = format!("AUTH PLAIN {ir}\r\n");
         assert_eq!(feed(&mut s, cmd.as_bytes()), vec![denied.clone()]);
         assert_eq!(feed(&mut s, b"AUTH PLAIN\r\n"), vec![r("+ \r\n")]);
-        assert_eq!(
-            feed(&mut s, format!("{ir}\r\n").as_bytes()),
-            vec![denied.clone()]
-        );
+        assert_eq!(feed(&mut s, format!("{ir}\r\n").as_bytes()), vec![denied.clone()]);
         // Third failed login (max 3) closes.
         assert_eq!(feed(&mut s, cmd.as_bytes()), vec![denied, Action::Close]);
         assert_eq!(s.user(), None);
@@ -2293,10 +1679,7 @@ mod tests {
         let unsupported = r("-ERR [AUTH] Unsupported authentication mechanism\r\n");
         assert_eq!(feed(&mut s, b"AUTH LOGIN\r\n"), vec![unsupported.clone()]);
         assert_eq!(feed(&mut s, b"AUTH CRAM-MD5 abc\r\n"), vec![unsupported]);
-        assert_eq!(
-            feed(&mut s, b"AUTH PLAIN AGEAYg== extra\r\n"),
-            vec![r("-ERR syntax error\r\n")]
-        );
+        assert_eq!(feed(&mut s, b"AUTH PLAIN AGEAYg== extra\r\n"), vec![r("-ERR syntax error\r\n")]);
         assert_eq!(feed(&mut s, b"AUTH  Plain  \r\n"), vec![r("+ \r\n")]);
     }
 
@@ -2320,13 +1703,7 @@ mod tests {
         assert!(feed(&mut s, a).is_empty());
         let out = feed(&mut s, b);
         password.truncate(9213 - prefix.len());
-        assert_eq!(
-            out,
-            vec![login_action(
-                "alice",
-                std::str::from_utf8(&password).unwrap()
-            )]
-        );
+        assert_eq!(out, vec![login_action("alice", std::str::from_utf8(&password).unwrap())]);
 
         // One octet more: line too long, the exchange is aborted.
         let mut s = connected(config());
@@ -2341,16 +1718,10 @@ mod tests {
         let mut s = connected(config());
         feed(&mut s, b"AUTH PLAIN\r\n");
         assert!(feed(&mut s, &[b'A'; 12_000]).is_empty());
-        assert_eq!(
-            feed(&mut s, &[b'A'; 1_000]),
-            vec![r("-ERR line too long\r\n")]
-        );
+        assert_eq!(feed(&mut s, &[b'A'; 1_000]), vec![r("-ERR line too long\r\n")]);
         assert!(feed(&mut s, &[b'A'; 20_000]).is_empty());
         assert!(s.input.is_empty());
-        assert_eq!(
-            feed(&mut s, b"\r\nAUTH PLAIN AGEAYg==\r\n"),
-            vec![login_action("a", "b")]
-        );
+        assert_eq!(feed(&mut s, b"\r\nAUTH PLAIN AGEAYg==\r\n"), vec![login_action("a", "b")]);
 
         // Outside a SASL exchange the limit is still 255, AUTH line included.
         let mut s = connected(config());
@@ -2436,9 +1807,7 @@ mod tests {
                     }
                     0 => {
                         let outcome = match next() % 4 {
-                            0 => LoginOutcome::Ok {
-                                messages: messages(),
-                            },
+                            0 => LoginOutcome::Ok { messages: messages() },
                             1 => LoginOutcome::BadCredentials,
                             2 => LoginOutcome::InUse,
                             _ => LoginOutcome::TempFail,

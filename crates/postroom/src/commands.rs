@@ -3,10 +3,10 @@
 
 use std::io::BufRead;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use directory::admin::{Admin, UserInfo};
 use directory::LocalDomains;
+use directory::admin::{Admin, UserInfo};
 use store::{Store, StoreOptions};
 
 use postroom::config::{Config, ConfigError};
@@ -332,7 +332,11 @@ pub fn config(cmd: ConfigCommand, loaded: Result<Config, ConfigError>) -> anyhow
                 if cert.exists() {
                     eprintln!("note: no [tls] cert configured: using the self-signed certificate {}", cert.display());
                 } else {
-                    eprintln!("note: no [tls] cert configured: a self-signed certificate for {} will be generated into {} on first start", config.hostname, cert.display());
+                    eprintln!(
+                        "note: no [tls] cert configured: a self-signed certificate for {} will be generated into {} on first start",
+                        config.hostname,
+                        cert.display()
+                    );
                 }
             }
             print!("{}", config.effective_toml());

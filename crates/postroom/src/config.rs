@@ -21,8 +21,7 @@ pub const DEFAULT_ORIGIN: &str = "(built-in default)";
 
 /// Keys whose feature is not built yet: `warnings` notes each one set to a non-default value.
 /// `section.*` covers a whole section. Delete an entry when its feature lands.
-pub const NOT_YET: &[&str] = &[
-];
+pub const NOT_YET: &[&str] = &[];
 
 /// The whole configuration. Field names are the TOML keys; `etc/postroom.toml` documents each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -395,12 +394,7 @@ impl Default for SmtpConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        TlsConfig {
-            cert: PathBuf::new(),
-            key: PathBuf::new(),
-            allow_plaintext_auth: PlaintextAuth::Loopback,
-            handshake_timeout_secs: 30,
-        }
+        TlsConfig { cert: PathBuf::new(), key: PathBuf::new(), allow_plaintext_auth: PlaintextAuth::Loopback, handshake_timeout_secs: 30 }
     }
 }
 
@@ -475,8 +469,7 @@ impl Config {
     /// A wrong type or an unknown key is refused with toml's message, which shows the key's line.
     /// Domain names are lowercased and lose a trailing dot. Does not validate.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::one(origin, e.to_string().trim_end().to_owned()))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::one(origin, e.to_string().trim_end().to_owned()))?;
         config.origin = origin.to_owned();
         for d in config.domains.iter_mut().chain(&mut config.delivery.etrn_domains) {
             *d = normalize_domain(d);
@@ -493,8 +486,7 @@ impl Config {
         let mut config = match path {
             Some(path) => {
                 let origin = path.display().to_string();
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError::one(&origin, format!("cannot read: {e}")))?;
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::one(&origin, format!("cannot read: {e}")))?;
                 Config::parse(&text, &origin)?
             }
             None => Config::parse(DEFAULT_TOML, DEFAULT_ORIGIN)?,
@@ -564,14 +556,8 @@ impl Config {
         for (key, value) in at_least_one {
             need(value >= 1, key, &value, "must be at least 1");
         }
-        for (section, max, per_ip) in [
-            ("smtp", smtp.max_sessions, smtp.max_sessions_per_ip),
-            ("pop3", pop3.max_sessions, pop3.max_sessions_per_ip),
-        ] {
-            let (key, rule) = (
-                format!("{section}.max_sessions_per_ip"),
-                format!("must be 1..{section}.max_sessions ({max})"),
-            );
+        for (section, max, per_ip) in [("smtp", smtp.max_sessions, smtp.max_sessions_per_ip), ("pop3", pop3.max_sessions, pop3.max_sessions_per_ip)] {
+            let (key, rule) = (format!("{section}.max_sessions_per_ip"), format!("must be 1..{section}.max_sessions ({max})"));
             need((1..=max.max(1)).contains(&per_ip), &key, &per_ip, &rule);
         }
         let size = smtp.max_message_size;
@@ -618,8 +604,7 @@ impl Config {
     /// Legal but risky settings, and keys (see `NOT_YET`) that have no effect yet, for `config check`.
     pub fn warnings(&self) -> Vec<String> {
         let (smtp, pop3, relay) = (&self.smtp, &self.pop3, &self.relay);
-        let (rcpts, command, idle) =
-            (smtp.max_recipients, smtp.command_timeout_secs, pop3.inactivity_timeout_secs);
+        let (rcpts, command, idle) = (smtp.max_recipients, smtp.command_timeout_secs, pop3.inactivity_timeout_secs);
         let risky = [
             (
                 relay.mode == RelayMode::All,
@@ -635,24 +620,14 @@ impl Config {
                     .to_owned(),
             ),
             (rcpts < 100, format!("smtp.max_recipients = {rcpts}: RFC 5321 §4.5.3.1.8 asks for 100 or more")),
-            (
-                command < 300,
-                format!("smtp.command_timeout_secs = {command}: RFC 5321 §4.5.3.2.7 asks for at least 300"),
-            ),
+            (command < 300, format!("smtp.command_timeout_secs = {command}: RFC 5321 §4.5.3.2.7 asks for at least 300")),
             (idle < 600, format!("pop3.inactivity_timeout_secs = {idle}: RFC 1939 §3 asks for at least 600")),
-            (
-                smtp.percent_routing,
-                "smtp.percent_routing = true relays user%remote@local, a classic relay trick (SPEC R7)"
-                    .into(),
-            ),
+            (smtp.percent_routing, "smtp.percent_routing = true relays user%remote@local, a classic relay trick (SPEC R7)".into()),
             (
                 relay.override_reject_connect && relay.pop_minutes == 0,
                 "relay.override_reject_connect = true does nothing while relay.pop_minutes = 0".into(),
             ),
-            (
-                !self.hostname.contains('.'),
-                format!("hostname = {:?} is not fully qualified; servers may refuse its EHLO", self.hostname),
-            ),
+            (!self.hostname.contains('.'), format!("hostname = {:?} is not fully qualified; servers may refuse its EHLO", self.hostname)),
             (
                 pop3.socket_layer == SocketLayer::Secure && !pop3.listen.is_empty(),
                 "pop3.listen is unused: pop3.socket_layer = \"secure\" runs only pop3.tls_listen".into(),
@@ -662,16 +637,13 @@ impl Config {
                 "pop3.tls_listen is unused: pop3.socket_layer = \"nonsecure\" runs only pop3.listen".into(),
             ),
         ];
-        let mut warnings: Vec<String> =
-            risky.into_iter().filter_map(|(bad, text)| bad.then_some(text)).collect();
+        let mut warnings: Vec<String> = risky.into_iter().filter_map(|(bad, text)| bad.then_some(text)).collect();
 
         let defaults = Config::default().key_values();
         for (key, value) in self.key_values() {
-            let not_yet =
-                NOT_YET.iter().any(|p| p.strip_suffix('*').map_or(*p == key, |s| key.starts_with(s)));
+            let not_yet = NOT_YET.iter().any(|p| p.strip_suffix('*').map_or(*p == key, |s| key.starts_with(s)));
             if not_yet && defaults.get(&key) != Some(&value) {
-                warnings
-                    .push(format!("{key} = {value} has no effect yet: this version does not implement it"));
+                warnings.push(format!("{key} = {value} has no effect yet: this version does not implement it"));
             }
         }
         warnings
@@ -691,10 +663,7 @@ impl Config {
             ("pop3", "pop3.listen", &self.pop3.listen),
             ("pop3s", "pop3.tls_listen", &self.pop3.tls_listen),
         ];
-        lists
-            .into_iter()
-            .flat_map(|(name, key, addrs)| addrs.iter().map(move |&addr| Listener { name, key, addr }))
-            .collect()
+        lists.into_iter().flat_map(|(name, key, addrs)| addrs.iter().map(move |&addr| Listener { name, key, addr })).collect()
     }
 
     /// "section.key" → value, for comparing against the defaults.
@@ -705,9 +674,7 @@ impl Config {
         };
         for (key, value) in top {
             match value {
-                toml::Value::Table(section) => {
-                    out.extend(section.into_iter().map(|(k, v)| (format!("{key}.{k}"), v)))
-                }
+                toml::Value::Table(section) => out.extend(section.into_iter().map(|(k, v)| (format!("{key}.{k}"), v))),
                 value => {
                     out.insert(key, value);
                 }
@@ -724,21 +691,16 @@ fn normalize_domain(domain: &str) -> String {
 /// RFC 1035 §2.3.1 / RFC 1123 §2.1 host names, ASCII only (IDNs are written as xn-- labels).
 fn is_domain_name(name: &str) -> bool {
     let label_ok = |l: &str| {
-        (1..=63).contains(&l.len())
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
+        (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-') && !l.ends_with('-')
     };
     (1..=253).contains(&name.len()) && name.split('.').all(label_ok)
 }
 
 /// local@domain with a plain local part (no spaces, controls or second @).
 fn is_address(address: &str) -> bool {
-    address.split_once('@').is_some_and(|(local, domain)| {
-        !local.is_empty()
-            && local.bytes().all(|b| b.is_ascii_graphic() && b != b'@')
-            && is_domain_name(domain)
-    })
+    address
+        .split_once('@')
+        .is_some_and(|(local, domain)| !local.is_empty() && local.bytes().all(|b| b.is_ascii_graphic() && b != b'@') && is_domain_name(domain))
 }
 
 /// "host", "host:port", "ip", "ip:port" or "[ipv6]:port", with a port of 1..65535.
@@ -755,11 +717,8 @@ fn is_host_port(s: &str) -> bool {
 
 /// `level` or `target=level` directives, comma-separated (a subset of tracing's EnvFilter syntax).
 fn is_log_filter(filter: &str) -> bool {
-    let level = |l: &str| {
-        ["off", "error", "warn", "info", "debug", "trace"].iter().any(|v| v.eq_ignore_ascii_case(l))
-    };
-    let target =
-        |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_:-".contains(&b));
+    let level = |l: &str| ["off", "error", "warn", "info", "debug", "trace"].iter().any(|v| v.eq_ignore_ascii_case(l));
+    let target = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_:-".contains(&b));
     filter.split(',').map(str::trim).all(|d| match d.split_once('=') {
         Some((t, l)) => target(t) && level(l),
         None => level(d),
@@ -770,9 +729,7 @@ fn is_log_filter(filter: &str) -> bool {
 /// by default, so it covers IPv4 addresses too.
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     let covers = |wild: IpAddr, other: IpAddr| wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4());
-    a.port() != 0
-        && a.port() == b.port()
-        && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
 }
 
 #[cfg(test)]
@@ -820,10 +777,7 @@ mod tests {
         ] {
             let e = Config::parse(text, "my.toml").unwrap_err().to_string();
             assert!(e.starts_with("my.toml: "), "{e}");
-            assert!(
-                e.contains(&format!("unknown field `{key}`")) && e.contains(&format!("line {line}")),
-                "{e}"
-            );
+            assert!(e.contains(&format!("unknown field `{key}`")) && e.contains(&format!("line {line}")), "{e}");
         }
     }
 
@@ -891,11 +845,7 @@ mod tests {
             let (section, name) = key.split_once('.').unwrap();
             refused(&format!("{section} = {{ {name} = 0 }}"), key, "at least 1");
         }
-        refused(
-            "smtp = { max_sessions_per_ip = 0 }",
-            "smtp.max_sessions_per_ip",
-            "1..smtp.max_sessions (200)",
-        );
+        refused("smtp = { max_sessions_per_ip = 0 }", "smtp.max_sessions_per_ip", "1..smtp.max_sessions (200)");
         refused("smtp = { max_sessions = 10, max_sessions_per_ip = 11 }", "smtp.max_sessions_per_ip", "(10)");
         refused("pop3 = { max_sessions_per_ip = 201 }", "pop3.max_sessions_per_ip", "1..pop3.max_sessions");
         refused("storage = { body_chunk_kib = 65537 }", "storage.body_chunk_kib", "65536");
@@ -906,26 +856,14 @@ mod tests {
         refused(r#"delivery = { mail_router = "relay.test:0" }"#, "delivery.mail_router", "host[:port]");
         refused(r#"delivery = { mail_router = "bad host" }"#, "delivery.mail_router", "host[:port]");
         refused(r#"delivery = { bind_address = "eth0" }"#, "delivery.bind_address", "IP address");
-        refused(
-            r#"delivery = { host_table = { "mx.test" = "nowhere" } }"#,
-            "delivery.host_table",
-            "IP address",
-        );
+        refused(r#"delivery = { host_table = { "mx.test" = "nowhere" } }"#, "delivery.host_table", "IP address");
         refused(r#"delivery = { host_table = { "mx test" = "::1" } }"#, "delivery.host_table", "domain name");
         refused(r#"delivery = { etrn_domains = ["a b"] }"#, "delivery.etrn_domains", "domain name");
         refused(r#"dns = { servers = ["127.0.0.1:0"] }"#, "dns.servers", "port");
         refused(r#"log = { level = "loud" }"#, "log.level", "error, warn");
         refused(r#"log = { level = "info,=debug" }"#, "log.level", "error, warn");
-        refused(
-            r#"pop3 = { listen = ["127.0.0.1:2525"] }"#,
-            "pop3.listen",
-            "taken by smtp.listen = 127.0.0.1:2525",
-        );
-        refused(
-            r#"smtp = { listen = ["[::]:2587"] }"#,
-            "smtp.submission_listen",
-            "taken by smtp.listen = [::]:2587",
-        );
+        refused(r#"pop3 = { listen = ["127.0.0.1:2525"] }"#, "pop3.listen", "taken by smtp.listen = 127.0.0.1:2525");
+        refused(r#"smtp = { listen = ["[::]:2587"] }"#, "smtp.submission_listen", "taken by smtp.listen = [::]:2587");
 
         let silent = "smtp = { listen = [], submission_listen = [], tls_listen = [] }
                       pop3 = { listen = [], tls_listen = [] }";
@@ -986,10 +924,7 @@ mod tests {
         std::fs::write(&file, "data_dir = \"/var/lib/postroom\"\n").unwrap();
 
         let c = Config::load(Some(&file), None).unwrap();
-        assert_eq!(
-            (c.data_dir.to_str(), c.origin.as_str()),
-            (Some("/var/lib/postroom"), file.to_str().unwrap())
-        );
+        assert_eq!((c.data_dir.to_str(), c.origin.as_str()), (Some("/var/lib/postroom"), file.to_str().unwrap()));
         let c = Config::load(Some(&file), Some(Path::new("/srv/mail"))).unwrap();
         assert_eq!(c.data_dir, Path::new("/srv/mail"));
         assert_eq!(Config::load(None, Some(Path::new("here"))).unwrap().data_dir, Path::new("here"));

@@ -171,7 +171,17 @@ fn envelope(q: &Quarantined) -> String {
 /// Text from a message, made safe for a terminal: tabs become blanks, other control
 /// characters (escape sequences, line breaks) '?'.
 fn printable(s: &str) -> String {
-    s.chars().map(|c| if c == '\t' { ' ' } else if c.is_control() { '?' } else { c }).collect()
+    s.chars()
+        .map(|c| {
+            if c == '\t' {
+                ' '
+            } else if c.is_control() {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// A header section for a terminal: line breaks kept, other control characters made '?'.

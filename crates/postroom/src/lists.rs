@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use directory::access::{self, AccessLists, ListKind};
 use directory::into_store;
-use mail_proto::address::{parse_path, PathKind};
-use mail_proto::net::normalise_ip;
 use mail_proto::Address;
+use mail_proto::address::{PathKind, parse_path};
+use mail_proto::net::normalise_ip;
 use smtp_server::policy::ClientFacts;
 use store::Durability;
 
@@ -187,11 +187,10 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<()> {
         let lists = AccessLists::load(c).map_err(into_store)?;
         let mut stmt = c.prepare("SELECT a.address FROM addresses a JOIN users u ON u.id = a.user_id WHERE u.name = ?1")?;
         let owned = stmt.query_map([user.unwrap_or_default()], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
-        let at: Option<i64> =
-            c.query_row("SELECT at FROM pop_logins WHERE ip = ?1", [&ip_text], |r| r.get(0)).map(Some).or_else(|e| match e {
-                store::rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })?;
+        let at: Option<i64> = c.query_row("SELECT at FROM pop_logins WHERE ip = ?1", [&ip_text], |r| r.get(0)).map(Some).or_else(|e| match e {
+            store::rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
         Ok((lists, at, owned))
     })?;
     let now = store::now();

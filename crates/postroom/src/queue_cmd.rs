@@ -31,10 +31,15 @@ pub fn queue(cmd: QueueCommand, config: &Config) -> anyhow::Result<()> {
     let (store, _) = open(config)?;
     let (op, id, done) = match cmd {
         QueueCommand::List => return list(&store.read_blocking(|c| Ok(queue::pending(c)?))?),
-        QueueCommand::Show { id } => return show(&id, &store.read_blocking({
-            let id = id.clone();
-            move |c| Ok(queue::message_recipients(c, &id)?)
-        })?),
+        QueueCommand::Show { id } => {
+            return show(
+                &id,
+                &store.read_blocking({
+                    let id = id.clone();
+                    move |c| Ok(queue::message_recipients(c, &id)?)
+                })?,
+            );
+        }
         QueueCommand::Retry { id } => (Op::Retry, id, "will be attempted now"),
         QueueCommand::Hold { id } => (Op::Hold, id, "held"),
         QueueCommand::Release { id } => (Op::Release, id, "released"),
@@ -60,7 +65,13 @@ fn list(rows: &[QueuedRecipient]) -> anyhow::Result<()> {
     }
     println!("{:<22} {:<8} {:>9} {:<30} {:>8} {:<31} last reply", "id", "state", "size", "recipient", "attempts", "next attempt");
     for r in rows {
-        let next = if r.held { "held".to_string() } else if r.state == "forward" { when(r.next_attempt) } else { "-".into() };
+        let next = if r.held {
+            "held".to_string()
+        } else if r.state == "forward" {
+            when(r.next_attempt)
+        } else {
+            "-".into()
+        };
         println!(
             "{:<22} {:<8} {:>9} {:<30} {:>8} {:<31} {}",
             r.qid,

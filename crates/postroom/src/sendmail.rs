@@ -295,7 +295,19 @@ mod tests {
 
     #[test]
     fn sendmail_flags() {
-        let s = parse(&strings(&["-i", "-oi", "-oem", "-odi", "-B8BITMIME", "-fcron@example.test", "-F", "Cron Daemon", "a@x.test,b@x.test", "c@x.test"])).unwrap();
+        let s = parse(&strings(&[
+            "-i",
+            "-oi",
+            "-oem",
+            "-odi",
+            "-B8BITMIME",
+            "-fcron@example.test",
+            "-F",
+            "Cron Daemon",
+            "a@x.test,b@x.test",
+            "c@x.test",
+        ]))
+        .unwrap();
         assert_eq!(s.from.as_deref(), Some("cron@example.test"));
         assert_eq!(s.full_name.as_deref(), Some("Cron Daemon"));
         assert_eq!(s.recipients, strings(&["a@x.test", "b@x.test", "c@x.test"]));

@@ -4,21 +4,21 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
+use directory::penalty::{LoginLimits, PenaltyBox};
 use directory::{LocalDomains, PasswordPool};
+use mail_framework::heartbeat::Heartbeat;
+use mail_framework::outbound::Schedule;
+use mail_framework::storage::StorageGuard;
 use mail_framework::{Framework, Queue};
 use pop3_server::{Pop3Server, Pop3Settings};
-use directory::penalty::{LoginLimits, PenaltyBox};
-use smtp_server::policy::{self, ListenerAuth, RelayPolicy, VerifyFrom};
-use smtp_server::{ListenerKind, Services, SmtpServer, SmtpSettings};
-use mail_framework::heartbeat::Heartbeat;
-use mail_framework::storage::StorageGuard;
-use mail_framework::outbound::Schedule;
 use smtp_client::conversation::ClientSettings;
 use smtp_client::queue_manager::{OutboundQueue, OutboundSettings};
 use smtp_client::route::RouteSettings;
-use tls::{CertSource, ServerTls};
-use store::{Store, StoreOptions};
+use smtp_server::policy::{self, ListenerAuth, RelayPolicy, VerifyFrom};
+use smtp_server::{ListenerKind, Services, SmtpServer, SmtpSettings};
 use std::net::SocketAddr;
+use store::{Store, StoreOptions};
+use tls::{CertSource, ServerTls};
 use tokio::net::{TcpListener, TcpSocket};
 
 use postroom::config::{AuthMode, Config, HeloVerify, LogFormat, PlaintextAuth, RelayMode, SocketLayer, VerifyFromUser};
@@ -107,13 +107,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     spawn_heap_trim();
     let domains = LocalDomains::new(&config.domains, &config.postmaster);
     let responsible = (!config.delivery.dsn_responsible_person.is_empty()).then(|| config.delivery.dsn_responsible_person.clone());
-    mail_framework::reports::configure(mail_framework::reports::ReportSettings { hostname: config.hostname.clone(), responsible_person: responsible });
+    mail_framework::reports::configure(mail_framework::reports::ReportSettings {
+        hostname: config.hostname.clone(),
+        responsible_person: responsible,
+    });
     mail_framework::outbound::set_etrn_domains(config.delivery.etrn_domains.clone());
     spawn_send_scheduler(&config, store.clone());
     let storage = StorageGuard::default();
     let chain = mail_framework::snapins::builtin(domains.postmaster(), config.storage.filter_max_bytes);
-    let framework =
-        Framework::new(queue.clone(), domains.clone(), &config.hostname).with_snapin_chain(chain).with_storage_guard(storage.clone());
+    let framework = Framework::new(queue.clone(), domains.clone(), &config.hostname).with_snapin_chain(chain).with_storage_guard(storage.clone());
     storage.monitor(store.clone(), config.data_dir.clone(), config.storage.min_free_mb, framework.pipeline_wake()).await;
     let (outbound_wake, pipeline_wake, framework_beat) = (framework.outbound_wake(), framework.pipeline_wake(), framework.heartbeat());
     tokio::spawn(framework.run());
@@ -442,7 +444,7 @@ struct Signals {
 
 impl Signals {
     fn new() -> std::io::Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
     }
 

@@ -388,11 +388,7 @@ impl Session<'_> {
             return Err(SessionError::Rejected { stage: "EHLO", reply: ehlo });
         }
         let helo = self.command("HELO", t.mail, &format!("HELO {}\r\n", self.settings.helo_name)).await?;
-        if helo.code / 100 == 2 {
-            Ok(Capabilities::default())
-        } else {
-            Err(SessionError::Rejected { stage: "HELO", reply: helo })
-        }
+        if helo.code / 100 == 2 { Ok(Capabilities::default()) } else { Err(SessionError::Rejected { stage: "HELO", reply: helo }) }
     }
 
     /// C5: AUTH to a host on the host-authentication list, never in plaintext (the password
@@ -447,7 +443,12 @@ impl Session<'_> {
         }
     }
 
-    async fn transaction<B: BodySource>(&mut self, envelope: &Envelope<'_>, body: &mut B, caps: Capabilities) -> Result<Vec<RcptOutcome>, SessionError> {
+    async fn transaction<B: BodySource>(
+        &mut self,
+        envelope: &Envelope<'_>,
+        body: &mut B,
+        caps: Capabilities,
+    ) -> Result<Vec<RcptOutcome>, SessionError> {
         let t = self.settings.timeouts;
         let mut mail = format!("MAIL FROM:<{}>", envelope.mail_from);
         if caps.size {
@@ -730,11 +731,21 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
@@ -898,26 +909,24 @@ mod tests {
                     let _ = io.write_all(b"221 2.0.0 bye\r\n").await;
                     return;
                 }
-                "STARTTLS" => {
-                    match s.starttls {
-                        StartTls::Refuse => "454 4.7.0 TLS not available\r\n".into(),
-                        StartTls::Break => {
-                            let _ = io.write_all(b"220 2.0.0 go ahead\r\n").await;
-                            let _ = io.write_all(b"this is not TLS at all\r\n\r\n").await;
-                            return;
-                        }
-                        StartTls::Upgrade => {
-                            io.write_all(b"220 2.0.0 go ahead\r\n").await.unwrap();
-                            buf.clear();
-                            match acceptor().accept(io).await {
-                                Ok(stream) => io = Box::new(stream),
-                                Err(_) => return,
-                            }
-                            tls = true;
-                            continue;
-                        }
+                "STARTTLS" => match s.starttls {
+                    StartTls::Refuse => "454 4.7.0 TLS not available\r\n".into(),
+                    StartTls::Break => {
+                        let _ = io.write_all(b"220 2.0.0 go ahead\r\n").await;
+                        let _ = io.write_all(b"this is not TLS at all\r\n\r\n").await;
+                        return;
                     }
-                }
+                    StartTls::Upgrade => {
+                        io.write_all(b"220 2.0.0 go ahead\r\n").await.unwrap();
+                        buf.clear();
+                        match acceptor().accept(io).await {
+                            Ok(stream) => io = Box::new(stream),
+                            Err(_) => return,
+                        }
+                        tls = true;
+                        continue;
+                    }
+                },
                 _ => "502 5.5.2 unknown command\r\n".into(),
             };
             if s.hold_until_data && matches!(verb.as_str(), "MAIL" | "RCPT") {
@@ -1010,7 +1019,12 @@ mod tests {
     }
 
     /// Run one attempt against `script` and return the result and what the server saw.
-    async fn run(script: Script, settings: &ClientSettings, to: &[&str], body: &mut impl BodySource) -> (Result<Vec<RcptOutcome>, SessionError>, Log) {
+    async fn run(
+        script: Script,
+        settings: &ClientSettings,
+        to: &[&str],
+        body: &mut impl BodySource,
+    ) -> (Result<Vec<RcptOutcome>, SessionError>, Log) {
         let (addr, server) = server(script).await;
         let recipients = rcpts(to);
         let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: false, dsn: None };
@@ -1219,10 +1233,7 @@ mod tests {
         let (result, log) = run(script, &settings(), &["b@example.net"], &mut simple_body()).await;
         assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
         // No extensions after HELO: no SIZE, no STARTTLS.
-        assert_eq!(
-            log.lines(),
-            vec!["EHLO client.test", "HELO client.test", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", "DATA", "QUIT"]
-        );
+        assert_eq!(log.lines(), vec!["EHLO client.test", "HELO client.test", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", "DATA", "QUIT"]);
 
         let script = Script { ehlo: "502 5.5.2 what?\r\n", helo: "550 5.7.1 not you\r\n", ..Script::default() };
         let (result, _) = run(script, &settings(), &["b@example.net"], &mut simple_body()).await;
@@ -1406,7 +1417,10 @@ mod tests {
     #[test]
     fn capabilities_from_ehlo() {
         let r = Reply::multiline(250, vec!["mx.test hello".into(), "pipelining".into(), "SIZE 1000".into(), "8BITMIME".into(), "STARTTLS".into()]);
-        assert_eq!(Capabilities::from_ehlo(&r), Capabilities { pipelining: true, size: true, eight_bit_mime: true, starttls: true, ..Default::default() });
+        assert_eq!(
+            Capabilities::from_ehlo(&r),
+            Capabilities { pipelining: true, size: true, eight_bit_mime: true, starttls: true, ..Default::default() }
+        );
         // The greeting line is not a keyword.
         let r = Reply::multiline(250, vec!["PIPELINING".into()]);
         assert_eq!(Capabilities::from_ehlo(&r), Capabilities::default());

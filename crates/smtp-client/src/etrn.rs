@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use mail_proto::reply_parser::parse_reply;
 use mail_proto::Reply;
+use mail_proto::reply_parser::parse_reply;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use mail_proto::reply_parser::parse_reply;
 use mail_proto::Reply;
+use mail_proto::reply_parser::parse_reply;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 

@@ -137,11 +137,7 @@ impl OutboundQueue {
         let schedule = self.inner.settings.schedule;
         let ids: Vec<i64> = group.iter().map(|d| d.recipient_id).collect();
         let results: Vec<(Due, Outcome)> = group.into_iter().zip(outcomes).collect();
-        let recorded = self
-            .inner
-            .store
-            .write(Durability::Full, move |c| outbound::record(c, &results, &schedule, store::now()))
-            .await;
+        let recorded = self.inner.store.write(Durability::Full, move |c| outbound::record(c, &results, &schedule, store::now())).await;
         {
             let mut in_flight = self.inner.in_flight.lock().expect("in flight");
             for id in ids {
@@ -188,7 +184,8 @@ impl OutboundQueue {
         for host in &hosts {
             // C5: credentials for hosts on the host-authentication list.
             let name = host.name.clone();
-            let credentials = self.inner.store.read(move |c| directory::access::hostauth::lookup(c, &name).map_err(directory::into_store)).await.ok().flatten();
+            let credentials =
+                self.inner.store.read(move |c| directory::access::hostauth::lookup(c, &name).map_err(directory::into_store)).await.ok().flatten();
             for addr in &host.addrs {
                 let mut tls = self.inner.settings.client.starttls;
                 loop {
@@ -223,7 +220,10 @@ impl OutboundQueue {
             .inner
             .store
             .write(Durability::Normal, move |c| {
-                Ok(journal::append(c, &journal::Entry { code, qid: &qid, originator: &from, recipient: &rcpt, detail: &detail, ..Default::default() })?)
+                Ok(journal::append(
+                    c,
+                    &journal::Entry { code, qid: &qid, originator: &from, recipient: &rcpt, detail: &detail, ..Default::default() },
+                )?)
             })
             .await;
     }

@@ -1,8 +1,8 @@
 //! The SASL exchange of SMTP AUTH (RFC 4954) for PLAIN (RFC 4616) and LOGIN, sans-IO: it turns
 //! the AUTH command and the client's response lines into challenges, credentials, or errors.
 
-use mail_proto::sasl::{self, SaslError};
 use mail_proto::Reply;
+use mail_proto::sasl::{self, SaslError};
 
 /// Where an exchange stands after a step.
 #[derive(Debug, PartialEq, Eq)]
@@ -59,9 +59,7 @@ pub fn respond(exchange: Exchange, line: &[u8]) -> (Step, Option<Exchange>) {
             Err(_) => (Step::Failed(Reply::new(501, (5, 2), "Malformed PLAIN response")), None),
         },
         Exchange::LoginUser => match String::from_utf8(decoded) {
-            Ok(user) if !user.is_empty() => {
-                (Step::Challenge(Reply::plain(334, sasl::encode(b"Password:"))), Some(Exchange::LoginPassword { user }))
-            }
+            Ok(user) if !user.is_empty() => (Step::Challenge(Reply::plain(334, sasl::encode(b"Password:"))), Some(Exchange::LoginPassword { user })),
             _ => (Step::Failed(Reply::new(501, (5, 2), "Malformed user name")), None),
         },
         Exchange::LoginPassword { user } => match String::from_utf8(decoded) {

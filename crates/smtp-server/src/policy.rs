@@ -7,9 +7,9 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
+use directory::Resolution;
 use directory::access::AccessLists;
 use directory::penalty::Reason;
-use directory::Resolution;
 use mail_proto::{Address, Reply};
 
 /// Relay mode (SPEC R1, i5/OS ALWRLY).
@@ -89,9 +89,15 @@ pub struct ClientFacts {
 pub enum Rule {
     NoConnectRestriction,
     RejectList(String),
-    RblListed { zone: String, answer: String },
+    RblListed {
+        zone: String,
+        answer: String,
+    },
     /// R5: a rejected client that logged in to POP3 within the window.
-    RejectOverriddenByPop { refused_by: Box<Rule>, login_at: i64 },
+    RejectOverriddenByPop {
+        refused_by: Box<Rule>,
+        login_at: i64,
+    },
     Penalised(Reason),
     SenderAccepted,
     KillList(String),
@@ -103,7 +109,10 @@ pub enum Rule {
     AuthRequiredToRelay,
     HeloNotChecked,
     HeloMatches,
-    HeloMismatch { name: String, logged_only: bool },
+    HeloMismatch {
+        name: String,
+        logged_only: bool,
+    },
     HeloLookupFailed(String),
     LocalRecipient,
     Postmaster,
@@ -114,7 +123,10 @@ pub enum Rule {
     RelayModeAll,
     RelayList(String),
     NearDomain(String),
-    PopBeforeSmtp { login_at: i64, minutes: u32 },
+    PopBeforeSmtp {
+        login_at: i64,
+        minutes: u32,
+    },
     RelayModeNone,
     NotInRelayList,
     NotNearDomain,
@@ -240,7 +252,10 @@ pub enum Screened {
     Address(Address),
     /// `user%remote@…` with percent routing on: if the domain is local, the mail is for
     /// `user@remote` and is relay.
-    PercentRouted { original: Address, routed: Address },
+    PercentRouted {
+        original: Address,
+        routed: Address,
+    },
     Refused(Decision),
 }
 
@@ -364,12 +379,7 @@ impl RelayPolicy {
 
     /// The whole RCPT decision: screen, resolve, decide. `resolve` asks the directory; the
     /// outcome says which address to record when the screen rewrote it.
-    pub fn rcpt<E>(
-        &self,
-        c: &ClientFacts,
-        address: &Address,
-        mut resolve: impl FnMut(&Address) -> Result<Resolution, E>,
-    ) -> Result<RcptOutcome, E> {
+    pub fn rcpt<E>(&self, c: &ClientFacts, address: &Address, mut resolve: impl FnMut(&Address) -> Result<Resolution, E>) -> Result<RcptOutcome, E> {
         let (target, routed) = match self.screen(address, c.local_ip) {
             Screened::Refused(decision) => return Ok(RcptOutcome { decision, record_as: None }),
             Screened::Address(a) => (a, false),
@@ -588,7 +598,13 @@ mod tests {
         let p = policy(RelayMode::All, 0);
         let ours: IpAddr = "127.0.0.1".parse().unwrap();
         let parse = |s: &str| mail_proto::address::parse_path(s.as_bytes(), mail_proto::address::PathKind::ForwardPath).unwrap().0.unwrap();
-        for trick in ["<user%remote.example@example.test>", "<\"user@remote.example\"@example.test>", "<remote.example!user@example.test>", "<user@[192.0.2.1]>", "<\"a%b\"@example.test>"] {
+        for trick in [
+            "<user%remote.example@example.test>",
+            "<\"user@remote.example\"@example.test>",
+            "<remote.example!user@example.test>",
+            "<user@[192.0.2.1]>",
+            "<\"a%b\"@example.test>",
+        ] {
             assert!(matches!(p.screen(&parse(trick), ours), Screened::Refused(_)), "{trick}");
         }
         assert_eq!(p.screen(&parse("<sam@[127.0.0.1]>"), ours), Screened::Address(addr("sam@example.test")));
@@ -605,9 +621,8 @@ mod tests {
     #[test]
     fn percent_routing_relays_only_when_relay_is_allowed() {
         let l = lists();
-        let resolve = |a: &Address| -> Result<Resolution, ()> {
-            Ok(if a.domain_lower() == "example.test" { Resolution::Unknown } else { Resolution::Remote })
-        };
+        let resolve =
+            |a: &Address| -> Result<Resolution, ()> { Ok(if a.domain_lower() == "example.test" { Resolution::Unknown } else { Resolution::Remote }) };
         let on = RelayPolicy { percent_routing: true, ..policy(RelayMode::List, 0) };
         let rcpt = addr("user%remote.example@example.test");
         let listed = on.rcpt(&client(&l, "127.0.0.17", None), &rcpt, resolve).unwrap();

@@ -17,13 +17,13 @@ use mail_proto::net::normalise_ip;
 use mail_proto::{Address, LineEndings, Reply};
 use store::journal::{self, code};
 use store::{Durability, Store};
+use tls::{ServerTls, Stream};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tls::{ServerTls, Stream};
 
 use crate::policy::{ClientFacts, Decision, HeloVerify, ListenerAuth, RelayPolicy};
-use crate::received::{received_header, submission_headers, Trace};
+use crate::received::{Trace, received_header, submission_headers};
 use crate::session::{Action, AuthOutcome, Event, Phase, RcptVerdict, Session, SessionConfig};
 
 /// Settings of the SMTP server, from `[smtp]`, `[relay]` and the top level of the configuration.
@@ -157,7 +157,12 @@ impl SmtpServer {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the access lists");
-                let _ = stream.write_all_within(&Reply::new(421, (3, 0), format!("{hostname} Local error, try again later")).to_bytes(), self.settings.command_timeout).await;
+                let _ = stream
+                    .write_all_within(
+                        &Reply::new(421, (3, 0), format!("{hostname} Local error, try again later")).to_bytes(),
+                        self.settings.command_timeout,
+                    )
+                    .await;
                 return;
             }
         };
@@ -325,7 +330,10 @@ impl SmtpServer {
         tokio::spawn(async move {
             let _ = store
                 .write(Durability::Normal, move |c| {
-                    Ok(journal::append(c, &journal::Entry { code: code::SMTP_REJECTED, originator: &sender, ip: &ip, detail: &rule, ..Default::default() })?)
+                    Ok(journal::append(
+                        c,
+                        &journal::Entry { code: code::SMTP_REJECTED, originator: &sender, ip: &ip, detail: &rule, ..Default::default() },
+                    )?)
                 })
                 .await;
         });
@@ -599,7 +607,9 @@ impl Driver<'_> {
         let (settings, domains, a) = (s.settings.clone(), s.services.domains.clone(), addr.clone());
         let outcome = s
             .store()
-            .read(move |conn| settings.policy.rcpt(&facts, &a, |target| domains.resolve(conn, target)).map_err(|e| store::StoreError::Invalid(e.to_string())))
+            .read(move |conn| {
+                settings.policy.rcpt(&facts, &a, |target| domains.resolve(conn, target)).map_err(|e| store::StoreError::Invalid(e.to_string()))
+            })
             .await;
         match outcome {
             Err(e) => {

@@ -76,12 +76,23 @@ pub enum Action {
     /// RFC 1985: release mail held for this node; answer with `EtrnDone`.
     Etrn(String),
     /// Check credentials (A1); answer with `AuthDone`.
-    VerifyPassword { user: String, password: String },
+    VerifyPassword {
+        user: String,
+        password: String,
+    },
     /// A message body starts: the driver opens an incoming message and writes Received.
-    BeginData { helo: String, esmtp: bool, single_rcpt: Option<String>, auth: Option<String> },
+    BeginData {
+        helo: String,
+        esmtp: bool,
+        single_rcpt: Option<String>,
+        auth: Option<String>,
+    },
     /// Submitted (authenticated) mail lacks these header fields: add them (S3). Comes just
     /// before `Enqueue`.
-    AddHeaders { message_id: bool, date: bool },
+    AddHeaders {
+        message_id: bool,
+        date: bool,
+    },
     /// Decoded message bytes (CRLF line ends, dots unstuffed).
     BodyChunk(Vec<u8>),
     /// DATA ended well: commit the message; answer with `EnqueueDone`.
@@ -330,7 +341,11 @@ impl Session {
                 }
                 continue;
             }
-            let limit = if self.sasl.is_some() { mail_proto::sasl::MAX_SASL_LINE } else { smtp_command::line_limit(&self.input).max(smtp_command::MAX_MAIL_RCPT_LINE) };
+            let limit = if self.sasl.is_some() {
+                mail_proto::sasl::MAX_SASL_LINE
+            } else {
+                smtp_command::line_limit(&self.input).max(smtp_command::MAX_MAIL_RCPT_LINE)
+            };
             let Some(lf) = self.input.iter().position(|&b| b == b'\n') else {
                 if self.input.len() > limit {
                     self.input.clear();
@@ -580,7 +595,9 @@ impl Session {
                         None => return self.reply(out, Reply::new(501, (5, 4), "Bad ORCPT parameter")),
                     }
                 }
-                ("NOTIFY" | "ORCPT", _) if self.config.dsn => return self.reply(out, Reply::new(501, (5, 4), format!("Bad {} parameter", p.keyword))),
+                ("NOTIFY" | "ORCPT", _) if self.config.dsn => {
+                    return self.reply(out, Reply::new(501, (5, 4), format!("Bad {} parameter", p.keyword)));
+                }
                 _ => return self.reply(out, Reply::new(555, (5, 4), format!("Unsupported parameter {}", p.keyword))),
             }
         }
@@ -607,12 +624,8 @@ impl Session {
             _ => None,
         };
         out.push(Action::BeginData { helo, esmtp, single_rcpt, auth: self.auth.clone() });
-        self.data = Some(DataState {
-            decoder: DataDecoder::new(self.config.line_endings),
-            received: ReceivedCounter::default(),
-            size: 0,
-            too_big: false,
-        });
+        self.data =
+            Some(DataState { decoder: DataDecoder::new(self.config.line_endings), received: ReceivedCounter::default(), size: 0, too_big: false });
     }
 
     /// Feed DATA bytes; returns how many belonged to the message.

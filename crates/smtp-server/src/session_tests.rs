@@ -1313,11 +1313,7 @@ fn fuzz_pump(s: &mut Session, cfg: &SessionConfig, event: Event<'_>, rng: &mut X
                 }
                 Action::CheckRcpt(_) => {
                     assert!(!st.rcpt_pending && !st.enqueue_pending && !st.in_data);
-                    let verdict = if rng.chance(85) {
-                        RcptVerdict::Accept
-                    } else {
-                        RcptVerdict::Refuse(Reply::new(550, (1, 1), "No such user"))
-                    };
+                    let verdict = if rng.chance(85) { RcptVerdict::Accept } else { RcptVerdict::Refuse(Reply::new(550, (1, 1), "No such user")) };
                     next = Some(Event::RcptChecked(verdict));
                 }
                 Action::BeginData { .. } => {

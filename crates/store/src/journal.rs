@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rusqlite::{params, Connection};
+use rusqlite::{Connection, params};
 
 /// The journal codes Postroom writes.
 pub mod code {
@@ -90,9 +90,8 @@ pub fn append(conn: &Connection, entry: &Entry<'_>) -> rusqlite::Result<()> {
     if !ENABLED.load(Ordering::Relaxed) {
         return Ok(());
     }
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO journal (at, code, qid, originator, recipient, size, ip, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?;
+    let mut stmt =
+        conn.prepare_cached("INSERT INTO journal (at, code, qid, originator, recipient, size, ip, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
     stmt.execute(params![crate::now(), entry.code, entry.qid, entry.originator, entry.recipient, entry.size, entry.ip, entry.detail])?;
     Ok(())
 }

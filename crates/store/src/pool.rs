@@ -8,7 +8,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{Connection, OpenFlags};
 
-use crate::{migrate, prepare_files, Result, StoreError, StoreOptions};
+use crate::{Result, StoreError, StoreOptions, migrate, prepare_files};
 
 /// How durable a write must be when its answer arrives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

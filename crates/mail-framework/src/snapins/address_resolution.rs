@@ -5,7 +5,7 @@
 
 use directory::{Forward, Resolution};
 use mail_proto::Address;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 use store::StoreError;
 
 use crate::pipeline::{Context, SnapIn, Tag, WorkItem};
@@ -58,12 +58,16 @@ impl SnapIn for AddressResolution {
             // dropped; an expansion left with nothing new is a loop (a -> b -> a).
             let targets = new_recipients(ctx.conn, item.message.id, targets)?;
             if targets.is_empty() && item.tag == Tag::Expanded {
-                item.tag = Tag::NonDelivery { status: "5.4.6".into(), reason: format!("5.4.6 alias loop: {} expands only to addresses already served", item.address) };
+                item.tag = Tag::NonDelivery {
+                    status: "5.4.6".into(),
+                    reason: format!("5.4.6 alias loop: {} expands only to addresses already served", item.address),
+                };
                 continue;
             }
             if item.depth >= MAX_DEPTH || targets.len() > MAX_TARGETS {
                 let why = if item.depth >= MAX_DEPTH { "alias or forwarding loop" } else { "alias expands to too many addresses" };
-                item.tag = Tag::NonDelivery { status: "5.2.4".into(), reason: format!("5.2.4 {why} (at most {MAX_DEPTH} levels, {MAX_TARGETS} addresses)") };
+                item.tag =
+                    Tag::NonDelivery { status: "5.2.4".into(), reason: format!("5.2.4 {why} (at most {MAX_DEPTH} levels, {MAX_TARGETS} addresses)") };
                 continue;
             }
             item.expand_to = targets;
@@ -73,9 +77,8 @@ impl SnapIn for AddressResolution {
 
     /// Queue the expansion targets as new recipients of the same message, one level deeper.
     fn apply(&self, tx: &Connection, items: &[WorkItem]) -> Result<(), StoreError> {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO recipients (message_id, address, state, depth, expanded_from) VALUES (?1, ?2, 'queued', ?3, ?4)",
-        )?;
+        let mut insert =
+            tx.prepare_cached("INSERT INTO recipients (message_id, address, state, depth, expanded_from) VALUES (?1, ?2, 'queued', ?3, ?4)")?;
         for item in items.iter().filter(|i| !i.expand_to.is_empty() && !matches!(i.tag, Tag::NonDelivery { .. })) {
             for target in &item.expand_to {
                 insert.execute(params![item.message.id, target, item.depth + 1, item.address.to_ascii_lowercase()])?;
@@ -108,8 +111,7 @@ fn delivered_to(conn: &Connection, message_id: i64, address: &str) -> Result<boo
     Ok(headers.split(|&b| b == b'\n').any(|line| {
         let line = String::from_utf8_lossy(line);
         let Some((name, value)) = line.split_once(':') else { return false };
-        name.trim().eq_ignore_ascii_case("delivered-to")
-            && value.trim().trim_start_matches('<').trim_end_matches('>').eq_ignore_ascii_case(address)
+        name.trim().eq_ignore_ascii_case("delivered-to") && value.trim().trim_start_matches('<').trim_end_matches('>').eq_ignore_ascii_case(address)
     }))
 }
 

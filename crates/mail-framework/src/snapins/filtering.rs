@@ -13,9 +13,9 @@
 //! How it fails: a store error fails the batch (it is retried); the walk itself cannot fail.
 
 use directory::filters::{self, Action, MessageFacts, Rule};
-use rusqlite::{params, Connection, OptionalExtension};
-use store::journal::{self, code};
+use rusqlite::{Connection, OptionalExtension, params};
 use store::StoreError;
+use store::journal::{self, code};
 
 use crate::mime_scan::{self, Limits};
 use crate::pipeline::{Context, MessageInfo, SnapIn, Tag, WorkItem};
@@ -137,9 +137,11 @@ impl SnapIn for Filtering {
             let message = &group[0].message;
             let (first, action, rule) = match &group[0].tag {
                 Tag::Quarantined { rule } => {
-                    let n = tx
-                        .prepare_cached("INSERT OR IGNORE INTO quarantine (message_id, rule, at) VALUES (?1, ?2, ?3)")?
-                        .execute(params![message.id, rule, store::now()])?;
+                    let n = tx.prepare_cached("INSERT OR IGNORE INTO quarantine (message_id, rule, at) VALUES (?1, ?2, ?3)")?.execute(params![
+                        message.id,
+                        rule,
+                        store::now()
+                    ])?;
                     (n == 1, Action::Keep, rule)
                 }
                 Tag::Discarded { rule } => {

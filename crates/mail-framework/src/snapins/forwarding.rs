@@ -3,8 +3,8 @@
 //! for a dial-up domain (C7) is held until ETRN.
 
 use rusqlite::Connection;
-use store::journal::{self, code};
 use store::StoreError;
+use store::journal::{self, code};
 
 use crate::pipeline::{SnapIn, Tag, WorkItem};
 

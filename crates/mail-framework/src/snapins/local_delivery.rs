@@ -1,9 +1,9 @@
 //! Local delivery (journal B8): one mailbox row per recipient, sharing the stored body, with a
 //! Return-Path prefix (S3). `UNIQUE(message_id, recipient_id)` makes a replay a no-op.
 
-use rusqlite::{params, Connection};
-use store::journal::{self, code};
+use rusqlite::{Connection, params};
 use store::StoreError;
+use store::journal::{self, code};
 
 use crate::bounce::{Action, ReportEntry};
 use crate::pipeline::{SnapIn, Tag, WorkItem};

@@ -4,8 +4,8 @@
 //! fails too is dropped. A local `nondelivery@…` address gets a copy of every report (C4).
 
 use rusqlite::Connection;
-use store::journal::{self, code};
 use store::StoreError;
+use store::journal::{self, code};
 
 use crate::bounce::{Action, ReportEntry};
 use crate::pipeline::{SnapIn, Tag, WorkItem};

@@ -1,8 +1,8 @@
 //! Set-up shared by the framework's integration tests: a real SQLite file in a temporary
 //! directory, the local domain example.test and the user sam (SamJones@example.test).
 
-use directory::admin::Admin;
 use directory::LocalDomains;
+use directory::admin::Admin;
 use mail_framework::{Envelope, Queue};
 use store::{Store, StoreOptions};
 
