@@ -16,7 +16,6 @@ use std::fmt;
 use std::str::FromStr;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use store::journal::{self, code};
 
 /// The longest pattern accepted.
 pub const MAX_PATTERN: usize = 998;
@@ -105,10 +104,6 @@ pub enum FilterError {
     Bad(String),
     #[error("no filter with id {0} (see `postroom filter list`)")]
     NoSuchRule(i64),
-    #[error("no quarantined message {0} (see `postroom quarantine list`)")]
-    NoSuchQuarantine(String),
-    #[error("quarantined message {0} was already released")]
-    AlreadyReleased(i64),
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
 }
@@ -259,134 +254,6 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Rule, String>> {
         (Ok(field), Ok(action)) => Ok(Rule { id, field, pattern, action, added_at }),
         (Err(e), _) | (_, Err(e)) => Err(format!("filter {id}: {e}")),
     })
-}
-
-/// A message a *keep* rule put in the quarantine (`postroom quarantine`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Quarantined {
-    /// The quarantine number `quarantine list` shows.
-    pub id: i64,
-    pub message_id: i64,
-    pub qid: String,
-    /// The envelope sender ('' = <>).
-    pub mail_from: String,
-    pub size: i64,
-    /// Which rule matched, on what value.
-    pub rule: String,
-    pub at: i64,
-    pub released: bool,
-    /// The recipients kept back (state `quarantined`).
-    pub recipients: Vec<String>,
-}
-
-const QUARANTINE_SELECT: &str = "SELECT q.id, q.message_id, m.qid, m.mail_from, m.size, q.rule, q.at, q.released
-     FROM quarantine q JOIN messages m ON m.id = q.message_id";
-
-fn quarantine_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Quarantined> {
-    Ok(Quarantined {
-        id: r.get(0)?,
-        message_id: r.get(1)?,
-        qid: r.get(2)?,
-        mail_from: r.get(3)?,
-        size: r.get(4)?,
-        rule: r.get(5)?,
-        at: r.get(6)?,
-        released: r.get(7)?,
-        recipients: Vec::new(),
-    })
-}
-
-fn with_recipients(conn: &Connection, mut q: Quarantined) -> Result<Quarantined, FilterError> {
-    let mut stmt = conn.prepare_cached("SELECT address FROM recipients WHERE message_id = ?1 AND state = 'quarantined' ORDER BY id")?;
-    q.recipients = stmt.query_map([q.message_id], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
-    Ok(q)
-}
-
-/// Messages waiting in the quarantine (not released), oldest first.
-pub fn quarantine_list(conn: &Connection) -> Result<Vec<Quarantined>, FilterError> {
-    let mut stmt = conn.prepare(&format!("{QUARANTINE_SELECT} WHERE q.released = 0 ORDER BY q.id"))?;
-    let rows = stmt.query_map([], quarantine_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-    rows.into_iter().map(|q| with_recipients(conn, q)).collect()
-}
-
-/// One quarantined message by its quarantine number or its queue id.
-pub fn quarantine_find(conn: &Connection, key: &str) -> Result<Quarantined, FilterError> {
-    let key = key.trim();
-    let found = match key.parse::<i64>() {
-        Ok(id) => conn.query_row(&format!("{QUARANTINE_SELECT} WHERE q.id = ?1"), [id], quarantine_row).optional()?,
-        Err(_) => conn.query_row(&format!("{QUARANTINE_SELECT} WHERE m.qid = ?1"), [key], quarantine_row).optional()?,
-    };
-    with_recipients(conn, found.ok_or_else(|| FilterError::NoSuchQuarantine(key.to_string()))?)
-}
-
-/// The first `max` octets of a stored message (enough for its header section).
-pub fn message_head(conn: &Connection, message_id: i64, max: usize) -> Result<Vec<u8>, FilterError> {
-    let mut out = Vec::new();
-    let mut stmt = conn.prepare_cached("SELECT data FROM body_chunks WHERE message_id = ?1 ORDER BY seq")?;
-    let mut rows = stmt.query([message_id])?;
-    while out.len() < max {
-        let Some(row) = rows.next()? else { break };
-        let data = row.get_ref(0)?.as_bytes().map_err(rusqlite::Error::from)?;
-        out.extend_from_slice(&data[..data.len().min(max - out.len())]);
-    }
-    Ok(out)
-}
-
-/// `quarantine release`: queue the kept recipients again and mark the message released, so
-/// the filter lets it through. Returns the message and how many recipients were queued.
-pub fn quarantine_release(conn: &Connection, key: &str) -> Result<(Quarantined, usize), FilterError> {
-    let q = quarantine_find(conn, key)?;
-    if q.released {
-        return Err(FilterError::AlreadyReleased(q.id));
-    }
-    let n = conn.execute(
-        "UPDATE recipients SET state = 'queued', next_attempt = NULL, last_reply = NULL WHERE message_id = ?1 AND state = 'quarantined'",
-        [q.message_id],
-    )?;
-    conn.execute("UPDATE quarantine SET released = 1, released_at = ?2 WHERE id = ?1", params![q.id, store::now()])?;
-    let detail = format!("released from quarantine {} by the administrator ({}): {n} recipient(s) queued", q.id, q.rule);
-    journal::append(
-        conn,
-        &journal::Entry {
-            code: code::FILTERED,
-            qid: &q.qid,
-            originator: &q.mail_from,
-            recipient: &q.recipients.join(", "),
-            size: Some(q.size),
-            detail: &detail,
-            ..Default::default()
-        },
-    )?;
-    Ok((q, n))
-}
-
-/// `quarantine delete`: drop a quarantined message; its kept recipients end `discarded` and
-/// the body is freed once nothing else needs it.
-pub fn quarantine_delete(conn: &Connection, key: &str) -> Result<(Quarantined, usize), FilterError> {
-    let q = quarantine_find(conn, key)?;
-    if q.released {
-        return Err(FilterError::AlreadyReleased(q.id));
-    }
-    let n = conn.execute(
-        "UPDATE recipients SET state = 'discarded', last_reply = 'deleted from the quarantine by the administrator' WHERE message_id = ?1 AND state = 'quarantined'",
-        [q.message_id],
-    )?;
-    conn.execute("DELETE FROM quarantine WHERE id = ?1", [q.id])?;
-    let detail = format!("deleted from quarantine {} by the administrator ({})", q.id, q.rule);
-    journal::append(
-        conn,
-        &journal::Entry {
-            code: code::FILTERED,
-            qid: &q.qid,
-            originator: &q.mail_from,
-            recipient: &q.recipients.join(", "),
-            size: Some(q.size),
-            detail: &detail,
-            ..Default::default()
-        },
-    )?;
-    crate::mailbox::collect_message(conn, q.message_id)?;
-    Ok((q, n))
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use mail_proto::date::rfc5322;
 
 /// What happened to a recipient (RFC 3464 §2.3.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Action {
     Failed,
     Delayed,

@@ -9,6 +9,8 @@
 
 pub mod bounce;
 pub mod heartbeat;
+pub mod journal;
+pub mod message;
 pub mod mime_scan;
 pub mod outbound;
 pub mod pipeline;
@@ -17,6 +19,7 @@ pub mod reports;
 pub mod snapins;
 pub mod storage;
 
+pub use message::{Hold, Origin, RecipientState};
 pub use pipeline::{Framework, SnapIn, Tag, WorkItem};
 pub use queue::{Dsn, Envelope, Incoming, Queue, RcptDsn};
 

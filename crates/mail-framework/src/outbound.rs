@@ -1,40 +1,19 @@
-//! The outbound queue (SPEC C3): recipients in state `forward`, due at `next_attempt`, and what
-//! becomes of them after an attempt. The SMTP client delivers; the queue rows and the retry
-//! schedule live here, so a restart resumes exactly where the rows say.
+//! The outbound queue's schedule (SPEC C3, C4, C7): what becomes of a recipient after an
+//! attempt — sent, tried again later, or failed — and the reports that go with it. The rows
+//! live in [`crate::message::outbound`]; the SMTP client delivers. Time is an argument, so the
+//! schedule is tested without waiting.
 
-use rusqlite::{Connection, params};
+use std::collections::BTreeMap;
+
+use crate::journal::{self, code};
+use rusqlite::Connection;
 use store::StoreError;
-use store::journal::{self, code};
 
 use crate::bounce::{Action, ReportEntry};
+use crate::message::{self, Hold, RecipientState};
+use crate::reports::ReportSettings;
 
-/// A recipient due for an attempt.
-#[derive(Clone, Debug)]
-pub struct Due {
-    pub recipient_id: i64,
-    pub message_id: i64,
-    pub qid: String,
-    pub mail_from: String,
-    pub address: String,
-    pub attempts: i64,
-    pub size: i64,
-    pub received_at: i64,
-    /// The alias or forwarding address this recipient came from: sent as `Delivered-To`.
-    pub expanded_from: Option<String>,
-    /// RFC 3461 parameters, passed on to a next hop that offers DSN.
-    pub notify: Option<String>,
-    pub orcpt: Option<String>,
-    pub ret: Option<String>,
-    pub envid: Option<String>,
-    pub delay_notified: bool,
-}
-
-impl Due {
-    /// The recipient's domain, lowercase (the destination a connection is made for).
-    pub fn domain(&self) -> String {
-        self.address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase()).unwrap_or_default()
-    }
-}
+pub use crate::message::outbound::Due;
 
 /// What one attempt did for one recipient.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,97 +39,98 @@ pub struct Schedule {
     pub delay_warning_secs: i64,
 }
 
-/// Recipients due now, oldest first.
-pub fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<Due>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT r.id, r.message_id, m.qid, m.mail_from, r.address, r.attempts, m.size, m.received_at, r.expanded_from,
-                r.notify, r.orcpt, m.dsn_ret, m.dsn_envid, r.delay_notified
-           FROM recipients r JOIN messages m ON m.id = r.message_id
-          WHERE r.state = 'forward' AND r.held = 0 AND (r.next_attempt IS NULL OR r.next_attempt <= ?1)
-          ORDER BY r.message_id, r.id LIMIT ?2",
-    )?;
-    let rows = stmt.query_map(params![now, limit as i64], |r| {
-        Ok(Due {
-            recipient_id: r.get(0)?,
-            message_id: r.get(1)?,
-            qid: r.get(2)?,
-            mail_from: r.get(3)?,
-            address: r.get(4)?,
-            attempts: r.get(5)?,
-            size: r.get(6)?,
-            received_at: r.get(7)?,
-            expanded_from: r.get(8)?,
-            notify: r.get(9)?,
-            orcpt: r.get(10)?,
-            ret: r.get(11)?,
-            envid: r.get(12)?,
-            delay_notified: r.get(13)?,
-        })
-    })?;
-    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+/// What the schedule makes of one outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub state: RecipientState,
+    pub next_attempt: Option<i64>,
+    pub reply: String,
+    pub code: &'static str,
+    /// Tell the sender once that delivery is delayed (C4).
+    pub warn_delay: bool,
 }
 
-/// When the next waiting recipient falls due (unix seconds), if any.
-pub fn next_due(conn: &Connection) -> Result<Option<i64>, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT min(coalesce(next_attempt, 0)) FROM recipients WHERE state = 'forward' AND held = 0")?
-        .query_row([], |r| r.get(0))?)
-}
-
-/// The body chunk ids of a message, in order.
-pub fn chunk_ids(conn: &Connection, message_id: i64) -> Result<Vec<i64>, StoreError> {
-    let mut stmt = conn.prepare_cached("SELECT id FROM body_chunks WHERE message_id = ?1 ORDER BY seq")?;
-    let rows = stmt.query_map([message_id], |r| r.get(0))?;
-    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-}
-
-/// Record an attempt's outcomes in one transaction. Returns how many recipients now wait for
-/// the non-delivery snap-in (state `bounce`).
-pub fn record(conn: &Connection, results: &[(Due, Outcome)], schedule: &Schedule, now: i64) -> Result<usize, StoreError> {
-    let mut bounced = 0;
-    let mut set = conn
-        .prepare_cached("UPDATE recipients SET state = ?2, attempts = ?3, next_attempt = ?4, last_reply = ?5 WHERE id = ?1 AND state = 'forward'")?;
-    for (due, outcome) in results {
-        let attempts = due.attempts + 1;
-        let (state, next, reply, code) = match outcome {
-            Outcome::Delivered { reply, relayed } => {
-                if *relayed {
-                    report(conn, due, Action::Relayed, "2.0.0", &format!("{reply} (relayed to a host that does not offer DSN)"))?;
-                }
-                ("sent", None, reply.clone(), code::CLIENT_DELIVERED)
-            }
-            Outcome::Failed(reply) => ("bounce", None, reply.clone(), code::CLIENT_UNDELIVERABLE),
-            Outcome::Retry(reply) => {
-                let first = i64::from(schedule.first_count);
-                let total = first + i64::from(schedule.second_count);
-                // The report keeps the last error's status, so the sender sees why.
-                if now - due.received_at >= schedule.lifetime_secs {
-                    ("bounce", None, format!("{reply} (delivery time expired after {attempts} attempts)"), code::CLIENT_UNDELIVERABLE)
-                } else if attempts > total {
-                    ("bounce", None, format!("{reply} (retries exhausted after {attempts} attempts)"), code::CLIENT_UNDELIVERABLE)
+/// The schedule's verdict on `outcome` for `due`, at `now`.
+pub fn decide(due: &Due, outcome: &Outcome, schedule: &Schedule, now: i64) -> Decision {
+    let attempts = due.attempts + 1;
+    let done = |state, reply: String, code| Decision { state, next_attempt: None, reply, code, warn_delay: false };
+    match outcome {
+        Outcome::Delivered { reply, .. } => done(RecipientState::Sent, reply.clone(), code::CLIENT_DELIVERED),
+        Outcome::Failed(reply) => done(RecipientState::Bounce, reply.clone(), code::CLIENT_UNDELIVERABLE),
+        Outcome::Retry(reply) => {
+            let first = i64::from(schedule.first_count);
+            let total = first + i64::from(schedule.second_count);
+            // The report keeps the last error's status, so the sender sees why.
+            if now - due.received_at >= schedule.lifetime_secs {
+                done(RecipientState::Bounce, format!("{reply} (delivery time expired after {attempts} attempts)"), code::CLIENT_UNDELIVERABLE)
+            } else if attempts > total {
+                done(RecipientState::Bounce, format!("{reply} (retries exhausted after {attempts} attempts)"), code::CLIENT_UNDELIVERABLE)
+            } else {
+                let (interval, code) = if attempts <= first {
+                    (schedule.first_interval_secs, code::CLIENT_RETRY_1)
                 } else {
-                    if !due.delay_notified && now - due.received_at >= schedule.delay_warning_secs {
-                        report(conn, due, Action::Delayed, &crate::bounce::status_of(reply), reply)?;
-                        conn.prepare_cached("UPDATE recipients SET delay_notified = 1 WHERE id = ?1")?.execute([due.recipient_id])?;
-                    }
-                    if attempts <= first {
-                        ("forward", Some(now + schedule.first_interval_secs), reply.clone(), code::CLIENT_RETRY_1)
-                    } else {
-                        ("forward", Some(now + schedule.second_interval_secs), reply.clone(), code::CLIENT_RETRY_2)
-                    }
+                    (schedule.second_interval_secs, code::CLIENT_RETRY_2)
+                };
+                Decision {
+                    state: RecipientState::Forward,
+                    next_attempt: Some(now + interval),
+                    reply: reply.clone(),
+                    code,
+                    warn_delay: !due.delay_notified && now - due.received_at >= schedule.delay_warning_secs,
                 }
             }
-        };
-        if set.execute(params![due.recipient_id, state, attempts, next, reply])? == 0 {
-            continue; // deleted or held meanwhile
         }
-        bounced += usize::from(state == "bounce");
-        let detail = match next {
-            Some(at) => format!("attempt {attempts}: {reply}; next attempt {}", mail_proto::date::rfc5322(at)),
-            None => format!("attempt {attempts}: {reply}"),
+    }
+}
+
+/// Record attempt `attempt_id`'s outcomes in one transaction. An outcome counts only while the
+/// attempt still holds its claim: a recipient deleted during the attempt gets no state change
+/// and no report, and a held one no delay report. Reports of one message go out as one report
+/// per kind (RFC 3464 allows many recipients per report). Returns how many recipients now wait
+/// for the non-delivery snap-in.
+pub fn record(
+    conn: &Connection,
+    attempt_id: i64,
+    results: &[(Due, Outcome)],
+    schedule: &Schedule,
+    reports: &ReportSettings,
+    now: i64,
+) -> Result<usize, StoreError> {
+    let mut bounced = 0;
+    let mut to_report: BTreeMap<(i64, Action), (Due, Vec<ReportEntry>)> = BTreeMap::new();
+    let mut finished_messages = Vec::new();
+    for (due, outcome) in results {
+        let decision = decide(due, outcome, schedule, now);
+        let attempts = due.attempts + 1;
+        let Some(hold) =
+            message::outbound::finish(conn, attempt_id, due.recipient_id, decision.state, attempts, decision.next_attempt, &decision.reply)?
+        else {
+            continue; // deleted meanwhile: this attempt no longer speaks for it
+        };
+        bounced += usize::from(decision.state == RecipientState::Bounce);
+        let report = match outcome {
+            Outcome::Delivered { reply, relayed: true } => {
+                Some((Action::Relayed, "2.0.0".to_string(), format!("{reply} (relayed to a host that does not offer DSN)")))
+            }
+            Outcome::Retry(reply) if decision.warn_delay && hold == Hold::None => {
+                message::outbound::mark_delay_notified(conn, due.recipient_id)?;
+                Some((Action::Delayed, crate::bounce::status_of(reply), reply.clone()))
+            }
+            _ => None,
+        };
+        if let Some((action, status, diagnostic)) = report
+            && !due.mail_from.is_empty()
+            && crate::reports::wanted(due.notify.as_deref(), action)
+        {
+            let entry = ReportEntry { recipient: due.address.clone(), orcpt: due.orcpt.clone(), action, status, diagnostic };
+            to_report.entry((due.message_id, action)).or_insert_with(|| (due.clone(), Vec::new())).1.push(entry);
+        }
+        let detail = match decision.next_attempt {
+            Some(at) => format!("attempt {attempts}: {}; next attempt {}", decision.reply, mail_proto::date::rfc5322(at)),
+            None => format!("attempt {attempts}: {}", decision.reply),
         };
         let entry = journal::Entry {
-            code,
+            code: decision.code,
             qid: &due.qid,
             originator: &due.mail_from,
             recipient: &due.address,
@@ -159,93 +139,149 @@ pub fn record(conn: &Connection, results: &[(Due, Outcome)], schedule: &Schedule
             ..Default::default()
         };
         journal::append(conn, &entry)?;
-        if state == "sent" {
-            directory::mailbox::collect_message(conn, due.message_id)?;
+        if decision.state == RecipientState::Sent {
+            finished_messages.push(due.message_id);
         }
+    }
+    for ((message_id, _), (due, entries)) in to_report {
+        if let Some(subject) = message::message(conn, message_id)? {
+            crate::reports::queue(conn, reports, &subject, &due.mail_from, &[], message::Origin::Bounce, &entries)?;
+        }
+    }
+    finished_messages.dedup();
+    for id in finished_messages {
+        message::collect(conn, id)?;
     }
     Ok(bounced)
 }
 
-/// A success or delay report (C4) for one recipient, when its NOTIFY asks for one.
-fn report(conn: &Connection, due: &Due, action: Action, status: &str, diagnostic: &str) -> Result<(), StoreError> {
-    if due.mail_from.is_empty() || !crate::reports::wanted(due.notify.as_deref(), action) {
-        return Ok(());
-    }
-    let Some(subject) = crate::reports::Subject::load(conn, due.message_id)? else { return Ok(()) };
-    let entry =
-        ReportEntry { recipient: due.address.clone(), orcpt: due.orcpt.clone(), action, status: status.into(), diagnostic: diagnostic.into() };
-    crate::reports::queue(conn, &subject, &due.mail_from, &[], "bounce", &[entry])?;
-    Ok(())
-}
-
-/// `postroom queue retry|hold|release|delete ID`: ID is a queue id (all its waiting recipients).
-pub fn command(conn: &Connection, qid: &str, what: QueueCommand) -> Result<usize, StoreError> {
-    let sql = match what {
-        QueueCommand::Retry => {
-            "UPDATE recipients SET next_attempt = NULL WHERE state = 'forward' AND message_id = (SELECT id FROM messages WHERE qid = ?1)"
+/// Mail held for a dial-up domain (C7) that outlived the queue lifetime fails like any other:
+/// the non-delivery snap-in reports it. Returns how many expired.
+pub fn expire_etrn_held(conn: &Connection, schedule: &Schedule, now: i64) -> Result<usize, StoreError> {
+    let mut n = 0;
+    for due in message::outbound::etrn_held_since(conn, now - schedule.lifetime_secs)? {
+        let reply = format!("4.4.7 held for ETRN by {}; nobody asked for it within the queue lifetime", due.domain());
+        if !message::outbound::expire_held(conn, due.recipient_id, &reply)? {
+            continue;
         }
-        QueueCommand::Hold => "UPDATE recipients SET held = 1 WHERE state = 'forward' AND message_id = (SELECT id FROM messages WHERE qid = ?1)",
-        QueueCommand::Release => "UPDATE recipients SET held = 0 WHERE message_id = (SELECT id FROM messages WHERE qid = ?1)",
-        QueueCommand::Delete => {
-            "UPDATE recipients SET state = 'deleted' WHERE state IN ('forward', 'queued', 'bounce') AND message_id = (SELECT id FROM messages WHERE qid = ?1)"
-        }
-    };
-    let n = conn.execute(sql, [qid])?;
-    if what == QueueCommand::Delete && n > 0 {
-        let id: i64 = conn.query_row("SELECT id FROM messages WHERE qid = ?1", [qid], |r| r.get(0))?;
-        journal::append(
-            conn,
-            &journal::Entry {
-                code: code::QUEUE_DELETED,
-                qid,
-                detail: &format!("{n} recipient(s) deleted by the administrator"),
-                ..Default::default()
-            },
-        )?;
-        directory::mailbox::collect_message(conn, id)?;
+        n += 1;
+        let entry = journal::Entry {
+            code: code::CLIENT_UNDELIVERABLE,
+            qid: &due.qid,
+            originator: &due.mail_from,
+            recipient: &due.address,
+            size: Some(due.size),
+            detail: &reply,
+            ..Default::default()
+        };
+        journal::append(conn, &entry)?;
     }
     Ok(n)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QueueCommand {
-    Retry,
-    Hold,
-    Release,
-    Delete,
+/// The dial-up domains of C7: their mail waits until ETRN.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtrnDomains(Vec<String>);
+
+impl EtrnDomains {
+    pub fn new(domains: &[String]) -> Self {
+        EtrnDomains(domains.iter().map(|d| d.trim_end_matches('.').to_ascii_lowercase()).collect())
+    }
+
+    /// Is `domain` (or a parent of it) a dial-up domain of ours?
+    pub fn contains(&self, domain: &str) -> bool {
+        let d = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.0.iter().any(|e| d == *e || d.ends_with(&format!(".{e}")))
+    }
+
+    /// Does mail to `address` wait for ETRN?
+    pub fn holds(&self, address: &str) -> bool {
+        address.rsplit_once('@').is_some_and(|(_, d)| self.contains(d))
+    }
 }
 
-/// The dial-up domains of C7, set once at start-up: their mail waits (held = 2) until ETRN.
-static ETRN_DOMAINS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-pub fn set_etrn_domains(domains: Vec<String>) {
-    let _ = ETRN_DOMAINS.set(domains.into_iter().map(|d| d.to_ascii_lowercase()).collect());
-}
+    const NOW: i64 = 1_000_000;
 
-/// The ETRN domain an address belongs to (the domain itself or a parent), if any.
-pub fn etrn_domain(address: &str) -> Option<String> {
-    let domain = address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())?;
-    ETRN_DOMAINS.get()?.iter().find(|e| domain == **e || domain.ends_with(&format!(".{e}"))).cloned()
-}
+    fn schedule() -> Schedule {
+        Schedule {
+            first_count: 2,
+            first_interval_secs: 60,
+            second_count: 2,
+            second_interval_secs: 3600,
+            lifetime_secs: 86_400,
+            delay_warning_secs: 4 * 3600,
+        }
+    }
 
-/// Is `domain` (with `subdomains` for `ETRN @domain`) a dial-up domain of ours?
-pub fn is_etrn_domain(domain: &str) -> bool {
-    let d = domain.to_ascii_lowercase();
-    ETRN_DOMAINS.get().is_some_and(|list| list.iter().any(|e| d == *e || d.ends_with(&format!(".{e}"))))
-}
+    fn due(attempts: i64, age: i64, delay_notified: bool) -> Due {
+        Due {
+            recipient_id: 1,
+            message_id: 1,
+            qid: "Q".into(),
+            mail_from: "jane@remote.example".into(),
+            address: "far@remote.example".into(),
+            attempts,
+            size: 10,
+            received_at: NOW - age,
+            expanded_from: None,
+            notify: None,
+            orcpt: None,
+            ret: None,
+            envid: None,
+            delay_notified,
+        }
+    }
 
-/// Release mail held for `domain` (and its subdomains when asked): due now. Returns how many.
-pub fn release_etrn(conn: &Connection, domain: &str, subdomains: bool) -> Result<usize, StoreError> {
-    let d = domain.to_ascii_lowercase();
-    Ok(conn.execute(
-        "UPDATE recipients SET held = 0, next_attempt = NULL
-          WHERE held = 2 AND state = 'forward'
-            AND (lower(address) LIKE '%@' || ?1 OR (?2 AND lower(address) LIKE '%.' || ?1))",
-        params![d, subdomains],
-    )?)
-}
+    fn retry() -> Outcome {
+        Outcome::Retry("451 4.3.0 later".into())
+    }
 
-/// The send scheduler (C7): release everything held for ETRN.
-pub fn release_all_etrn(conn: &Connection) -> Result<usize, StoreError> {
-    Ok(conn.execute("UPDATE recipients SET held = 0, next_attempt = NULL WHERE held = 2 AND state = 'forward'", [])?)
+    #[test]
+    fn two_level_retry_intervals() {
+        let s = schedule();
+        let d = decide(&due(0, 0, false), &retry(), &s, NOW);
+        assert_eq!((d.state, d.next_attempt, d.code), (RecipientState::Forward, Some(NOW + 60), code::CLIENT_RETRY_1));
+        let d = decide(&due(1, 60, false), &retry(), &s, NOW);
+        assert_eq!(d.next_attempt, Some(NOW + 60));
+        let d = decide(&due(2, 120, false), &retry(), &s, NOW);
+        assert_eq!((d.next_attempt, d.code), (Some(NOW + 3600), code::CLIENT_RETRY_2));
+        let d = decide(&due(4, 7300, false), &retry(), &s, NOW);
+        assert_eq!(d.state, RecipientState::Bounce);
+        assert!(d.reply.contains("retries exhausted after 5 attempts"), "{}", d.reply);
+    }
+
+    #[test]
+    fn queue_lifetime_ends_retries() {
+        let d = decide(&due(1, 86_400, false), &retry(), &schedule(), NOW);
+        assert_eq!(d.state, RecipientState::Bounce);
+        assert!(d.reply.starts_with("451 4.3.0 later (delivery time expired"), "{}", d.reply);
+    }
+
+    #[test]
+    fn one_delay_warning() {
+        let s = schedule();
+        assert!(!decide(&due(1, 3600, false), &retry(), &s, NOW).warn_delay, "too early");
+        assert!(decide(&due(1, 4 * 3600, false), &retry(), &s, NOW).warn_delay);
+        assert!(!decide(&due(1, 5 * 3600, true), &retry(), &s, NOW).warn_delay, "only once");
+    }
+
+    #[test]
+    fn outcomes_are_final_or_scheduled() {
+        let s = schedule();
+        let d = decide(&due(0, 0, false), &Outcome::Delivered { reply: "250 ok".into(), relayed: false }, &s, NOW);
+        assert_eq!((d.state, d.next_attempt), (RecipientState::Sent, None));
+        let d = decide(&due(0, 0, false), &Outcome::Failed("550 5.1.1 no".into()), &s, NOW);
+        assert_eq!((d.state, d.code), (RecipientState::Bounce, code::CLIENT_UNDELIVERABLE));
+    }
+
+    #[test]
+    fn etrn_domains_and_subdomains() {
+        let e = EtrnDomains::new(&["Branch.Example.".into()]);
+        assert!(e.holds("a@branch.example") && e.holds("a@x.BRANCH.example"));
+        assert!(!e.holds("a@notbranch.example") && !e.contains("example"));
+    }
 }

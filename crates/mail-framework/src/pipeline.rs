@@ -4,12 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::journal::{self, code};
 use directory::LocalDomains;
-use rusqlite::{Connection, params};
-use store::journal::{self, code};
+use rusqlite::Connection;
 use store::{Durability, Store, StoreError};
 
 use crate::Result;
+use crate::message::{self, RecipientState};
 use crate::queue::Queue;
 
 /// Recipients one pipeline transaction takes at most.
@@ -36,6 +37,8 @@ pub enum Tag {
     Quarantined { rule: String },
     /// A filter threw the message away (F3 *discard*).
     Discarded { rule: String },
+    /// Another recipient of the message already reaches the same mailbox (one copy each).
+    Duplicate,
 }
 
 impl Tag {
@@ -48,21 +51,12 @@ impl Tag {
             Tag::Expanded => "Expanded",
             Tag::Quarantined { .. } => "Filtered: kept",
             Tag::Discarded { .. } => "Filtered: discarded",
+            Tag::Duplicate => "Duplicate",
         }
     }
 }
 
-/// The message a work item belongs to.
-#[derive(Clone, Debug)]
-pub struct MessageInfo {
-    pub id: i64,
-    pub qid: String,
-    pub mail_from: String,
-    pub size: i64,
-    pub received_at: i64,
-    /// `smtp`, `bounce` (a non-delivery report), `double-bounce` (one to the postmaster).
-    pub origin: String,
-}
+pub use crate::message::MessageInfo;
 
 /// One queued recipient travelling through the pipeline.
 #[derive(Clone, Debug)]
@@ -73,6 +67,8 @@ pub struct WorkItem {
     pub tag: Tag,
     /// How many alias or forwarding expansions led to this recipient (F7: at most 10).
     pub depth: i64,
+    /// The alias or forwarding address this recipient was expanded from.
+    pub expanded_from: Option<String>,
     /// Addresses that replace or accompany this one (an alias, a forwarding address).
     pub expand_to: Vec<String>,
     /// RFC 3461 NOTIFY and ORCPT given for this recipient.
@@ -116,12 +112,11 @@ pub struct Framework {
 }
 
 impl Framework {
-    /// The built-in snap-ins in i5/OS exit-point order; `hostname` signs delivery reports
-    /// (unless `reports::configure` was called first, with more settings).
+    /// The built-in snap-ins in i5/OS exit-point order with default settings; `hostname`
+    /// signs delivery reports.
     pub fn new(queue: Queue, domains: LocalDomains, hostname: &str) -> Self {
-        crate::reports::configure(crate::reports::ReportSettings { hostname: hostname.to_string(), responsible_person: None });
-        let snapins = crate::snapins::builtin(domains.postmaster(), crate::snapins::DEFAULT_FILTER_MAX_BYTES);
-        Self::with_snapins(queue, domains, snapins)
+        let settings = crate::snapins::Settings::new(domains.postmaster(), hostname);
+        Self::with_snapins(queue, domains, crate::snapins::builtin(&settings))
     }
 
     pub fn with_snapins(queue: Queue, domains: LocalDomains, snapins: Vec<Box<dyn SnapIn>>) -> Self {
@@ -189,26 +184,37 @@ impl Framework {
         }
     }
 
-    /// Process one batch; returns how many recipients it took.
+    /// Process one batch; returns how many recipients it took. When the batch fails, each
+    /// message in it is tried alone, so one poison message cannot stall the others: the one
+    /// that fails is looked at again after a growing pause and, after
+    /// [`message::resolve::MAX_FAILURES`] failures, held for the administrator (journaled,
+    /// shown by `postroom queue list`).
     pub async fn run_once(&self) -> Result<usize> {
-        let store: &Store = self.queue.store();
-        let (domains, snapins) = (self.domains.clone(), self.snapins.clone());
-        let items = store
-            .read(move |conn| {
-                let mut items = load_batch(conn)?;
-                let ctx = Context { conn, domains: &domains };
-                for s in snapins.iter() {
-                    s.examine(&ctx, &mut items)?;
-                }
-                Ok(items)
-            })
-            .await?;
+        self.run_once_at(store::now()).await
+    }
+
+    /// [`Framework::run_once`] as if the time were `now` (unix seconds): tests step the
+    /// framework's back-off without waiting.
+    pub async fn run_once_at(&self, now: i64) -> Result<usize> {
+        let items = self.queue.store().read(move |c| load_batch(c, now)).await?;
         let n = items.len();
         if n == 0 {
             return Ok(0);
         }
-        let snapins = self.snapins.clone();
-        let outbound = store.write(Durability::Normal, move |tx| apply_batch(tx, &snapins, items)).await?;
+        let outbound = match self.process(items.clone()).await {
+            Ok(outbound) => outbound,
+            Err(e) => {
+                tracing::warn!(error = %e, recipients = n, "framework batch failed; trying its messages one by one");
+                let mut outbound = 0;
+                for group in items.chunk_by(|a, b| a.message.id == b.message.id) {
+                    match self.process(group.to_vec()).await {
+                        Ok(o) => outbound += o,
+                        Err(e) => self.failed(group, &e.to_string(), now).await?,
+                    }
+                }
+                outbound
+            }
+        };
         if outbound > 0 {
             self.outbound.notify_one();
         }
@@ -216,51 +222,78 @@ impl Framework {
         self.queue.wake_handle().notify_one();
         Ok(n)
     }
+
+    /// Let every snap-in examine the items, then apply their decisions in one transaction.
+    async fn process(&self, items: Vec<WorkItem>) -> Result<usize> {
+        let store: &Store = self.queue.store();
+        let (domains, snapins) = (self.domains.clone(), self.snapins.clone());
+        let items = store
+            .read(move |conn| {
+                let mut items = items;
+                let ctx = Context { conn, domains: &domains };
+                for s in snapins.iter() {
+                    s.examine(&ctx, &mut items)?;
+                }
+                Ok(items)
+            })
+            .await?;
+        let snapins = self.snapins.clone();
+        Ok(store.write(Durability::Normal, move |tx| apply_batch(tx, &snapins, items)).await?)
+    }
+
+    /// The snap-ins failed on one message's recipients: count it, back off, hold at the limit.
+    async fn failed(&self, group: &[WorkItem], error: &str, now: i64) -> Result<()> {
+        let message = group[0].message.clone();
+        let ids: Vec<i64> = group.iter().map(|i| i.recipient_id).collect();
+        tracing::error!(qid = %message.qid, %error, "the framework failed on a message; it waits and is tried again");
+        let error = error.to_string();
+        self.queue
+            .store()
+            .write(Durability::Normal, move |c| {
+                let held = message::resolve::failed(c, &ids, &error, now)?;
+                if !held.is_empty() {
+                    let detail = format!(
+                        "{} recipient(s) held after {} framework failures: {error} (postroom queue release {})",
+                        held.len(),
+                        message::resolve::MAX_FAILURES,
+                        message.qid
+                    );
+                    journal::append(c, &journal::Entry { code: code::FRAMEWORK_HELD, qid: &message.qid, detail: &detail, ..Default::default() })?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
 }
 
-fn load_batch(conn: &Connection) -> Result<Vec<WorkItem>, StoreError> {
-    // `bounce` rows failed after acceptance (in the SMTP client): they come pre-tagged for the
-    // non-delivery snap-in, with the reason in last_reply.
-    let mut stmt = conn.prepare_cached(
-        "SELECT r.id, r.address, m.id, m.qid, m.mail_from, m.size, m.received_at, m.origin, r.state, r.last_reply, r.depth, r.notify, r.orcpt
-           FROM recipients r JOIN messages m ON m.id = r.message_id
-          WHERE r.state IN ('queued', 'bounce') AND (r.next_attempt IS NULL OR r.next_attempt <= ?1)
-          ORDER BY r.message_id, r.id LIMIT ?2",
-    )?;
-    let mut items: Vec<WorkItem> = Vec::new();
-    let mut rows = stmt.query(params![store::now(), BATCH as i64])?;
-    while let Some(r) = rows.next()? {
-        let message_id: i64 = r.get(2)?;
-        let message = match items.last() {
-            Some(prev) if prev.message.id == message_id => prev.message.clone(),
-            _ => Arc::new(MessageInfo {
-                id: message_id,
-                qid: r.get(3)?,
-                mail_from: r.get(4)?,
-                size: r.get(5)?,
-                received_at: r.get(6)?,
-                origin: r.get(7)?,
-            }),
-        };
-        let tag = match r.get::<_, String>(8)?.as_str() {
-            "bounce" => {
-                let reason: String = r.get::<_, Option<String>>(9)?.unwrap_or_default();
-                Tag::NonDelivery { status: crate::bounce::status_of(&reason), reason }
+fn load_batch(conn: &Connection, now: i64) -> Result<Vec<WorkItem>, StoreError> {
+    let waiting = message::resolve::waiting(conn, now, BATCH)?;
+    Ok(waiting
+        .into_iter()
+        .map(|w| {
+            // `bounce` rows failed after acceptance (in the SMTP client): they come pre-tagged for
+            // the non-delivery snap-in, with the reason in last_reply.
+            let tag = match w.state {
+                RecipientState::Bounce => {
+                    let reason = w.last_reply.unwrap_or_default();
+                    Tag::NonDelivery { status: crate::bounce::status_of(&reason), reason }
+                }
+                _ => Tag::Unresolved,
+            };
+            WorkItem {
+                recipient_id: w.recipient_id,
+                address: w.address,
+                message: w.message,
+                tag,
+                depth: w.depth,
+                expanded_from: w.expanded_from,
+                expand_to: Vec::new(),
+                notify: w.notify,
+                orcpt: w.orcpt,
             }
-            _ => Tag::Unresolved,
-        };
-        items.push(WorkItem {
-            recipient_id: r.get(0)?,
-            address: r.get(1)?,
-            message,
-            tag,
-            depth: r.get(10)?,
-            expand_to: Vec::new(),
-            notify: r.get(11)?,
-            orcpt: r.get(12)?,
-        });
-    }
-    Ok(items)
+        })
+        .collect())
 }
 
 /// One transaction: keep only items still waiting (a replay after a crash finds them done),
@@ -268,29 +301,27 @@ fn load_batch(conn: &Connection) -> Result<Vec<WorkItem>, StoreError> {
 /// Returns how many recipients went to the outbound queue.
 fn apply_batch(tx: &Connection, snapins: &[Box<dyn SnapIn>], items: Vec<WorkItem>) -> Result<usize, StoreError> {
     let mut live = Vec::with_capacity(items.len());
-    {
-        let mut still = tx.prepare_cached("SELECT 1 FROM recipients WHERE id = ?1 AND state IN ('queued', 'bounce')")?;
-        for item in items {
-            if still.exists([item.recipient_id])? {
-                live.push(item);
-            }
+    for item in items {
+        if message::resolve::still_waiting(tx, item.recipient_id)? {
+            live.push(item);
         }
     }
     for s in snapins {
         s.apply(tx, &live)?;
     }
-    let mut set_state = tx.prepare_cached("UPDATE recipients SET state = ?2, user_id = ?3, next_attempt = ?4, last_reply = ?5 WHERE id = ?1")?;
+    let now = store::now();
     for item in &live {
         let (state, user_id, next, reply) = match &item.tag {
-            Tag::LocalDelivery { user_id, .. } => ("delivered", Some(*user_id), None, None),
-            Tag::Forward => ("forward", None, None, None),
-            Tag::Expanded => ("expanded", None, None, None),
-            Tag::Quarantined { rule } => ("quarantined", None, None, Some(rule.clone())),
-            Tag::Discarded { rule } => ("discarded", None, None, Some(rule.clone())),
-            Tag::NonDelivery { reason, .. } => ("failed", None, None, Some(reason.clone())),
-            Tag::Unresolved | Tag::PutBack => ("queued", None, Some(store::now() + PUT_BACK_SECS), None),
+            Tag::LocalDelivery { user_id, .. } => (RecipientState::Delivered, Some(*user_id), None, None),
+            Tag::Duplicate => (RecipientState::Duplicate, None, None, Some("another recipient of this message reaches the same mailbox")),
+            Tag::Forward => (RecipientState::Forward, None, None, None),
+            Tag::Expanded => (RecipientState::Expanded, None, None, None),
+            Tag::Quarantined { rule } => (RecipientState::Quarantined, None, None, Some(rule.as_str())),
+            Tag::Discarded { rule } => (RecipientState::Discarded, None, None, Some(rule.as_str())),
+            Tag::NonDelivery { reason, .. } => (RecipientState::Failed, None, None, Some(reason.as_str())),
+            Tag::Unresolved | Tag::PutBack => (RecipientState::Queued, None, Some(now + PUT_BACK_SECS), None),
         };
-        set_state.execute(params![item.recipient_id, state, user_id, next, reply])?;
+        message::resolve::resolved(tx, item.recipient_id, state, user_id, next, reply)?;
         journal::append(
             tx,
             &journal::Entry {
@@ -307,7 +338,7 @@ fn apply_batch(tx: &Connection, snapins: &[Box<dyn SnapIn>], items: Vec<WorkItem
     let mut last = None;
     for item in &live {
         if last != Some(item.message.id) {
-            directory::mailbox::collect_message(tx, item.message.id)?;
+            message::collect(tx, item.message.id)?;
             last = Some(item.message.id);
         }
     }

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use rusqlite::{Connection, params};
-use store::journal::{self, code};
-use store::{Durability, Store, StoreError};
+use crate::journal::{self, code};
+use store::{Durability, Store};
 use tokio::sync::Notify;
 
 use crate::Result;
+use crate::message::{self, Origin};
 
 /// A message's envelope, as the receiving door saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -20,8 +20,7 @@ pub struct Envelope {
     pub recipients: Vec<String>,
     pub client_ip: String,
     pub helo: String,
-    /// `smtp`, later `sendmail`, `api`, `bounce`.
-    pub origin: &'static str,
+    pub origin: Origin,
     /// Delivery status notification requests (RFC 3461), when the client made any.
     pub dsn: Dsn,
 }
@@ -82,9 +81,19 @@ impl Queue {
         Incoming { queue: self.clone(), qid: new_qid(), message_id: None, seq: 0, buf: Vec::new(), size: 0 }
     }
 
-    /// At start-up: drop messages whose DATA never finished (their sender got no 250).
+    /// At start-up: drop messages whose DATA never finished (their sender got no 250), and
+    /// release the claims of outbound attempts the previous process did not finish.
     pub async fn recover(&self) -> Result<usize> {
-        Ok(self.store.write(Durability::Normal, |c| Ok(c.execute("DELETE FROM messages WHERE complete = 0", [])?)).await?)
+        Ok(self
+            .store
+            .write(Durability::Normal, |c| {
+                let released = message::outbound::release_all_claims(c)?;
+                if released > 0 {
+                    tracing::info!(released, "recipients whose delivery attempt was interrupted are due again");
+                }
+                message::receive::drop_incomplete(c)
+            })
+            .await?)
     }
 }
 
@@ -95,18 +104,6 @@ impl Incoming {
 
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    /// Insert bytes at `pos` of the message, which is possible while nothing has been written
-    /// to the store yet (the first chunk is still in memory): used to add header fields to
-    /// submitted mail once its header section has been seen. False when it was too late.
-    pub fn insert_at(&mut self, pos: usize, bytes: &[u8]) -> bool {
-        if self.message_id.is_some() || pos > self.buf.len() {
-            return false;
-        }
-        self.buf.splice(pos..pos, bytes.iter().copied());
-        self.size += bytes.len() as u64;
-        true
     }
 
     /// Append message bytes; writes a chunk to the store whenever one fills up.
@@ -134,9 +131,9 @@ impl Incoming {
             .write(Durability::Normal, move |c| {
                 let id = match message_id {
                     Some(id) => id,
-                    None => insert_message(c, &qid)?,
+                    None => message::receive::start(c, &qid)?,
                 };
-                insert_chunk(c, id, seq, &data)?;
+                message::receive::chunk(c, id, seq, &data)?;
                 Ok(id)
             })
             .await?;
@@ -155,41 +152,22 @@ impl Incoming {
             .write(Durability::Full, move |c| {
                 let id = match message_id {
                     Some(id) => id,
-                    None => insert_message(c, &q)?,
+                    None => message::receive::start(c, &q)?,
                 };
                 if !buf.is_empty() {
-                    insert_chunk(c, id, seq, &buf)?;
+                    message::receive::chunk(c, id, seq, &buf)?;
                 }
-                c.prepare_cached(
-                    "UPDATE messages SET complete = 1, mail_from = ?2, size = ?3, client_ip = ?4, helo = ?5, origin = ?6, dsn_ret = ?7, dsn_envid = ?8
-                      WHERE id = ?1",
-                )?
-                .execute(params![
-                    id,
-                    envelope.mail_from,
-                    size as i64,
-                    envelope.client_ip,
-                    envelope.helo,
-                    envelope.origin,
-                    envelope.dsn.ret,
-                    envelope.dsn.envid
-                ])?;
-                let mut stmt =
-                    c.prepare_cached("INSERT INTO recipients (message_id, address, state, notify, orcpt) VALUES (?1, ?2, 'queued', ?3, ?4)")?;
-                for (i, r) in envelope.recipients.iter().enumerate() {
-                    let dsn = envelope.dsn.recipients.get(i).cloned().unwrap_or_default();
-                    stmt.execute(params![id, r, dsn.notify, dsn.orcpt])?;
-                }
+                let queued = message::receive::complete(c, id, size, &envelope)?;
                 journal::append(
                     c,
                     &journal::Entry {
                         code: code::SMTP_RECEIVED_LOCAL,
                         qid: &q,
                         originator: &envelope.mail_from,
-                        recipient: &envelope.recipients.join(","),
+                        recipient: &queued.join(","),
                         size: Some(size as i64),
                         ip: &envelope.client_ip,
-                        detail: envelope.origin,
+                        detail: envelope.origin.as_str(),
                     },
                 )?;
                 Ok(())
@@ -202,22 +180,12 @@ impl Incoming {
     /// Forget a message whose DATA was refused or cut off.
     pub async fn abort(self) {
         if let Some(id) = self.message_id {
-            let r = self.queue.store.write(Durability::Normal, move |c| Ok(c.execute("DELETE FROM messages WHERE id = ?1", [id])?)).await;
+            let r = self.queue.store.write(Durability::Normal, move |c| message::receive::abort(c, id)).await;
             if let Err(e) = r {
                 tracing::warn!(qid = %self.qid, error = %e, "could not remove an aborted message; it goes at the next start");
             }
         }
     }
-}
-
-fn insert_message(c: &Connection, qid: &str) -> Result<i64, StoreError> {
-    c.prepare_cached("INSERT INTO messages (qid, received_at) VALUES (?1, ?2)")?.execute(params![qid, store::now()])?;
-    Ok(c.last_insert_rowid())
-}
-
-fn insert_chunk(c: &Connection, message_id: i64, seq: i64, data: &[u8]) -> Result<(), StoreError> {
-    c.prepare_cached("INSERT INTO body_chunks (message_id, seq, data) VALUES (?1, ?2, ?3)")?.execute(params![message_id, seq, data])?;
-    Ok(())
 }
 
 /// A queue id: time-ordered, unique across restarts (microseconds + a counter + random bits).
@@ -228,54 +196,4 @@ pub fn new_qid() -> String {
     let _ = getrandom::fill(&mut r);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xFFF;
     format!("{micros:X}{n:03X}{:04X}", u16::from_le_bytes(r))
-}
-
-/// One recipient row as `postroom queue list|show` prints it.
-#[derive(Clone, Debug)]
-pub struct QueuedRecipient {
-    pub qid: String,
-    pub mail_from: String,
-    pub address: String,
-    pub state: String,
-    pub size: i64,
-    pub received_at: i64,
-    pub attempts: i64,
-    pub next_attempt: Option<i64>,
-    pub held: bool,
-    pub last_reply: Option<String>,
-}
-
-const RECIPIENT_COLUMNS: &str = "m.qid, m.mail_from, r.address, r.state, m.size, m.received_at, r.attempts, r.next_attempt, r.held, r.last_reply";
-
-fn recipient_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueuedRecipient> {
-    Ok(QueuedRecipient {
-        qid: r.get(0)?,
-        mail_from: r.get(1)?,
-        address: r.get(2)?,
-        state: r.get(3)?,
-        size: r.get(4)?,
-        received_at: r.get(5)?,
-        attempts: r.get(6)?,
-        next_attempt: r.get(7)?,
-        held: r.get(8)?,
-        last_reply: r.get(9)?,
-    })
-}
-
-/// Recipients not yet finished: waiting for the framework, the SMTP client or a report.
-pub fn pending(c: &Connection) -> rusqlite::Result<Vec<QueuedRecipient>> {
-    let mut stmt = c.prepare(&format!(
-        "SELECT {RECIPIENT_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id
-          WHERE r.state IN ('queued', 'forward', 'bounce') ORDER BY r.id"
-    ))?;
-    let rows = stmt.query_map([], recipient_row)?;
-    rows.collect()
-}
-
-/// Every recipient of one message, whatever its state (`postroom queue show`).
-pub fn message_recipients(c: &Connection, qid: &str) -> rusqlite::Result<Vec<QueuedRecipient>> {
-    let mut stmt =
-        c.prepare(&format!("SELECT {RECIPIENT_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id WHERE m.qid = ?1 ORDER BY r.id"))?;
-    let rows = stmt.query_map([qid], recipient_row)?;
-    rows.collect()
 }

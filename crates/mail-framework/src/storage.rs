@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use store::journal::{self, code};
+use crate::journal::{self, code};
 use store::{Durability, Store};
 use tokio::sync::Notify;
 

@@ -2,10 +2,11 @@
 //! discard deletes, release delivers; reports are not filtered; the size bound holds.
 
 use directory::filters::{self, Action, Field};
-use directory::mailbox;
 use mail_builder::MessageBuilder;
+use mail_framework::message::{mailbox, quarantine};
+use mail_framework::reports::ReportSettings;
 use mail_framework::snapins::{self, AddressResolution, Filtering, Forwarding, LocalDelivery, NonDelivery};
-use mail_framework::{Framework, SnapIn};
+use mail_framework::{Framework, Origin, SnapIn};
 use store::Durability;
 
 mod common;
@@ -57,12 +58,12 @@ const RCPTS: [&str; 2] = ["samjones@example.test", "someone@remote.example"];
 async fn keep_quarantines_and_release_delivers() {
     let s = setup(4096);
     s.rule(Field::Attachment, "*.vbs", Action::Keep);
-    let qid = enqueue(&s.queue, &virus(), &RCPTS, "smtp").await;
+    let qid = enqueue(&s.queue, &virus(), &RCPTS, Origin::Smtp).await;
     let fw = s.framework();
     assert_eq!(fw.run_once().await.unwrap(), 2);
     assert_eq!(s.states(), [(RCPTS[0].to_string(), "quarantined".to_string()), (RCPTS[1].into(), "quarantined".into())]);
     assert!(mailbox::snapshot(&s.store, s.sam).await.unwrap().is_empty(), "no mailbox row");
-    let kept = s.store.read_blocking(|c| Ok(filters::quarantine_list(c)?)).unwrap();
+    let kept = s.store.read_blocking(|c| Ok(quarantine::list(c)?)).unwrap();
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0].qid, qid);
     assert_eq!(kept[0].recipients, RCPTS);
@@ -76,23 +77,23 @@ async fn keep_quarantines_and_release_delivers() {
     assert_eq!(fw.run_once().await.unwrap(), 0, "nothing left to do");
 
     // Release: the recipients are queued again and the filter lets the message through.
-    let (q, n) = s.store.write_blocking(Durability::Full, |c| Ok(filters::quarantine_release(c, "1")?)).unwrap();
+    let (q, n) = s.store.write_blocking(Durability::Full, |c| Ok(quarantine::release(c, "1")?)).unwrap();
     assert_eq!((q.qid.as_str(), n), (qid.as_str(), 2));
-    assert!(s.store.write_blocking(Durability::Full, |c| Ok(filters::quarantine_release(c, "1")?)).is_err(), "only once");
+    assert!(s.store.write_blocking(Durability::Full, |c| Ok(quarantine::release(c, "1")?)).is_err(), "only once");
     assert_eq!(fw.run_once().await.unwrap(), 2);
     assert_eq!(s.states(), [(RCPTS[0].to_string(), "delivered".to_string()), (RCPTS[1].into(), "forward".into())]);
     assert_eq!(mailbox::snapshot(&s.store, s.sam).await.unwrap().len(), 1);
     let ow = s.journal("OW");
     assert_eq!(ow.len(), 2, "{ow:?}");
     assert!(ow[1].1.starts_with("released from quarantine 1"), "{}", ow[1].1);
-    assert!(s.store.read_blocking(|c| Ok(filters::quarantine_list(c)?)).unwrap().is_empty());
+    assert!(s.store.read_blocking(|c| Ok(quarantine::list(c)?)).unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn discard_deletes_the_message() {
     let s = setup(4096);
     s.rule(Field::Subject, "*INVOICE*", Action::Discard);
-    let qid = enqueue(&s.queue, &virus(), &RCPTS, "smtp").await;
+    let qid = enqueue(&s.queue, &virus(), &RCPTS, Origin::Smtp).await;
     let fw = s.framework();
     assert_eq!(fw.run_once().await.unwrap(), 2);
     assert!(mailbox::snapshot(&s.store, s.sam).await.unwrap().is_empty());
@@ -112,9 +113,9 @@ async fn discard_deletes_the_message() {
 async fn quarantine_delete_frees_the_message() {
     let s = setup(4096);
     s.rule(Field::MimeType, "application/*", Action::Keep);
-    let qid = enqueue(&s.queue, &virus(), &RCPTS[..1], "smtp").await;
+    let qid = enqueue(&s.queue, &virus(), &RCPTS[..1], Origin::Smtp).await;
     s.framework().run_once().await.unwrap();
-    let (q, n) = s.store.write_blocking(Durability::Full, move |c| Ok(filters::quarantine_delete(c, &qid)?)).unwrap();
+    let (q, n) = s.store.write_blocking(Durability::Full, move |c| Ok(quarantine::delete(c, &qid)?)).unwrap();
     assert_eq!((q.id, n), (1, 1));
     assert!(s.states().is_empty(), "recipients go with the message");
     assert_eq!(s.count("SELECT count(*) FROM messages"), 0);
@@ -130,18 +131,18 @@ async fn clean_mail_reports_and_originators() {
     let fw = s.framework();
 
     // No rule matches: delivered as resolved.
-    enqueue(&s.queue, &clean(), &RCPTS[..1], "smtp").await;
+    enqueue(&s.queue, &clean(), &RCPTS[..1], Origin::Smtp).await;
     fw.run_once().await.unwrap();
     assert_eq!(s.states()[0].1, "delivered");
 
     // A report of ours is not filtered, whatever it carries.
-    enqueue(&s.queue, &virus(), &RCPTS[..1], "bounce").await;
+    enqueue(&s.queue, &virus(), &RCPTS[..1], Origin::Bounce).await;
     fw.run_once().await.unwrap();
     assert_eq!(s.states()[1].1, "delivered");
 
     // The From header's address is an originator as much as the envelope sender.
     let forged = MessageBuilder::new().from("boss@bad.EXAMPLE").to("samjones@example.test").subject("hi").text_body("x").write_to_vec().unwrap();
-    let qid = enqueue(&s.queue, &forged, &RCPTS[..1], "smtp").await;
+    let qid = enqueue(&s.queue, &forged, &RCPTS[..1], Origin::Smtp).await;
     fw.run_once().await.unwrap();
     assert_eq!(s.states().len(), 2, "the discarded message is gone");
     let ow = s.journal("OW");
@@ -159,20 +160,20 @@ async fn only_the_first_max_bytes_are_walked() {
     let chain: Vec<Box<dyn SnapIn>> = vec![
         Box::new(AddressResolution),
         Box::new(Filtering { max_bytes: 4096, ..Filtering::default() }),
-        Box::new(LocalDelivery),
-        Box::new(Forwarding),
-        Box::new(NonDelivery { postmaster: "admin@example.test".into() }),
+        Box::new(LocalDelivery { reports: ReportSettings::new("mail.example.test") }),
+        Box::new(Forwarding { etrn: Default::default() }),
+        Box::new(NonDelivery { postmaster: "admin@example.test".into(), reports: ReportSettings::new("mail.example.test") }),
     ];
     let fw = Framework::with_snapins(s.queue.clone(), s.domains.clone(), chain);
-    enqueue(&s.queue, &virus(), &RCPTS[..1], "smtp").await;
+    enqueue(&s.queue, &virus(), &RCPTS[..1], Origin::Smtp).await;
     fw.run_once().await.unwrap();
     assert_eq!(s.states()[0].1, "delivered");
     // The built-in chain reads 10 MiB and finds it.
     assert_eq!(
-        snapins::builtin("p", snapins::DEFAULT_FILTER_MAX_BYTES).iter().map(|s| s.name()).collect::<Vec<_>>()[..2],
+        snapins::builtin(&snapins::Settings::new("p", "mail.example.test")).iter().map(|s| s.name()).collect::<Vec<_>>()[..2],
         ["address-resolution", "filtering"]
     );
-    enqueue(&s.queue, &virus(), &RCPTS[..1], "smtp").await;
+    enqueue(&s.queue, &virus(), &RCPTS[..1], Origin::Smtp).await;
     s.framework().run_once().await.unwrap();
     assert_eq!(s.states()[1].1, "quarantined");
 }

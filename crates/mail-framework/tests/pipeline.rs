@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use directory::mailbox;
+use mail_framework::message::mailbox;
 use mail_framework::pipeline::Context;
 use mail_framework::snapins;
-use mail_framework::{Framework, SnapIn, WorkItem};
+use mail_framework::{Framework, Origin, SnapIn, WorkItem};
 use store::rusqlite::Connection;
 use store::{Durability, Store, StoreError};
 
@@ -26,7 +26,7 @@ async fn message_bytes(store: &Store, mailbox_id: i64) -> Vec<u8> {
 async fn tags_each_recipient_and_delivers_locally_once() {
     let s = setup(4096);
     let body: Vec<u8> = (0..10_000u32).map(|i| b"abcdefgh\r\n"[(i % 10) as usize]).collect();
-    enqueue(&s.queue, &body, &["samjones@EXAMPLE.test", "someone@remote.example", "postmaster"], "smtp").await;
+    enqueue(&s.queue, &body, &["samjones@EXAMPLE.test", "someone@remote.example", "postmaster"], Origin::Smtp).await;
     let fw = Framework::new(s.queue.clone(), s.domains.clone(), "mail.example.test");
     assert_eq!(fw.run_once().await.unwrap(), 3);
     assert_eq!(
@@ -58,7 +58,8 @@ async fn tags_each_recipient_and_delivers_locally_once() {
     assert_eq!(mailbox::snapshot(&s.store, s.sam).await.unwrap().len(), 1, "UNIQUE(message, recipient) makes the replay a no-op");
 }
 
-/// A snap-in that fails its apply step while `fail` is set.
+/// A snap-in whose apply step fails, while `fail` is set, for batches holding mail to a
+/// "poison" address.
 struct Flaky(Arc<AtomicBool>);
 
 impl SnapIn for Flaky {
@@ -68,25 +69,47 @@ impl SnapIn for Flaky {
     fn examine(&self, _ctx: &Context<'_>, _items: &mut [WorkItem]) -> Result<(), StoreError> {
         Ok(())
     }
-    fn apply(&self, _tx: &Connection, _items: &[WorkItem]) -> Result<(), StoreError> {
-        if self.0.load(Ordering::SeqCst) { Err(StoreError::Invalid("injected failure".into())) } else { Ok(()) }
+    fn apply(&self, _tx: &Connection, items: &[WorkItem]) -> Result<(), StoreError> {
+        if self.0.load(Ordering::SeqCst) && items.iter().any(|i| i.address.starts_with("poison")) {
+            Err(StoreError::Invalid("injected failure".into()))
+        } else {
+            Ok(())
+        }
     }
 }
 
+/// Issue 12, defect 4: one message whose snap-in fails made its whole batch fail and retry every
+/// second, forever. Now the others are delivered, the failing one backs off, and after
+/// MAX_FAILURES it is held with its reason until the administrator releases it.
 #[tokio::test]
-async fn a_failing_step_rolls_back_the_whole_batch() {
+async fn a_poison_message_does_not_stall_the_others_and_is_held() {
+    use mail_framework::message::{Hold, admin, resolve::MAX_FAILURES};
     let s = setup(4096);
-    enqueue(&s.queue, b"Subject: x\r\n\r\nhi\r\n", &["samjones@example.test"], "smtp").await;
+    directory::admin::Admin { store: &s.store, domains: &s.domains }.add_user("poison", &["poison@example.test".into()], None).unwrap();
+    let poison = enqueue(&s.queue, b"Subject: bad\r\n\r\nhi\r\n", &["poison@example.test"], Origin::Smtp).await;
+    enqueue(&s.queue, b"Subject: good\r\n\r\nhi\r\n", &["samjones@example.test"], Origin::Smtp).await;
     let fail = Arc::new(AtomicBool::new(true));
-    let mut chain = snapins::builtin("admin@example.test", snapins::DEFAULT_FILTER_MAX_BYTES);
+    let mut chain = snapins::builtin(&snapins::Settings::new("admin@example.test", "mail.example.test"));
     chain.push(Box::new(Flaky(fail.clone())));
     let fw = Framework::with_snapins(s.queue.clone(), s.domains.clone(), chain);
-    assert!(fw.run_once().await.is_err());
-    assert_eq!(s.states()[0].1, "queued", "state change rolled back with the mailbox row");
-    assert!(mailbox::snapshot(&s.store, s.sam).await.unwrap().is_empty());
+    let mut now = store::now();
+    assert_eq!(fw.run_once_at(now).await.unwrap(), 2, "the batch is taken; its failure is contained");
+    assert_eq!(mailbox::snapshot(&s.store, s.sam).await.unwrap().len(), 1, "the good message is delivered");
+    assert_eq!(s.states()[0].1, "queued", "the poison message's state change rolled back");
+    assert_eq!(fw.run_once_at(now).await.unwrap(), 0, "it backs off instead of retrying at once");
+    for _ in 1..MAX_FAILURES {
+        now += 3700;
+        assert_eq!(fw.run_once_at(now).await.unwrap(), 1);
+    }
+    let rows = s.store.read_blocking(admin::pending).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].held, Hold::Failing);
+    assert!(rows[0].last_reply.as_deref().unwrap_or_default().contains("injected failure"), "{:?}", rows[0].last_reply);
+    assert_eq!(fw.run_once_at(now + 100_000).await.unwrap(), 0, "held: the framework leaves it to the administrator");
     fail.store(false, Ordering::SeqCst);
-    fw.run_once().await.unwrap();
-    assert_eq!(mailbox::snapshot(&s.store, s.sam).await.unwrap().len(), 1);
+    assert_eq!(s.store.write_blocking(Durability::Full, move |c| admin::command(c, &poison, admin::QueueCommand::Release)).unwrap(), 1);
+    fw.run_once_at(now).await.unwrap();
+    assert_eq!(s.states()[0].1, "delivered");
 }
 
 #[tokio::test]

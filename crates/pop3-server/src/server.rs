@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use directory::PasswordPool;
 use directory::access::ListCache;
-use directory::mailbox::{self, LoginUser};
+use directory::mailbox::{self as login, LoginUser};
 use directory::penalty::PenaltyBox;
+use mail_framework::journal::{self, code};
+use mail_framework::message::mailbox;
 use mail_proto::DotStuffer;
 use mail_proto::dot::TopFilter;
 use mail_proto::limits::SessionLimits;
 use mail_proto::net::normalise_ip;
-use store::journal::{self, code};
 use store::{Durability, Store};
 use tls::{ServerTls, Stream};
 use tokio::io::AsyncReadExt;
@@ -256,7 +257,7 @@ impl Driver<'_> {
             self.journal(code::POP_LOGIN_FAILED, name, "refused during a cool-down after failed logins (A5)").await;
             return LoginOutcome::TempFail;
         }
-        let user = match mailbox::authenticate(&s.store, &s.passwords, name, password).await {
+        let user = match login::authenticate(&s.store, &s.passwords, name, password).await {
             Ok(Some(u)) => u,
             Ok(None) => {
                 let locked = s.penalty.login_failed(offender);
@@ -280,7 +281,14 @@ impl Driver<'_> {
         // P5: the login record rides on a later commit; the session does not wait for it.
         let (store, u, ip) = (s.store.clone(), user.clone(), self.ip.to_string());
         tokio::spawn(async move {
-            if let Err(e) = mailbox::record_login(&store, &u, &ip).await {
+            let recorded = store
+                .write(Durability::Normal, move |c| {
+                    login::record_login(c, u.id, &ip)?;
+                    journal::append(c, &journal::Entry { code: code::POP_LOGIN, recipient: &u.name, ip: &ip, ..Default::default() })?;
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = recorded {
                 tracing::warn!(error = %e, "could not record the POP3 login");
             }
         });

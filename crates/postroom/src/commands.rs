@@ -101,7 +101,7 @@ pub struct JournalArgs {
 }
 
 pub fn open(config: &Config) -> anyhow::Result<(Store, LocalDomains)> {
-    let store = Store::open(&config.data_dir, StoreOptions { readers: 1, ..Default::default() })
+    let store = Store::open(&config.data_dir, StoreOptions { readers: 1, journal: config.journal.enabled, ..Default::default() })
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
     Ok((store, LocalDomains::new(&config.domains, &config.postmaster)))
 }

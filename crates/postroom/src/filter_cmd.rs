@@ -7,7 +7,11 @@
 //! framework takes, without a restart.
 
 use clap::{ArgGroup, Args, Subcommand};
-use directory::filters::{self, Action, Field, Quarantined};
+use directory::filters::{self, Action, Field};
+use mail_framework::message::{
+    body,
+    quarantine::{self, Quarantined},
+};
 use mail_framework::{bounce, mime_scan};
 use mail_proto::date::rfc5322;
 use store::Durability;
@@ -108,10 +112,10 @@ pub fn quarantine(cmd: QuarantineCommand, config: &Config) -> anyhow::Result<()>
     match cmd {
         QuarantineCommand::List => {
             let held = store.read_blocking(|c| {
-                let held = filters::quarantine_list(c)?;
+                let held = quarantine::list(c)?;
                 let mut out = Vec::with_capacity(held.len());
                 for q in held {
-                    let head = filters::message_head(c, q.message_id, MAX_HEADERS)?;
+                    let head = body::head(c, q.message_id, MAX_HEADERS)?;
                     out.push((mime_scan::summary(bounce::header_section(&head, MAX_HEADERS)), q));
                 }
                 Ok(out)
@@ -136,8 +140,8 @@ pub fn quarantine(cmd: QuarantineCommand, config: &Config) -> anyhow::Result<()>
         }
         QuarantineCommand::Show { id } => {
             let (q, head) = store.read_blocking(move |c| {
-                let q = filters::quarantine_find(c, &id)?;
-                let head = filters::message_head(c, q.message_id, MAX_HEADERS)?;
+                let q = quarantine::find(c, &id)?;
+                let head = body::head(c, q.message_id, MAX_HEADERS)?;
                 Ok((q, head))
             })?;
             println!("id:        {}", q.id);
@@ -153,11 +157,11 @@ pub fn quarantine(cmd: QuarantineCommand, config: &Config) -> anyhow::Result<()>
             print!("{}", printable_block(&String::from_utf8_lossy(bounce::header_section(&head, MAX_HEADERS))));
         }
         QuarantineCommand::Release { id } => {
-            let (q, n) = store.write_blocking(Durability::Full, move |c| Ok(filters::quarantine_release(c, &id)?))?;
+            let (q, n) = store.write_blocking(Durability::Full, move |c| Ok(quarantine::release(c, &id)?))?;
             println!("quarantine {} ({}): released, {n} recipient(s) queued for delivery", q.id, q.qid);
         }
         QuarantineCommand::Delete { id } => {
-            let (q, n) = store.write_blocking(Durability::Full, move |c| Ok(filters::quarantine_delete(c, &id)?))?;
+            let (q, n) = store.write_blocking(Durability::Full, move |c| Ok(quarantine::delete(c, &id)?))?;
             println!("quarantine {} ({}): deleted, {n} recipient(s) will receive nothing", q.id, q.qid);
         }
     }

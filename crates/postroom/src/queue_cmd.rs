@@ -3,8 +3,8 @@
 
 use anyhow::bail;
 use clap::Subcommand;
-use mail_framework::outbound::{self, QueueCommand as Op};
-use mail_framework::queue::{self, QueuedRecipient};
+use mail_framework::message::admin::{self, QueueCommand as Op, QueuedRecipient};
+use mail_framework::message::{Hold, RecipientState};
 use mail_proto::date::rfc5322;
 use store::Durability;
 
@@ -30,13 +30,13 @@ pub enum QueueCommand {
 pub fn queue(cmd: QueueCommand, config: &Config) -> anyhow::Result<()> {
     let (store, _) = open(config)?;
     let (op, id, done) = match cmd {
-        QueueCommand::List => return list(&store.read_blocking(|c| Ok(queue::pending(c)?))?),
+        QueueCommand::List => return list(&store.read_blocking(admin::pending)?),
         QueueCommand::Show { id } => {
             return show(
                 &id,
                 &store.read_blocking({
                     let id = id.clone();
-                    move |c| Ok(queue::message_recipients(c, &id)?)
+                    move |c| admin::message_recipients(c, &id)
                 })?,
             );
         }
@@ -46,7 +46,7 @@ pub fn queue(cmd: QueueCommand, config: &Config) -> anyhow::Result<()> {
         QueueCommand::Delete { id } => (Op::Delete, id, "deleted"),
     };
     let qid = id.clone();
-    let n = store.write_blocking(Durability::Full, move |c| outbound::command(c, &qid, op))?;
+    let n = store.write_blocking(Durability::Full, move |c| admin::command(c, &qid, op))?;
     if n == 0 {
         bail!("no waiting recipients for queue id {id} (see `postroom queue list`)");
     }
@@ -65,9 +65,9 @@ fn list(rows: &[QueuedRecipient]) -> anyhow::Result<()> {
     }
     println!("{:<22} {:<8} {:>9} {:<30} {:>8} {:<31} last reply", "id", "state", "size", "recipient", "attempts", "next attempt");
     for r in rows {
-        let next = if r.held {
-            "held".to_string()
-        } else if r.state == "forward" {
+        let next = if r.held != Hold::None {
+            r.held.describe().to_string()
+        } else if matches!(r.state, RecipientState::Forward | RecipientState::Queued) {
             when(r.next_attempt)
         } else {
             "-".into()
@@ -94,9 +94,10 @@ fn show(id: &str, rows: &[QueuedRecipient]) -> anyhow::Result<()> {
     println!("size:     {} octets", first.size);
     for r in rows {
         println!("recipient <{}>", r.address);
-        println!("  state:        {}{}", r.state, if r.held { " (held)" } else { "" });
+        let held = if r.held == Hold::None { String::new() } else { format!(" ({})", r.held.describe()) };
+        println!("  state:        {}{held}", r.state);
         println!("  attempts:     {}", r.attempts);
-        if r.state == "forward" {
+        if r.held == Hold::None && r.state == RecipientState::Forward {
             println!("  next attempt: {}", when(r.next_attempt));
         }
         if let Some(reply) = &r.last_reply {

@@ -95,8 +95,7 @@ fn init_logging(config: &Config) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    store::journal::set_enabled(config.journal.enabled);
-    let store = Store::open(&config.data_dir, StoreOptions::default())
+    let store = Store::open(&config.data_dir, StoreOptions { journal: config.journal.enabled, ..Default::default() })
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
     let queue = Queue::new(store.clone(), config.storage.body_chunk_kib as usize * 1024);
     let dropped = queue.recover().await?;
@@ -107,15 +106,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     spawn_heap_trim();
     let domains = LocalDomains::new(&config.domains, &config.postmaster);
     let responsible = (!config.delivery.dsn_responsible_person.is_empty()).then(|| config.delivery.dsn_responsible_person.clone());
-    mail_framework::reports::configure(mail_framework::reports::ReportSettings {
-        hostname: config.hostname.clone(),
-        responsible_person: responsible,
-    });
-    mail_framework::outbound::set_etrn_domains(config.delivery.etrn_domains.clone());
+    let reports = mail_framework::reports::ReportSettings { hostname: config.hostname.clone(), responsible_person: responsible };
     spawn_send_scheduler(&config, store.clone());
     let storage = StorageGuard::default();
-    let chain = mail_framework::snapins::builtin(domains.postmaster(), config.storage.filter_max_bytes);
-    let framework = Framework::new(queue.clone(), domains.clone(), &config.hostname).with_snapin_chain(chain).with_storage_guard(storage.clone());
+    let chain = mail_framework::snapins::builtin(&mail_framework::snapins::Settings {
+        postmaster: domains.postmaster().to_string(),
+        filter_max_bytes: config.storage.filter_max_bytes,
+        reports: reports.clone(),
+        etrn: mail_framework::outbound::EtrnDomains::new(&config.delivery.etrn_domains),
+    });
+    let framework = Framework::with_snapins(queue.clone(), domains.clone(), chain).with_storage_guard(storage.clone());
     storage.monitor(store.clone(), config.data_dir.clone(), config.storage.min_free_mb, framework.pipeline_wake()).await;
     let (outbound_wake, pipeline_wake, framework_beat) = (framework.outbound_wake(), framework.pipeline_wake(), framework.heartbeat());
     tokio::spawn(framework.run());
@@ -188,12 +188,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(smtp.clone().serve_local(local));
     // The SMTP client: an MX that resolves to one of our own SMTP listeners is a loop.
     let own: Vec<SocketAddr> = bound.iter().filter(|l| l.starts_with("smtp ")).filter_map(|l| l[5..].parse().ok()).collect();
-    let outbound = OutboundQueue::new(outbound_settings(&config, own), store.clone(), dns, outbound_wake, pipeline_wake);
+    let outbound = OutboundQueue::new(outbound_settings(&config, own, reports), store.clone(), dns, outbound_wake, pipeline_wake);
     // Both workers are alive from here on; `status` must not see a gap before their first round.
     framework_beat.beat();
     outbound.heartbeat().beat();
-    spawn_status_writer(config.data_dir.join(crate::status::STATUS_FILE), framework_beat, outbound.heartbeat());
-    tokio::spawn(outbound.run());
+    spawn_status_writer(config.data_dir.join(crate::status::STATUS_FILE), store.clone(), framework_beat, outbound.heartbeat());
+    tokio::spawn(outbound.clone().run());
     write_listening(&config, &bound)?;
     tracing::info!(listeners = ?bound, data_dir = %config.data_dir.display(), "postroom is ready");
 
@@ -208,6 +208,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     let grace = tokio::time::sleep(SHUTDOWN_GRACE);
     tokio::pin!(grace);
+    let mut at_once = false;
     loop {
         let open = smtp.active_sessions() + pop3.active_sessions();
         if open == 0 {
@@ -221,9 +222,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
             _ = signals.next() => {
                 tracing::warn!(open, "second signal: exiting at once");
+                at_once = true;
                 break;
             }
         }
+    }
+    // O3: an outbound attempt that has sent its dot waits for the reply and records it, so the
+    // next hop never gets the message twice because we stopped (RFC 1047's duplicate is left
+    // only to a connection that really breaks).
+    let left = if at_once { Duration::ZERO } else { grace.deadline().saturating_duration_since(tokio::time::Instant::now()) };
+    let still = outbound.stop(left).await;
+    if still > 0 {
+        tracing::warn!(deliveries = still, "grace time over: outbound deliveries still running are retried after the restart");
     }
     // Let commits already handed to the store writer finish.
     let _ = store.write(store::Durability::Full, |_| Ok(())).await;
@@ -235,8 +245,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
 /// O2: every 2 s, the workers' last beats into data_dir/status for `postroom status`.
-fn spawn_status_writer(path: std::path::PathBuf, framework: Heartbeat, outbound: Heartbeat) {
+/// A dead store writer cannot be brought back in this process (every write would fail while
+/// the listeners still answer): the server exits with an error so its supervisor restarts it.
+fn spawn_status_writer(path: std::path::PathBuf, store: Store, framework: Heartbeat, outbound: Heartbeat) {
     let write = move || {
+        if !store.writer_alive() {
+            tracing::error!("the store writer has stopped; exiting so the service manager restarts postroom");
+            std::process::exit(70); // EX_SOFTWARE
+        }
         let text = format!("pid {}\nupdated {}\nframework {}\noutbound {}\n", std::process::id(), store::now(), framework.last(), outbound.last());
         let tmp = path.with_extension("tmp");
         if write_private(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
@@ -266,7 +282,7 @@ fn spawn_send_scheduler(config: &Config, store: Store) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
-            match store.write(store::Durability::Full, mail_framework::outbound::release_all_etrn).await {
+            match store.write(store::Durability::Full, mail_framework::message::outbound::release_all_etrn).await {
                 Ok(n) if n > 0 => tracing::info!(released = n, "send scheduler: held mail released"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "send scheduler could not release held mail"),
@@ -294,7 +310,7 @@ fn spawn_journal_retention(store: Store, retention_days: u32) {
         loop {
             let before = store::now() - i64::from(retention_days) * 86_400;
             loop {
-                let removed = store.write(store::Durability::Normal, move |c| Ok(store::journal::expire(c, before, 10_000)?)).await;
+                let removed = store.write(store::Durability::Normal, move |c| Ok(mail_framework::journal::expire(c, before, 10_000)?)).await;
                 match removed {
                     Ok(10_000) => continue,
                     Ok(_) => break,
@@ -323,7 +339,7 @@ fn load_tls(config: &Config) -> anyhow::Result<Option<ServerTls>> {
     Ok(Some(tls))
 }
 
-fn outbound_settings(c: &Config, own_addresses: Vec<SocketAddr>) -> OutboundSettings {
+fn outbound_settings(c: &Config, own_addresses: Vec<SocketAddr>, reports: mail_framework::reports::ReportSettings) -> OutboundSettings {
     let d = &c.delivery;
     let mut client = ClientSettings::new(c.hostname.clone());
     client.bind_address = d.bind_address.parse().ok();
@@ -351,6 +367,7 @@ fn outbound_settings(c: &Config, own_addresses: Vec<SocketAddr>) -> OutboundSett
         },
         max_connections: d.max_connections,
         max_connections_per_domain: d.max_connections_per_domain,
+        reports,
     }
 }
 
@@ -372,6 +389,7 @@ fn smtp_settings(c: &Config) -> SmtpSettings {
         plaintext_auth_from_loopback: c.tls.allow_plaintext_auth == PlaintextAuth::Loopback,
         tls_handshake_timeout: Duration::from_secs(c.tls.handshake_timeout_secs),
         dsn: c.smtp.dsn,
+        etrn_domains: mail_framework::outbound::EtrnDomains::new(&c.delivery.etrn_domains),
     }
 }
 

@@ -37,28 +37,12 @@ pub fn status(config: &Config) -> anyhow::Result<u8> {
         println!("{name:<20} {}", if ok { format!("up (last active {age} s ago)") } else { "DOWN (no sign of life)".to_string() });
     }
     let (store, _) = open(config)?;
-    let (counts, oldest): (Vec<(String, i64)>, Option<i64>) = store.read_blocking(|c| {
-        let mut stmt = c.prepare(
-            "SELECT CASE WHEN held = 1 THEN 'held' ELSE state END, count(*) FROM recipients
-              WHERE state IN ('queued', 'forward', 'bounce') GROUP BY 1 ORDER BY 1",
-        )?;
-        let counts = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
-        let oldest = c.query_row(
-            "SELECT min(m.received_at) FROM messages m JOIN recipients r ON r.message_id = m.id WHERE r.state IN ('queued', 'forward', 'bounce')",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok((counts, oldest))
-    })?;
-    let count = |s: &str| counts.iter().find(|(k, _)| k == s).map(|(_, n)| *n).unwrap_or(0);
+    let depths = store.read_blocking(mail_framework::message::admin::depths)?;
     println!(
-        "queue: {} for the framework, {} for delivery, {} held, {} bounces pending",
-        count("queued"),
-        count("forward"),
-        count("held"),
-        count("bounce")
+        "queue: {} for the framework, {} for delivery ({} in an attempt now), {} held, {} bounces pending",
+        depths.for_framework, depths.for_delivery, depths.in_attempt, depths.held, depths.bounces
     );
-    match oldest {
+    match depths.oldest {
         Some(at) => println!("oldest queued message: {} s old ({})", now - at, mail_proto::date::rfc5322(at)),
         None => println!("oldest queued message: none"),
     }

@@ -3,13 +3,16 @@
 //! connection limits (C6), and records each recipient's outcome with the retry schedule (C3).
 //! It sleeps until the next recipient falls due or the framework wakes it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dns::Dns;
+use mail_framework::journal::{self, code};
+use mail_framework::message;
 use mail_framework::outbound::{self, Due, Outcome, Schedule};
-use store::journal::{self, code};
+use mail_framework::reports::ReportSettings;
 use store::{Durability, Store};
 use tokio::sync::{Notify, Semaphore};
 
@@ -24,6 +27,8 @@ pub struct OutboundSettings {
     pub schedule: Schedule,
     pub max_connections: usize,
     pub max_connections_per_domain: usize,
+    /// Signs relayed and delayed reports.
+    pub reports: ReportSettings,
 }
 
 /// Most recipients one scan takes; the rest wait for the next scan.
@@ -31,6 +36,11 @@ const SCAN: usize = 1000;
 /// Longest sleep between scans: `postroom queue retry|release` change rows from another
 /// process, and a scan (one indexed query) is cheap.
 const MAX_IDLE: Duration = Duration::from_secs(1);
+/// How long a claim lasts: longer than any attempt can take (every step of a conversation has
+/// its own timeout). A claim of a process that died is released at the next start anyway.
+const LEASE_SECS: i64 = 2 * 3600;
+/// How often mail held for ETRN is checked against the queue lifetime.
+const EXPIRY_EVERY_SECS: i64 = 60;
 
 #[derive(Clone)]
 pub struct OutboundQueue {
@@ -45,7 +55,10 @@ struct Inner {
     wake: Arc<Notify>,
     /// Woken when recipients wait for the non-delivery snap-in.
     framework: Arc<Notify>,
-    in_flight: Mutex<HashSet<i64>>,
+    /// Deliveries running now; shutdown waits for them (a reply after the dot is recorded).
+    active: tokio::sync::watch::Sender<usize>,
+    stopping: std::sync::atomic::AtomicBool,
+    last_expiry: std::sync::atomic::AtomicI64,
     heartbeat: mail_framework::heartbeat::Heartbeat,
     total: Arc<Semaphore>,
     per_domain: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -61,7 +74,9 @@ impl OutboundQueue {
                 dns,
                 wake,
                 framework,
-                in_flight: Mutex::default(),
+                active: tokio::sync::watch::Sender::new(0),
+                stopping: Default::default(),
+                last_expiry: Default::default(),
                 heartbeat: Default::default(),
                 total,
                 per_domain: Mutex::default(),
@@ -74,9 +89,9 @@ impl OutboundQueue {
         self.inner.heartbeat.clone()
     }
 
-    /// Run forever.
+    /// Run until [`OutboundQueue::stop`].
     pub async fn run(self) {
-        loop {
+        while !self.inner.stopping.load(Ordering::Relaxed) {
             self.inner.heartbeat.beat();
             let sleep = match self.scan().await {
                 Ok(sleep) => sleep,
@@ -92,17 +107,55 @@ impl OutboundQueue {
         }
     }
 
-    /// Start deliveries for everything due; returns how long to sleep before the next scan.
+    /// Shutdown (O3): start no new attempt, and wait until the running ones have recorded
+    /// their outcomes — an attempt that has sent its final dot waits for the reply, so a clean
+    /// shutdown never makes the next hop receive the message twice. Returns the number still
+    /// running when `grace` ran out (their claims are released at the next start).
+    pub async fn stop(&self, grace: Duration) -> usize {
+        self.inner.stopping.store(true, Ordering::Relaxed);
+        self.inner.wake.notify_one();
+        let mut active = self.inner.active.subscribe();
+        let _ = tokio::time::timeout(grace, active.wait_for(|n| *n == 0)).await;
+        *active.borrow()
+    }
+
+    /// Claim everything due and start its deliveries; returns how long to sleep before the
+    /// next scan. Expired mail held for ETRN is failed here too, once a minute.
     async fn scan(&self) -> Result<Duration, store::StoreError> {
         let now = store::now();
-        let (due, next) = self.inner.store.read(move |c| Ok((outbound::due(c, now, SCAN)?, outbound::next_due(c)?))).await?;
-        let fresh: Vec<Due> = {
-            let mut in_flight = self.inner.in_flight.lock().expect("in flight");
-            due.into_iter().filter(|d| in_flight.insert(d.recipient_id)).collect()
+        let next = self.inner.store.read(message::outbound::next_due).await?;
+        let expire = self.inner.last_expiry.load(Ordering::Relaxed) + EXPIRY_EVERY_SECS <= now;
+        if next.is_some_and(|at| at <= now) || expire {
+            if expire {
+                self.inner.last_expiry.store(now, Ordering::Relaxed);
+            }
+            let schedule = self.inner.settings.schedule;
+            let (attempt, claimed, expired) = self
+                .inner
+                .store
+                .write(Durability::Normal, move |c| {
+                    let expired = if expire { outbound::expire_etrn_held(c, &schedule, now)? } else { 0 };
+                    let (attempt, claimed) = message::outbound::claim(c, now, SCAN, LEASE_SECS)?;
+                    Ok((attempt, claimed, expired))
+                })
+                .await?;
+            if expired > 0 {
+                self.inner.framework.notify_one();
+            }
+            self.start(attempt, claimed);
+        }
+        let next = self.inner.store.read(message::outbound::next_due).await?;
+        let sleep = match next {
+            Some(at) if at > now => Duration::from_secs((at - now) as u64).min(MAX_IDLE),
+            _ => MAX_IDLE,
         };
-        // One delivery per message and destination domain, carrying all its recipients.
+        Ok(sleep)
+    }
+
+    /// One delivery per message and destination domain, carrying all its recipients.
+    fn start(&self, attempt: i64, claimed: Vec<Due>) {
         let mut groups: Vec<Vec<Due>> = Vec::new();
-        for d in fresh {
+        for d in claimed {
             // Recipients expanded from different aliases carry different Delivered-To lines.
             let same = |g: &Vec<Due>| g[0].message_id == d.message_id && g[0].domain() == d.domain() && g[0].expanded_from == d.expanded_from;
             match groups.iter_mut().find(|g| same(g)) {
@@ -111,15 +164,13 @@ impl OutboundQueue {
             }
         }
         for group in groups {
+            self.inner.active.send_modify(|n| *n += 1);
             let me = self.clone();
-            tokio::spawn(async move { me.deliver_group(group).await });
+            tokio::spawn(async move {
+                me.deliver_group(attempt, group).await;
+                me.inner.active.send_modify(|n| *n -= 1);
+            });
         }
-        let sleep = match next {
-            Some(at) if at > now => Duration::from_secs((at - now) as u64).min(MAX_IDLE),
-            Some(_) => MAX_IDLE.min(Duration::from_secs(1)),
-            None => MAX_IDLE,
-        };
-        Ok(sleep)
     }
 
     fn domain_limit(&self, domain: &str) -> Arc<Semaphore> {
@@ -127,27 +178,24 @@ impl OutboundQueue {
         map.entry(domain.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.inner.settings.max_connections_per_domain.max(1)))).clone()
     }
 
-    async fn deliver_group(self, group: Vec<Due>) {
+    async fn deliver_group(&self, attempt: i64, group: Vec<Due>) {
         let domain = group[0].domain();
         // C6: wait for a slot for this domain, then one in total; nothing is dropped.
         let domain_slot = self.domain_limit(&domain).acquire_owned().await;
         let total_slot = self.inner.total.clone().acquire_owned().await;
+        if self.inner.stopping.load(Ordering::Relaxed) {
+            return; // never started: the claim is released at the next start
+        }
         let outcomes = self.attempt(&domain, &group).await;
         drop((domain_slot, total_slot));
-        let schedule = self.inner.settings.schedule;
-        let ids: Vec<i64> = group.iter().map(|d| d.recipient_id).collect();
+        let (schedule, reports) = (self.inner.settings.schedule, self.inner.settings.reports.clone());
         let results: Vec<(Due, Outcome)> = group.into_iter().zip(outcomes).collect();
-        let recorded = self.inner.store.write(Durability::Full, move |c| outbound::record(c, &results, &schedule, store::now())).await;
-        {
-            let mut in_flight = self.inner.in_flight.lock().expect("in flight");
-            for id in ids {
-                in_flight.remove(&id);
-            }
-        }
+        let recorded =
+            self.inner.store.write(Durability::Full, move |c| outbound::record(c, attempt, &results, &schedule, &reports, store::now())).await;
         match recorded {
             // Bounces and reports wait for the pipeline.
             Ok(_) => self.inner.framework.notify_one(),
-            Err(e) => tracing::error!(error = %e, "could not record delivery results; they will be retried"),
+            Err(e) => tracing::error!(error = %e, "could not record delivery results; the claim is released at the next start"),
         }
         self.inner.wake.notify_one();
     }
@@ -266,11 +314,11 @@ impl BodySource for StoreBody {
         }
         if self.chunks.is_none() {
             let id = self.message_id;
-            let ids = self.store.read(move |c| outbound::chunk_ids(c, id)).await.map_err(std::io::Error::other)?;
+            let ids = self.store.read(move |c| message::body::chunk_ids(c, id)).await.map_err(std::io::Error::other)?;
             self.chunks = Some(ids.into_iter());
         }
         match self.chunks.as_mut().and_then(Iterator::next) {
-            Some(chunk) => Ok(Some(directory::mailbox::chunk(&self.store, chunk).await.map_err(std::io::Error::other)?)),
+            Some(chunk) => Ok(Some(message::mailbox::chunk(&self.store, chunk).await.map_err(std::io::Error::other)?)),
             None => Ok(None),
         }
     }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod headers;
 pub mod local;
 pub mod policy;
 pub mod received;

@@ -11,11 +11,11 @@ use directory::mailbox;
 use directory::penalty::PenaltyBox;
 use directory::{LocalDomains, PasswordPool};
 use dns::{Dns, RblAnswer};
+use mail_framework::journal::{self, code};
 use mail_framework::{Incoming, Queue};
 use mail_proto::limits::SessionLimits;
 use mail_proto::net::normalise_ip;
 use mail_proto::{Address, LineEndings, Reply};
-use store::journal::{self, code};
 use store::{Durability, Store};
 use tls::{ServerTls, Stream};
 use tokio::io::AsyncReadExt;
@@ -48,6 +48,8 @@ pub struct SmtpSettings {
     pub tls_handshake_timeout: Duration,
     /// Offer DSN (RFC 3461, SPEC C4).
     pub dsn: bool,
+    /// Dial-up domains whose mail waits for ETRN (C7).
+    pub etrn_domains: mail_framework::outbound::EtrnDomains,
 }
 
 /// Which kind of SMTP listener a connection came in on (S6).
@@ -215,7 +217,7 @@ impl SmtpServer {
 
     async fn drive(&self, mut stream: Stream, facts: ClientFacts, session: Session, owned: Arc<Mutex<Vec<String>>>) {
         let ip = facts.ip;
-        let mut driver = Driver { server: self, facts, session, incoming: None, received_len: 0, owned, out: Vec::new() };
+        let mut driver = Driver { server: self, facts, session, incoming: None, owned, out: Vec::new() };
         if let Err(e) = driver.run(&mut stream).await {
             tracing::debug!(client = %ip, error = %e, "smtp session ended with an error");
         }
@@ -360,8 +362,6 @@ struct Driver<'a> {
     facts: ClientFacts,
     session: Session,
     incoming: Option<Incoming>,
-    /// Length of the Received header at the top of the incoming message.
-    received_len: usize,
     /// The authenticated user's addresses, for sender verification (A3).
     owned: Arc<Mutex<Vec<String>>>,
     out: Vec<u8>,
@@ -434,17 +434,14 @@ impl Driver<'_> {
                             single_rcpt: single_rcpt.as_deref(),
                             now: store::now(),
                         });
-                        self.received_len = header.len();
                         store_failed = incoming.push(header.as_bytes()).await.is_err();
                         self.incoming = Some(incoming);
                     }
                     Action::AddHeaders { message_id, date } => {
-                        if let Some(incoming) = self.incoming.as_mut() {
-                            let s = &self.server.settings;
-                            let headers = submission_headers(message_id, date, incoming.qid(), &s.hostname, store::now());
-                            if !incoming.insert_at(self.received_len, headers.as_bytes()) {
-                                tracing::warn!(qid = incoming.qid(), "header section too long to add Message-ID/Date");
-                            }
+                        // S3: in order with the message bytes, as the session placed them.
+                        if let (Some(incoming), false) = (self.incoming.as_mut(), store_failed) {
+                            let headers = submission_headers(message_id, date, incoming.qid(), &self.server.settings.hostname, store::now());
+                            store_failed = incoming.push(headers.as_bytes()).await.is_err();
                         }
                     }
                     Action::BodyChunk(bytes) => {
@@ -570,11 +567,11 @@ impl Driver<'_> {
             self.server.journal(code::SMTP_REJECTED, self.facts.ip, node, "ETRN refused: client may not relay (C7)");
             return Reply::new(459, (7, 1), format!("Node {node} not allowed: this client may not issue ETRN"));
         }
-        if !mail_framework::outbound::is_etrn_domain(&domain) {
+        if !self.server.settings.etrn_domains.contains(&domain) {
             return Reply::new(459, (7, 1), format!("Node {node} not allowed: not a dial-up domain of this server"));
         }
         let d = domain.clone();
-        match self.server.store().write(Durability::Full, move |c| mail_framework::outbound::release_etrn(c, &d, subdomains)).await {
+        match self.server.store().write(Durability::Full, move |c| mail_framework::message::outbound::release_etrn(c, &d, subdomains)).await {
             Ok(0) => Reply::plain(251, format!("OK, no messages waiting for node {node}")),
             Ok(n) => Reply::plain(253, format!("OK, {n} pending messages for node {node} started")),
             Err(e) => {

@@ -10,6 +10,8 @@ use mail_proto::data::ReceivedCounter;
 use mail_proto::smtp_command::{self, Command, CommandError, Param};
 use mail_proto::{Address, AddressError, DataDecoder, DataEvent, LineEndings, Reply};
 
+use crate::headers::{HeaderGate, Release};
+
 /// What the session needs to know of the server's configuration.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
@@ -87,8 +89,9 @@ pub enum Action {
         single_rcpt: Option<String>,
         auth: Option<String>,
     },
-    /// Submitted (authenticated) mail lacks these header fields: add them (S3). Comes just
-    /// before `Enqueue`.
+    /// Submitted (authenticated) mail lacks these header fields: write them into the message
+    /// here, between the `BodyChunk`s before and after (S3). At most once per message, before
+    /// the body: the header section is held back until it has been seen.
     AddHeaders {
         message_id: bool,
         date: bool,
@@ -144,6 +147,8 @@ struct DataState {
     received: ReceivedCounter,
     size: u64,
     too_big: bool,
+    /// Submitted mail: the header section held back until its end shows what is missing (S3).
+    gate: Option<HeaderGate>,
 }
 
 /// A synchronous policy check of MAIL FROM (R8 kill list, A3 sender verification) given the
@@ -624,8 +629,13 @@ impl Session {
             _ => None,
         };
         out.push(Action::BeginData { helo, esmtp, single_rcpt, auth: self.auth.clone() });
-        self.data =
-            Some(DataState { decoder: DataDecoder::new(self.config.line_endings), received: ReceivedCounter::default(), size: 0, too_big: false });
+        self.data = Some(DataState {
+            decoder: DataDecoder::new(self.config.line_endings),
+            received: ReceivedCounter::default(),
+            size: 0,
+            too_big: false,
+            gate: self.auth.is_some().then(HeaderGate::default),
+        });
     }
 
     /// Feed DATA bytes; returns how many belonged to the message.
@@ -640,7 +650,15 @@ impl Session {
             data.too_big = true;
         }
         if !data.too_big && !body.is_empty() {
-            out.push(Action::BodyChunk(body));
+            match data.gate.as_mut() {
+                None => out.push(Action::BodyChunk(body)),
+                Some(gate) => {
+                    if let Some(release) = gate.feed(&body) {
+                        data.gate = None;
+                        released(release, out);
+                    }
+                }
+            }
         }
         match event {
             DataEvent::NeedMore => bytes.len(),
@@ -680,17 +698,16 @@ impl Session {
             recipients: tx.rcpts.iter().map(Address::to_string).collect(),
             client_ip: self.client_ip.clone(),
             helo: self.helo.as_ref().map(|(h, _)| h.clone()).unwrap_or_default(),
-            origin: "smtp",
+            origin: mail_framework::Origin::Smtp,
             dsn: if tx.dsn.ret.is_none() && tx.dsn.envid.is_none() && tx.dsn.recipients.iter().all(|r| *r == RcptDsn::default()) {
                 Dsn::default()
             } else {
                 tx.dsn.clone()
             },
         };
-        // S3: submitted mail gets the Message-ID and Date its client left out.
-        let (message_id, date) = (!data.received.has_message_id(), !data.received.has_date());
-        if self.auth.is_some() && (message_id || date) {
-            out.push(Action::AddHeaders { message_id, date });
+        // S3: a submitted message that ended within its header section (no body).
+        if let Some(gate) = data.gate {
+            released(gate.finish(), out);
         }
         out.push(Action::Enqueue(envelope));
         self.waiting = Waiting::Enqueue;
@@ -713,5 +730,19 @@ impl Session {
         self.closed = true;
         self.input.clear();
         out.push(Action::Close);
+    }
+}
+
+/// S3: the held-back start of a submitted message, with the fields its client left out where
+/// they belong.
+fn released(release: Release, out: &mut Vec<Action>) {
+    if !release.head.is_empty() {
+        out.push(Action::BodyChunk(release.head));
+    }
+    if release.missing.any() {
+        out.push(Action::AddHeaders { message_id: release.missing.message_id, date: release.missing.date });
+    }
+    if !release.tail.is_empty() {
+        out.push(Action::BodyChunk(release.tail));
     }
 }

@@ -9,6 +9,7 @@
 use mail_framework::Envelope;
 use mail_proto::{Address, LineEndings, Reply};
 
+use crate::received::submission_headers;
 use crate::session::{Action, AuthOutcome, Event, Phase, RcptVerdict, Session, SessionConfig};
 
 const HOST: &str = "mx.postroom.test";
@@ -68,6 +69,8 @@ struct Harness {
     penalties: usize,
     tls_starts: usize,
     added_headers: Vec<(bool, bool)>,
+    /// The message as the driver stores it: `body` with the added header fields in place.
+    message: Vec<u8>,
 }
 
 impl Harness {
@@ -87,6 +90,7 @@ impl Harness {
             penalties: 0,
             tls_starts: 0,
             added_headers: Vec::new(),
+            message: Vec::new(),
         }
     }
 
@@ -137,6 +141,7 @@ impl Harness {
                 Action::BodyChunk(bytes) => {
                     self.trace.push(Seen::Body);
                     self.body.extend_from_slice(&bytes);
+                    self.message.extend_from_slice(&bytes);
                 }
                 Action::Enqueue(envelope) => {
                     self.trace.push(Seen::Enqueue);
@@ -165,7 +170,10 @@ impl Harness {
                     let more = self.session.handle(Event::AuthDone(outcome));
                     self.absorb(more, text);
                 }
-                Action::AddHeaders { message_id, date } => self.added_headers.push((message_id, date)),
+                Action::AddHeaders { message_id, date } => {
+                    self.added_headers.push((message_id, date));
+                    self.message.extend_from_slice(submission_headers(message_id, date, "Q", HOST, 0).as_bytes());
+                }
                 Action::Etrn(node) => {
                     let more = self.session.handle(Event::EtrnDone(Reply::plain(251, format!("OK, no messages waiting for node {node}"))));
                     self.absorb(more, text);
@@ -1187,7 +1195,7 @@ fn envelope_records_sender_and_recipients_in_order() {
     assert_eq!(env.recipients, vec!["sam@example.test", "jane@example.test", "PostMaster"]);
     assert_eq!(env.client_ip, IP);
     assert_eq!(env.helo, HELO);
-    assert_eq!(env.origin, "smtp");
+    assert_eq!(env.origin, mail_framework::Origin::Smtp);
 }
 
 #[test]
@@ -1528,6 +1536,73 @@ fn submission_requires_auth_for_mail_and_adds_missing_headers() {
     h.send("MAIL FROM:<sam@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n");
     h.send("Message-ID: <x@y>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nbody\r\n.\r\n");
     assert_eq!(h.added_headers.len(), 1, "nothing added when both are present");
+}
+
+/// S3, issue 12 defect 8: the fields are decided when the header section ends, while DATA
+/// streams, and come before the body, so they are added however large the message is (the
+/// queue writes its first chunk long before the end); however the input is split.
+#[test]
+fn submitted_mail_gets_missing_headers_at_the_end_of_its_header_section_while_streaming() {
+    let big_body: Vec<u8> = (0..12_000).flat_map(|i| format!("line {i:06} of the body, long enough to add up\r\n").into_bytes()).collect();
+    // What is sent up to the body, the header fields before the insertion point, what is added.
+    type Case = (&'static [u8], &'static [u8], Vec<(bool, bool)>);
+    let cases: [Case; 4] = [
+        (
+            b"Subject: big\r\nX-Folded: a\r\n\tDate: not a field\r\n\r\n",
+            b"Subject: big\r\nX-Folded: a\r\n\tDate: not a field\r\n",
+            vec![(true, true)],
+        ),
+        (b"message-id: <m@c>\r\nSubject: big\r\n\r\n", b"message-id: <m@c>\r\nSubject: big\r\n", vec![(false, true)]),
+        (
+            b"Message-ID: <m@c>\r\nDATE: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\n",
+            b"Message-ID: <m@c>\r\nDATE: Mon, 1 Jan 2024 00:00:00 +0000\r\n",
+            vec![],
+        ),
+        // No body at all: at the end of the data.
+        (b"Subject: only headers\r\n", b"Subject: only headers\r\n", vec![(true, true)]),
+    ];
+    for (head, fields, added) in cases {
+        let body: &[u8] = if head.ends_with(b"\r\n\r\n") { &big_body } else { b"" };
+        let sent = [head, body].concat();
+        let mut want = fields.to_vec();
+        if let Some(&(message_id, date)) = added.first() {
+            want.extend_from_slice(submission_headers(message_id, date, "Q", HOST, 0).as_bytes());
+        }
+        want.extend_from_slice(&sent[fields.len()..]);
+        for size in [1, 2, 3, 5, 16, 1000, 65_536, sent.len() + 5] {
+            if size == 1 && body.len() > 1000 {
+                continue; // byte by byte through the header section is covered by size 2 and 3
+            }
+            let mut h = Harness::connected(config_with(|c| {
+                c.allow_plaintext_auth = true;
+                c.max_message_size = 10_000_000;
+            }));
+            h.send("EHLO c.example\r\n");
+            h.send(format!("AUTH PLAIN {}\r\n", b64("\0sam\0good")));
+            h.send("MAIL FROM:<sam@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n");
+            h.send_chunks(&sent, size);
+            if !body.is_empty() {
+                assert!(h.message.len() > want.len() / 2, "the message streams on after its header section (pieces of {size})");
+            }
+            assert!(h.enqueues.is_empty());
+            h.send(".\r\n");
+            assert_eq!(h.enqueues.len(), 1);
+            assert_eq!(h.added_headers, added, "pieces of {size}");
+            assert!(h.message == want, "pieces of {size}: {:?}", String::from_utf8_lossy(&h.message[..want.len().min(200)]));
+            assert_eq!(h.body, sent, "the client's bytes are passed on unchanged");
+        }
+    }
+}
+
+#[test]
+fn unauthenticated_mail_is_not_held_back_nor_given_headers() {
+    let mut h = Harness::ready(config());
+    h.send("MAIL FROM:<jane@remote.example>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n");
+    h.send("Subject: x\r\n");
+    assert_eq!(h.body, b"Subject: x\r\n", "streamed at once");
+    h.send("\r\nbody\r\n.\r\n");
+    assert!(h.added_headers.is_empty());
+    assert_eq!(h.message, b"Subject: x\r\n\r\nbody\r\n");
 }
 
 /// Found by the smtp_session fuzz target: an over-long line that is also the last allowed

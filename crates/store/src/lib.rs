@@ -2,8 +2,13 @@
 //!
 //! * One writer thread owns the only write connection. Callers send it closures; it runs the
 //!   requests waiting at that moment in one `BEGIN IMMEDIATE` transaction, each inside its own
-//!   SAVEPOINT so a failing request does not sink the others, and commits them with one fsync
-//!   (group commit). A request's answer is sent only after COMMIT returned.
+//!   SAVEPOINT so a failing or panicking request does not sink the others, and commits them with
+//!   one fsync (group commit). A request's answer is sent only after COMMIT returned, and is `Ok`
+//!   only if its work was committed (a `Full` request's at synchronous=FULL). A request never
+//!   runs outside the batch transaction: if BEGIN fails none runs, and if the transaction's state
+//!   becomes unknown (a savepoint cannot be ended, a request ends the transaction) the whole
+//!   batch is rolled back and every caller in it gets an error. [`Store::writer_alive`] tells
+//!   whether the thread still runs.
 //! * A small fixed pool of reader threads, each with its own connection, for short reads.
 //! * rusqlite is blocking, so it only ever runs on these threads, never on a tokio worker.
 //!
@@ -11,11 +16,11 @@
 //! 0700 directory (SPEC D4).
 #![forbid(unsafe_code)]
 
-pub mod journal;
 mod migrate;
 mod pool;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub use pool::{Durability, Store};
 pub use rusqlite;
@@ -33,6 +38,13 @@ pub enum StoreError {
     Closed,
     #[error("{0}")]
     Invalid(String),
+    /// The request's work was rolled back, or it never ran, because the writer's transaction
+    /// failed around it (BEGIN, SAVEPOINT, synchronous=FULL, COMMIT); a later retry may succeed.
+    #[error("not committed: {0}")]
+    NotCommitted(String),
+    /// The request panicked on the writer thread; its work was rolled back.
+    #[error("the write request panicked: {0}")]
+    Panicked(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -44,11 +56,17 @@ pub struct StoreOptions {
     pub readers: usize,
     /// Most requests one group commit takes.
     pub max_batch: usize,
+    /// How long a statement waits for a lock another process holds (the CLI and the server
+    /// share the file) before it fails with SQLITE_BUSY.
+    pub busy_timeout: Duration,
+    /// `[journal] enabled`: when false, rows inserted into the journal table are dropped (a
+    /// temporary trigger on the writer's connection, so no caller needs to know).
+    pub journal: bool,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { readers: 3, max_batch: 512 }
+        StoreOptions { readers: 3, max_batch: 512, busy_timeout: Duration::from_secs(10), journal: true }
     }
 }
 

@@ -5,9 +5,10 @@
 
 use directory::{Forward, Resolution};
 use mail_proto::Address;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
 use store::StoreError;
 
+use crate::message;
 use crate::pipeline::{Context, SnapIn, Tag, WorkItem};
 
 /// Expansions of expansions, at most (then 5.2.4).
@@ -55,12 +56,19 @@ impl SnapIn for AddressResolution {
                 continue;
             }
             // Each address receives a message once: targets that already are recipients of it are
-            // dropped; an expansion left with nothing new is a loop (a -> b -> a).
+            // dropped. An expansion left with nothing new is a loop when it leads back to where
+            // it came from (a -> b -> a); otherwise everyone it stands for is served already.
+            let ancestors = message::resolve::ancestors(ctx.conn, item.message.id, item.expanded_from.as_deref(), MAX_DEPTH as usize + 1)?;
+            let loops = targets.iter().any(|t| t.eq_ignore_ascii_case(&item.address) || ancestors.iter().any(|a| a.eq_ignore_ascii_case(t)));
             let targets = new_recipients(ctx.conn, item.message.id, targets)?;
             if targets.is_empty() && item.tag == Tag::Expanded {
-                item.tag = Tag::NonDelivery {
-                    status: "5.4.6".into(),
-                    reason: format!("5.4.6 alias loop: {} expands only to addresses already served", item.address),
+                item.tag = if loops {
+                    Tag::NonDelivery {
+                        status: "5.4.6".into(),
+                        reason: format!("5.4.6 alias loop: {} expands only to addresses already served", item.address),
+                    }
+                } else {
+                    Tag::Duplicate
                 };
                 continue;
             }
@@ -77,11 +85,9 @@ impl SnapIn for AddressResolution {
 
     /// Queue the expansion targets as new recipients of the same message, one level deeper.
     fn apply(&self, tx: &Connection, items: &[WorkItem]) -> Result<(), StoreError> {
-        let mut insert =
-            tx.prepare_cached("INSERT INTO recipients (message_id, address, state, depth, expanded_from) VALUES (?1, ?2, 'queued', ?3, ?4)")?;
         for item in items.iter().filter(|i| !i.expand_to.is_empty() && !matches!(i.tag, Tag::NonDelivery { .. })) {
             for target in &item.expand_to {
-                insert.execute(params![item.message.id, target, item.depth + 1, item.address.to_ascii_lowercase()])?;
+                message::resolve::add_expansion(tx, item.message.id, target, item.depth + 1, &item.address)?;
             }
         }
         Ok(())
@@ -90,10 +96,9 @@ impl SnapIn for AddressResolution {
 
 /// The targets that are not yet recipients of the message (nor repeated in the list).
 fn new_recipients(conn: &Connection, message_id: i64, targets: Vec<String>) -> Result<Vec<String>, StoreError> {
-    let mut exists = conn.prepare_cached("SELECT 1 FROM recipients WHERE message_id = ?1 AND lower(address) = lower(?2)")?;
     let mut fresh: Vec<String> = Vec::new();
     for t in targets {
-        if !fresh.iter().any(|f| f.eq_ignore_ascii_case(&t)) && !exists.exists(params![message_id, t])? {
+        if !fresh.iter().any(|f| f.eq_ignore_ascii_case(&t)) && !message::resolve::is_recipient(conn, message_id, &t)? {
             fresh.push(t);
         }
     }
@@ -102,12 +107,8 @@ fn new_recipients(conn: &Connection, message_id: i64, targets: Vec<String>) -> R
 
 /// Does the message's header section carry `Delivered-To: address` (a loop through us)?
 fn delivered_to(conn: &Connection, message_id: i64, address: &str) -> Result<bool, StoreError> {
-    let first: Option<Vec<u8>> = conn
-        .prepare_cached("SELECT data FROM body_chunks WHERE message_id = ?1 ORDER BY seq LIMIT 1")?
-        .query_row([message_id], |r| r.get(0))
-        .optional()?;
-    let first = first.unwrap_or_default();
-    let headers = crate::bounce::header_section(&first, 64 * 1024);
+    let head = message::body::head(conn, message_id, 64 * 1024)?;
+    let headers = crate::bounce::header_section(&head, 64 * 1024);
     Ok(headers.split(|&b| b == b'\n').any(|line| {
         let line = String::from_utf8_lossy(line);
         let Some((name, value)) = line.split_once(':') else { return false };

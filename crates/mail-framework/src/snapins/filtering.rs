@@ -12,11 +12,12 @@
 //!
 //! How it fails: a store error fails the batch (it is retried); the walk itself cannot fail.
 
+use crate::journal::{self, code};
 use directory::filters::{self, Action, MessageFacts, Rule};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
 use store::StoreError;
-use store::journal::{self, code};
 
+use crate::message;
 use crate::mime_scan::{self, Limits};
 use crate::pipeline::{Context, MessageInfo, SnapIn, Tag, WorkItem};
 
@@ -53,21 +54,13 @@ impl Filtering {
     fn verdict(&self, conn: &Connection, message: &MessageInfo, rules: &mut Option<Vec<Rule>>) -> Result<Option<Tag>, StoreError> {
         // Already decided in an earlier batch (a message's recipients may span batches, and
         // alias expansion queues new ones later): the same verdict, without another walk.
-        let kept: Option<(String, bool)> = conn
-            .prepare_cached("SELECT rule, released FROM quarantine WHERE message_id = ?1")?
-            .query_row([message.id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        match kept {
+        match message::quarantine::verdict(conn, message.id)? {
             Some((_, true)) => return Ok(None),
             Some((rule, false)) => return Ok(Some(Tag::Quarantined { rule })),
             None => {}
         }
-        let discarded: Option<Option<String>> = conn
-            .prepare_cached("SELECT last_reply FROM recipients WHERE message_id = ?1 AND state = 'discarded' LIMIT 1")?
-            .query_row([message.id], |r| r.get(0))
-            .optional()?;
-        if let Some(rule) = discarded {
-            return Ok(Some(Tag::Discarded { rule: rule.unwrap_or_default() }));
+        if let Some(rule) = message::resolve::discarded_by(conn, message.id)? {
+            return Ok(Some(Tag::Discarded { rule }));
         }
 
         let rules = match rules {
@@ -77,7 +70,7 @@ impl Filtering {
         if rules.is_empty() {
             return Ok(None);
         }
-        let raw = read_head(conn, message.id, self.max_bytes, message.size)?;
+        let raw = read_head(conn, message.id, self.max_bytes)?;
         let scan = mime_scan::scan(&raw, &self.limits());
         drop(raw);
         if scan.truncated || scan.too_deep || scan.too_many_parts {
@@ -117,7 +110,7 @@ impl SnapIn for Filtering {
         let mut rules = None;
         for group in items.chunk_by_mut(|a, b| a.message.id == b.message.id) {
             let message = group[0].message.clone();
-            if matches!(message.origin.as_str(), "bounce" | "double-bounce") || !group.iter().any(|i| deliverable(&i.tag)) {
+            if message.origin.is_report() || !group.iter().any(|i| deliverable(&i.tag)) {
                 continue;
             }
             let Some(tag) = self.verdict(ctx.conn, &message, &mut rules)? else { continue };
@@ -136,18 +129,10 @@ impl SnapIn for Filtering {
         for group in filtered.chunk_by(|a, b| a.message.id == b.message.id) {
             let message = &group[0].message;
             let (first, action, rule) = match &group[0].tag {
-                Tag::Quarantined { rule } => {
-                    let n = tx.prepare_cached("INSERT OR IGNORE INTO quarantine (message_id, rule, at) VALUES (?1, ?2, ?3)")?.execute(params![
-                        message.id,
-                        rule,
-                        store::now()
-                    ])?;
-                    (n == 1, Action::Keep, rule)
-                }
+                Tag::Quarantined { rule } => (message::quarantine::keep(tx, message.id, rule)?, Action::Keep, rule),
                 Tag::Discarded { rule } => {
                     // States are written after every apply: 'discarded' rows are earlier batches'.
-                    let before = tx.prepare_cached("SELECT 1 FROM recipients WHERE message_id = ?1 AND state = 'discarded'")?.exists([message.id])?;
-                    (!before, Action::Discard, rule)
+                    (message::resolve::discarded_by(tx, message.id)?.is_none(), Action::Discard, rule)
                 }
                 _ => unreachable!("filtered above"),
             };
@@ -179,18 +164,9 @@ impl SnapIn for Filtering {
 }
 
 /// The first `max` octets of a stored message and one more when there are more (so the walk
-/// knows it was cut), reading no chunk past that.
-fn read_head(conn: &Connection, message_id: i64, max: usize, size: i64) -> Result<Vec<u8>, StoreError> {
-    let want = max.saturating_add(1);
-    let mut out = Vec::with_capacity(want.min(usize::try_from(size).unwrap_or(0)));
-    let mut stmt = conn.prepare_cached("SELECT data FROM body_chunks WHERE message_id = ?1 ORDER BY seq")?;
-    let mut rows = stmt.query([message_id])?;
-    while out.len() < want {
-        let Some(row) = rows.next()? else { break };
-        let data = row.get_ref(0)?.as_bytes().map_err(rusqlite::Error::from)?;
-        out.extend_from_slice(&data[..data.len().min(want - out.len())]);
-    }
-    Ok(out)
+/// knows it was cut).
+fn read_head(conn: &Connection, message_id: i64, max: usize) -> Result<Vec<u8>, StoreError> {
+    message::body::head(conn, message_id, max.saturating_add(1))
 }
 
 /// A matched value as journal rows and listings show it: quoted, escaped, not overlong.

@@ -2,13 +2,16 @@
 //! `forward`, due now — in the same transaction; the SMTP client takes them from there. Mail
 //! for a dial-up domain (C7) is held until ETRN.
 
+use crate::journal::{self, code};
 use rusqlite::Connection;
 use store::StoreError;
-use store::journal::{self, code};
 
+use crate::outbound::EtrnDomains;
 use crate::pipeline::{SnapIn, Tag, WorkItem};
 
-pub struct Forwarding;
+pub struct Forwarding {
+    pub etrn: EtrnDomains,
+}
 
 impl SnapIn for Forwarding {
     fn name(&self) -> &'static str {
@@ -16,11 +19,10 @@ impl SnapIn for Forwarding {
     }
 
     fn apply(&self, tx: &Connection, items: &[WorkItem]) -> Result<(), StoreError> {
-        let mut hold = tx.prepare_cached("UPDATE recipients SET held = 2 WHERE id = ?1")?;
         for item in items.iter().filter(|i| i.tag == Tag::Forward) {
             // C7: mail for a dial-up domain waits until its server asks with ETRN.
-            if crate::outbound::etrn_domain(&item.address).is_some() {
-                hold.execute([item.recipient_id])?;
+            if self.etrn.holds(&item.address) {
+                crate::message::outbound::hold_for_etrn(tx, item.recipient_id)?;
             }
             let entry = journal::Entry {
                 code: code::FORWARD_ENQUEUED,

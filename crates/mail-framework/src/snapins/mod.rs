@@ -13,18 +13,41 @@ pub use local_delivery::LocalDelivery;
 pub use non_delivery::NonDelivery;
 
 use crate::SnapIn;
+use crate::outbound::EtrnDomains;
+use crate::reports::ReportSettings;
 
 /// What the filters parse of a message unless configured otherwise (10 MiB).
 pub const DEFAULT_FILTER_MAX_BYTES: usize = 10 * 1024 * 1024;
 
-/// `postmaster` receives reports about failed reports; the filters parse at most
-/// `filter_max_bytes` of a message.
-pub fn builtin(postmaster: &str, filter_max_bytes: usize) -> Vec<Box<dyn SnapIn>> {
+/// What the built-in snap-ins are configured with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Receives reports about failed reports.
+    pub postmaster: String,
+    /// Octets of a message the filters parse, at most.
+    pub filter_max_bytes: usize,
+    pub reports: ReportSettings,
+    /// Dial-up domains whose mail waits for ETRN (C7).
+    pub etrn: EtrnDomains,
+}
+
+impl Settings {
+    pub fn new(postmaster: &str, hostname: &str) -> Self {
+        Settings {
+            postmaster: postmaster.to_string(),
+            filter_max_bytes: DEFAULT_FILTER_MAX_BYTES,
+            reports: ReportSettings::new(hostname),
+            etrn: EtrnDomains::default(),
+        }
+    }
+}
+
+pub fn builtin(settings: &Settings) -> Vec<Box<dyn SnapIn>> {
     vec![
         Box::new(AddressResolution),
-        Box::new(Filtering::with_max_bytes(filter_max_bytes)),
-        Box::new(LocalDelivery),
-        Box::new(Forwarding),
-        Box::new(NonDelivery { postmaster: postmaster.to_string() }),
+        Box::new(Filtering::with_max_bytes(settings.filter_max_bytes)),
+        Box::new(LocalDelivery { reports: settings.reports.clone() }),
+        Box::new(Forwarding { etrn: settings.etrn.clone() }),
+        Box::new(NonDelivery { postmaster: settings.postmaster.clone(), reports: settings.reports.clone() }),
     ]
 }

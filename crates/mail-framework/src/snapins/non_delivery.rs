@@ -3,17 +3,19 @@
 //! report to the null sender; a report that itself fails goes to the postmaster once; one that
 //! fails too is dropped. A local `nondelivery@…` address gets a copy of every report (C4).
 
+use crate::journal::{self, code};
 use rusqlite::Connection;
 use store::StoreError;
-use store::journal::{self, code};
 
 use crate::bounce::{Action, ReportEntry};
+use crate::message::Origin;
 use crate::pipeline::{SnapIn, Tag, WorkItem};
-use crate::reports::{self, Subject};
+use crate::reports::{self, ReportSettings};
 
 pub struct NonDelivery {
     /// Where reports about failed reports go.
     pub postmaster: String,
+    pub reports: ReportSettings,
 }
 
 impl SnapIn for NonDelivery {
@@ -52,10 +54,10 @@ impl SnapIn for NonDelivery {
             if entries.is_empty() {
                 continue; // NOTIFY=NEVER
             }
-            let (to, origin) = match (message.origin.as_str(), message.mail_from.as_str()) {
-                ("bounce", _) => (self.postmaster.as_str(), "double-bounce"),
-                ("double-bounce", _) | (_, "") => {
-                    let why = if message.origin == "double-bounce" {
+            let (to, origin) = match (message.origin, message.mail_from.as_str()) {
+                (Origin::Bounce, _) => (self.postmaster.as_str(), Origin::DoubleBounce),
+                (Origin::DoubleBounce, _) | (_, "") => {
+                    let why = if message.origin == Origin::DoubleBounce {
                         "report to the postmaster could not be delivered either: dropped"
                     } else {
                         "no report: the sender is the null address <>"
@@ -63,11 +65,10 @@ impl SnapIn for NonDelivery {
                     journal::append(tx, &journal::Entry { code: code::NON_DELIVERY_DROPPED, qid: &message.qid, detail: why, ..Default::default() })?;
                     continue;
                 }
-                (_, sender) => (sender, "bounce"),
+                (_, sender) => (sender, Origin::Bounce),
             };
-            let Some(subject) = Subject::load(tx, message.id)? else { continue };
             let copies: Vec<String> = reports::nondelivery_copy(tx)?.into_iter().collect();
-            reports::queue(tx, &subject, to, &copies, origin, &entries)?;
+            reports::queue(tx, &self.reports, message, to, &copies, origin, &entries)?;
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 
 use directory::LocalDomains;
 use directory::admin::Admin;
-use mail_framework::{Envelope, Queue};
+use mail_framework::{Envelope, Origin, Queue};
 use store::{Store, StoreOptions};
 
 pub struct Setup {
@@ -39,7 +39,7 @@ impl Setup {
 }
 
 /// Enqueue `body` from jane@remote.example as a client would, in 1000-byte pieces; the queue id.
-pub async fn enqueue(queue: &Queue, body: &[u8], rcpts: &[&str], origin: &'static str) -> String {
+pub async fn enqueue(queue: &Queue, body: &[u8], rcpts: &[&str], origin: Origin) -> String {
     let mut incoming = queue.incoming();
     for piece in body.chunks(1000) {
         incoming.push(piece).await.unwrap();

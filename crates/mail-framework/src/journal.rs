@@ -2,8 +2,6 @@
 //! entries": the first character names the function, the second the action. Every writer of a
 //! journal row uses these constants, so the vocabulary lives in this one module.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use rusqlite::{Connection, params};
 
 /// The journal codes Postroom writes.
@@ -52,6 +50,8 @@ pub mod code {
     pub const STORAGE_LOW: &str = "7L";
     /// Space returned: the busy queue drains (7M).
     pub const STORAGE_OK: &str = "7M";
+    /// Framework: a message the snap-ins failed on too often is held for the administrator.
+    pub const FRAMEWORK_HELD: &str = "8H";
     /// Queue: recipients deleted by the administrator (`postroom queue delete`).
     pub const QUEUE_DELETED: &str = "8X";
     /// SMTP client: MX or host lookup failed (8K).
@@ -64,13 +64,6 @@ pub mod code {
     pub const POP_LOGIN_FAILED: &str = "DF";
     pub const POP_RETRIEVE: &str = "DR";
     pub const POP_DELETE: &str = "DD";
-}
-
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// `[journal] enabled`: when false, [`append`] writes nothing.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
 }
 
 /// One journal row; empty strings for facts that do not apply.
@@ -86,13 +79,11 @@ pub struct Entry<'a> {
 }
 
 /// Append `entry` inside the caller's transaction, so it commits with the fact it records.
+/// With `[journal] enabled = false` the store drops the row (`StoreOptions::journal`).
 pub fn append(conn: &Connection, entry: &Entry<'_>) -> rusqlite::Result<()> {
-    if !ENABLED.load(Ordering::Relaxed) {
-        return Ok(());
-    }
     let mut stmt =
         conn.prepare_cached("INSERT INTO journal (at, code, qid, originator, recipient, size, ip, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
-    stmt.execute(params![crate::now(), entry.code, entry.qid, entry.originator, entry.recipient, entry.size, entry.ip, entry.detail])?;
+    stmt.execute(params![store::now(), entry.code, entry.qid, entry.originator, entry.recipient, entry.size, entry.ip, entry.detail])?;
     Ok(())
 }
 

@@ -1,0 +1,165 @@
+//! The outbound queue's rows: recipients in state `forward`, claimed by one attempt at a time
+//! (state `attempt`, an attempt id and a lease), and the outcome of each claim.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use store::StoreError;
+
+use super::{Hold, RecipientState};
+
+/// A recipient claimed for an attempt.
+#[derive(Clone, Debug)]
+pub struct Due {
+    pub recipient_id: i64,
+    pub message_id: i64,
+    pub qid: String,
+    pub mail_from: String,
+    pub address: String,
+    pub attempts: i64,
+    pub size: i64,
+    pub received_at: i64,
+    /// The alias or forwarding address this recipient came from: sent as `Delivered-To`.
+    pub expanded_from: Option<String>,
+    /// RFC 3461 parameters, passed on to a next hop that offers DSN.
+    pub notify: Option<String>,
+    pub orcpt: Option<String>,
+    pub ret: Option<String>,
+    pub envid: Option<String>,
+    pub delay_notified: bool,
+}
+
+impl Due {
+    /// The recipient's domain, lowercase (the destination a connection is made for).
+    pub fn domain(&self) -> String {
+        self.address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase()).unwrap_or_default()
+    }
+}
+
+const DUE_COLUMNS: &str = "r.id, r.message_id, m.qid, m.mail_from, r.address, r.attempts, m.size, m.received_at, r.expanded_from,
+                r.notify, r.orcpt, m.dsn_ret, m.dsn_envid, r.delay_notified";
+
+fn due_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Due> {
+    Ok(Due {
+        recipient_id: r.get(0)?,
+        message_id: r.get(1)?,
+        qid: r.get(2)?,
+        mail_from: r.get(3)?,
+        address: r.get(4)?,
+        attempts: r.get(5)?,
+        size: r.get(6)?,
+        received_at: r.get(7)?,
+        expanded_from: r.get(8)?,
+        notify: r.get(9)?,
+        orcpt: r.get(10)?,
+        ret: r.get(11)?,
+        envid: r.get(12)?,
+        delay_notified: r.get(13)?,
+    })
+}
+
+/// Claim up to `limit` recipients due at `now` for one attempt, in this transaction: they
+/// change to state `attempt` with a new attempt id and a lease until `now + lease_secs`, so no
+/// other scan can hand them out again. A claim whose lease ran out (its process died) is
+/// released first. Returns the attempt id and the claimed recipients, oldest first.
+pub fn claim(c: &Connection, now: i64, limit: usize, lease_secs: i64) -> Result<(i64, Vec<Due>), StoreError> {
+    c.prepare_cached("UPDATE recipients SET state = 'forward', attempt_id = NULL, lease_until = NULL WHERE state = 'attempt' AND lease_until <= ?1")?
+        .execute([now])?;
+    let attempt: i64 = c
+        .prepare_cached("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'attempt_seq' RETURNING CAST(value AS INTEGER)")?
+        .query_row([], |r| r.get(0))?;
+    let due: Vec<Due> = {
+        let mut stmt = c.prepare_cached(&format!(
+            "SELECT {DUE_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id
+              WHERE r.state = 'forward' AND r.held = 0 AND (r.next_attempt IS NULL OR r.next_attempt <= ?1)
+              ORDER BY r.message_id, r.id LIMIT ?2"
+        ))?;
+        stmt.query_map(params![now, limit as i64], due_row)?.collect::<rusqlite::Result<_>>()?
+    };
+    let mut take = c.prepare_cached(
+        "UPDATE recipients SET state = 'attempt', attempt_id = ?2, lease_until = ?3 WHERE id = ?1 AND state = 'forward' AND held = 0",
+    )?;
+    let mut claimed = Vec::with_capacity(due.len());
+    for d in due {
+        if take.execute(params![d.recipient_id, attempt, now + lease_secs])? == 1 {
+            claimed.push(d);
+        }
+    }
+    Ok((attempt, claimed))
+}
+
+/// At start-up no attempt runs: every claim left by the previous process is released.
+pub fn release_all_claims(c: &Connection) -> Result<usize, StoreError> {
+    Ok(c.execute("UPDATE recipients SET state = 'forward', attempt_id = NULL, lease_until = NULL WHERE state = 'attempt'", [])?)
+}
+
+/// When the next recipient waiting for the SMTP client falls due (unix seconds), if any.
+pub fn next_due(c: &Connection) -> Result<Option<i64>, StoreError> {
+    Ok(c.prepare_cached("SELECT min(coalesce(next_attempt, 0)) FROM recipients WHERE state = 'forward' AND held = 0")?.query_row([], |r| r.get(0))?)
+}
+
+/// Record the outcome of attempt `attempt_id` for one recipient — only if that attempt still
+/// holds the claim (a recipient deleted meanwhile is left alone). Returns the recipient's hold
+/// when recorded, None when the claim was gone.
+pub fn finish(
+    c: &Connection,
+    attempt_id: i64,
+    recipient_id: i64,
+    to: RecipientState,
+    attempts: i64,
+    next_attempt: Option<i64>,
+    reply: &str,
+) -> Result<Option<Hold>, StoreError> {
+    debug_assert!(RecipientState::InAttempt.may_become(to));
+    Ok(c.prepare_cached(
+        "UPDATE recipients SET state = ?3, attempts = ?4, next_attempt = ?5, last_reply = ?6, attempt_id = NULL, lease_until = NULL
+          WHERE id = ?1 AND state = 'attempt' AND attempt_id = ?2 RETURNING held",
+    )?
+    .query_row(params![recipient_id, attempt_id, to, attempts, next_attempt, reply], |r| r.get(0))
+    .optional()?)
+}
+
+/// The sender was told once that this recipient is delayed (C4).
+pub fn mark_delay_notified(c: &Connection, recipient_id: i64) -> Result<(), StoreError> {
+    c.prepare_cached("UPDATE recipients SET delay_notified = 1 WHERE id = ?1")?.execute([recipient_id])?;
+    Ok(())
+}
+
+/// Mail for a dial-up domain (C7) waits until its server asks with ETRN.
+pub fn hold_for_etrn(c: &Connection, recipient_id: i64) -> Result<(), StoreError> {
+    c.prepare_cached("UPDATE recipients SET held = ?2 WHERE id = ?1")?.execute(params![recipient_id, Hold::Etrn])?;
+    Ok(())
+}
+
+/// Recipients held for ETRN whose message arrived at or before `before`: past the queue lifetime.
+pub fn etrn_held_since(c: &Connection, before: i64) -> Result<Vec<Due>, StoreError> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {DUE_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id
+          WHERE r.state = 'forward' AND r.held = ?2 AND m.received_at <= ?1 ORDER BY r.id"
+    ))?;
+    Ok(stmt.query_map(params![before, Hold::Etrn], due_row)?.collect::<rusqlite::Result<_>>()?)
+}
+
+/// A recipient held for ETRN that expired: it fails, and the non-delivery snap-in reports it.
+pub fn expire_held(c: &Connection, recipient_id: i64, reply: &str) -> Result<bool, StoreError> {
+    Ok(c.prepare_cached(
+        "UPDATE recipients SET state = 'bounce', held = 0, next_attempt = NULL, last_reply = ?2
+          WHERE id = ?1 AND state = 'forward' AND held = ?3",
+    )?
+    .execute(params![recipient_id, reply, Hold::Etrn])?
+        == 1)
+}
+
+/// Release mail held for `domain` (and its subdomains when asked): due now. Returns how many.
+pub fn release_etrn(c: &Connection, domain: &str, subdomains: bool) -> Result<usize, StoreError> {
+    let d = domain.to_ascii_lowercase();
+    Ok(c.execute(
+        "UPDATE recipients SET held = 0, next_attempt = NULL
+          WHERE held = ?3 AND state = 'forward'
+            AND (lower(address) LIKE '%@' || ?1 OR (?2 AND lower(address) LIKE '%.' || ?1))",
+        params![d, subdomains, Hold::Etrn],
+    )?)
+}
+
+/// The send scheduler (C7): release everything held for ETRN.
+pub fn release_all_etrn(c: &Connection) -> Result<usize, StoreError> {
+    Ok(c.execute("UPDATE recipients SET held = 0, next_attempt = NULL WHERE held = ?1 AND state = 'forward'", [Hold::Etrn])?)
+}
