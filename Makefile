@@ -23,10 +23,13 @@ deps:
 e2e: build deps
 	$(PYTHON) -m pytest -n auto tests/e2e
 
-# The kill -9 loop of the e2e suite, longer: POSTROOM_SOAK_KILLS kills (default 100) spread over
-# POSTROOM_SOAK_MESSAGES acknowledged messages (default 50,000).
+# The kill -9 loop and the exactly-once invariant test of the e2e suite, longer:
+# POSTROOM_SOAK_KILLS kills (default 100) spread over POSTROOM_SOAK_MESSAGES acknowledged messages
+# (default 50,000); the invariant test for POSTROOM_INVARIANT_SECONDS (default 1800) or
+# POSTROOM_INVARIANT_MESSAGES (default 30,000).
 soak: build deps
 	POSTROOM_SOAK_KILLS=$${POSTROOM_SOAK_KILLS:-100} POSTROOM_SOAK_MESSAGES=$${POSTROOM_SOAK_MESSAGES:-50000} \
+	POSTROOM_INVARIANT_SECONDS=$${POSTROOM_INVARIANT_SECONDS:-1800} POSTROOM_INVARIANT_MESSAGES=$${POSTROOM_INVARIANT_MESSAGES:-30000} \
 		$(PYTHON) -m pytest -m soak tests/e2e
 
 bench:

@@ -16,9 +16,12 @@ a remote MX (or mail router) for Postroom's SMTP client and records everything i
 Replies are whole reply lines ("451 4.3.0 try later"); a list means "one per attempt" (the n-th
 RCPT of that address, the n-th DATA, the n-th connection's greeting), its last element repeating.
 A DATA reply "DROP" closes the connection after the message was received, without a reply.
+`data_script(transaction)` may script the reply to each message's final dot instead: it returns
+None (the defaults apply) or (delay_seconds, reply); `dot_at`/`replied_at` record when the dot came
+and when the reply went out.
 The peer offers PIPELINING, SIZE and 8BITMIME, and STARTTLS when `starttls=True` (a self-signed
-certificate made with `openssl req -x509`); `tls_broken=True` accepts STARTTLS and then answers the
-handshake with garbage, so the client's TLS handshake fails.
+certificate made with `openssl req -x509`, or `certfile`/`keyfile`); `tls_broken=True` accepts
+STARTTLS and then answers the handshake with garbage, so the client's TLS handshake fails.
 
 Every transaction keeps the DATA bytes exactly as received on the wire (`raw_data`, still
 dot-stuffed, without the terminating ".\\r\\n") and un-stuffed (`message`); every connection keeps
@@ -116,6 +119,9 @@ class Transaction:
     data_reply: int | None = None
     mail_reply: int | None = None
     at: float = 0.0
+    # When the final dot arrived, and when the reply to it was sent (None: never sent).
+    dot_at: float | None = None
+    replied_at: float | None = None
 
     @property
     def accepted(self) -> list[str]:
@@ -179,7 +185,8 @@ class Peer:
     def __init__(self, host: str = "127.0.0.51", port: int = 0, name: str | None = None,
                  greeting="220 {name} ESMTP scripted peer", caps=None, starttls: bool = False,
                  tls_broken: bool = False, rcpt_default="250 2.1.5 ok", mail_reply="250 2.1.0 ok",
-                 data_reply="250 2.0.0 queued", data_delay: float = 0.0, io_timeout: float = 60.0):
+                 data_reply="250 2.0.0 queued", data_delay: float = 0.0, io_timeout: float = 60.0,
+                 data_script=None, certfile: str | None = None, keyfile: str | None = None):
         self.host = host
         self.port = port
         self.name = name or f"peer-{host}"
@@ -193,6 +200,14 @@ class Peer:
         self.data_reply = data_reply
         self.data_delay = data_delay
         self.io_timeout = io_timeout
+        # Optional per-message script: data_script(transaction) is called once the final dot has
+        # arrived and returns None (data_reply/data_delay apply) or (delay_seconds, reply), the
+        # reply being a reply line or "DROP".
+        self.data_script = data_script
+        # The STARTTLS certificate chain and key (PEM files; keyfile None: in certfile); None: a
+        # self-signed certificate for the peer's name.
+        self.certfile = certfile
+        self.keyfile = keyfile
         self.lock = threading.Lock()
         self.connections: list[Connection] = []
         self.transactions: list[Transaction] = []
@@ -236,7 +251,10 @@ class Peer:
                         raise
                     time.sleep(0.1)
         if self.starttls and not self.tls_broken and self._ssl_ctx is None:
-            cert, key = self_signed_cert(self.name if "." in self.name else "mx.remote.example")
+            if self.certfile:
+                cert, key = self.certfile, self.keyfile
+            else:
+                cert, key = self_signed_cert(self.name if "." in self.name else "mx.remote.example")
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(cert, key)
             self._ssl_ctx = ctx
@@ -427,18 +445,23 @@ class Peer:
                     chunks.append(dl)
                 with self.lock:
                     tx.raw_data = b"".join(chunks)
+                    tx.dot_at = time.monotonic()
                     n = self._data_seen
                     self._data_seen += 1
-                if self.data_delay:
-                    time.sleep(self.data_delay)
+                scripted = self.data_script(tx) if self.data_script is not None else None
+                delay = self.data_delay if scripted is None else scripted[0]
+                if delay:
+                    time.sleep(delay)
                     if _client_gone(sock):
                         return  # nobody to hear the reply: not a delivery
-                reply = _pick(self.data_reply, n)
+                reply = _pick(self.data_reply, n) if scripted is None else scripted[1]
                 if reply == "DROP":  # the message arrived, but the connection dies before the reply
                     return
                 with self.lock:
                     tx.data_reply = int(reply[:3])
                 wire.send(reply)
+                with self.lock:
+                    tx.replied_at = time.monotonic()
                 tx = None
             elif verb == "RSET":
                 tx = None

@@ -2,8 +2,13 @@
 
 `postroom list add hostauth HOST USER --password-stdin` stores credentials for one remote host;
 the SMTP client uses them (AUTH PLAIN or LOGIN) when it delivers to that host - the host name as
-routed: an MX name, a host_table name or the mail_router host - and only over TLS. The password
-is never printed and never sent in the clear.
+routed: an MX name, a host_table name or the mail_router host - and only over TLS whose
+certificate was verified (the system's roots plus `--ca FILE`, or `--fingerprint SHA256HEX`;
+tests/e2e/test_outbound_tls.py tests that in depth). The password is never printed and never
+sent in the clear.
+
+The peers here present their self-signed certificate, so the entries of the tests that expect
+AUTH pin it with `--fingerprint` (before C5 required verification, any certificate was taken).
 
 The remote hosts are smtppeer.ExtPeer instances (scripted peers that can advertise and require
 AUTH, and record the decoded credentials and whether they came under TLS), on further 127.0.0.x
@@ -13,7 +18,10 @@ addresses at the Net's port (`[delivery] remote_port`); the DNS stub knows their
 from __future__ import annotations
 
 import base64
+import hashlib
+import ssl
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +34,7 @@ from smtppeer import (  # noqa: F401  (net is a fixture)
     ext_peer,
     net,
     relay,
+    self_signed_cert,
 )
 
 HOST = "mx.auth.example"
@@ -34,10 +43,18 @@ USER = "relayuser"
 PASSWORD = "Pw-hostauth-7q!x"
 
 
-def add_hostauth(srv, host: str = HOST, user: str = USER, password: str = PASSWORD):
-    r = srv.cli("list", "add", "hostauth", host, user, "--password-stdin", input=password + "\n")
+def add_hostauth(srv, host: str = HOST, user: str = USER, password: str = PASSWORD, *options: str):
+    r = srv.cli("list", "add", "hostauth", host, user, "--password-stdin", *options, input=password + "\n")
     assert r.returncode == 0, f"list add hostauth exited {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
     return r
+
+
+def pin_of(peer) -> list[str]:
+    """`--fingerprint` options pinning the peer's self-signed STARTTLS certificate (C5: credentials
+    go only over TLS whose certificate was verified)."""
+    cert, _ = self_signed_cert(peer.name if "." in peer.name else "mx.remote.example")
+    der = ssl.PEM_cert_to_DER_cert(Path(cert).read_text())
+    return ["--fingerprint", hashlib.sha256(der).hexdigest()]
 
 
 def auth_world(net, ip: str = HOST_IP, host: str = HOST, domain: str = "auth.example", **peer_kw):
@@ -116,7 +133,7 @@ def test_authenticates_to_mx_host_after_starttls(net, auth_before_tls):
     peer = auth_world(net, starttls=True, auth=["PLAIN", "LOGIN"], require_auth=True,
                       auth_before_tls=auth_before_tls)
     srv = net.server(start=False)
-    add_hostauth(srv)
+    add_hostauth(srv, HOST, USER, PASSWORD, *pin_of(peer))
     srv.start()
     m = send(srv, "a@auth.example", "hostauth over tls")
     (tx,) = peer.wait_delivered("a@auth.example", timeout=OUT_TIMEOUT)
@@ -137,7 +154,7 @@ def test_authenticates_to_mail_router_named_in_host_table(net):
                       require_auth=True)
     srv = net.server({"mail_router": "smart.example",
                       "host_table": {"smart.example": "127.0.0.62"}}, start=False)
-    add_hostauth(srv, "smart.example")
+    add_hostauth(srv, "smart.example", USER, PASSWORD, *pin_of(router))
     srv.start()
     m = send(srv, "a@remote.example", "hostauth via router")
     (tx,) = router.wait_delivered("a@remote.example", timeout=OUT_TIMEOUT)
@@ -183,7 +200,7 @@ def test_removed_entry_is_no_longer_used(net):
     """C5, R11: after `list remove hostauth HOST` the next delivery to that host carries no AUTH."""
     peer = auth_world(net, starttls=True, auth=["PLAIN", "LOGIN"], require_auth=False)
     srv = net.server(start=False)
-    add_hostauth(srv)
+    add_hostauth(srv, HOST, USER, PASSWORD, *pin_of(peer))
     srv.start()
     send(srv, "a@auth.example", "hostauth first")
     peer.wait_delivered("a@auth.example", timeout=OUT_TIMEOUT)
@@ -205,7 +222,7 @@ def test_login_only_peer_and_a_password_with_spaces_and_umlauts(net):
     password = "pässwörd mit Leerzeichen 9"
     peer = auth_world(net, starttls=True, auth=["LOGIN"], require_auth=True)
     srv = net.server(start=False)
-    add_hostauth(srv, "MX.Auth.Example", USER, password)
+    add_hostauth(srv, "MX.Auth.Example", USER, password, *pin_of(peer))
     srv.start()
     m = send(srv, "a@auth.example", "login only")
     (tx,) = peer.wait_delivered("a@auth.example", timeout=OUT_TIMEOUT)
@@ -228,9 +245,10 @@ def test_hostauth_add_without_user_is_refused(net):
 
 
 def test_failed_tls_handshake_then_plaintext_retry_sends_no_password(net):
-    """C5: STARTTLS is offered but the handshake fails; the opportunistic plaintext retry to the
-    same host must not carry the credentials (AUTH only over TLS) - the host, which requires
-    AUTH, never sees them and the message is not delivered."""
+    """C5: STARTTLS is offered but the handshake fails; a host with credentials gets no
+    plaintext retry at all (that retry is for hosts without credentials), so the host, which
+    requires AUTH, never sees them and the message is not delivered (it waits: see
+    test_outbound_tls.py)."""
     peer = auth_world(net, tls_broken=True, auth=["PLAIN", "LOGIN"], require_auth=True)
     srv = net.server(start=False)
     add_hostauth(srv)
@@ -240,11 +258,15 @@ def test_failed_tls_handshake_then_plaintext_retry_sends_no_password(net):
     while not any(c.tls_failed for c in peer.connections):
         assert time.monotonic() < deadline, f"STARTTLS never tried: {peer.summary()}"
         time.sleep(0.1)
-    # the plaintext retry: a later connection that gets as far as MAIL (or at least EHLO)
+    # later attempts (FAST_RETRY): each one tries STARTTLS again, none goes on in plaintext
     while len(peer.connections) < 2:
-        assert time.monotonic() < deadline, f"no plaintext retry: {peer.summary()}"
+        assert time.monotonic() < deadline, f"no second attempt: {peer.summary()}"
         time.sleep(0.1)
     time.sleep(3.0)
+    with peer.lock:
+        finished = [c for c in peer.connections if c.closed is not None]
+    assert all(c.tls_failed for c in finished), \
+        f"a connection without STARTTLS: {[c.commands for c in finished if not c.tls_failed]!r}"
     assert auth_commands(peer) == [] and peer.auths == [], auth_commands(peer)
     assert secrets_in(peer) == []
     assert not peer.delivered(), peer.summary()

@@ -204,7 +204,9 @@ def test_refusal_at_the_session_limit_is_sent_inside_tls(make_tls_server, listen
     client still in (or never starting) its handshake holds its slot like any other, so the
     per-address limit also bounds connections that never handshake."""
     proto = "smtp" if listener == "smtps" else "pop3"
-    srv = make_tls_server(**{proto: {"max_sessions_per_ip": 1}})
+    # S4: smtps counts against the submission pool, POP3S against the POP3 pool.
+    key = "submission_max_sessions_per_ip" if listener == "smtps" else "max_sessions_per_ip"
+    srv = make_tls_server(**{proto: {key: 1}})
     connect = smtps_client if listener == "smtps" else pops_client
     if first_handshakes:
         first = connect(getattr(srv, listener))

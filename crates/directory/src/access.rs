@@ -412,38 +412,121 @@ mod tests {
 }
 
 /// Host authentication entries (SPEC C5, i5/OS ADDSMTPLE *HOSTAUTH): the user and password the
-/// SMTP client gives a remote host that requires AUTH. The password is never shown.
+/// SMTP client gives a remote host that requires AUTH, and how that host's certificate is checked
+/// first: the credentials only go over TLS whose certificate was verified, by the system's roots
+/// plus the entry's own CA certificates, or by the SHA-256 fingerprint pinned for the host. The
+/// password is never shown.
 pub mod hostauth {
     use rusqlite::{Connection, OptionalExtension, params};
 
     use crate::Result;
 
-    pub fn add(conn: &Connection, host: &str, user: &str, password: &str) -> Result<()> {
+    /// How the host's certificate is checked before the credentials go to it.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Trust {
+        /// PEM certificates trusted for this host besides the system's roots (a private CA).
+        pub ca_pem: Option<String>,
+        /// SHA-256 of the host's certificate, 64 lowercase hex digits (see [`normalise_fingerprint`]).
+        pub fingerprint: Option<String>,
+    }
+
+    /// One entry as the SMTP client needs it.
+    #[derive(Clone, PartialEq, Eq)]
+    pub struct Entry {
+        pub user: String,
+        pub password: String,
+        pub trust: Trust,
+    }
+
+    impl std::fmt::Debug for Entry {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Entry").field("user", &self.user).field("password", &"(hidden)").field("trust", &self.trust).finish()
+        }
+    }
+
+    /// A SHA-256 fingerprint as 64 lowercase hex digits, from hex with or without colons (as
+    /// `openssl x509 -fingerprint -sha256` prints it) and an optional `sha256:` prefix.
+    pub fn normalise_fingerprint(text: &str) -> Option<String> {
+        let text = text.trim();
+        let text = text.get(..7).filter(|p| p.eq_ignore_ascii_case("sha256:")).map_or(text, |_| &text[7..]);
+        let hex: String = text.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+    }
+
+    /// The key of a host's entry: its name lowercased, without a trailing dot, an address
+    /// literal without its brackets (`[192.0.2.1]` and `192.0.2.1` are one host).
+    fn key(host: &str) -> String {
         let host = crate::resolve::normalise_domain(host);
+        host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).map_or_else(|| host.clone(), str::to_string)
+    }
+
+    pub fn add(conn: &Connection, host: &str, user: &str, password: &str) -> Result<()> {
+        add_with_trust(conn, host, user, password, &Trust::default())
+    }
+
+    /// Add or replace the entry for `host`, with how its certificate is checked.
+    pub fn add_with_trust(conn: &Connection, host: &str, user: &str, password: &str, trust: &Trust) -> Result<()> {
+        let host = key(host);
         conn.execute(
-            "INSERT INTO hostauth (host, user, password, added_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(host) DO UPDATE SET user = ?2, password = ?3, added_at = ?4",
-            params![host, user, password, store::now()],
+            "INSERT INTO hostauth (host, user, password, added_at, tls_ca, tls_fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(host) DO UPDATE SET user = ?2, password = ?3, added_at = ?4, tls_ca = ?5, tls_fingerprint = ?6",
+            params![host, user, password, store::now(), trust.ca_pem, trust.fingerprint],
         )?;
         Ok(())
     }
 
     pub fn remove(conn: &Connection, host: &str) -> Result<bool> {
-        Ok(conn.execute("DELETE FROM hostauth WHERE host = ?1", [crate::resolve::normalise_domain(host)])? > 0)
+        Ok(conn.execute("DELETE FROM hostauth WHERE host = ?1", [key(host)])? > 0)
     }
 
     /// (host, user, added) for every entry: no passwords.
     pub fn show(conn: &Connection) -> Result<Vec<(String, String, i64)>> {
-        let mut stmt = conn.prepare("SELECT host, user, added_at FROM hostauth ORDER BY host")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(show_with_trust(conn)?.into_iter().map(|(h, u, a, _)| (h, u, a)).collect())
+    }
+
+    /// (host, user, added, trust) for every entry: no passwords.
+    pub fn show_with_trust(conn: &Connection) -> Result<Vec<(String, String, i64, Trust)>> {
+        let mut stmt = conn.prepare("SELECT host, user, added_at, tls_ca, tls_fingerprint FROM hostauth ORDER BY host")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, Trust { ca_pem: r.get(3)?, fingerprint: r.get(4)? })))?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     /// The credentials for `host`, if any.
     pub fn lookup(conn: &Connection, host: &str) -> Result<Option<(String, String)>> {
+        Ok(entry(conn, host)?.map(|e| (e.user, e.password)))
+    }
+
+    /// The whole entry for `host`, if any.
+    pub fn entry(conn: &Connection, host: &str) -> Result<Option<Entry>> {
         Ok(conn
-            .prepare_cached("SELECT user, password FROM hostauth WHERE host = ?1")?
-            .query_row([crate::resolve::normalise_domain(host)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .prepare_cached("SELECT user, password, tls_ca, tls_fingerprint FROM hostauth WHERE host = ?1")?
+            .query_row([key(host)], |r| {
+                Ok(Entry { user: r.get(0)?, password: r.get(1)?, trust: Trust { ca_pem: r.get(2)?, fingerprint: r.get(3)? } })
+            })
             .optional()?)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn address_literals_are_one_host_with_or_without_brackets() {
+            assert_eq!(key("[192.0.2.1]"), "192.0.2.1");
+            assert_eq!(key("192.0.2.1"), "192.0.2.1");
+            assert_eq!(key("Smart.Example."), "smart.example");
+        }
+
+        #[test]
+        fn fingerprints_are_normalised() {
+            let hex = "ab".repeat(32);
+            assert_eq!(normalise_fingerprint(&hex).as_deref(), Some(hex.as_str()));
+            let colons = vec!["AB"; 32].join(":");
+            assert_eq!(normalise_fingerprint(&colons).as_deref(), Some(hex.as_str()));
+            assert_eq!(normalise_fingerprint(&format!("SHA256:{colons}")).as_deref(), Some(hex.as_str()));
+            assert_eq!(normalise_fingerprint(&hex[..62]), None);
+            assert_eq!(normalise_fingerprint(&format!("{}zz", &hex[..62])), None);
+            assert_eq!(normalise_fingerprint(""), None);
+        }
     }
 }

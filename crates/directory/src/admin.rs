@@ -65,11 +65,12 @@ impl Admin<'_> {
         })
     }
 
-    /// Disabled users cannot log in; their mail is still delivered (D2).
+    /// Disabled users cannot log in; their mail is still delivered (D2). A removed user whose
+    /// mailbox still holds mail can be disabled too (then not even POP3 lets them in).
     pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
         let name = name.to_string();
         self.write(move |c, _| {
-            let n = c.execute("UPDATE users SET enabled = ?2 WHERE name = ?1 AND removed = 0", params![name, enabled])?;
+            let n = c.execute("UPDATE users SET enabled = ?2 WHERE name = ?1", params![name, enabled])?;
             if n == 0 { Err(DirectoryError::NoSuchUser(name)) } else { Ok(()) }
         })
     }

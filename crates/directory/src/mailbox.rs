@@ -13,19 +13,32 @@ pub struct LoginUser {
     pub name: String,
 }
 
-/// Check a user name and password. Disabled and unknown users fail exactly like a wrong
-/// password, after the same argon2 work.
-pub async fn authenticate(store: &Store, pool: &PasswordPool, name: &str, password: &str) -> Result<Option<LoginUser>> {
+/// What a login is for: a removed user (D2) may still collect what is left in their mailbox
+/// over POP3, but never authenticate to send mail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginFor {
+    /// POP3: collecting mail.
+    Collect,
+    /// SMTP AUTH: sending (and relaying) mail.
+    Send,
+}
+
+/// Check a user name and password. Disabled, unknown and (for sending) removed users fail
+/// exactly like a wrong password, after the same argon2 work (A5: no user enumeration).
+pub async fn authenticate(store: &Store, pool: &PasswordPool, name: &str, password: &str, purpose: LoginFor) -> Result<Option<LoginUser>> {
     let n = name.to_string();
-    let row: Option<(i64, String, Option<String>, bool)> = store
+    let row: Option<(i64, String, Option<String>, bool, bool)> = store
         .read(move |c| {
-            Ok(c.prepare_cached("SELECT id, name, password_hash, enabled FROM users WHERE name = ?1")?
-                .query_row([n], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            Ok(c.prepare_cached("SELECT id, name, password_hash, enabled, removed FROM users WHERE name = ?1")?
+                .query_row([n], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
                 .optional()?)
         })
         .await?;
     let (hash, user) = match row {
-        Some((id, name, hash, enabled)) => (hash, enabled.then_some(LoginUser { id, name })),
+        Some((id, name, hash, enabled, removed)) => {
+            let may = enabled && !(removed && purpose == LoginFor::Send);
+            (hash, may.then_some(LoginUser { id, name }))
+        }
         None => (None, None),
     };
     let ok = pool.verify(hash, password.to_string()).await?;

@@ -23,8 +23,9 @@ pub enum Resolution {
     /// A user's mailbox, where the user forwards mail to (D1), and whether the mailbox is at
     /// its quota (D2).
     Local { user_id: i64, user: String, forward: Option<Forward>, full: bool },
-    /// An alias or group of the system alias table (F7): these addresses instead.
-    Alias(Vec<String>),
+    /// An alias or group of the system alias table (F7): these addresses instead; `full` when
+    /// every mailbox it leads to is at its quota (D2: refused at RCPT like the user's own address).
+    Alias { targets: Vec<String>, full: bool },
     /// A local domain, but no user has this address (550 5.1.1 at RCPT).
     Unknown,
     /// Not one of our domains.
@@ -91,23 +92,71 @@ impl LocalDomains {
 }
 
 fn lookup(conn: &Connection, key: &str) -> Result<Resolution> {
+    let row = user_row(conn, key)?;
+    if let Some((user_id, user, forward, keep_copy, full)) = row {
+        let forward = forward.filter(|f| !f.is_empty()).map(|to| Forward { to, keep_copy });
+        return Ok(Resolution::Local { user_id, user, forward, full });
+    }
+    let targets = alias_targets(conn, key)?;
+    if targets.is_empty() {
+        return Ok(Resolution::Unknown);
+    }
+    let mut seen = vec![key.to_string()];
+    let full = leads_only_to_full_mailboxes(conn, &targets, 0, &mut seen)?.unwrap_or(false);
+    Ok(Resolution::Alias { targets, full })
+}
+
+fn alias_targets(conn: &Connection, key: &str) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached("SELECT target FROM aliases WHERE address = ?1 ORDER BY target")?;
+    Ok(stmt.query_map([key], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+/// Some(true) when every mailbox these alias targets lead to (through nested aliases, at most
+/// 10 levels, as the framework expands them) is at its quota; Some(false) when one has room or
+/// a target is remote or a forward; None when they lead to no mailbox at all.
+fn leads_only_to_full_mailboxes(conn: &Connection, targets: &[String], depth: usize, seen: &mut Vec<String>) -> Result<Option<bool>> {
+    if depth >= 10 {
+        return Ok(Some(false));
+    }
+    let mut any = None;
+    for t in targets {
+        let key = t.trim_end_matches('.').to_ascii_lowercase();
+        if seen.contains(&key) || seen.len() > 100 {
+            continue;
+        }
+        seen.push(key.clone());
+        let full = match user_row(conn, &key)? {
+            Some((_, _, forward, _, full)) => forward.is_none_or(|f| f.is_empty()) && full,
+            None => {
+                let nested = alias_targets(conn, &key)?;
+                if nested.is_empty() {
+                    // Remote, or unknown (fails later): not a full mailbox.
+                    false
+                } else {
+                    match leads_only_to_full_mailboxes(conn, &nested, depth + 1, seen)? {
+                        Some(f) => f,
+                        None => continue,
+                    }
+                }
+            }
+        };
+        if !full {
+            return Ok(Some(false));
+        }
+        any = Some(true);
+    }
+    Ok(any)
+}
+
+type UserRow = (i64, String, Option<String>, bool, bool);
+
+fn user_row(conn: &Connection, key: &str) -> Result<Option<UserRow>> {
     let mut stmt = conn.prepare_cached(
         "SELECT u.id, u.name, u.forward_to, u.keep_copy, u.quota_bytes IS NOT NULL AND u.used_bytes >= u.quota_bytes
            FROM addresses a JOIN users u ON u.id = a.user_id
           WHERE a.address = ?1 AND u.removed = 0",
     )?;
-    let row = stmt
-        .query_row([key], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?, r.get::<_, bool>(3)?, r.get::<_, bool>(4)?))
-        })
-        .optional()?;
-    if let Some((user_id, user, forward, keep_copy, full)) = row {
-        let forward = forward.filter(|f| !f.is_empty()).map(|to| Forward { to, keep_copy });
-        return Ok(Resolution::Local { user_id, user, forward, full });
-    }
-    let mut stmt = conn.prepare_cached("SELECT target FROM aliases WHERE address = ?1 ORDER BY target")?;
-    let targets = stmt.query_map([key], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(if targets.is_empty() { Resolution::Unknown } else { Resolution::Alias(targets) })
+    Ok(stmt.query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))).optional()?)
 }
 
 /// Lowercase, without a trailing dot.

@@ -78,12 +78,29 @@ pub struct Entry<'a> {
     pub detail: &'a str,
 }
 
+/// Longest identity (address, user name, host name) a journal row keeps; RFC 5321 paths are
+/// at most 256 octets, so anything longer is an attack or garbage.
+const MAX_IDENTITY: usize = 320;
+const MAX_DETAIL: usize = 2000;
+
 /// Append `entry` inside the caller's transaction, so it commits with the fact it records.
-/// With `[journal] enabled = false` the store drops the row (`StoreOptions::journal`).
+/// Text that came from the network is stored with control characters escaped and cut to a
+/// sane length (marked as cut): a journal line cannot be forged, nor a terminal driven, by a
+/// user name. With `[journal] enabled = false` the store drops the row (`StoreOptions::journal`).
 pub fn append(conn: &Connection, entry: &Entry<'_>) -> rusqlite::Result<()> {
+    use mail_proto::shown::escaped;
     let mut stmt =
         conn.prepare_cached("INSERT INTO journal (at, code, qid, originator, recipient, size, ip, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
-    stmt.execute(params![store::now(), entry.code, entry.qid, entry.originator, entry.recipient, entry.size, entry.ip, entry.detail])?;
+    stmt.execute(params![
+        store::now(),
+        entry.code,
+        escaped(entry.qid, 64),
+        escaped(entry.originator, MAX_IDENTITY),
+        escaped(entry.recipient, MAX_IDENTITY * 4),
+        entry.size,
+        escaped(entry.ip, 64),
+        escaped(entry.detail, MAX_DETAIL)
+    ])?;
     Ok(())
 }
 

@@ -152,22 +152,35 @@ async fn clean_mail_reports_and_originators() {
     assert_eq!(mailbox::snapshot(&s.store, s.sam).await.unwrap().len(), 2);
 }
 
-#[tokio::test]
-async fn only_the_first_max_bytes_are_walked() {
-    let s = setup(4096);
-    s.rule(Field::Attachment, "*.vbs", Action::Keep);
-    // The attachment's headers lie past the first 4 KiB: a filter bounded to 4 KiB misses it.
-    let chain: Vec<Box<dyn SnapIn>> = vec![
+fn chain(filtering: Filtering) -> Vec<Box<dyn SnapIn>> {
+    vec![
         Box::new(AddressResolution),
-        Box::new(Filtering { max_bytes: 4096, ..Filtering::default() }),
+        Box::new(filtering),
         Box::new(LocalDelivery { reports: ReportSettings::new("mail.example.test") }),
         Box::new(Forwarding { etrn: Default::default() }),
         Box::new(NonDelivery { postmaster: "admin@example.test".into(), reports: ReportSettings::new("mail.example.test") }),
-    ];
-    let fw = Framework::with_snapins(s.queue.clone(), s.domains.clone(), chain);
+    ]
+}
+
+/// Issue 13 item 7 (F3): a message the filters could not inspect completely — here its
+/// attachment's headers lie past the first 4 KiB a filter bounded to 4 KiB reads — is kept while
+/// an attachment filter is active, with the reason; `filter_unscannable = "deliver"` lets it pass.
+#[tokio::test]
+async fn only_the_first_max_bytes_are_walked_and_the_rest_fails_closed() {
+    let s = setup(4096);
+    s.rule(Field::Attachment, "*.vbs", Action::Keep);
+    let fw = Framework::with_snapins(s.queue.clone(), s.domains.clone(), chain(Filtering { max_bytes: 4096, ..Filtering::default() }));
     enqueue(&s.queue, &virus(), &RCPTS[..1], Origin::Smtp).await;
     fw.run_once().await.unwrap();
-    assert_eq!(s.states()[0].1, "delivered");
+    assert_eq!(s.states()[0].1, "quarantined");
+    let kept = s.store.read_blocking(|c| Ok(quarantine::list(c)?)).unwrap();
+    assert!(kept[0].rule.contains("could not be inspected completely: larger than [storage] filter_max_bytes (4096 octets)"), "{}", kept[0].rule);
+
+    let open = Filtering { max_bytes: 4096, keep_unscannable: false, ..Filtering::default() };
+    let fw = Framework::with_snapins(s.queue.clone(), s.domains.clone(), chain(open));
+    enqueue(&s.queue, &virus(), &RCPTS[..1], Origin::Smtp).await;
+    fw.run_once().await.unwrap();
+    assert_eq!(s.states()[1].1, "delivered", "deliver: the cut walk misses the attachment");
     // The built-in chain reads 10 MiB and finds it.
     assert_eq!(
         snapins::builtin(&snapins::Settings::new("p", "mail.example.test")).iter().map(|s| s.name()).collect::<Vec<_>>()[..2],
@@ -175,5 +188,17 @@ async fn only_the_first_max_bytes_are_walked() {
     );
     enqueue(&s.queue, &virus(), &RCPTS[..1], Origin::Smtp).await;
     s.framework().run_once().await.unwrap();
-    assert_eq!(s.states()[1].1, "quarantined");
+    assert_eq!(s.states()[2].1, "quarantined");
+    assert!(s.store.read_blocking(|c| Ok(quarantine::list(c)?)).unwrap()[1].rule.contains("*.vbs"));
+}
+
+/// A subject-only filter does not need the whole message: a cut walk is not a reason to keep.
+#[tokio::test]
+async fn a_cut_walk_is_no_reason_to_keep_without_content_filters() {
+    let s = setup(4096);
+    s.rule(Field::Subject, "*lottery*", Action::Keep);
+    let fw = Framework::with_snapins(s.queue.clone(), s.domains.clone(), chain(Filtering { max_bytes: 4096, ..Filtering::default() }));
+    enqueue(&s.queue, &virus(), &RCPTS[..1], Origin::Smtp).await;
+    fw.run_once().await.unwrap();
+    assert_eq!(s.states()[0].1, "delivered");
 }

@@ -14,6 +14,7 @@ pub mod net;
 pub mod reply;
 pub mod reply_parser;
 pub mod sasl;
+pub mod shown;
 pub mod smtp_command;
 
 pub use address::{Address, AddressError};

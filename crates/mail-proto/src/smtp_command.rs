@@ -109,6 +109,11 @@ fn parse_params(rest: &[u8]) -> Result<Vec<Param>, CommandError> {
             if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
                 return Err(CommandError::Syntax("bad parameter keyword"));
             }
+            // RFC 3461 §4.2: whatever comes in is relayed, so a malformed ORCPT (a bare CR in its
+            // address type, say) is refused here rather than stored.
+            if k.eq_ignore_ascii_case("ORCPT") && v.as_deref().is_some_and(|v| parse_orcpt(v).is_none()) {
+                return Err(CommandError::Syntax("bad ORCPT parameter: addr-type;xtext expected"));
+            }
             Ok(Param { keyword: k.to_ascii_uppercase(), value: v })
         })
         .collect()
@@ -201,6 +206,29 @@ pub fn xtext_encode(s: &str) -> String {
     s.bytes().map(|b| if (33..=126).contains(&b) && b != b'+' && b != b'=' { (b as char).to_string() } else { format!("+{b:02X}") }).collect()
 }
 
+/// RFC 3461 §4.2 ORCPT: `addr-type ";" xtext`. The address type is an atom (RFC 5322 atext,
+/// without `=`, which no ESMTP value may carry); the address is xtext. Returns the type and the
+/// decoded address.
+pub fn parse_orcpt(value: &str) -> Option<(&str, String)> {
+    let (kind, addr) = value.split_once(';')?;
+    if !is_addr_type(kind) {
+        return None;
+    }
+    Some((kind, xtext_decode(addr)?))
+}
+
+/// An ORCPT address type: one atom (RFC 5322 atext), `=` excluded.
+pub fn is_addr_type(kind: &str) -> bool {
+    !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-/?^_`{|}~".contains(&b))
+}
+
+/// The ORCPT value to relay for one stored as `addr-type;decoded address`: the address xtext
+/// encoded. `None` when the type is not an atom: such an ORCPT is dropped, never passed on.
+pub fn orcpt_value(stored: &str) -> Option<String> {
+    let (kind, addr) = stored.split_once(';')?;
+    is_addr_type(kind).then(|| format!("{kind};{}", xtext_encode(addr)))
+}
+
 /// RFC 3461 NOTIFY: `NEVER`, or a list of SUCCESS, FAILURE, DELAY (uppercased, checked).
 pub fn parse_notify(value: &str) -> Option<String> {
     let items: Vec<String> = value.split(',').map(|v| v.trim().to_ascii_uppercase()).collect();
@@ -215,6 +243,23 @@ pub fn parse_notify(value: &str) -> Option<String> {
 #[cfg(test)]
 mod dsn_tests {
     use super::*;
+
+    #[test]
+    fn orcpt_is_an_atom_and_xtext() {
+        assert_eq!(parse_orcpt("rfc822;bob+2Bx@example.test"), Some(("rfc822", "bob+x@example.test".to_string())));
+        assert_eq!(parse_orcpt("X-Local;bob"), Some(("X-Local", "bob".to_string())));
+        for bad in ["rfc\r822;bob@example.test", "rfc 822;bob", ";bob", "rfc822", "rf=c;bob", "rf(c);bob", "rfc822;bad+ZZ", "rfc822;a\rb"] {
+            assert_eq!(parse_orcpt(bad), None, "{bad:?}");
+        }
+        // The whole RCPT command is refused by the parser.
+        assert!(parse(b"RCPT TO:<bob@example.test> ORCPT=rfc\r822;bob@example.test").is_err());
+        assert!(parse(b"RCPT TO:<bob@example.test> ORCPT=rfc822;bob@example.test").is_ok());
+        // Relaying: the decoded address is encoded again; a bad type is dropped.
+        assert_eq!(orcpt_value("rfc822;bob+x@example.test").as_deref(), Some("rfc822;bob+2Bx@example.test"));
+        assert_eq!(orcpt_value("rfc822;a\r\nDATA").as_deref(), Some("rfc822;a+0D+0ADATA"));
+        assert_eq!(orcpt_value("rfc\r822;bob@example.test"), None);
+        assert_eq!(orcpt_value("rfc822"), None);
+    }
 
     #[test]
     fn xtext_round_trip() {

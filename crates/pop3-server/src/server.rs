@@ -47,6 +47,8 @@ pub struct Pop3Server {
     penalty: PenaltyBox,
     /// The relay list decides whether failed logins count per user or per address.
     lists: ListCache,
+    /// S4, P6: one session pool for the pop3 and pop3s listeners (one service over two
+    /// transports, as SMTP submission and implicit TLS share theirs), apart from the SMTP pools.
     limits: SessionLimits,
     /// Becomes true on SIGTERM (O3).
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -253,19 +255,29 @@ impl Driver<'_> {
             Err(_) => false,
         };
         let offender = PenaltyBox::offender(self.ip, name, relay_listed);
-        if !s.penalty.login_allowed(&offender) {
-            self.journal(code::POP_LOGIN_FAILED, name, "refused during a cool-down after failed logins (A5)").await;
-            return LoginOutcome::TempFail;
-        }
-        let user = match login::authenticate(&s.store, &s.passwords, name, password).await {
-            Ok(Some(u)) => u,
+        // A5: the attempt is reserved (and counted) before the password is checked: one check
+        // per key at a time, none during a cool-down; argon2 runs within the client's share.
+        let attempt = match s.penalty.reserve_login(offender).await {
+            Ok(attempt) => attempt,
+            Err(throttled) => {
+                self.journal(code::POP_LOGIN_FAILED, name, throttled.describe()).await;
+                return LoginOutcome::TempFail;
+            }
+        };
+        let passwords = s.passwords.for_client(attempt.offender().clone());
+        let user = match login::authenticate(&s.store, &passwords, name, password, directory::mailbox::LoginFor::Collect).await {
+            Ok(Some(u)) => {
+                attempt.succeeded();
+                u
+            }
             Ok(None) => {
-                let locked = s.penalty.login_failed(offender);
+                let locked = attempt.failed();
                 let note = if locked { "failed login; cool-down started (A5)" } else { "failed login (A5)" };
                 self.journal(code::POP_LOGIN_FAILED, name, note).await;
                 return LoginOutcome::BadCredentials;
             }
             Err(e) => {
+                attempt.not_checked();
                 tracing::warn!(error = %e, "pop3 login could not be checked");
                 return LoginOutcome::TempFail;
             }

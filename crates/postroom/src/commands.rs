@@ -263,19 +263,24 @@ pub fn journal(args: JournalArgs, config: &Config) -> anyhow::Result<()> {
                   WHERE id > ?1 AND at >= ?2 AND (?3 IS NULL OR code LIKE ?3 || '%') AND (?4 IS NULL OR qid = ?4)
                   ORDER BY id LIMIT 10000",
             )?;
+            // Rows written before the journal escaped what clients sent are escaped here too:
+            // nothing in a row may drive the operator's terminal.
+            let text = |r: &store::rusqlite::Row<'_>, i| -> store::rusqlite::Result<String> {
+                Ok(mail_proto::shown::escaped(&r.get::<_, String>(i)?, usize::MAX).into_owned())
+            };
             let rows = stmt.query_map(rusqlite_params(after_id, since, code, message), |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     format!(
                         "{}  {:<3} {:<20} from={} to={} size={} ip={} {}",
                         mail_proto::date::rfc5322(r.get(1)?),
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, String>(5)?,
+                        text(r, 2)?,
+                        text(r, 3)?,
+                        text(r, 4)?,
+                        text(r, 5)?,
                         r.get::<_, Option<i64>>(6)?.map(|s| s.to_string()).unwrap_or_default(),
-                        r.get::<_, String>(7)?,
-                        r.get::<_, String>(8)?,
+                        text(r, 7)?,
+                        text(r, 8)?,
                     ),
                 ))
             })?;
@@ -338,6 +343,23 @@ pub fn config(cmd: ConfigCommand, loaded: Result<Config, ConfigError>) -> anyhow
                         cert.display()
                     );
                 }
+            }
+            // D4: what `serve` would refuse at start: a data directory another user owns or may
+            // write in, a private key others may read.
+            let mut refused = Vec::new();
+            if let Err(e) = store::check_data_dir(&config.data_dir) {
+                refused.push(format!("data_dir: {e}"));
+            }
+            if !config.tls.key.as_os_str().is_empty()
+                && let Err(e) = tls::check_key_permissions(&config.tls.key)
+            {
+                refused.push(format!("[tls] key: {e}"));
+            }
+            if !refused.is_empty() {
+                for r in &refused {
+                    eprintln!("error: {r}");
+                }
+                anyhow::bail!("`serve` would refuse to start: fix the problem(s) above");
             }
             print!("{}", config.effective_toml());
             eprintln!("configuration OK ({})", config.origin);

@@ -74,14 +74,24 @@ pub struct SmtpConfig {
     pub max_message_size: u64,
     /// Recipients per message.
     pub max_recipients: usize,
-    /// Concurrent sessions in total.
+    /// Concurrent sessions on `listen` (the MX listener) in total.
     pub max_sessions: usize,
-    /// Concurrent sessions per client IP.
+    /// Concurrent sessions on `listen` per client IP.
     pub max_sessions_per_ip: usize,
+    /// Concurrent sessions on `submission_listen` and `tls_listen` together, in total.
+    pub submission_max_sessions: usize,
+    /// The same per client IP.
+    pub submission_max_sessions_per_ip: usize,
+    /// Concurrent sessions on the local socket of `postroom sendmail`.
+    pub local_max_sessions: usize,
+    /// Deadline from the greeting to HELO/EHLO.
+    pub greeting_timeout_secs: u64,
     /// Deadline for one command line.
     pub command_timeout_secs: u64,
     /// Total deadline for DATA.
     pub data_timeout_secs: u64,
+    /// A session's lifetime; past it, 421 at the next command boundary.
+    pub max_session_secs: u64,
     /// Errors before 421 and close.
     pub max_errors: usize,
     /// VRFY answered (252) or refused (502).
@@ -231,6 +241,19 @@ pub struct StorageConfig {
     pub body_chunk_kib: u32,
     /// Bytes of a message the filters parse (F3); beyond them only MIME headers are walked.
     pub filter_max_bytes: usize,
+    /// A message the filters could not inspect completely while an attachment or MIME-type
+    /// filter is active (F3: filters fail closed by default).
+    pub filter_unscannable: Unscannable,
+}
+
+/// `storage.filter_unscannable` (F3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unscannable {
+    /// Quarantine it (the journal says why).
+    Keep,
+    /// Deliver it as if no filter matched.
+    Deliver,
 }
 
 /// `[log]`.
@@ -375,10 +398,20 @@ impl Default for SmtpConfig {
             tls_listen: vec![loopback(2465)],
             max_message_size: 50 * 1024 * 1024,
             max_recipients: 100,
+            // S4: one pool per service (etc/postroom.toml explains). A session costs a task, a
+            // socket and tens of KiB (about 16 KiB resident when idle, up to its 64 KiB read buffer
+            // when busy), so these sizes are cheap; the MX pool is the largest because it serves
+            // the whole Internet, submission only our own users in short sessions, the local
+            // socket only scripts on this host.
             max_sessions: 200,
             max_sessions_per_ip: 20,
+            submission_max_sessions: 100,
+            submission_max_sessions_per_ip: 10,
+            local_max_sessions: 50,
+            greeting_timeout_secs: 30,
             command_timeout_secs: 300,
             data_timeout_secs: 600,
+            max_session_secs: 1800,
             max_errors: 20,
             vrfy: true,
             allow_bare_lf: false,
@@ -450,7 +483,7 @@ impl Default for JournalConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { min_free_mb: 512, body_chunk_kib: 256, filter_max_bytes: 10 * 1024 * 1024 }
+        StorageConfig { min_free_mb: 512, body_chunk_kib: 256, filter_max_bytes: 10 * 1024 * 1024, filter_unscannable: Unscannable::Keep }
     }
 }
 
@@ -534,8 +567,12 @@ impl Config {
         let at_least_one = [
             ("smtp.max_recipients", smtp.max_recipients as u64),
             ("smtp.max_sessions", smtp.max_sessions as u64),
+            ("smtp.submission_max_sessions", smtp.submission_max_sessions as u64),
+            ("smtp.local_max_sessions", smtp.local_max_sessions as u64),
+            ("smtp.greeting_timeout_secs", smtp.greeting_timeout_secs),
             ("smtp.command_timeout_secs", smtp.command_timeout_secs),
             ("smtp.data_timeout_secs", smtp.data_timeout_secs),
+            ("smtp.max_session_secs", smtp.max_session_secs),
             ("smtp.max_errors", smtp.max_errors as u64),
             ("smtp.max_hops", smtp.max_hops as u64),
             ("tls.handshake_timeout_secs", tls.handshake_timeout_secs),
@@ -556,8 +593,13 @@ impl Config {
         for (key, value) in at_least_one {
             need(value >= 1, key, &value, "must be at least 1");
         }
-        for (section, max, per_ip) in [("smtp", smtp.max_sessions, smtp.max_sessions_per_ip), ("pop3", pop3.max_sessions, pop3.max_sessions_per_ip)] {
-            let (key, rule) = (format!("{section}.max_sessions_per_ip"), format!("must be 1..{section}.max_sessions ({max})"));
+        let per_ip_limits = [
+            ("smtp.max_sessions", smtp.max_sessions, smtp.max_sessions_per_ip),
+            ("smtp.submission_max_sessions", smtp.submission_max_sessions, smtp.submission_max_sessions_per_ip),
+            ("pop3.max_sessions", pop3.max_sessions, pop3.max_sessions_per_ip),
+        ];
+        for (total_key, max, per_ip) in per_ip_limits {
+            let (key, rule) = (format!("{total_key}_per_ip"), format!("must be 1..{total_key} ({max})"));
             need((1..=max.max(1)).contains(&per_ip), &key, &per_ip, &rule);
         }
         let size = smtp.max_message_size;
@@ -823,8 +865,12 @@ mod tests {
         for key in [
             "smtp.max_recipients",
             "smtp.max_sessions",
+            "smtp.submission_max_sessions",
+            "smtp.local_max_sessions",
+            "smtp.greeting_timeout_secs",
             "smtp.command_timeout_secs",
             "smtp.data_timeout_secs",
+            "smtp.max_session_secs",
             "smtp.max_errors",
             "smtp.max_hops",
             "tls.handshake_timeout_secs",
@@ -847,6 +893,10 @@ mod tests {
         }
         refused("smtp = { max_sessions_per_ip = 0 }", "smtp.max_sessions_per_ip", "1..smtp.max_sessions (200)");
         refused("smtp = { max_sessions = 10, max_sessions_per_ip = 11 }", "smtp.max_sessions_per_ip", "(10)");
+        refused("smtp = { submission_max_sessions_per_ip = 0 }", "smtp.submission_max_sessions_per_ip", "1..smtp.submission_max_sessions (100)");
+        refused("smtp = { submission_max_sessions = 5 }", "smtp.submission_max_sessions_per_ip", "(5)");
+        // The MX listener's limits do not bound submission's (S4: each pool on its own).
+        assert_eq!(problems("smtp = { max_sessions = 5, max_sessions_per_ip = 5 }"), Vec::<String>::new());
         refused("pop3 = { max_sessions_per_ip = 201 }", "pop3.max_sessions_per_ip", "1..pop3.max_sessions");
         refused("storage = { body_chunk_kib = 65537 }", "storage.body_chunk_kib", "65536");
         refused("relay = { pop_minutes = 5 }", "relay.pop_minutes", "must be 0 (off) or 15..65535");
@@ -944,12 +994,14 @@ mod tests {
         let changed = parse(
             r#"domains = ["a.test", "b.test"]
                relay = { mode = "both", pop_minutes = 30 }
+               smtp = { submission_max_sessions = 7, local_max_sessions = 3, greeting_timeout_secs = 2, max_session_secs = 60 }
                delivery = { host_table = { "mx.b.test" = "127.0.0.1" } }
                dns = { servers = ["[::1]:53"] }
                tls = { cert = "c.pem", key = "k.pem" }
                log = { format = "json" }"#,
         );
         assert!(changed.effective_toml().contains("mode = \"both\""));
+        assert!(changed.effective_toml().contains("submission_max_sessions = 7"));
         for config in [Config::default(), changed] {
             let text = config.effective_toml();
             assert_eq!(Config::parse(&text, &config.origin).unwrap(), config, "{text}");

@@ -33,6 +33,14 @@ pub enum ListCommand {
         /// hostauth: read the password from the first line of standard input (always so).
         #[arg(long)]
         password_stdin: bool,
+        /// hostauth: PEM file of CA certificates that may issue the host's certificate, besides
+        /// the system's roots (a private smarthost). Its contents are stored.
+        #[arg(long, value_name = "FILE", conflicts_with = "fingerprint")]
+        ca: Option<PathBuf>,
+        /// hostauth: SHA-256 fingerprint of the host's certificate (hex, colons allowed): that
+        /// certificate is accepted and no other, whatever its issuer and names.
+        #[arg(long, value_name = "SHA256HEX")]
+        fingerprint: Option<String>,
     },
     /// Remove an entry (i5/OS RMVSMTPLE).
     Remove {
@@ -58,15 +66,31 @@ fn kind(text: &str) -> anyhow::Result<ListKind> {
 }
 
 /// C5: `list add|remove|show hostauth`; the password comes from standard input, never shown.
+/// The credentials go only over TLS whose certificate is verified: by the system's roots, plus
+/// the CA certificates of `--ca`, or by the pinned `--fingerprint`.
 fn hostauth(cmd: ListCommand, store: &store::Store) -> anyhow::Result<()> {
     use directory::access::hostauth;
     match cmd {
-        ListCommand::Add { entry, .. } => {
-            let [host, user] = entry.as_slice() else { bail!("usage: postroom list add hostauth HOST USER --password-stdin") };
+        ListCommand::Add { entry, ca, fingerprint, .. } => {
+            let [host, user] = entry.as_slice() else {
+                bail!("usage: postroom list add hostauth HOST USER --password-stdin [--ca FILE | --fingerprint SHA256HEX]")
+            };
+            let mut trust = hostauth::Trust::default();
+            if let Some(path) = &ca {
+                let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let certs = smtp_client::trust::certificates_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                trust.ca_pem = Some(certs);
+            }
+            if let Some(text) = &fingerprint {
+                trust.fingerprint = Some(
+                    hostauth::normalise_fingerprint(text)
+                        .with_context(|| format!("--fingerprint {text:?}: 64 hex digits of a SHA-256 expected (colons allowed)"))?,
+                );
+            }
             let password = crate::commands::read_password()?;
-            let (h, u) = (host.clone(), user.clone());
-            store.write_blocking(Durability::Full, move |c| hostauth::add(c, &h, &u, &password).map_err(into_store))?;
-            println!("hostauth list: {host} as {user} (password stored, never shown)");
+            let (h, u, t) = (host.clone(), user.clone(), trust.clone());
+            store.write_blocking(Durability::Full, move |c| hostauth::add_with_trust(c, &h, &u, &password, &t).map_err(into_store))?;
+            println!("hostauth list: {host} as {user} (password stored, never shown); certificate check: {}", describe_trust(&trust));
         }
         ListCommand::Remove { entry, .. } => {
             let host = entry.join(" ");
@@ -77,17 +101,29 @@ fn hostauth(cmd: ListCommand, store: &store::Store) -> anyhow::Result<()> {
             println!("hostauth list: removed {host}");
         }
         ListCommand::Show { .. } => {
-            let rows = store.read_blocking(|c| hostauth::show(c).map_err(into_store))?;
+            let rows = store.read_blocking(|c| hostauth::show_with_trust(c).map_err(into_store))?;
             if rows.is_empty() {
                 println!("hostauth list is empty");
             }
-            for (host, user, added) in rows {
-                println!("{host:<30} {user:<20} added {}", mail_proto::date::rfc5322(added));
+            for (host, user, added, trust) in rows {
+                println!("{host:<30} {user:<20} added {}  certificate: {}", mail_proto::date::rfc5322(added), describe_trust(&trust));
             }
         }
         ListCommand::ImportLegacy { .. } => unreachable!("not a hostauth command"),
     }
     Ok(())
+}
+
+/// How a hostauth entry's certificate is checked, in words.
+fn describe_trust(trust: &directory::access::hostauth::Trust) -> String {
+    match (&trust.fingerprint, &trust.ca_pem) {
+        (Some(pin), _) => format!("pinned sha256:{pin}"),
+        (None, Some(pem)) => {
+            let n = smtp_client::trust::parse_ca_pem(pem).map_or(0, |c| c.len());
+            format!("system roots + {n} CA certificate(s) of the entry")
+        }
+        (None, None) => "system roots".into(),
+    }
 }
 
 fn is_hostauth(cmd: &ListCommand) -> bool {
@@ -103,7 +139,10 @@ pub fn list(cmd: ListCommand, config: &Config) -> anyhow::Result<()> {
         return hostauth(cmd, &store);
     }
     match cmd {
-        ListCommand::Add { kind: k, entry, .. } => {
+        ListCommand::Add { kind: k, entry, ca, fingerprint, .. } => {
+            if ca.is_some() || fingerprint.is_some() {
+                bail!("--ca and --fingerprint are for the hostauth list only");
+            }
             let (k, text) = (kind(&k)?, entry.join(" "));
             let (entry, added) = store.write_blocking(Durability::Full, move |c| access::add(c, k, &text).map_err(into_store))?;
             if added {

@@ -1,6 +1,5 @@
 //! `postroom serve`: wire configuration, store, framework and servers together.
 
-use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -54,17 +53,34 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 fn raise_descriptor_limit(config: &Config) {
     // Listeners, the database and its WAL, the sendmail socket, log files: a generous reserve.
     const RESERVE: u64 = 256;
-    let wanted = (config.smtp.max_sessions + config.pop3.max_sessions + config.delivery.max_connections) as u64 + RESERVE;
+    let wanted = session_capacity(config).saturating_add(config.delivery.max_connections as u64).saturating_add(RESERVE);
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < wanted => tracing::warn!(
             limit,
             wanted,
-            "the open-file limit is below smtp.max_sessions + pop3.max_sessions + delivery.max_connections + {RESERVE}: \
+            "the open-file limit is below smtp.max_sessions + pop3.max_sessions + smtp.submission_max_sessions + \
+             smtp.local_max_sessions (each counted when its listeners run) + delivery.max_connections + {RESERVE}: \
              clients past it wait unanswered; raise it (ulimit -n, systemd LimitNOFILE=) or lower the max_sessions"
         ),
         Ok(limit) => tracing::debug!(limit, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
     }
+}
+
+/// S4: the sessions the running listeners may hold at once. Every session pool is its own (MX;
+/// submission and implicit TLS together; the local socket; POP3 and POP3S together), so the
+/// worst case is their sum; a pool whose listeners are all off holds nothing.
+fn session_capacity(config: &Config) -> u64 {
+    let (smtp, pop3) = (&config.smtp, &config.pop3);
+    let pop3_runs = (!pop3.listen.is_empty() && pop3.socket_layer != SocketLayer::Secure)
+        || (!pop3.tls_listen.is_empty() && pop3.socket_layer != SocketLayer::Nonsecure);
+    let pools = [
+        (!smtp.listen.is_empty(), smtp.max_sessions),
+        (!smtp.submission_listen.is_empty() || !smtp.tls_listen.is_empty(), smtp.submission_max_sessions),
+        (true, smtp.local_max_sessions),
+        (pop3_runs, pop3.max_sessions),
+    ];
+    pools.into_iter().filter(|(runs, _)| *runs).fold(0u64, |sum, (_, n)| sum.saturating_add(n as u64))
 }
 
 /// Once the server has gone quiet (under 100 ms of CPU in 10 s), the heap's free pages go back
@@ -112,6 +128,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let chain = mail_framework::snapins::builtin(&mail_framework::snapins::Settings {
         postmaster: domains.postmaster().to_string(),
         filter_max_bytes: config.storage.filter_max_bytes,
+        keep_unscannable: config.storage.filter_unscannable == postroom::config::Unscannable::Keep,
         reports: reports.clone(),
         etrn: mail_framework::outbound::EtrnDomains::new(&config.delivery.etrn_domains),
     });
@@ -192,7 +209,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Both workers are alive from here on; `status` must not see a gap before their first round.
     framework_beat.beat();
     outbound.heartbeat().beat();
-    spawn_status_writer(config.data_dir.join(crate::status::STATUS_FILE), store.clone(), framework_beat, outbound.heartbeat());
+    spawn_status_writer(config.data_dir.clone(), store.clone(), framework_beat, outbound.heartbeat());
     tokio::spawn(outbound.clone().run());
     write_listening(&config, &bound)?;
     tracing::info!(listeners = ?bound, data_dir = %config.data_dir.display(), "postroom is ready");
@@ -247,16 +264,15 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 /// O2: every 2 s, the workers' last beats into data_dir/status for `postroom status`.
 /// A dead store writer cannot be brought back in this process (every write would fail while
 /// the listeners still answer): the server exits with an error so its supervisor restarts it.
-fn spawn_status_writer(path: std::path::PathBuf, store: Store, framework: Heartbeat, outbound: Heartbeat) {
+fn spawn_status_writer(data_dir: std::path::PathBuf, store: Store, framework: Heartbeat, outbound: Heartbeat) {
     let write = move || {
         if !store.writer_alive() {
             tracing::error!("the store writer has stopped; exiting so the service manager restarts postroom");
             std::process::exit(70); // EX_SOFTWARE
         }
         let text = format!("pid {}\nupdated {}\nframework {}\noutbound {}\n", std::process::id(), store::now(), framework.last(), outbound.last());
-        let tmp = path.with_extension("tmp");
-        if write_private(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
-            tracing::warn!(path = %path.display(), "cannot write the status file");
+        if let Err(e) = store::write_private_atomic(&data_dir, crate::status::STATUS_FILE, text.as_bytes()) {
+            tracing::warn!(path = %data_dir.join(crate::status::STATUS_FILE).display(), error = %e, "cannot write the status file");
         }
     };
     // Written once before `listening` appears, so `status` never sees a gap.
@@ -295,13 +311,6 @@ fn spawn_send_scheduler(config: &Config, store: Store) {
             }
         }
     });
-}
-
-/// A file only the server's user may read (D4).
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    f.write_all(bytes)
 }
 
 /// F4: journal rows older than `retention_days` are removed, hourly, in small batches.
@@ -378,6 +387,11 @@ fn smtp_settings(c: &Config) -> SmtpSettings {
         max_recipients: c.smtp.max_recipients,
         max_sessions: c.smtp.max_sessions,
         max_sessions_per_ip: c.smtp.max_sessions_per_ip,
+        submission_max_sessions: c.smtp.submission_max_sessions,
+        submission_max_sessions_per_ip: c.smtp.submission_max_sessions_per_ip,
+        local_max_sessions: c.smtp.local_max_sessions,
+        greeting_timeout: Duration::from_secs(c.smtp.greeting_timeout_secs),
+        max_session: Duration::from_secs(c.smtp.max_session_secs),
         command_timeout: Duration::from_secs(c.smtp.command_timeout_secs),
         data_timeout: Duration::from_secs(c.smtp.data_timeout_secs),
         vrfy: c.smtp.vrfy,
@@ -440,18 +454,12 @@ fn pop3_settings(c: &Config) -> Pop3Settings {
     }
 }
 
-/// Written atomically (temp file + rename), 0600, so a reader never sees half of it.
+/// Written atomically (a new temp file, never through a link, then rename), 0600, so a reader
+/// never sees half of it (D4).
 fn write_listening(config: &Config, lines: &[String]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = config.data_dir.join(LISTENING_FILE);
-    let tmp = config.data_dir.join(".listening.tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    for line in lines {
-        writeln!(f, "{line}")?;
-    }
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
+    store::write_private_atomic(&config.data_dir, LISTENING_FILE, text.as_bytes())
+        .with_context(|| format!("writing {}", config.data_dir.join(LISTENING_FILE).display()))
 }
 
 /// SIGTERM and SIGINT, as a stream: the first starts a graceful shutdown, the second ends it.

@@ -2,13 +2,19 @@
 //! RFC 3207 STARTTLS, RFC 1870 SIZE, RFC 6152 8BITMIME).
 //!
 //! [`deliver`] makes one delivery attempt of one message to one address: connect (from
-//! `bind_address` when set), greeting, EHLO (HELO when EHLO is refused), opportunistic STARTTLS
-//! accepting any certificate, EHLO again, MAIL FROM, RCPT TO for every recipient (pipelined
-//! with MAIL and DATA when the server offers PIPELINING), DATA with the body streamed from a
+//! `bind_address` when set), greeting, EHLO (HELO when EHLO is refused), STARTTLS, EHLO again,
+//! AUTH for a host with credentials, MAIL FROM, RCPT TO for every recipient (pipelined with MAIL
+//! and DATA when the server offers PIPELINING), DATA with the body streamed from a
 //! [`BodySource`], QUIT. It reports one [`RcptOutcome`] per recipient, or a [`SessionError`] when
 //! the attempt ended before per-recipient results. Choosing hosts, retrying and bouncing are the
-//! caller's job; in particular after [`SessionError::Tls`] the caller retries the same host with
-//! [`deliver_plaintext`] (C5).
+//! caller's job.
+//!
+//! TLS (C5, see [`crate::trust`]): a host without credentials gets opportunistic STARTTLS that
+//! accepts any certificate; after [`SessionError::Tls`] the caller may retry it with
+//! [`deliver_plaintext`]. A host with credentials gets them only over STARTTLS whose certificate
+//! was verified: no STARTTLS, a refused one, a failed handshake or an unverified certificate
+//! ends the attempt ([`SessionError::TlsRequired`], [`SessionError::Tls`]) before anything secret
+//! is sent, and so does a failed AUTH ([`SessionError::Auth`]); none of them is permanent.
 //!
 //! Nothing leaves us with a bare CR or LF: the stored body is CRLF text, but any bare CR or LF in
 //! it is turned into CRLF while streaming, before dot-stuffing, so a message cannot smuggle a
@@ -18,15 +24,13 @@
 use std::fmt::Write as _;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mail_proto::reply_parser::parse_reply;
 use mail_proto::{DotStuffer, Reply};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
-use rustls_pki_types::{CertificateDer, DnsName, ServerName, UnixTime};
+use rustls::ClientConfig;
+use rustls_pki_types::{DnsName, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
@@ -51,9 +55,24 @@ pub struct ClientSettings {
     /// For the TCP connect, and separately for the TLS handshake after STARTTLS.
     pub connect_timeout: Duration,
     pub timeouts: Timeouts,
-    /// User and password for a host on the host-authentication list (C5): sent with AUTH PLAIN
-    /// or LOGIN when the server offers AUTH — and only over TLS.
-    pub credentials: Option<(String, String)>,
+    /// For a host on the host-authentication list (C5): user and password, sent with AUTH PLAIN
+    /// or LOGIN — and only over STARTTLS whose certificate was verified as `trust` says. Such a
+    /// host always gets STARTTLS, whatever `starttls` says.
+    pub credentials: Option<Credentials>,
+}
+
+/// What a host on the host-authentication list gets, and how its certificate is checked first.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+    pub trust: crate::trust::Trust,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).field("password", &"(hidden)").field("trust", &self.trust).finish()
+    }
 }
 
 impl ClientSettings {
@@ -148,9 +167,18 @@ pub enum SessionError {
     /// The connection broke, or reading the body from the store failed.
     #[error("connection failed: {0}")]
     Io(#[source] io::Error),
-    /// TLS handshake failed after STARTTLS: the caller retries this host without STARTTLS (C5).
+    /// TLS handshake failed after STARTTLS, or, for a host with credentials, its certificate was
+    /// not verified (C5). Without credentials the caller may retry this host without STARTTLS;
+    /// with them, never.
     #[error("TLS handshake failed: {0}")]
     Tls(String),
+    /// A host with credentials cannot be given them over TLS: it offers no STARTTLS, or refuses
+    /// it (C5). Nothing secret was sent.
+    #[error("TLS required for the host's credentials: {0}")]
+    TlsRequired(String),
+    /// AUTH to a host with credentials failed: the server's reply, or why it was not tried (C5).
+    #[error("authentication failed: {0}")]
+    Auth(String),
     /// A reply that ends the attempt: 4xx/5xx to the greeting, EHLO+HELO, MAIL FROM, or DATA.
     /// The reply tells temporary from permanent. Stages: "greeting", "EHLO" (only 421, which
     /// skips the HELO fallback), "HELO", "MAIL", "DATA".
@@ -162,9 +190,11 @@ pub enum SessionError {
 }
 
 impl SessionError {
-    /// Only a 5xx reply ends an attempt permanently; everything else is worth another try.
+    /// Only a 5xx reply ends an attempt permanently; everything else is worth another try. A 5xx
+    /// greeting is not permanent either: that host will not talk to us, the next MX may
+    /// (Postfix's smtp_skip_5xx_greeting).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, SessionError::Rejected { reply, .. } if (500..600).contains(&reply.code))
+        matches!(self, SessionError::Rejected { reply, stage } if (500..600).contains(&reply.code) && *stage != "greeting")
     }
 
     /// The server's reply, for a rejection.
@@ -184,8 +214,9 @@ fn show(reply: &Reply) -> String {
 }
 
 /// One delivery attempt to one host, with STARTTLS when `settings.starttls` and the server
-/// offers it. `host` is the name for logs and SNI; `addr` is where to connect. The outcomes are
-/// in the order of `envelope.recipients`.
+/// offers it — and always with credentials. `host` is the name for logs, SNI and, with
+/// credentials, the certificate check; `addr` is where to connect. The outcomes are in the order
+/// of `envelope.recipients`.
 pub async fn deliver<B: BodySource>(
     settings: &ClientSettings,
     host: &str,
@@ -193,10 +224,11 @@ pub async fn deliver<B: BodySource>(
     envelope: &Envelope<'_>,
     body: &mut B,
 ) -> Result<Vec<RcptOutcome>, SessionError> {
-    attempt(settings, host, addr, envelope, body, settings.starttls).await
+    attempt(settings, host, addr, envelope, body, settings.starttls || settings.credentials.is_some()).await
 }
 
-/// Like [`deliver`], but never STARTTLS: the retry after [`SessionError::Tls`].
+/// Like [`deliver`], but never STARTTLS: the retry after [`SessionError::Tls`] for a host without
+/// credentials. With credentials it fails with [`SessionError::TlsRequired`] without connecting.
 pub async fn deliver_plaintext<B: BodySource>(
     settings: &ClientSettings,
     host: &str,
@@ -223,6 +255,9 @@ async fn attempt<B: BodySource>(
     if envelope.recipients.is_empty() {
         return Ok(Vec::new());
     }
+    if settings.credentials.is_some() && !starttls {
+        return Err(SessionError::TlsRequired("credentials are sent only over verified TLS, never in plaintext".into()));
+    }
     let tcp = connect(settings, addr).await?;
     tracing::debug!(host, %addr, "connected");
     let mut session = Session { settings, host, addr, transport: Transport::Plain(tcp), buf: Vec::new() };
@@ -230,7 +265,7 @@ async fn attempt<B: BodySource>(
     match &result {
         // The server is waiting for a command: say goodbye. After a broken connection, a
         // timeout, a protocol error or a body that broke off mid-DATA, just close.
-        Ok(_) | Err(SessionError::Rejected { .. }) => session.quit().await,
+        Ok(_) | Err(SessionError::Rejected { .. } | SessionError::TlsRequired(_) | SessionError::Auth(_)) => session.quit().await,
         Err(_) => {}
     }
     match &result {
@@ -359,19 +394,26 @@ impl Session<'_> {
             return Err(SessionError::Rejected { stage: "greeting", reply: greeting });
         }
         let mut caps = self.hello().await?;
+        let credentials = self.settings.credentials.as_ref();
+        if credentials.is_some() && !caps.starttls {
+            // C5: the password goes over verified TLS or not at all; mail waits.
+            return Err(SessionError::TlsRequired(format!("{} offers no STARTTLS", self.host)));
+        }
         if starttls && caps.starttls {
             let reply = self.command("STARTTLS", t.mail, "STARTTLS\r\n").await?;
             if reply.code == 220 {
                 self.start_tls().await?;
                 // RFC 3207 §4.2: forget everything learnt before TLS and ask again.
                 caps = self.hello().await?;
+            } else if credentials.is_some() {
+                return Err(SessionError::TlsRequired(format!("STARTTLS refused: {}", show(&reply))));
             } else {
                 // 454 and friends: carry on in plaintext (opportunistic TLS).
                 tracing::debug!(host = self.host, reply = %show(&reply), "STARTTLS refused; continuing without TLS");
             }
         }
-        if let Some((user, password)) = &self.settings.credentials {
-            self.authenticate(&caps, user, password).await?;
+        if let Some(c) = credentials {
+            self.authenticate(&caps, &c.user, &c.password).await?;
         }
         self.transaction(envelope, body, caps).await
     }
@@ -391,14 +433,15 @@ impl Session<'_> {
         if helo.code / 100 == 2 { Ok(Capabilities::default()) } else { Err(SessionError::Rejected { stage: "HELO", reply: helo }) }
     }
 
-    /// C5: AUTH to a host on the host-authentication list, never in plaintext (the password
-    /// would cross the network in the clear). Without TLS the attempt goes on unauthenticated
-    /// and the server's answer to MAIL decides.
+    /// C5: AUTH to a host on the host-authentication list, only under TLS whose certificate was
+    /// verified (the caller made sure), never in plaintext. A host that offers neither PLAIN nor
+    /// LOGIN, or refuses the credentials, ends the attempt: mail waits rather than going on
+    /// unauthenticated to be refused for it.
     async fn authenticate(&mut self, caps: &Capabilities, user: &str, password: &str) -> Result<(), SessionError> {
         if !matches!(self.transport, Transport::Tls(_)) {
-            tracing::warn!(host = self.host, "not sending host credentials without TLS");
-            return Ok(());
+            return Err(SessionError::TlsRequired("credentials are sent only over verified TLS, never in plaintext".into()));
         }
+        let auth_failed = |reply: Reply| SessionError::Auth(show(&reply));
         let t = self.settings.timeouts;
         let reply = if caps.auth_plain {
             let token = mail_proto::sasl::encode(format!("\0{user}\0{password}").as_bytes());
@@ -406,17 +449,17 @@ impl Session<'_> {
         } else if caps.auth_login {
             let r = self.command("AUTH", t.mail, "AUTH LOGIN\r\n").await?;
             if r.code != 334 {
-                return Err(SessionError::Rejected { stage: "AUTH", reply: r });
+                return Err(auth_failed(r));
             }
             let r = self.command("AUTH", t.mail, &format!("{}\r\n", mail_proto::sasl::encode(user.as_bytes()))).await?;
             if r.code != 334 {
-                return Err(SessionError::Rejected { stage: "AUTH", reply: r });
+                return Err(auth_failed(r));
             }
             self.command("AUTH", t.mail, &format!("{}\r\n", mail_proto::sasl::encode(password.as_bytes()))).await?
         } else {
-            return Ok(());
+            return Err(SessionError::Auth(format!("{} offers no AUTH PLAIN or LOGIN", self.host)));
         };
-        if reply.code / 100 == 2 { Ok(()) } else { Err(SessionError::Rejected { stage: "AUTH", reply }) }
+        if reply.code / 100 == 2 { Ok(()) } else { Err(auth_failed(reply)) }
     }
 
     async fn start_tls(&mut self) -> Result<(), SessionError> {
@@ -429,11 +472,21 @@ impl Session<'_> {
         let Transport::Plain(tcp) = std::mem::replace(&mut self.transport, Transport::Closed) else {
             return Err(SessionError::Protocol("STARTTLS on a connection that is not plaintext".into()));
         };
-        let connector = TlsConnector::from(insecure_client_config());
+        // C5: verified for a host that gets credentials, opportunistic for any other.
+        let config = match &self.settings.credentials {
+            Some(c) => crate::trust::verified_config(&c.trust).map_err(SessionError::Tls)?,
+            None => insecure_client_config(),
+        };
+        let connector = TlsConnector::from(config);
         let name = server_name(self.host, self.addr.ip());
         match timeout(self.settings.connect_timeout, connector.connect(name, tcp)).await {
             Err(_) => Err(SessionError::Tls("handshake timed out".into())),
-            Ok(Err(e)) => Err(SessionError::Tls(e.to_string())),
+            Ok(Err(e)) => {
+                if self.settings.credentials.is_some() {
+                    tracing::warn!(host = self.host, addr = %self.addr, error = %e, "TLS to a host with credentials failed; credentials not sent");
+                }
+                Err(SessionError::Tls(e.to_string()))
+            }
             Ok(Ok(tls)) => {
                 let (_, conn) = tls.get_ref();
                 tracing::debug!(host = self.host, version = ?conn.protocol_version(), suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()), "TLS established");
@@ -462,8 +515,8 @@ impl Session<'_> {
             d.peer_offers.store(caps.dsn, std::sync::atomic::Ordering::Relaxed);
         }
         if let Some(d) = dsn {
-            // RFC 3461 §4.3, §4.4: passed on unchanged.
-            if let Some(ret) = &d.ret {
+            // RFC 3461 §4.3, §4.4: passed on unchanged (what is not a valid value is dropped).
+            if let Some(ret) = d.ret.as_deref().filter(|r| r.eq_ignore_ascii_case("FULL") || r.eq_ignore_ascii_case("HDRS")) {
                 let _ = write!(mail, " RET={ret}");
             }
             if let Some(envid) = &d.envid {
@@ -471,14 +524,22 @@ impl Session<'_> {
             }
         }
         mail.push_str("\r\n");
+        let host = self.host;
         let rcpt_params = |i: usize| -> String {
             let Some((notify, orcpt)) = dsn.and_then(|d| d.recipients.get(i)) else { return String::new() };
             let mut p = String::new();
-            if let Some(n) = notify {
+            if let Some(n) = notify.as_deref().and_then(mail_proto::smtp_command::parse_notify) {
                 let _ = write!(p, " NOTIFY={n}");
             }
-            if let Some((kind, addr)) = orcpt.as_deref().and_then(|o| o.split_once(';')) {
-                let _ = write!(p, " ORCPT={kind};{}", mail_proto::smtp_command::xtext_encode(addr));
+            // RFC 3461 §4.2: the address type must be an atom, the address goes as xtext; an ORCPT
+            // that cannot be sent that way is dropped, never relayed as it came.
+            if let Some(o) = orcpt.as_deref() {
+                match mail_proto::smtp_command::orcpt_value(o) {
+                    Some(value) => {
+                        let _ = write!(p, " ORCPT={value}");
+                    }
+                    None => tracing::warn!(host, orcpt = ?o, "dropping an ORCPT that is not addr-type;address"),
+                }
             }
             p
         };
@@ -692,66 +753,10 @@ fn server_name(host: &str, ip: IpAddr) -> ServerName<'static> {
     }
 }
 
-/// The client TLS configuration for opportunistic STARTTLS: ring provider, safe default
-/// protocol versions, any certificate accepted (C5), handshake signatures still verified. Built
-/// once and shared.
+/// The client TLS configuration for opportunistic STARTTLS: any certificate accepted (C5),
+/// handshake signatures still verified; see [`crate::trust::opportunistic_config`].
 pub fn insecure_client_config() -> Arc<ClientConfig> {
-    static CONFIG: OnceLock<Arc<ClientConfig>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let provider = tls::provider();
-            let verifier = Arc::new(AcceptAnyCertificate { algorithms: provider.signature_verification_algorithms });
-            let config = ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("the ring provider supports the default TLS versions")
-                .dangerous()
-                .with_custom_certificate_verifier(verifier)
-                .with_no_client_auth();
-            Arc::new(config)
-        })
-        .clone()
-}
-
-/// Accepts every certificate (opportunistic TLS protects against passive eavesdropping only),
-/// but checks that the server really holds the key of the certificate it sent.
-#[derive(Debug)]
-struct AcceptAnyCertificate {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    crate::trust::opportunistic_config()
 }
 
 #[cfg(test)]
@@ -760,7 +765,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use mail_proto::{DataDecoder, DataEvent, LineEndings};
-    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     use tokio::io::{AsyncRead, AsyncWrite};
     use tokio::net::TcpListener;
     use tokio::task::JoinHandle;
@@ -798,6 +803,16 @@ mod tests {
         /// Answer MAIL and RCPT only once DATA has arrived: a client that waits for the MAIL
         /// reply before sending RCPT times out.
         hold_until_data: bool,
+        /// The certificate (chain and PKCS#8 key) for STARTTLS; `None`: self-signed for mx.test.
+        identity: Option<Identity>,
+        /// The reply to AUTH (the whole exchange is one command: PLAIN with initial response).
+        auth: &'static str,
+    }
+
+    #[derive(Clone, Debug)]
+    struct Identity {
+        chain: Vec<CertificateDer<'static>>,
+        key: Vec<u8>,
     }
 
     impl Default for Script {
@@ -814,6 +829,8 @@ mod tests {
                 data: "354 go ahead\r\n",
                 end: "250 2.0.0 queued as 1\r\n",
                 hold_until_data: false,
+                identity: None,
+                auth: "235 2.7.0 authenticated\r\n",
             }
         }
     }
@@ -859,14 +876,20 @@ mod tests {
         (addr, handle)
     }
 
-    fn acceptor() -> tokio_rustls::TlsAcceptor {
-        let made = rcgen::generate_simple_self_signed(vec!["mx.test".to_string()]).unwrap();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der()));
+    fn acceptor(identity: Option<&Identity>) -> tokio_rustls::TlsAcceptor {
+        let (chain, key) = match identity {
+            Some(id) => (id.chain.clone(), id.key.clone()),
+            None => {
+                let made = rcgen::generate_simple_self_signed(vec!["mx.test".to_string()]).unwrap();
+                (vec![made.cert.der().clone()], made.signing_key.serialize_der())
+            }
+        };
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
         let config = rustls::ServerConfig::builder_with_provider(tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
-            .with_single_cert(vec![made.cert.der().clone()], key)
+            .with_single_cert(chain, key)
             .unwrap();
         tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
@@ -905,6 +928,7 @@ mod tests {
                 }
                 "DATA" => s.data.into(),
                 "RSET" => "250 2.0.0 ok\r\n".into(),
+                "AUTH" => s.auth.into(),
                 "QUIT" => {
                     let _ = io.write_all(b"221 2.0.0 bye\r\n").await;
                     return;
@@ -919,7 +943,7 @@ mod tests {
                     StartTls::Upgrade => {
                         io.write_all(b"220 2.0.0 go ahead\r\n").await.unwrap();
                         buf.clear();
-                        match acceptor().accept(io).await {
+                        match acceptor(s.identity.as_ref()).accept(io).await {
                             Ok(stream) => io = Box::new(stream),
                             Err(_) => return,
                         }
@@ -1216,12 +1240,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn greeting_5xx_is_permanent() {
+    async fn greeting_5xx_is_not_permanent() {
+        // Postfix's smtp_skip_5xx_greeting: that host will not talk to us, the next MX may; the
+        // recipients must not bounce for it.
         let script = Script { greeting: "554 5.7.1 go away\r\n", ..Script::default() };
         let (result, log) = run(script, &settings(), &["b@example.net"], &mut simple_body()).await;
         let e = result.unwrap_err();
         assert!(matches!(e, SessionError::Rejected { stage: "greeting", .. }), "{e:?}");
-        assert!(e.is_permanent());
+        assert!(!e.is_permanent());
         assert_eq!(e.to_string(), "greeting refused: 554 5.7.1 go away");
         // RFC 5321 §3.1: the client sends QUIT after a 554 greeting.
         assert_eq!(log.lines(), vec!["QUIT"]);
@@ -1394,6 +1420,221 @@ mod tests {
         // No recipients: nothing to do, no connection.
         let envelope = Envelope { mail_from: "a@x.test", recipients: &[], size: 1, eight_bit: false, dsn: None };
         assert_eq!(deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap(), vec![]);
+    }
+
+    // ---- C5: credentials only over verified TLS ----
+
+    const USER: &str = "relayuser";
+    const PASSWORD: &str = "s3cret-Pw";
+
+    /// A private CA and a server certificate it issued for `names` (DNS names or IP addresses).
+    struct Pki {
+        ca_pem: String,
+        server: Identity,
+        fingerprint: String,
+    }
+
+    fn pki(names: &[&str]) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "Postroom test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        Pki {
+            ca_pem: ca_cert.pem(),
+            fingerprint: crate::trust::fingerprint(cert.der()),
+            server: Identity { chain: vec![cert.der().clone()], key: key.serialize_der() },
+        }
+    }
+
+    fn with_credentials(trust: crate::trust::Trust) -> ClientSettings {
+        ClientSettings { credentials: Some(Credentials { user: USER.into(), password: PASSWORD.into(), trust }), ..settings() }
+    }
+
+    fn by_ca(p: &Pki) -> crate::trust::Trust {
+        crate::trust::Trust { ca_pem: Some(p.ca_pem.clone()), fingerprint: None }
+    }
+
+    fn by_pin(pin: &str) -> crate::trust::Trust {
+        crate::trust::Trust { ca_pem: None, fingerprint: Some(pin.into()) }
+    }
+
+    /// A smarthost: STARTTLS with `identity`, AUTH PLAIN/LOGIN offered before and after TLS.
+    fn smarthost(identity: Option<Identity>) -> Script {
+        Script {
+            ehlo: "250-mx.test\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n",
+            ehlo_tls: "250-mx.test\r\n250 AUTH PLAIN LOGIN\r\n",
+            identity,
+            ..Script::default()
+        }
+    }
+
+    /// Did the password reach the server in any form?
+    fn password_seen(log: &Log) -> bool {
+        let plain = mail_proto::sasl::encode(format!("\0{USER}\0{PASSWORD}").as_bytes());
+        let login = mail_proto::sasl::encode(PASSWORD.as_bytes());
+        log.commands.iter().any(|c| c.line.contains(PASSWORD) || c.line.contains(&plain) || c.line.contains(&login))
+    }
+
+    async fn run_at(script: Script, settings: &ClientSettings, host: &str) -> (Result<Vec<RcptOutcome>, SessionError>, Log) {
+        let (addr, server) = server(script).await;
+        let recipients = rcpts(&["b@example.net"]);
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None };
+        let result = deliver(settings, host, addr, &envelope, &mut simple_body()).await;
+        let log = tokio::time::timeout(Duration::from_secs(3), server).await.expect("server finished").unwrap();
+        (result, log)
+    }
+
+    #[tokio::test]
+    async fn credentials_go_over_tls_verified_by_the_hosts_ca_or_pin() {
+        let p = pki(&["mx.test"]);
+        let token = mail_proto::sasl::encode(format!("\0{USER}\0{PASSWORD}").as_bytes());
+        for trust in [by_ca(&p), by_pin(&p.fingerprint), by_pin(&p.fingerprint.to_uppercase())] {
+            let (result, log) = run(smarthost(Some(p.server.clone())), &with_credentials(trust), &["b@example.net"], &mut simple_body()).await;
+            assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+            let seen: Vec<(&str, bool)> = log.commands.iter().map(|c| (c.line.as_str(), c.tls)).collect();
+            let auth = format!("AUTH PLAIN {token}");
+            assert_eq!(seen[..4], [("EHLO client.test", false), ("STARTTLS", false), ("EHLO client.test", true), (auth.as_str(), true)]);
+        }
+        // A pin accepts its certificate whatever names it carries.
+        let elsewhere = pki(&["elsewhere.test"]);
+        let (result, log) =
+            run(smarthost(Some(elsewhere.server.clone())), &with_credentials(by_pin(&elsewhere.fingerprint)), &["b@example.net"], &mut simple_body())
+                .await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+        assert!(log.commands.iter().any(|c| c.line.starts_with("AUTH PLAIN") && c.tls));
+    }
+
+    #[tokio::test]
+    async fn starttls_off_in_settings_still_applies_to_a_host_with_credentials() {
+        let p = pki(&["mx.test"]);
+        let mut s = with_credentials(by_ca(&p));
+        s.starttls = false;
+        let (result, log) = run(smarthost(Some(p.server.clone())), &s, &["b@example.net"], &mut simple_body()).await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+        assert!(log.commands.iter().any(|c| c.line.starts_with("AUTH PLAIN") && c.tls), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn unverified_certificate_gets_no_credentials() {
+        let p = pki(&["mx.test"]);
+        let other = pki(&["mx.test"]);
+        let wrong_name = pki(&["elsewhere.test"]);
+        let cases = [
+            ("self-signed, system roots only", None, crate::trust::Trust::default()),
+            ("another CA", Some(p.server.clone()), by_ca(&other)),
+            ("the CA's certificate for another name", Some(wrong_name.server.clone()), by_ca(&wrong_name)),
+            ("another certificate's pin", Some(p.server.clone()), by_pin(&other.fingerprint)),
+        ];
+        for (what, identity, trust) in cases {
+            let (result, log) = run(smarthost(identity), &with_credentials(trust), &["b@example.net"], &mut simple_body()).await;
+            let e = result.unwrap_err();
+            assert!(matches!(e, SessionError::Tls(_)), "{what}: {e:?}");
+            assert!(!e.is_permanent(), "{what}");
+            assert_eq!(log.lines(), vec!["EHLO client.test", "STARTTLS"], "{what}");
+            assert!(!password_seen(&log), "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ip_literal_host_needs_the_ip_in_the_certificate() {
+        let by_ip = pki(&["127.0.0.1"]);
+        let (result, log) = run_at(smarthost(Some(by_ip.server.clone())), &with_credentials(by_ca(&by_ip)), "127.0.0.1").await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+        assert!(log.commands.iter().any(|c| c.line.starts_with("AUTH PLAIN") && c.tls));
+        let by_name = pki(&["mx.test"]);
+        let (result, log) = run_at(smarthost(Some(by_name.server.clone())), &with_credentials(by_ca(&by_name)), "[127.0.0.1]").await;
+        assert!(matches!(result, Err(SessionError::Tls(_))), "{result:?}");
+        assert!(!password_seen(&log));
+    }
+
+    #[tokio::test]
+    async fn no_or_refused_or_broken_starttls_means_no_credentials_and_no_plaintext() {
+        let p = pki(&["mx.test"]);
+        let cases = [
+            ("not offered", Script { ehlo: "250-mx.test\r\n250 AUTH PLAIN LOGIN\r\n", ..smarthost(None) }, false),
+            ("refused", Script { starttls: StartTls::Refuse, ..smarthost(None) }, false),
+            ("broken handshake", Script { starttls: StartTls::Break, ..smarthost(None) }, true),
+        ];
+        for (what, script, tls_error) in cases {
+            let (result, log) = run(script, &with_credentials(by_ca(&p)), &["b@example.net"], &mut simple_body()).await;
+            let e = result.unwrap_err();
+            if tls_error {
+                assert!(matches!(e, SessionError::Tls(_)), "{what}: {e:?}");
+            } else {
+                assert!(matches!(e, SessionError::TlsRequired(_)), "{what}: {e:?}");
+                assert_eq!(log.lines().last(), Some(&"QUIT"), "{what}");
+            }
+            assert!(!e.is_permanent(), "{what}");
+            assert!(!log.lines().iter().any(|l| l.starts_with("AUTH") || l.starts_with("MAIL")), "{what}: {log:?}");
+            assert!(!password_seen(&log), "{what}");
+        }
+        // The caller's plaintext retry cannot carry credentials: it does not even connect.
+        let recipients = rcpts(&["b@example.net"]);
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None };
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let result = deliver_plaintext(&with_credentials(by_ca(&p)), "mx.test", addr, &envelope, &mut simple_body()).await;
+        assert!(matches!(result, Err(SessionError::TlsRequired(_))), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn auth_trouble_is_temporary_and_ends_the_attempt() {
+        let p = pki(&["mx.test"]);
+        let refused = Script { auth: "535 5.7.8 authentication credentials invalid\r\n", ..smarthost(Some(p.server.clone())) };
+        let (result, log) = run(refused, &with_credentials(by_ca(&p)), &["b@example.net"], &mut simple_body()).await;
+        let e = result.unwrap_err();
+        assert!(matches!(&e, SessionError::Auth(why) if why.contains("535")), "{e:?}");
+        assert!(!e.is_permanent());
+        assert!(!log.lines().iter().any(|l| l.starts_with("MAIL")), "{log:?}");
+
+        let no_auth = Script { ehlo_tls: "250-mx.test\r\n250 8BITMIME\r\n", ..smarthost(Some(p.server.clone())) };
+        let (result, log) = run(no_auth, &with_credentials(by_ca(&p)), &["b@example.net"], &mut simple_body()).await;
+        assert!(matches!(result, Err(SessionError::Auth(_))), "{result:?}");
+        assert!(!log.lines().iter().any(|l| l.starts_with("MAIL")), "{log:?}");
+        assert!(!password_seen(&log));
+    }
+
+    #[tokio::test]
+    async fn dsn_parameters_that_cannot_be_relayed_are_dropped() {
+        let script = Script { ehlo: "250-mx.test\r\n250 DSN\r\n", ..Script::default() };
+        let (addr, server) = server(script).await;
+        let recipients = rcpts(&["b@example.net", "c@example.net", "d@example.net"]);
+        let dsn = Dsn {
+            ret: Some("FULL\r\nRSET".into()),
+            envid: Some("env\r1".into()),
+            recipients: vec![
+                (Some("SUCCESS".into()), Some("rfc\r822;b@example.net".into())),
+                (Some("SUCCESS\rX".into()), Some("rfc822;c+x\r@example.net".into())),
+                (None, Some("rfc822".into())),
+            ],
+            ..Default::default()
+        };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: Some(&dsn) };
+        let result = deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap();
+        assert_eq!(result.len(), 3);
+        let log = server.await.unwrap();
+        assert!(log.commands.iter().all(|c| !c.line.contains('\r')), "{log:?}");
+        assert_eq!(
+            log.lines()[1..5],
+            [
+                "MAIL FROM:<a@example.org> ENVID=env+0D1",
+                "RCPT TO:<b@example.net> NOTIFY=SUCCESS",
+                "RCPT TO:<c@example.net> ORCPT=rfc822;c+2Bx+0D@example.net",
+                "RCPT TO:<d@example.net>",
+            ]
+        );
+    }
+
+    #[test]
+    fn credentials_never_show_in_debug_output() {
+        let s = with_credentials(crate::trust::Trust::default());
+        assert!(!format!("{s:?}").contains(PASSWORD));
     }
 
     #[test]

@@ -9,3 +9,4 @@ pub mod etrn;
 pub mod local_submit;
 pub mod queue_manager;
 pub mod route;
+pub mod trust;

@@ -16,7 +16,7 @@ use mail_framework::reports::ReportSettings;
 use store::{Durability, Store};
 use tokio::sync::{Notify, Semaphore};
 
-use crate::conversation::{self, BodySource, ClientSettings, Dsn, Envelope, RcptOutcome, SessionError};
+use crate::conversation::{self, BodySource, ClientSettings, Credentials, Dsn, Envelope, RcptOutcome, SessionError};
 use crate::route::{self, Route, RouteSettings};
 
 /// Everything the outbound side is configured with.
@@ -232,8 +232,15 @@ impl OutboundQueue {
         for host in &hosts {
             // C5: credentials for hosts on the host-authentication list.
             let name = host.name.clone();
-            let credentials =
-                self.inner.store.read(move |c| directory::access::hostauth::lookup(c, &name).map_err(directory::into_store)).await.ok().flatten();
+            let credentials = match self.inner.store.read(move |c| directory::access::hostauth::entry(c, &name).map_err(directory::into_store)).await
+            {
+                Ok(entry) => entry.map(|e| Credentials { user: e.user, password: e.password, trust: e.trust }),
+                Err(e) => {
+                    // Without knowing whether the host gets credentials, do not talk to it.
+                    last_error = format!("4.3.0 host {}: cannot read the host-authentication list: {e}", host.name);
+                    continue;
+                }
+            };
             for addr in &host.addrs {
                 let mut tls = self.inner.settings.client.starttls;
                 loop {
@@ -244,8 +251,10 @@ impl OutboundQueue {
                             let relayed = !dsn.peer_offers.load(std::sync::atomic::Ordering::Relaxed);
                             return results.into_iter().map(|r| outcome(r, relayed)).collect();
                         }
-                        // C5: a failed handshake is retried in plaintext on the same host.
-                        Err(SessionError::Tls(e)) if tls => {
+                        // C5: a failed opportunistic handshake is retried in plaintext on the same
+                        // host — never for a host that gets credentials: they go over verified TLS
+                        // or not at all, and the mail waits (4.7.x) rather than bouncing.
+                        Err(SessionError::Tls(e)) if tls && credentials.is_none() => {
                             tracing::info!(host = %host.name, error = %e, "STARTTLS failed; retrying in plaintext");
                             tls = false;
                         }
@@ -285,9 +294,20 @@ fn outcome(r: RcptOutcome, relayed: bool) -> Outcome {
     }
 }
 
+/// The reason recorded for a failed attempt, starting with its enhanced status code.
 fn describe(host: &str, e: &SessionError) -> String {
     match e {
+        // A 5xx greeting is skipped like a 4xx one (next MX, else later), so it must not read
+        // as a permanent failure.
+        SessionError::Rejected { stage: "greeting", reply } if reply.code >= 500 => {
+            format!("4.4.1 host {host} refused to talk to me: {}", reply.to_string().trim_end())
+        }
         SessionError::Rejected { stage, reply } => format!("{} (host {host} said at {stage})", reply.to_string().trim_end()),
+        // C5 (RFC 3463, as Postfix says them): TLS needed but not offered, TLS failed or the
+        // certificate not verified, authentication failed. The mail waits.
+        SessionError::TlsRequired(_) => format!("4.7.4 host {host}: {e}; credentials not sent"),
+        SessionError::Tls(_) => format!("4.7.5 host {host}: {e}; credentials not sent"),
+        SessionError::Auth(_) => format!("4.7.0 host {host}: {e}"),
         other => format!("4.4.1 host {host}: {other}"),
     }
 }

@@ -369,7 +369,8 @@ impl RelayPolicy {
     pub fn recipient(&self, c: &ClientFacts, address: &Address, resolution: &Resolution, routed: bool) -> Decision {
         match resolution {
             Resolution::Local { full: true, user, .. } => return Decision::refuse(Rule::OverQuota(user.clone())),
-            Resolution::Local { .. } | Resolution::Alias(_) => return Decision::allow(Rule::LocalRecipient),
+            Resolution::Alias { full: true, .. } => return Decision::refuse(Rule::OverQuota(address.to_string())),
+            Resolution::Local { .. } | Resolution::Alias { .. } => return Decision::allow(Rule::LocalRecipient),
             Resolution::Unknown if address.is_postmaster() && !routed => return Decision::allow(Rule::Postmaster),
             Resolution::Unknown => return Decision::refuse(Rule::UnknownLocalUser),
             Resolution::Remote => {}

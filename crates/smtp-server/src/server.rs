@@ -32,8 +32,18 @@ pub struct SmtpSettings {
     pub hostname: String,
     pub max_message_size: u64,
     pub max_recipients: usize,
+    /// S4: concurrent sessions on the MX listener, in total and per client address.
     pub max_sessions: usize,
     pub max_sessions_per_ip: usize,
+    /// S4: concurrent sessions on the submission and implicit-TLS listeners together.
+    pub submission_max_sessions: usize,
+    pub submission_max_sessions_per_ip: usize,
+    /// S4: concurrent sessions on the local socket of `postroom sendmail` (F6).
+    pub local_max_sessions: usize,
+    /// S4: from the greeting to HELO/EHLO; a client that never speaks is closed with 421 after it.
+    pub greeting_timeout: Duration,
+    /// S4: a session's whole life; past it the session gets 421 at the next command boundary.
+    pub max_session: Duration,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
     pub vrfy: bool,
@@ -87,19 +97,50 @@ pub struct Services {
 pub struct SmtpServer {
     settings: Arc<SmtpSettings>,
     services: Services,
-    limits: SessionLimits,
+    pools: SessionPools,
     lists: ListCache,
+}
+
+/// S4: one session pool per SMTP service, so that idle or hostile connections to one cannot
+/// lock out another: the MX port (anonymous Internet traffic), submission (the submission and
+/// implicit-TLS listeners together: one service for the same authenticated users over two
+/// transports, as POP3 and POP3S share the POP3 pool) and the local socket. The listeners of
+/// one kind (e.g. "0.0.0.0:25" and "[::1]:25") share their kind's pool.
+#[derive(Clone)]
+struct SessionPools {
+    mx: SessionLimits,
+    submission: SessionLimits,
+    local: SessionLimits,
+}
+
+impl SessionPools {
+    fn new(s: &SmtpSettings) -> Self {
+        SessionPools {
+            mx: SessionLimits::new(s.max_sessions, s.max_sessions_per_ip),
+            submission: SessionLimits::new(s.submission_max_sessions, s.submission_max_sessions_per_ip),
+            // Every local client is "127.0.0.1": the per-address limit is the total.
+            local: SessionLimits::new(s.local_max_sessions, s.local_max_sessions),
+        }
+    }
+
+    fn of(&self, kind: ListenerKind) -> &SessionLimits {
+        match kind {
+            ListenerKind::Mx => &self.mx,
+            ListenerKind::Submission | ListenerKind::Smtps => &self.submission,
+            ListenerKind::Local => &self.local,
+        }
+    }
 }
 
 impl SmtpServer {
     pub fn new(settings: SmtpSettings, services: Services) -> Self {
-        let limits = SessionLimits::new(settings.max_sessions, settings.max_sessions_per_ip);
-        SmtpServer { settings: Arc::new(settings), services, limits, lists: ListCache::default() }
+        let pools = SessionPools::new(&settings);
+        SmtpServer { settings: Arc::new(settings), services, pools, lists: ListCache::default() }
     }
 
-    /// Sessions open now.
+    /// Sessions open now, on every SMTP listener and the local socket.
     pub fn active_sessions(&self) -> usize {
-        self.limits.active()
+        self.pools.mx.active() + self.pools.submission.active() + self.pools.local.active()
     }
 
     /// Accept connections on `listener` until shutdown.
@@ -139,9 +180,10 @@ impl SmtpServer {
             (ListenerKind::Smtps, None) => return,
             _ => None,
         };
-        // S4: sessions in total and per client address, counted from the connect (a client
-        // still in its TLS handshake holds a slot, as one still to send EHLO does).
-        let Some(_slot) = self.limits.take(ip) else {
+        // S4: sessions in total and per client address on this listener's pool, counted from
+        // the connect (a client still in its TLS handshake holds a slot, as one still to send
+        // EHLO does).
+        let Some(_slot) = self.pools.of(kind).take(ip) else {
             let r = Reply::new(421, (7, 0), format!("{hostname} Error: too many connections, try again later"));
             stream.refuse(implicit_tls, &r.to_bytes(), self.settings.command_timeout).await;
             return;
@@ -252,10 +294,17 @@ impl SmtpServer {
     async fn local_connection(self, unix: tokio::net::UnixStream) {
         let Ok(cred) = unix.peer_cred() else { return };
         let uid = cred.uid();
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        // S4: the local socket's own pool, taken before any work is done for the client.
+        let Some(_slot) = self.pools.local.take(loopback) else {
+            let r = Reply::new(421, (7, 0), format!("{} Error: too many connections, try again later", self.settings.hostname));
+            let mut stream = Stream::Unix(unix);
+            let _ = stream.write_all_within(&r.to_bytes(), self.settings.command_timeout).await;
+            stream.shutdown_within(self.settings.command_timeout).await;
+            return;
+        };
         // /etc/passwd is a file read: off the async workers.
         let user = tokio::task::spawn_blocking(move || crate::local::user_name(uid)).await.ok().flatten().unwrap_or_else(|| format!("uid{uid}"));
-        let loopback = IpAddr::from([127, 0, 0, 1]);
-        let Some(_slot) = self.limits.take(loopback) else { return };
         let record = match self.lists.client(self.store(), loopback).await {
             Ok(r) => r,
             Err(_) => return,
@@ -379,6 +428,15 @@ impl Driver<'_> {
         let mut deadline = Instant::now();
         let mut store_failed = false;
         let mut shutdown = self.server.services.shutdown.clone();
+        // S4: a client has greeting_timeout from the greeting to its first accepted HELO/EHLO
+        // (commands before it do not extend it), and the session max_session in all; both end
+        // the session only between commands, never in DATA.
+        let started = Instant::now();
+        // A configured number of seconds too large for the clock means "never".
+        let after = |d: Duration| started.checked_add(d).unwrap_or_else(|| started + Duration::from_secs(1 << 30));
+        let greeting_deadline = after(self.server.settings.greeting_timeout);
+        let lifetime_end = after(self.server.settings.max_session);
+        let mut greeted = false;
         loop {
             let mut hang_up = false;
             let mut pending: std::collections::VecDeque<Action> = actions.into();
@@ -494,8 +552,21 @@ impl Driver<'_> {
             }
             // O3: on shutdown a session between commands is told so; one in DATA may finish.
             let between_commands = self.session.phase() == Phase::Command;
+            greeted |= self.session.helo().is_some();
+            let mut read_deadline = deadline;
+            if between_commands {
+                // S4: a session that outlived max_session (say, in a long DATA) ends here, at
+                // the first command boundary, before anything more is read.
+                if Instant::now() >= lifetime_end {
+                    return self.time_up(stream, "session lifetime exceeded").await;
+                }
+                read_deadline = read_deadline.min(lifetime_end);
+                if !greeted {
+                    read_deadline = read_deadline.min(greeting_deadline);
+                }
+            }
             let read = tokio::select! {
-                r = tokio::time::timeout_at(deadline, stream.read(&mut buf)) => r,
+                r = tokio::time::timeout_at(read_deadline, stream.read(&mut buf)) => r,
                 _ = until_shutdown(&mut shutdown), if between_commands => {
                     let bye = Reply::new(421, (3, 2), format!("{} Service shutting down, try again later", self.server.settings.hostname));
                     stream.write_all_within(&bye.to_bytes(), self.server.settings.command_timeout).await?;
@@ -504,12 +575,29 @@ impl Driver<'_> {
                 }
             };
             actions = match read {
+                Err(_) if between_commands && Instant::now() >= lifetime_end => {
+                    return self.time_up(stream, "session lifetime exceeded").await;
+                }
+                Err(_) if between_commands && !greeted && Instant::now() >= greeting_deadline => {
+                    return self.time_up(stream, "timeout exceeded waiting for HELO/EHLO").await;
+                }
                 Err(_) => self.session.handle(Event::Timeout),
                 Ok(Ok(0)) => return Ok(()),
                 Ok(Ok(n)) => self.session.handle(Event::Bytes(&buf[..n])),
                 Ok(Err(e)) => return Err(e),
             };
         }
+    }
+
+    /// S4: the greeting deadline or the session lifetime is over: 421 4.4.2 and close. Only
+    /// between commands, so no message in DATA is ever cut.
+    async fn time_up(&self, stream: &mut Stream, why: &str) -> std::io::Result<()> {
+        let command_timeout = self.server.settings.command_timeout;
+        tracing::debug!(client = %self.facts.ip, "{why}: session closed");
+        let bye = Reply::new(421, (4, 2), format!("{} Error: {why}, closing connection", self.server.settings.hostname));
+        stream.write_all_within(&bye.to_bytes(), command_timeout).await?;
+        stream.shutdown_within(command_timeout).await;
+        Ok(())
     }
 
     /// R9: deny the client's address for a while, unless it is exempt; true = hang up now.
@@ -523,29 +611,36 @@ impl Driver<'_> {
         true
     }
 
-    /// A1 with A5: refuse at once during a cool-down, verify on the argon2 pool, count failures
-    /// (per address, or per user on relay-listed networks) and journal them.
+    /// A1 with A5: reserve the attempt in the penalty box (refused during a cool-down; one check
+    /// per address, or per user on relay-listed networks, at a time), verify on the argon2 pool
+    /// within the client's share, count failures and journal them.
     async fn verify_password(&self, user: &str, password: &str) -> AuthOutcome {
         let s = self.server;
         let relay_listed = self.facts.lists.relay_match(self.facts.ip).is_some();
         let offender = PenaltyBox::offender(self.facts.ip, user, relay_listed);
-        if !s.services.penalty.login_allowed(&offender) {
-            s.journal(code::SMTP_AUTH_FAILED, self.facts.ip, user, "login refused during a cool-down after failed logins (A5)");
-            return AuthOutcome::TempFail;
-        }
-        match mailbox::authenticate(s.store(), &s.services.passwords, user, password).await {
+        let attempt = match s.services.penalty.reserve_login(offender).await {
+            Ok(attempt) => attempt,
+            Err(throttled) => {
+                s.journal(code::SMTP_AUTH_FAILED, self.facts.ip, user, &format!("login {}", throttled.describe()));
+                return AuthOutcome::TempFail;
+            }
+        };
+        let passwords = s.services.passwords.for_client(attempt.offender().clone());
+        match mailbox::authenticate(s.store(), &passwords, user, password, directory::mailbox::LoginFor::Send).await {
             Ok(Some(login)) => {
+                attempt.succeeded();
                 let addresses = mailbox::addresses(s.store(), login.id).await.unwrap_or_default();
                 *self.owned.lock().expect("owned addresses") = addresses;
                 AuthOutcome::Ok(login.name)
             }
             Ok(None) => {
-                let locked = s.services.penalty.login_failed(offender);
+                let locked = attempt.failed();
                 let note = if locked { "failed login; cool-down started (A5)" } else { "failed login (A5)" };
                 s.journal(code::SMTP_AUTH_FAILED, self.facts.ip, user, note);
                 AuthOutcome::Failed
             }
             Err(e) => {
+                attempt.not_checked();
                 tracing::warn!(error = %e, "password check failed");
                 AuthOutcome::TempFail
             }

@@ -33,13 +33,20 @@ impl SnapIn for AddressResolution {
                 Some(addr) => ctx.domains.resolve(ctx.conn, &addr).map_err(|e| StoreError::Invalid(e.to_string()))?,
             };
             let (tag, targets) = match resolution {
-                // D2: the quota is enforced at RCPT; mail accepted before the box filled is delivered.
+                // D2: a mailbox at its quota is refused at RCPT, and again here, where mail that
+                // came through an alias or was accepted before the box filled arrives (a
+                // permanent failure, as Dovecot answers by default).
+                Resolution::Local { forward: None, full: true, user, .. } => {
+                    (Tag::NonDelivery { status: "5.2.2".into(), reason: format!("5.2.2 mailbox of {user} is full") }, Vec::new())
+                }
+                // Forwarded with a copy kept: the forward still goes; the full box gets no copy.
+                Resolution::Local { forward: Some(Forward { to, keep_copy: true }), full: true, .. } => (Tag::Expanded, vec![to]),
                 Resolution::Local { user_id, user, forward: None, .. } => (Tag::LocalDelivery { user_id, user }, Vec::new()),
                 Resolution::Local { user_id, user, forward: Some(Forward { to, keep_copy: true }), .. } => {
                     (Tag::LocalDelivery { user_id, user }, vec![to])
                 }
                 Resolution::Local { forward: Some(Forward { to, keep_copy: false }), .. } => (Tag::Expanded, vec![to]),
-                Resolution::Alias(targets) => (Tag::Expanded, targets),
+                Resolution::Alias { targets, .. } => (Tag::Expanded, targets),
                 Resolution::Remote => (Tag::Forward, Vec::new()),
                 // The user went away between RCPT and now (RCPT refuses unknown users).
                 Resolution::Unknown => (Tag::NonDelivery { status: "5.1.1".into(), reason: "5.1.1 user unknown".into() }, Vec::new()),

@@ -13,7 +13,7 @@
 //! How it fails: a store error fails the batch (it is retried); the walk itself cannot fail.
 
 use crate::journal::{self, code};
-use directory::filters::{self, Action, MessageFacts, Rule};
+use directory::filters::{self, Action, Field, MessageFacts, Rule};
 use rusqlite::Connection;
 use store::StoreError;
 
@@ -31,11 +31,14 @@ pub struct Filtering {
     pub max_bytes: usize,
     /// MIME nesting levels walked, at most.
     pub max_depth: usize,
+    /// A message the walk could not finish is kept while an attachment or MIME-type rule is
+    /// active: what lies beyond the limits may be exactly what a rule is there to catch.
+    pub keep_unscannable: bool,
 }
 
 impl Default for Filtering {
     fn default() -> Self {
-        Filtering { max_bytes: mime_scan::DEFAULT_MAX_BYTES, max_depth: mime_scan::DEFAULT_MAX_DEPTH }
+        Filtering { max_bytes: mime_scan::DEFAULT_MAX_BYTES, max_depth: mime_scan::DEFAULT_MAX_DEPTH, keep_unscannable: true }
     }
 }
 
@@ -73,9 +76,6 @@ impl Filtering {
         let raw = read_head(conn, message.id, self.max_bytes)?;
         let scan = mime_scan::scan(&raw, &self.limits());
         drop(raw);
-        if scan.truncated || scan.too_deep || scan.too_many_parts {
-            tracing::debug!(qid = %message.qid, truncated = scan.truncated, too_deep = scan.too_deep, too_many_parts = scan.too_many_parts, "filter walk cut short");
-        }
         let mut originators = Vec::with_capacity(scan.from.len() + 1);
         originators.push(message.mail_from.clone());
         originators.extend(scan.from);
@@ -85,7 +85,22 @@ impl Filtering {
             attachments: scan.attachments,
             mime_types: scan.mime_types,
         };
-        let Some((rule, value)) = filters::evaluate(rules, &facts) else { return Ok(None) };
+        let Some((rule, value)) = filters::evaluate(rules, &facts) else {
+            let content_rule = rules.iter().any(|r| matches!(r.field, Field::Attachment | Field::MimeType));
+            if self.keep_unscannable && content_rule && (scan.truncated || scan.too_deep || scan.too_many_parts) {
+                let why = if scan.truncated {
+                    format!("larger than [storage] filter_max_bytes ({} octets)", self.max_bytes)
+                } else if scan.too_deep {
+                    format!("MIME nested deeper than {} levels", self.max_depth)
+                } else {
+                    "more MIME parts than the filters walk".to_string()
+                };
+                let what = format!("could not be inspected completely: {why} (attachment and MIME-type filters are active)");
+                tracing::info!(qid = %message.qid, reason = %what, "message kept: the filters could not see all of it");
+                return Ok(Some(Tag::Quarantined { rule: what }));
+            }
+            return Ok(None);
+        };
         let what = format!("{} matched {}", rule.describe(), shown(&value));
         tracing::info!(qid = %message.qid, rule = %what, action = %rule.action, "message filtered");
         Ok(Some(match rule.action {

@@ -26,6 +26,8 @@ pub struct Settings {
     pub postmaster: String,
     /// Octets of a message the filters parse, at most.
     pub filter_max_bytes: usize,
+    /// Quarantine a message the filters could not inspect completely (F3: fail closed).
+    pub keep_unscannable: bool,
     pub reports: ReportSettings,
     /// Dial-up domains whose mail waits for ETRN (C7).
     pub etrn: EtrnDomains,
@@ -36,6 +38,7 @@ impl Settings {
         Settings {
             postmaster: postmaster.to_string(),
             filter_max_bytes: DEFAULT_FILTER_MAX_BYTES,
+            keep_unscannable: true,
             reports: ReportSettings::new(hostname),
             etrn: EtrnDomains::default(),
         }
@@ -45,7 +48,7 @@ impl Settings {
 pub fn builtin(settings: &Settings) -> Vec<Box<dyn SnapIn>> {
     vec![
         Box::new(AddressResolution),
-        Box::new(Filtering::with_max_bytes(settings.filter_max_bytes)),
+        Box::new(Filtering { max_bytes: settings.filter_max_bytes, keep_unscannable: settings.keep_unscannable, ..Filtering::default() }),
         Box::new(LocalDelivery { reports: settings.reports.clone() }),
         Box::new(Forwarding { etrn: settings.etrn.clone() }),
         Box::new(NonDelivery { postmaster: settings.postmaster.clone(), reports: settings.reports.clone() }),
