@@ -837,7 +837,11 @@ def explain(srv: Server, ip: str, sender: str, recipients, pop_login: bool = Fal
     args += ["--from", sender]
     for r in ([recipients] if isinstance(recipients, str) else recipients):
         args += ["--to", r]
-    r = srv.cli_ok(*args)
+    r = srv.cli(*args)
+    # Exit status as grep's: 0 all accepted, 1 something refused, 2 a wrong question.
+    assert r.returncode in (0, 1), f"`postroom {' '.join(args)}` exited {r.returncode}: {r.stderr}"
+    refused = bool(re.search(r"(?mi):\s*refuse\b", r.stdout))
+    assert r.returncode == int(refused), f"exit {r.returncode} but refused={refused}:\n{r.stdout}"
     out = {"connect": None, "sender": None, "recipients": {}, "order": [], "raw": r.stdout}
     for line in r.stdout.splitlines():
         line = line.strip()

@@ -177,3 +177,81 @@ def test_quota_holds_for_aliases_at_rcpt_and_at_delivery(make_tls_server):
     sam_subjects = [m for m in fetch_all(srv, SAM, SAM_PW) if b"to the team" in m]
     assert sam_subjects == [], "delivered past the quota"
     assert [line for line in journal_lines(srv, "A1") if "5.2.2" in line]
+
+
+# --- R9: hack auto-deny exempts authenticated clients, can be switched off, is visible ---------
+
+from conftest_tls import smtp_plain  # noqa: E402
+
+
+def _overlong(srv, source_ip: str, login: bool = False) -> None:
+    """One session from source_ip that sends a command line beyond the limits (R9)."""
+    if login:
+        c = smtp_tls_session(srv, "submission", source_ip)
+        expect(smtp_auth_plain(c, SAM, SAM_PW), 235)
+    else:
+        c = smtp_plain(srv.smtp, source_ip)
+        expect(c.greeting, 220)
+    c.send(b"NOOP " + b"x" * 5000 + b"\r\n")
+    try:
+        expect(c.read_reply(), 500)
+    finally:
+        c.close()
+
+
+def _greeting(srv, source_ip: str) -> int:
+    c = smtp_plain(srv.smtp, source_ip)
+    try:
+        return c.greeting.code
+    finally:
+        c.close()
+
+
+def _wait(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.3)
+    return True
+
+
+def test_authenticated_client_is_not_auto_denied(make_tls_server):
+    """R9 exempts authenticated clients: sam, logged in on submission, sends one over-long line
+    from the office's address; that address is not put on the deny list (it was: a whole
+    office behind NAT locked out)."""
+    srv = make_tls_server()
+    _overlong(srv, "127.0.7.21", login=True)
+    assert _greeting(srv, "127.0.7.21") == 220
+    assert "127.0.7.21" not in srv.cli_ok("list", "show", "deny").stdout
+
+
+def test_auto_deny_can_be_switched_off(make_tls_server):
+    """`[penalty] deny_minutes = 0` switches the hack auto-deny off: the over-long line gets its
+    500, the address is not denied."""
+    srv = make_tls_server(penalty={"deny_minutes": 0})
+    _overlong(srv, "127.0.7.22")
+    assert _greeting(srv, "127.0.7.22") == 220
+    assert "127.0.7.22" not in srv.cli_ok("list", "show", "deny").stdout
+
+
+def test_deny_list_is_shown_explained_lifted_and_survives_a_restart(make_tls_server):
+    """A denied address shows in `list show deny`, `explain` says why (exit 1), it stays denied
+    across a restart, and `list remove deny ADDRESS` lets it in again within seconds, without a
+    restart."""
+    srv = make_tls_server()
+    _overlong(srv, "127.0.7.23")
+    assert _greeting(srv, "127.0.7.23") == 421
+    assert _wait(lambda: "127.0.7.23" in srv.cli_ok("list", "show", "deny").stdout), srv.cli_ok("list", "show", "deny").stdout
+    r = srv.cli("explain", "--ip", "127.0.7.23", "--from", JANE, "--to", SAM_ADDRS[0])
+    assert r.returncode == 1 and "temporary deny list" in r.stdout, (r.returncode, r.stdout, r.stderr)
+    srv.restart()
+    assert _greeting(srv, "127.0.7.23") == 421, "a restart forgave the attacker"
+    r = srv.cli("list", "remove", "deny", "127.0.7.23")
+    assert r.returncode == 0, r.stderr
+    assert _wait(lambda: _greeting(srv, "127.0.7.23") == 220), "still denied after `list remove deny`"
+    assert "127.0.7.23" not in srv.cli_ok("list", "show", "deny").stdout
+    r = srv.cli("explain", "--ip", "127.0.7.23", "--from", JANE, "--to", SAM_ADDRS[0])
+    assert r.returncode == 0, r.stdout
+    r = srv.cli("explain", "--ip", "127.0.7.23", "--user", "nosuch", "--from", JANE, "--to", SAM_ADDRS[0])
+    assert r.returncode == 2 and "no such user" in r.stderr, (r.returncode, r.stdout, r.stderr)

@@ -244,14 +244,14 @@ def test_explain_refuses_tricks(make_server, trick):
 
 @pytest.mark.parametrize("trick", SYNTAX)
 def test_explain_double_at(make_server, trick):
-    """explain refuses user@remote@local too: a refuse line, or a user error (exit 1) that
-    names the address."""
+    """explain refuses user@remote@local too: a refuse line (exit 1), or a user error (exit 2)
+    that names the address."""
     srv, client = trick_server(make_server, "all")
     r = srv.cli("explain", "--ip", client, "--from", JANE, "--to", trick)
-    if r.returncode == 1:
+    if r.returncode == 2:
         assert trick in r.stderr, r.stderr
     else:
-        assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+        assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
         assert re.search(r"(?mi)^recipient .*: refuse\b", r.stdout), r.stdout
 
 

@@ -277,7 +277,7 @@ impl ListCache {
         let ip = ip.to_string();
         let (lists, pop_login_at) = store
             .read(move |c| {
-                let at: Option<i64> = c.prepare_cached("SELECT at FROM pop_logins WHERE ip = ?1")?.query_row([&ip], |r| r.get(0)).optional()?;
+                let at = pop_login_at(c, &ip).map_err(crate::resolve::into_store)?;
                 let version = lists_version(c).map_err(crate::resolve::into_store)?;
                 let fresh = if version != known { Some(Arc::new(AccessLists::load(c).map_err(crate::resolve::into_store)?)) } else { None };
                 Ok((fresh, at))
@@ -292,6 +292,11 @@ impl ListCache {
         };
         Ok(ClientRecord { lists, pop_login_at })
     }
+}
+
+/// The last POP3 login from `ip` (P5, for POP-before-SMTP), unix seconds.
+pub fn pop_login_at(c: &Connection, ip: &str) -> Result<Option<i64>> {
+    Ok(c.prepare_cached("SELECT at FROM pop_logins WHERE ip = ?1")?.query_row([ip], |r| r.get(0)).optional()?)
 }
 
 /// Add an entry (canonicalised); false when it was already there.

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod deny_list;
 pub mod filters;
 pub mod mailbox;
 pub mod passwords;

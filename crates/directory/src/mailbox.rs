@@ -56,6 +56,16 @@ pub async fn addresses(store: &Store, user_id: i64) -> Result<Vec<String>> {
         .await?)
 }
 
+/// The addresses of the user called `name`; None when there is no such user (or it is
+/// removed: it may no longer send).
+pub fn addresses_of(c: &Connection, name: &str) -> rusqlite::Result<Option<Vec<String>>> {
+    let found: Option<i64> = c.prepare_cached("SELECT id FROM users WHERE name = ?1 AND removed = 0")?.query_row([name], |r| r.get(0)).optional()?;
+    let Some(id) = found else { return Ok(None) };
+    let mut stmt = c.prepare_cached("SELECT address FROM addresses WHERE user_id = ?1 ORDER BY address")?;
+    let rows = stmt.query_map([id], |r| r.get(0))?;
+    Ok(Some(rows.collect::<rusqlite::Result<Vec<String>>>()?))
+}
+
 /// Remember that `user_id` logged in from `ip` (P5), for POP-before-SMTP, inside the caller's
 /// transaction (which also journals the login).
 pub fn record_login(c: &Connection, user_id: i64, ip: &str) -> rusqlite::Result<()> {

@@ -1,6 +1,8 @@
 //! The penalty box (SPEC R9, A5): client addresses denied for a while after abuse — command
-//! lines beyond the limits, or a burst of failed logins. It lives in memory: a restart forgives,
-//! a crash never locks the office out. A denied client is not told why.
+//! lines beyond the limits, or a burst of failed logins. A denied client is not told why. It
+//! lives in memory; `serve` mirrors the denied entries to the database ([`deny_list`]) so the
+//! administrator can see and lift them, and reloads them at start. `[penalty] deny_minutes = 0`
+//! switches the hack auto-deny (R9) off; failed logins then cool down for the login window.
 //!
 //! Failed logins count per client address (an IPv6 client by its /64, an IPv4-mapped IPv6
 //! address as the IPv4 address). Clients on relay-listed (office) networks count per user
@@ -60,6 +62,28 @@ impl Offender {
         Offender(Key::User(name[..end].to_ascii_lowercase()))
     }
 
+    /// The key as the deny list stores it: the address (an IPv6 /64 as `net/64`) or `user NAME`.
+    pub fn key_text(&self) -> String {
+        match &self.0 {
+            Key::Address(IpAddr::V6(v6)) => format!("{v6}/64"),
+            Key::Address(v4) => v4.to_string(),
+            Key::User(u) => format!("user {u}"),
+        }
+    }
+
+    /// Read a key as [`Offender::key_text`] writes it, or as an administrator types it: an
+    /// address (normalised: IPv4-mapped IPv6 is IPv4, IPv6 is keyed by its /64), with or without
+    /// `/64`, or `user NAME`.
+    pub fn parse(text: &str) -> Option<Offender> {
+        let t = text.trim();
+        if let Some(user) = t.strip_prefix("user ") {
+            let user = user.trim();
+            return (!user.is_empty()).then(|| Offender::user(user));
+        }
+        let ip: IpAddr = t.strip_suffix("/64").unwrap_or(t).parse().ok()?;
+        Some(Offender::address(ip))
+    }
+
     /// The address this key stands for, if it is one (the network address for IPv6).
     pub fn ip(&self) -> Option<IpAddr> {
         match &self.0 {
@@ -106,6 +130,22 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// The word the deny list stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::CommandLine => "command-line",
+            Reason::FailedLogins => "failed-logins",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Reason> {
+        match s {
+            "command-line" => Some(Reason::CommandLine),
+            "failed-logins" => Some(Reason::FailedLogins),
+            _ => None,
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Reason::CommandLine => "hack auto-deny: command line beyond the limits (R9)",
@@ -160,10 +200,57 @@ impl PenaltyBox {
         PenaltyBox { deny_for, limits, capacity: capacity.max(1), inner: Arc::default() }
     }
 
-    /// Deny `ip` (its /64 for IPv6) for the configured time from now (R9).
-    pub fn deny(&self, ip: IpAddr) {
+    /// Is the hack auto-deny (R9) on? (`[penalty] deny_minutes = 0` switches it off.)
+    pub fn auto_deny(&self) -> bool {
+        !self.deny_for.is_zero()
+    }
+
+    /// Deny `ip` (its /64 for IPv6) for the configured time from now (R9); false when auto-deny
+    /// is off or the table is full.
+    pub fn deny(&self, ip: IpAddr) -> bool {
+        if !self.auto_deny() {
+            return false;
+        }
         let mut inner = self.inner.lock().expect("penalty box");
-        inner.deny(Offender::address(ip), self.deny_for, Reason::CommandLine, self.capacity);
+        inner.deny(Offender::address(ip), self.deny_for, Reason::CommandLine, self.capacity)
+    }
+
+    /// How long a cool-down after failed logins lasts: the deny time, or the login window when
+    /// auto-deny is off (A5 stays on whatever R9 says).
+    fn cool_down(&self) -> Duration {
+        if self.auto_deny() { self.deny_for } else { self.limits.window }
+    }
+
+    /// The entries denied now: key text, unix seconds until, reason (for the deny list).
+    pub fn denied_entries(&self) -> Vec<(String, i64, Reason)> {
+        let now = Instant::now();
+        let unix = store::now();
+        let inner = self.inner.lock().expect("penalty box");
+        let mut out: Vec<(String, i64, Reason)> = inner
+            .denied
+            .iter()
+            .filter(|(_, (until, _))| *until > now)
+            .map(|(who, (until, reason))| (who.key_text(), unix + until.duration_since(now).as_secs() as i64 + 1, *reason))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Put an entry back (at start, from the deny list); ignored when it has expired.
+    pub fn restore(&self, who: Offender, until_unix: i64, reason: Reason) {
+        let left = until_unix - store::now();
+        if left > 0 {
+            let mut inner = self.inner.lock().expect("penalty box");
+            inner.deny(who, Duration::from_secs(left as u64), reason, self.capacity);
+        }
+    }
+
+    /// Lift an entry (`postroom list remove deny`), with its failed-login count; true if it was
+    /// denied.
+    pub fn lift(&self, who: &Offender) -> bool {
+        let mut inner = self.inner.lock().expect("penalty box");
+        inner.failures.remove(who);
+        inner.denied.remove(who).is_some()
     }
 
     /// Is this client address (its /64 for IPv6) denied now? Why?
@@ -256,7 +343,7 @@ impl PenaltyBox {
         times.retain(|t| now.duration_since(*t) < window);
         times.push(now);
         if times.len() as u32 >= self.limits.failures.max(1) {
-            if inner.deny(offender.clone(), self.deny_for, Reason::FailedLogins, self.capacity) {
+            if inner.deny(offender.clone(), self.cool_down(), Reason::FailedLogins, self.capacity) {
                 inner.failures.remove(offender);
             }
             // Else the denied table is full: the failures at the limit keep refusing the key
@@ -393,6 +480,23 @@ mod tests {
         assert!(!pb.is_denied("192.0.2.2".parse().unwrap()));
         std::thread::sleep(Duration::from_millis(60));
         assert!(!pb.is_denied(ip));
+    }
+
+    #[tokio::test]
+    async fn deny_minutes_zero_switches_auto_deny_off_but_not_login_throttling() {
+        let pb = PenaltyBox::new(Duration::ZERO, limits());
+        let a = ip("192.0.2.9");
+        assert!(!pb.auto_deny() && !pb.deny(a) && !pb.is_denied(a));
+        let who = PenaltyBox::offender(a, "sam", false);
+        for _ in 0..3 {
+            fail(&pb, &who).await;
+        }
+        assert_eq!(pb.reserve_login(who.clone()).await.err(), Some(Throttled::CoolDown), "A5 still holds");
+        let entries = pb.denied_entries();
+        assert_eq!(entries.len(), 1);
+        assert!(entries[0].1 - store::now() > 50, "cooling down for the login window");
+        assert!(pb.lift(&who));
+        assert!(pb.reserve_login(who).await.is_ok(), "lifted");
     }
 
     #[tokio::test]

@@ -217,7 +217,8 @@ pub struct JournalConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PenaltyConfig {
-    /// Minutes a client address (or, on relay-listed networks, a user) stays denied.
+    /// Minutes a client address (or, on relay-listed networks, a user) stays denied; 0
+    /// switches the hack auto-deny (R9) off (failed logins then cool down for the login window).
     pub deny_minutes: u64,
     /// Failed logins (SMTP AUTH and POP3) within the window that start the cool-down (A5).
     pub login_failures: u32,
@@ -586,7 +587,6 @@ impl Config {
             ("delivery.max_connections_per_domain", delivery.max_connections_per_domain as u64),
             ("journal.retention_days", self.journal.retention_days.into()),
             ("storage.body_chunk_kib", self.storage.body_chunk_kib.into()),
-            ("penalty.deny_minutes", self.penalty.deny_minutes),
             ("penalty.login_failures", self.penalty.login_failures.into()),
             ("penalty.login_window_minutes", self.penalty.login_window_minutes),
         ];
@@ -884,7 +884,6 @@ mod tests {
             "delivery.max_connections_per_domain",
             "journal.retention_days",
             "storage.body_chunk_kib",
-            "penalty.deny_minutes",
             "penalty.login_failures",
             "penalty.login_window_minutes",
         ] {

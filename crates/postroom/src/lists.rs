@@ -42,13 +42,15 @@ pub enum ListCommand {
         #[arg(long, value_name = "SHA256HEX")]
         fingerprint: Option<String>,
     },
-    /// Remove an entry (i5/OS RMVSMTPLE).
+    /// Remove an entry (i5/OS RMVSMTPLE); `deny ADDRESS` lets a client on the temporary deny
+    /// list in again (the running server applies it within seconds).
     Remove {
         kind: String,
         #[arg(required = true, num_args = 1..)]
         entry: Vec<String>,
     },
-    /// Print every entry of a list with when it was added (the WRKSMTPLE i5/OS lacks).
+    /// Print every entry of a list with when it was added (the WRKSMTPLE i5/OS lacks); `deny`
+    /// shows the temporary deny list of the running server (R9, A5).
     Show { kind: String },
     /// Read i5/OS V4R ACCEPTRLY / REJECTCNN source members (one "address [mask]" a line).
     ImportLegacy {
@@ -62,7 +64,7 @@ pub enum ListCommand {
 }
 
 fn kind(text: &str) -> anyhow::Result<ListKind> {
-    ListKind::from_str(text).map_err(|_| anyhow::anyhow!("unknown list {text:?}: expected relay, reject, near, kill, rbl or hostauth"))
+    ListKind::from_str(text).map_err(|_| anyhow::anyhow!("unknown list {text:?}: expected relay, reject, near, kill, rbl, hostauth or deny"))
 }
 
 /// C5: `list add|remove|show hostauth`; the password comes from standard input, never shown.
@@ -127,8 +129,47 @@ fn describe_trust(trust: &directory::access::hostauth::Trust) -> String {
 }
 
 fn is_hostauth(cmd: &ListCommand) -> bool {
+    is_kind(cmd, "hostauth")
+}
+
+/// R9, A5: the temporary deny list of the running server (mirrored to the database every few
+/// seconds): shown, and entries lifted; the server fills it, the administrator cannot add.
+fn deny(cmd: ListCommand, store: &store::Store) -> anyhow::Result<()> {
+    use directory::deny_list;
+    use directory::penalty::Offender;
     match cmd {
-        ListCommand::Add { kind, .. } | ListCommand::Remove { kind, .. } | ListCommand::Show { kind } => kind.eq_ignore_ascii_case("hostauth"),
+        ListCommand::Show { .. } => {
+            let now = store::now();
+            let rows = store.read_blocking(move |c| Ok(deny_list::list(c, now)?))?;
+            if rows.is_empty() {
+                println!("deny list is empty");
+            }
+            for d in rows {
+                println!("{:<30} until {}  ({})", d.key, mail_proto::date::rfc5322(d.until), d.reason.describe());
+            }
+        }
+        ListCommand::Remove { entry, .. } => {
+            let text = entry.join(" ");
+            let who = Offender::parse(&text).with_context(|| format!("{text:?}: expected an IP address or \"user NAME\""))?;
+            let key = who.key_text();
+            let was = store.write_blocking(Durability::Full, move |c| Ok(deny_list::request_lift(c, &who)?))?;
+            if !was {
+                println!("deny list: {key} is not on it (a running server forgets a request for it within seconds)");
+            } else {
+                println!("deny list: {key} removed; the running server lets it in again within a few seconds");
+            }
+        }
+        ListCommand::Add { .. } => {
+            bail!("the deny list is filled by the server (R9, A5); to refuse an address for good use `postroom list add reject`")
+        }
+        ListCommand::ImportLegacy { .. } => unreachable!("not a deny list command"),
+    }
+    Ok(())
+}
+
+fn is_kind(cmd: &ListCommand, name: &str) -> bool {
+    match cmd {
+        ListCommand::Add { kind, .. } | ListCommand::Remove { kind, .. } | ListCommand::Show { kind } => kind.eq_ignore_ascii_case(name),
         ListCommand::ImportLegacy { .. } => false,
     }
 }
@@ -137,6 +178,9 @@ pub fn list(cmd: ListCommand, config: &Config) -> anyhow::Result<()> {
     let (store, _) = open(config)?;
     if is_hostauth(&cmd) {
         return hostauth(cmd, &store);
+    }
+    if is_kind(&cmd, "deny") {
+        return deny(cmd, &store);
     }
     match cmd {
         ListCommand::Add { kind: k, entry, ca, fingerprint, .. } => {
@@ -215,23 +259,27 @@ pub struct ExplainArgs {
     to: Vec<String>,
 }
 
-/// Walk one message through the policy module, exactly as the SMTP server would.
-pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<()> {
+/// Walk one message through the policy module, exactly as the SMTP server would. True when
+/// every decision accepts.
+pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<bool> {
     let (store, domains) = open(config)?;
     let policy = crate::serve::relay_policy(config);
     let ip = normalise_ip(args.ip);
     let ip_text = ip.to_string();
     let user = args.user.clone();
-    let (lists, recorded_login, owned) = store.read_blocking(move |c| {
+    let (lists, recorded_login, owned, denied) = store.read_blocking(move |c| {
         let lists = AccessLists::load(c).map_err(into_store)?;
-        let mut stmt = c.prepare("SELECT a.address FROM addresses a JOIN users u ON u.id = a.user_id WHERE u.name = ?1")?;
-        let owned = stmt.query_map([user.unwrap_or_default()], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
-        let at: Option<i64> = c.query_row("SELECT at FROM pop_logins WHERE ip = ?1", [&ip_text], |r| r.get(0)).map(Some).or_else(|e| match e {
-            store::rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })?;
-        Ok((lists, at, owned))
+        let owned = match &user {
+            Some(name) => directory::mailbox::addresses_of(c, name)?,
+            None => Some(Vec::new()),
+        };
+        let at = access::pop_login_at(c, &ip_text).map_err(into_store)?;
+        let denied = directory::deny_list::lookup(c, &directory::penalty::Offender::address(ip), store::now())?;
+        Ok((lists, at, owned, denied))
     })?;
+    let Some(owned) = owned else {
+        bail!("no such user: {} (see `postroom user list`)", args.user.as_deref().unwrap_or_default());
+    };
     let now = store::now();
     let rbl_listed = rbl_listed(config, ip, &lists);
     let facts = ClientFacts {
@@ -242,15 +290,17 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<()> {
         pop_login_at: if args.pop_login { Some(now) } else { recorded_login },
         now,
         rbl_listed,
-        penalised: None,
+        penalised: denied,
         authenticated: args.user.clone(),
         listener_auth: crate::serve::mx_auth(config),
     };
     let d = policy.connect(&facts);
     println!("connect: {} (rule: {})", verdict(d.allow), d.rule);
+    let mut accepted = d.allow;
     let from = if args.from == "<>" { None } else { Some(parse_address(&args.from).context("--from")?) };
     let d = policy.sender(&facts, from.as_ref(), &owned);
     println!("sender {}: {} (rule: {})", args.from, verdict(d.allow), d.rule);
+    accepted &= d.allow;
     for to in &args.to {
         let rcpt = parse_address(to).with_context(|| format!("--to {to}"))?;
         let (p, f, dom, r) = (policy.clone(), facts.clone(), domains.clone(), rcpt.clone());
@@ -263,8 +313,9 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<()> {
         };
         let rewritten = outcome.record_as.map(|a| format!(" as {a}")).unwrap_or_default();
         println!("recipient {to}: {what}{rewritten} (rule: {})", d.rule);
+        accepted &= d.allow;
     }
-    Ok(())
+    Ok(accepted)
 }
 
 fn verdict(allow: bool) -> &'static str {

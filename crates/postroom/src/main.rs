@@ -52,10 +52,12 @@ enum Command {
     /// Inspect the framework queue (i5/OS WRKDSTQ / HLDDSTQ).
     #[command(subcommand)]
     Queue(queue_cmd::QueueCommand),
-    /// Access lists: relay, reject, near, kill, rbl (i5/OS ADDSMTPLE / RMVSMTPLE).
+    /// Access lists: relay, reject, near, kill, rbl, hostauth, and the temporary deny list
+    /// (i5/OS ADDSMTPLE / RMVSMTPLE).
     #[command(subcommand)]
     List(lists::ListCommand),
-    /// Which rule would accept or refuse a message from this client, and why.
+    /// Which rule would accept or refuse a message from this client, and why. Exit status 0
+    /// when every decision accepts, 1 when one refuses, 2 when the question cannot be answered.
     Explain(lists::ExplainArgs),
     /// Compose a MIME message (text, HTML, attachments) and submit it (F6, i5/OS QtmmSendMail).
     Send(sendmail::SendArgs),
@@ -105,7 +107,14 @@ fn main() -> ExitCode {
         (Command::Queue(c), Ok(cfg)) => queue_cmd::queue(c, &cfg),
         (Command::Journal(a), Ok(cfg)) => commands::journal(a, &cfg),
         (Command::List(c), Ok(cfg)) => lists::list(c, &cfg),
-        (Command::Explain(a), Ok(cfg)) => lists::explain(a, &cfg),
+        // As grep: 0 every decision accepts, 1 something is refused, 2 the question was wrong.
+        (Command::Explain(a), Ok(cfg)) => match lists::explain(a, &cfg) {
+            Ok(accepted) => return ExitCode::from(u8::from(!accepted)),
+            Err(e) => {
+                eprintln!("postroom: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
         (Command::Filter(c), Ok(cfg)) => filter_cmd::filter(c, &cfg),
         (Command::Quarantine(c), Ok(cfg)) => filter_cmd::quarantine(c, &cfg),
     };

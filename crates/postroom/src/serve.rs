@@ -16,7 +16,7 @@ use smtp_client::route::RouteSettings;
 use smtp_server::policy::{self, ListenerAuth, RelayPolicy, VerifyFrom};
 use smtp_server::{ListenerKind, Services, SmtpServer, SmtpSettings};
 use std::net::SocketAddr;
-use store::{Store, StoreOptions};
+use store::{Durability, Store, StoreOptions};
 use tls::{CertSource, ServerTls};
 use tokio::net::{TcpListener, TcpSocket};
 
@@ -152,6 +152,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Duration::from_secs(config.penalty.deny_minutes * 60),
         LoginLimits { failures: config.penalty.login_failures, window: Duration::from_secs(config.penalty.login_window_minutes * 60) },
     );
+    spawn_deny_list_mirror(store.clone(), penalty.clone()).await;
     let tls = load_tls(&config)?;
     let passwords = PasswordPool::new(2, 256);
     let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
@@ -262,6 +263,55 @@ async fn run(config: Config) -> anyhow::Result<()> {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
 /// O2: every 2 s, the workers' last beats into data_dir/status for `postroom status`.
+/// How often the penalty box is mirrored to the deny list and lift requests are applied.
+const DENY_LIST_EVERY: Duration = Duration::from_secs(2);
+
+/// R9, A5: the deny list survives a restart (reloaded here before any listener opens), is
+/// mirrored to the database for `postroom list show deny` and `explain`, and lifts requested by
+/// `postroom list remove deny` apply within seconds. Writes only when something changed.
+async fn spawn_deny_list_mirror(store: Store, penalty: PenaltyBox) {
+    use directory::deny_list;
+    use directory::penalty::Offender;
+    match store.read(|c| Ok(deny_list::list(c, store::now())?)).await {
+        Ok(rows) => {
+            for row in rows {
+                if let Some(who) = Offender::parse(&row.key) {
+                    penalty.restore(who, row.until, row.reason);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the deny list; starting with an empty one"),
+    }
+    tokio::spawn(async move {
+        let mut mirrored: Option<Vec<(String, i64, directory::penalty::Reason)>> = None;
+        loop {
+            tokio::time::sleep(DENY_LIST_EVERY).await;
+            if store.read(|c| Ok(deny_list::lifts_waiting(c)?)).await.unwrap_or(false) {
+                match store.write(Durability::Normal, |c| Ok(deny_list::take_lifts(c)?)).await {
+                    Ok(keys) => {
+                        for key in keys {
+                            let lifted = Offender::parse(&key).is_some_and(|who| penalty.lift(&who));
+                            tracing::info!(%key, lifted, "deny list: entry lifted by the administrator");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read deny list lift requests"),
+                }
+                mirrored = None;
+            }
+            let now = penalty.denied_entries();
+            // The expiry times move by a second between reads: compare keys and reasons.
+            let same = mirrored.as_ref().is_some_and(|m| m.len() == now.len() && m.iter().zip(&now).all(|(a, b)| a.0 == b.0 && a.2 == b.2));
+            if !same {
+                let entries = now.clone();
+                match store.write(Durability::Normal, move |c| Ok(deny_list::mirror(c, &entries)?)).await {
+                    Ok(()) => mirrored = Some(now),
+                    Err(e) => tracing::warn!(error = %e, "cannot mirror the deny list"),
+                }
+            }
+        }
+    });
+}
+
 /// A dead store writer cannot be brought back in this process (every write would fail while
 /// the listeners still answer): the server exits with an error so its supervisor restarts it.
 fn spawn_status_writer(data_dir: std::path::PathBuf, store: Store, framework: Heartbeat, outbound: Heartbeat) {

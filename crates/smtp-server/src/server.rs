@@ -600,13 +600,14 @@ impl Driver<'_> {
         Ok(())
     }
 
-    /// R9: deny the client's address for a while, unless it is exempt; true = hang up now.
+    /// R9: deny the client's address for a while, unless it is exempt (relay-listed, or
+    /// authenticated in this session) or auto-deny is off; true = hang up now.
     fn penalize(&self) -> bool {
         let s = self.server;
-        if s.settings.policy.exempt_from_penalty(&self.facts) {
+        let facts = ClientFacts { authenticated: self.session.authenticated().map(str::to_string), ..self.facts.clone() };
+        if s.settings.policy.exempt_from_penalty(&facts) || !s.services.penalty.deny(self.facts.ip) {
             return false;
         }
-        s.services.penalty.deny(self.facts.ip);
         s.journal(code::SMTP_HACK_DENY, self.facts.ip, "", "command line beyond the limits: put on the temporary deny list (R9)");
         true
     }

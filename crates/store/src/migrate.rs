@@ -12,6 +12,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0005_dsn.sql"),
     include_str!("../../../migrations/0006_message_model.sql"),
     include_str!("../../../migrations/0007_hostauth_tls.sql"),
+    include_str!("../../../migrations/0008_deny_list.sql"),
 ];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
