@@ -151,11 +151,26 @@ def test_etrn_hash_queue_name(net):
         c.quit()
 
 
-def test_etrn_from_client_not_allowed_to_relay_is_refused(net):
-    """C7: a client that may not relay gets 459 4.7.1 (or 458) and nothing is delivered; the
-    same ETRN from a relay-listed client then releases the mail."""
+def test_etrn_from_any_client_by_default(net):
+    """C7 (issue 14 item 5): a dial-up branch connects from a changing address, and ETRN only
+    releases mail to the domain's own MX, so by default any client may ETRN a domain of
+    etrn_domains, as Postfix allows: the stranger's ETRN releases the mail."""
     peer = dial_world(net)
     srv = etrn_server(net, relay_only_localhost=True)
+    send(srv, "x@dial.example", "from a changing address")
+    held(srv, peer, "x@dial.example", 2.0)
+    _, r = etrn(srv, DIAL, source_ip=OUTSIDER)
+    assert r.code in ETRN_OK, f"ETRN from {OUTSIDER} -> {r!r}"
+    peer.wait_delivered("x@dial.example", timeout=OUT_TIMEOUT)
+    _, r = etrn(srv, "not-dial.example", source_ip=OUTSIDER)
+    assert r.code == 459 and r.enhanced in (None, "4.7.1"), r
+
+
+def test_etrn_from_client_not_allowed_to_relay_is_refused_when_restricted(net):
+    """C7: with `[delivery] etrn_clients = "relay"` a client that may not relay gets 459 4.7.1
+    and nothing is delivered; the same ETRN from a relay-listed client then releases the mail."""
+    peer = dial_world(net)
+    srv = etrn_server(net, delivery={"etrn_clients": "relay"}, relay_only_localhost=True)
     send(srv, "x@dial.example", "not for strangers")
     wait_queue_row(srv, "x@dial.example", timeout=10)
     _, r = etrn(srv, DIAL, source_ip=OUTSIDER)

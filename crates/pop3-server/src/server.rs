@@ -148,7 +148,7 @@ impl Pop3Server {
         }
         let config = SessionConfig {
             hostname: self.settings.hostname.clone(),
-            allow_plaintext_auth: self.settings.plaintext_from_loopback && ip.is_loopback(),
+            allow_plaintext_auth: policy::plaintext_auth(self.settings.plaintext_from_loopback, ip).allow,
             stls_available: self.tls.is_some() && !implicit_tls,
             tls_active: implicit_tls,
             max_failed_logins: 3,

@@ -172,6 +172,8 @@ pub struct DeliveryConfig {
     pub queue_lifetime_hours: u64,
     /// Domains held until their server issues ETRN (lowercase).
     pub etrn_domains: Vec<String>,
+    /// Who may issue ETRN for them (C7).
+    pub etrn_clients: EtrnClients,
     /// First-level retries (C3, i5/OS QTMSRTQ1): how many, and seconds between them.
     pub first_retry_count: u32,
     pub first_retry_interval_secs: u64,
@@ -245,6 +247,16 @@ pub struct StorageConfig {
     /// A message the filters could not inspect completely while an attachment or MIME-type
     /// filter is active (F3: filters fail closed by default).
     pub filter_unscannable: Unscannable,
+}
+
+/// `delivery.etrn_clients` (C7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EtrnClients {
+    /// Any client (ETRN only releases mail to the domain's own MX).
+    Any,
+    /// Only clients that may relay (relay-listed or authenticated).
+    Relay,
 }
 
 /// `storage.filter_unscannable` (F3).
@@ -460,6 +472,7 @@ impl Default for DeliveryConfig {
             bind_address: String::new(),
             queue_lifetime_hours: 120,
             etrn_domains: Vec::new(),
+            etrn_clients: EtrnClients::Any,
             first_retry_count: 3,
             first_retry_interval_secs: 300,
             second_retry_count: 6,

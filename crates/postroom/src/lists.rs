@@ -13,7 +13,7 @@ use directory::into_store;
 use mail_proto::Address;
 use mail_proto::address::{PathKind, parse_path};
 use mail_proto::net::normalise_ip;
-use smtp_server::policy::ClientFacts;
+use policy::ClientFacts;
 use store::Durability;
 
 use crate::commands::open;
@@ -257,6 +257,9 @@ pub struct ExplainArgs {
     /// An envelope recipient (repeatable).
     #[arg(long = "to", required = true)]
     to: Vec<String>,
+    /// Also ask whether this client may start delivery for a dial-up domain (ETRN, C7).
+    #[arg(long, value_name = "DOMAIN")]
+    etrn: Option<String>,
 }
 
 /// Walk one message through the policy module, exactly as the SMTP server would. True when
@@ -297,6 +300,16 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<bool> {
     let d = policy.connect(&facts);
     println!("connect: {} (rule: {})", verdict(d.allow), d.rule);
     let mut accepted = d.allow;
+    let d = policy::plaintext_auth(config.tls.allow_plaintext_auth == postroom::config::PlaintextAuth::Loopback, ip);
+    // Informational: a client without TLS is told to start it, not refused.
+    println!("credentials without TLS: {} (rule: {})", if d.allow { "allowed" } else { "TLS first" }, d.rule);
+    if let Some(node) = &args.etrn {
+        let domain = node.trim_start_matches('@').to_ascii_lowercase();
+        let dial_up = mail_framework::outbound::EtrnDomains::new(&config.delivery.etrn_domains).contains(&domain);
+        let d = policy.etrn(&facts, &domain, dial_up);
+        println!("ETRN {node}: {} (rule: {})", verdict(d.allow), d.rule);
+        accepted &= d.allow;
+    }
     let from = if args.from == "<>" { None } else { Some(parse_address(&args.from).context("--from")?) };
     let d = policy.sender(&facts, from.as_ref(), &owned);
     println!("sender {}: {} (rule: {})", args.from, verdict(d.allow), d.rule);
@@ -308,7 +321,7 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<bool> {
         let d = &outcome.decision;
         let what = match (&d.rule, d.allow) {
             (_, false) => "refuse".to_string(),
-            (smtp_server::policy::Rule::LocalRecipient | smtp_server::policy::Rule::Postmaster, true) => "deliver locally".to_string(),
+            (policy::Rule::LocalRecipient | policy::Rule::Postmaster, true) => "deliver locally".to_string(),
             (_, true) => "relay".to_string(),
         };
         let rewritten = outcome.record_as.map(|a| format!(" as {a}")).unwrap_or_default();

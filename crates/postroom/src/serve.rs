@@ -490,6 +490,7 @@ pub fn relay_policy(c: &Config) -> RelayPolicy {
             VerifyFromUser::All => VerifyFrom::All,
             VerifyFromUser::NotOnAcceptList => VerifyFrom::NotOnAcceptList,
         },
+        etrn_only_relay_clients: c.delivery.etrn_clients == postroom::config::EtrnClients::Relay,
     }
 }
 

@@ -6,7 +6,6 @@
 mod auth;
 mod headers;
 pub mod local;
-pub mod policy;
 pub mod received;
 pub mod server;
 pub mod session;
@@ -14,4 +13,7 @@ pub mod session;
 #[cfg(test)]
 mod session_tests;
 
+/// The decisions (connect, relay, AUTH, ETRN, ...) live in their own crate, shared with POP3
+/// and `postroom explain`.
+pub use policy;
 pub use server::{ListenerKind, Services, SmtpServer, SmtpSettings};

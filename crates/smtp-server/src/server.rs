@@ -251,7 +251,7 @@ impl SmtpServer {
             verify_helo: s.policy.helo_verify != HeloVerify::Off && kind != ListenerKind::Local,
             starttls: self.services.tls.is_some() && matches!(kind, ListenerKind::Mx | ListenerKind::Submission),
             tls_active: stream.is_tls(),
-            allow_plaintext_auth: s.plaintext_auth_from_loopback && facts.ip.is_loopback(),
+            allow_plaintext_auth: policy::plaintext_auth(s.plaintext_auth_from_loopback, facts.ip).allow,
             require_auth: facts.listener_auth == ListenerAuth::LocalAndRelay,
             dsn: s.dsn,
         }
@@ -325,9 +325,12 @@ impl SmtpServer {
         let owned = crate::local::identities(self.store(), &user, &self.settings.hostname).await;
         let stream = Stream::Unix(unix);
         let config = self.session_config(ListenerKind::Local, &facts, &stream);
-        let (storage, originator) = (self.services.storage.clone(), crate::local::originator_check(uid == 0, owned.clone()));
-        let check: crate::session::SenderCheck =
-            Box::new(move |from, user| if storage.is_low() { Some(storage_full()) } else { originator(from, user) });
+        let (storage, identities, local_user) = (self.services.storage.clone(), owned.clone(), user.clone());
+        let check: crate::session::SenderCheck = Box::new(move |from, _| {
+            policy::storage(storage.is_low())
+                .storage_reply()
+                .or_else(|| policy::local_sender(&local_user, uid == 0, &identities, from).local_sender_reply())
+        });
         let session = Session::new(config, format!("local uid {uid}")).with_sender_check(check).authenticated_as(&user);
         self.drive(stream, facts, session, Arc::new(Mutex::new(owned))).await;
     }
@@ -365,8 +368,8 @@ impl SmtpServer {
     fn sender_check(&self, facts: &ClientFacts, owned: Arc<Mutex<Vec<String>>>) -> crate::session::SenderCheck {
         let (facts, me) = (facts.clone(), self.clone());
         Box::new(move |from: Option<&Address>, user: Option<&str>| {
-            if me.services.storage.is_low() {
-                return Some(storage_full());
+            if let Some(reply) = policy::storage(me.services.storage.is_low()).storage_reply() {
+                return Some(reply);
             }
             let facts = ClientFacts { authenticated: user.map(str::to_string), ..facts.clone() };
             let decision = me.settings.policy.sender(&facts, from, &owned.lock().expect("owned addresses"));
@@ -658,13 +661,11 @@ impl Driver<'_> {
             Some(d) => (d.to_ascii_lowercase(), true),
             None => (node.to_ascii_lowercase(), false),
         };
-        let allowed = self.session.authenticated().is_some() || self.facts.lists.relay_match(self.facts.ip).is_some();
-        if !allowed {
-            self.server.journal(code::SMTP_REJECTED, self.facts.ip, node, "ETRN refused: client may not relay (C7)");
-            return Reply::new(459, (7, 1), format!("Node {node} not allowed: this client may not issue ETRN"));
-        }
-        if !self.server.settings.etrn_domains.contains(&domain) {
-            return Reply::new(459, (7, 1), format!("Node {node} not allowed: not a dial-up domain of this server"));
+        let facts = ClientFacts { authenticated: self.session.authenticated().map(str::to_string), ..self.facts.clone() };
+        let decision = self.server.settings.policy.etrn(&facts, &domain, self.server.settings.etrn_domains.contains(&domain));
+        if let Some(reply) = decision.etrn_reply(node) {
+            self.server.journal(code::SMTP_REJECTED, self.facts.ip, node, &format!("ETRN refused: {}", decision.rule));
+            return reply;
         }
         let d = domain.clone();
         match self.server.store().write(Durability::Full, move |c| mail_framework::message::outbound::release_etrn(c, &d, subdomains)).await {
@@ -719,11 +720,6 @@ impl Driver<'_> {
         self.server.journal(code, self.facts.ip, &addr.to_string(), &decision.rule.to_string());
         RcptVerdict::Refuse(decision.rcpt_reply().expect("a refusal has a reply"))
     }
-}
-
-/// F5: the reply while free space is below the threshold.
-fn storage_full() -> Reply {
-    Reply::new(452, (3, 1), "Insufficient system storage, try again later")
 }
 
 /// Resolves once the shutdown flag is set (or its sender is gone).

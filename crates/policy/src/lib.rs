@@ -1,7 +1,11 @@
-//! One place decides who may connect, who may send, and which recipients are accepted, local
-//! or relayed (SPEC §3; DESIGN "Decisions as data"). Every decision carries the rule that made
-//! it, so the SMTP reply, the journal entry and `postroom explain` tell the same story.
-//! Pure functions over facts gathered by the caller: no I/O here.
+//! One place decides every accept and refuse (SPEC §3; DESIGN "Decisions as data"): who may
+//! connect, who may send credentials without TLS, who may send as which address (over SMTP and
+//! the local socket), which recipients are accepted, local or relayed, who may start ETRN, and
+//! whether new mail is taken while storage is low. Every decision carries the rule that made it,
+//! so the SMTP and POP3 replies, the journal entry and `postroom explain` tell the same story,
+//! and a security review reads this one file. Pure functions over facts gathered by the caller:
+//! no I/O here.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
@@ -60,6 +64,8 @@ pub struct RelayPolicy {
     /// The first local domain: `user@[our address]` is read as `user@primary_domain`.
     pub primary_domain: String,
     pub verify_from_user: VerifyFrom,
+    /// C7: ETRN only from clients that may relay (`[delivery] etrn_clients = "relay"`).
+    pub etrn_only_relay_clients: bool,
 }
 
 /// What is known about the client when a decision is made.
@@ -132,6 +138,25 @@ pub enum Rule {
     NotNearDomain,
     NeitherNearNorListed,
     RelayTrick(&'static str),
+    /// A1: credentials without TLS from a loopback client (`[tls] allow_plaintext_auth`).
+    PlaintextAuthFromLoopback,
+    /// A1: credentials only over TLS.
+    TlsRequiredForAuth,
+    /// C7: ETRN for a dial-up domain of ours.
+    EtrnDialUp(String),
+    /// C7: not one of `etrn_domains`.
+    EtrnNotDialUp(String),
+    /// C7: `[delivery] etrn_clients = "relay"` and the client may not relay.
+    EtrnClientMayNotRelay,
+    /// F5: free space below `[storage] min_free_mb`: new mail waits.
+    StorageLow,
+    StorageOk,
+    /// A4: root on the local socket may send as anyone.
+    LocalRoot,
+    /// A4: a local user sends as one of their own identities.
+    LocalIdentity(String),
+    /// A4: the address is not one of the local user's identities.
+    LocalNotOwnIdentity(String),
 }
 
 impl fmt::Display for Rule {
@@ -169,6 +194,16 @@ impl fmt::Display for Rule {
             Rule::NotInRelayList => write!(f, "relay mode list: client not in the relay list (R1)"),
             Rule::NotNearDomain => write!(f, "relay mode near: recipient domain not a near domain (R1)"),
             Rule::NeitherNearNorListed => write!(f, "relay mode both: client not listed and domain not near (R1)"),
+            Rule::PlaintextAuthFromLoopback => write!(f, "credentials without TLS from a loopback client ([tls] allow_plaintext_auth, A1)"),
+            Rule::TlsRequiredForAuth => write!(f, "credentials only over TLS (A1)"),
+            Rule::EtrnDialUp(d) => write!(f, "{d} is a dial-up domain of ours (C7)"),
+            Rule::EtrnNotDialUp(d) => write!(f, "{d} is not one of [delivery] etrn_domains (C7)"),
+            Rule::EtrnClientMayNotRelay => write!(f, "ETRN only from clients that may relay ([delivery] etrn_clients, C7)"),
+            Rule::StorageLow => write!(f, "free space below [storage] min_free_mb (F5)"),
+            Rule::StorageOk => write!(f, "free space above the threshold (F5)"),
+            Rule::LocalRoot => write!(f, "root may send as anyone on the local socket (A4)"),
+            Rule::LocalIdentity(u) => write!(f, "sender address is one of local user {u}'s (A4)"),
+            Rule::LocalNotOwnIdentity(u) => write!(f, "sender address is not one of local user {u}'s (A4)"),
             Rule::RelayTrick(t) => write!(f, "relay trick: {t} (R7)"),
         }
     }
@@ -218,6 +253,24 @@ impl Decision {
         })
     }
 
+    /// The refusal reply for ETRN (RFC 1985: 459 node not allowed).
+    pub fn etrn_reply(&self, node: &str) -> Option<Reply> {
+        (!self.allow).then(|| match &self.rule {
+            Rule::EtrnNotDialUp(_) => Reply::new(459, (7, 1), format!("Node {node} not allowed: not a dial-up domain of this server")),
+            _ => Reply::new(459, (7, 1), format!("Node {node} not allowed: this client may not issue ETRN")),
+        })
+    }
+
+    /// The refusal reply while storage is low (F5).
+    pub fn storage_reply(&self) -> Option<Reply> {
+        (!self.allow).then(|| Reply::new(452, (3, 1), "Insufficient system storage, try again later"))
+    }
+
+    /// The refusal reply for the local socket's MAIL FROM (A4).
+    pub fn local_sender_reply(&self) -> Option<Reply> {
+        (!self.allow).then(|| Reply::new(553, (7, 1), "Sender address rejected: a local user sends only as themself"))
+    }
+
     /// The refusal reply for HELO/EHLO.
     pub fn helo_reply(&self) -> Option<Reply> {
         (!self.allow).then(|| Reply::new(550, (7, 1), "Helo command rejected: host name does not match your address"))
@@ -259,7 +312,50 @@ pub enum Screened {
     Refused(Decision),
 }
 
+/// A1: may credentials be sent without TLS? Only from loopback, and only when
+/// `[tls] allow_plaintext_auth = "loopback"` (SMTP AUTH and POP3 USER/PASS alike).
+pub fn plaintext_auth(loopback_allowed: bool, ip: IpAddr) -> Decision {
+    if loopback_allowed && ip.to_canonical().is_loopback() {
+        Decision::allow(Rule::PlaintextAuthFromLoopback)
+    } else {
+        Decision::refuse(Rule::TlsRequiredForAuth)
+    }
+}
+
+/// F5: is new mail taken now? Below the storage threshold it waits (452 4.3.1).
+pub fn storage(low: bool) -> Decision {
+    if low { Decision::refuse(Rule::StorageLow) } else { Decision::allow(Rule::StorageOk) }
+}
+
+/// A4: may the local user `user` (uid 0 = `root`) send as `from` on the local socket? `owned`
+/// are the user's identities (user@hostname and the addresses of the Postroom user of that
+/// name). The null sender is allowed.
+pub fn local_sender(user: &str, root: bool, owned: &[String], from: Option<&Address>) -> Decision {
+    let Some(from) = from else { return Decision::allow(Rule::SenderAccepted) };
+    if root {
+        Decision::allow(Rule::LocalRoot)
+    } else if owned.iter().any(|o| o.eq_ignore_ascii_case(&from.key())) {
+        Decision::allow(Rule::LocalIdentity(user.to_string()))
+    } else {
+        Decision::refuse(Rule::LocalNotOwnIdentity(user.to_string()))
+    }
+}
+
 impl RelayPolicy {
+    /// C7: may this client start delivery of the mail held for `domain` (RFC 1985 ETRN)? ETRN
+    /// only releases mail to the domain's own MX, so by default anyone may ask for a dial-up
+    /// domain, as Postfix allows (a dial-up server connects from changing addresses);
+    /// `[delivery] etrn_clients = "relay"` restricts it to clients that may relay.
+    pub fn etrn(&self, c: &ClientFacts, domain: &str, dial_up: bool) -> Decision {
+        if self.etrn_only_relay_clients && c.authenticated.is_none() && c.lists.relay_match(c.ip).is_none() {
+            return Decision::refuse(Rule::EtrnClientMayNotRelay);
+        }
+        if !dial_up {
+            return Decision::refuse(Rule::EtrnNotDialUp(domain.to_string()));
+        }
+        Decision::allow(Rule::EtrnDialUp(domain.to_string()))
+    }
+
     /// Is the client's POP3 login recent enough (R1 pop, R5)? Returns the login time.
     fn pop_window(&self, c: &ClientFacts) -> Option<i64> {
         let at = c.pop_login_at?;
@@ -448,6 +544,7 @@ mod tests {
             helo_verify: HeloVerify::Reject,
             primary_domain: "example.test".into(),
             verify_from_user: VerifyFrom::All,
+            etrn_only_relay_clients: false,
         }
     }
 
@@ -647,5 +744,37 @@ mod tests {
         assert!(p.helo(&c, "client.test", &dns::AddressAnswer::Error("timeout".into())).allow, "fail open");
         let log = RelayPolicy { helo_verify: HeloVerify::Log, ..p.clone() };
         assert!(log.helo(&c, "client.test", &dns::AddressAnswer::NotFound).allow);
+    }
+
+    /// The decisions that lived outside this module (issue 13 item 11), each with its rule.
+    #[test]
+    fn plaintext_auth_storage_local_sender_and_etrn() {
+        assert!(plaintext_auth(true, "127.0.0.9".parse().unwrap()).allow);
+        assert!(plaintext_auth(true, "::ffff:127.0.0.1".parse().unwrap()).allow);
+        assert_eq!(plaintext_auth(true, "192.0.2.1".parse().unwrap()).rule, Rule::TlsRequiredForAuth);
+        assert!(!plaintext_auth(false, "127.0.0.1".parse().unwrap()).allow);
+
+        assert_eq!(storage(true).storage_reply().unwrap().to_string(), "452 4.3.1 Insufficient system storage, try again later\r\n");
+        assert!(storage(false).storage_reply().is_none());
+
+        let owned = vec!["kim@host.example".to_string(), "kim@example.test".to_string()];
+        let addr = |s: &str| Address::parse(s).unwrap();
+        assert!(local_sender("kim", false, &owned, Some(&addr("KIM@example.test"))).allow);
+        let d = local_sender("kim", false, &owned, Some(&addr("ceo@example.test")));
+        assert_eq!(d.rule, Rule::LocalNotOwnIdentity("kim".into()));
+        assert!(d.local_sender_reply().unwrap().to_string().starts_with("553 5.7.1"));
+        assert_eq!(local_sender("root", true, &[], Some(&addr("ceo@example.test"))).rule, Rule::LocalRoot);
+        assert!(local_sender("kim", false, &owned, None).allow, "the null sender");
+
+        let l = lists();
+        let stranger = client(&l, "192.0.2.77", None);
+        let open = policy(RelayMode::None, 0);
+        assert!(open.etrn(&stranger, "dial.test", true).allow, "any client may ETRN a dial-up domain by default");
+        let d = open.etrn(&stranger, "other.test", false);
+        assert_eq!(d.rule, Rule::EtrnNotDialUp("other.test".into()));
+        assert!(d.etrn_reply("other.test").unwrap().to_string().starts_with("459 4.7.1"));
+        let strict = RelayPolicy { etrn_only_relay_clients: true, ..open };
+        assert_eq!(strict.etrn(&stranger, "dial.test", true).rule, Rule::EtrnClientMayNotRelay);
+        assert!(strict.etrn(&client(&l, "127.0.0.17", None), "dial.test", true).allow, "relay-listed");
     }
 }
