@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PYTHON ?= python3
 
-.PHONY: run build test deps unit e2e soak bench lint fmt fuzz
+.PHONY: run build test deps unit e2e soak bench lint fmt fuzz deb
 
 run:
 	$(CARGO) run --release -p postroom -- serve
@@ -38,6 +38,12 @@ bench:
 # Fuzz every parser and session for FUZZ_SECONDS each (default 60); replays fuzz/regressions first.
 fuzz:
 	bash fuzz/run.sh
+
+# The Debian package (README "Install on a server"): a release build, then cargo-deb
+# (`cargo install cargo-deb --locked`) writes target/debian/postroom_VERSION-1_ARCH.deb, its
+# binary stripped, and the debug symbols beside it as postroom-dbgsym_VERSION-1_ARCH.ddeb.
+deb:
+	$(CARGO) deb -p postroom --dbgsym
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

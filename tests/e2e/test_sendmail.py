@@ -1,9 +1,11 @@
 """The send-mail API from the command line (SPEC F6, A4).
 
 `postroom sendmail` reads a message on stdin like /usr/sbin/sendmail and submits it over the
-server's Unix socket DATA_DIR/sendmail.sock; `postroom send` builds a MIME message. The tests run
-as root: the socket identifies the caller, whose envelope sender is root@<hostname> unless -f says
-otherwise.
+server's Unix socket `[smtp] local_socket` (default DATA_DIR-sock/sendmail.sock: a 0755 directory
+beside the 0700 data directory, the socket 0666) that every local user can reach; `postroom send`
+builds a MIME message. The tests run as root, and as nobody (setpriv) where another local user is
+the point: the socket identifies the caller (SO_PEERCRED), whose envelope sender is
+<user>@<first local domain> unless -f says otherwise; only root may send as anyone.
 """
 
 from __future__ import annotations
@@ -11,15 +13,21 @@ from __future__ import annotations
 import email
 import email.policy
 import os
-import socket
+import shutil
 import stat
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import SAM
 from helpers import (
+    BIN,
+    DOMAIN,
     HOSTNAME,
+    JANE,
     cli_bytes,
     fetch_all,
     mailbox_count,
@@ -31,9 +39,9 @@ NAME, ADDR, PW = SAM
 BOB = ("bob", "bob@example.test", "bob-secret-1")
 CAROL = ("carol", "carol@example.test", "carol-secret-1")
 
-EX_USAGE, EX_NOUSER, EX_TEMPFAIL = 64, 67, 75
-ROOT_SENDERS = {f"root@{HOSTNAME}".lower(), f"root@{socket.gethostname()}".lower(),
-                f"root@{socket.getfqdn()}".lower()}
+EX_USAGE, EX_NOUSER, EX_TEMPFAIL, EX_NOPERM = 64, 67, 75, 77
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs sendmail as another user (needs root)")
 
 
 def sendmail(srv, *args: str, message: bytes | str, timeout: float = 60.0):
@@ -74,23 +82,34 @@ def no_defects(msg) -> None:
 # ------------------------------------------------------------------------------------------
 
 def test_socket_is_created(server):
-    """F6: `serve` creates DATA_DIR/sendmail.sock, a Unix socket."""
-    path = server.data_dir / "sendmail.sock"
+    """F6, A4: `serve` creates DATA_DIR-sock/sendmail.sock: a Unix socket every local user may
+    connect to (0666) in a directory of the server's user that every local user may enter
+    (0755) and nobody else may write in; the data directory stays 0700."""
+    path = server.data_dir.parent / (server.data_dir.name + "-sock") / "sendmail.sock"
     assert path.exists(), f"{path} missing"
-    assert stat.S_ISSOCK(os.stat(path).st_mode), f"{path} is not a socket"
+    st = os.lstat(path)
+    assert stat.S_ISSOCK(st.st_mode), f"{path} is not a socket"
+    assert stat.S_IMODE(st.st_mode) == 0o666, oct(st.st_mode)
+    d = os.lstat(path.parent)
+    assert stat.S_ISDIR(d.st_mode) and stat.S_IMODE(d.st_mode) == 0o755 and d.st_uid == os.geteuid(), oct(d.st_mode)
+    assert stat.S_IMODE(os.stat(server.data_dir).st_mode) == 0o700
+    assert not (server.data_dir / "sendmail.sock").exists()
+    assert server.stop() == 0
+    assert not path.exists(), "the socket outlives the server"
 
 
 def test_sendmail_delivers_and_completes_headers(sam):
     """F6, A4: `sendmail RCPT` delivers a bare message (LF line endings, no From, Date or
-    Message-ID); the envelope sender is root@<hostname>; Message-ID and Date are added."""
+    Message-ID); the envelope sender is root@<first local domain>, so a bounce comes back here
+    (not root@<hostname>, which is no mail domain); Message-ID and Date are added."""
     r = sendmail(sam, ADDR, message=f"To: {ADDR}\nSubject: plain sendmail\n\nHello from cron.\n")
     ok(r)
     raw = only_message(sam, NAME, PW, "plain sendmail")
-    assert return_path(raw) in ROOT_SENDERS, raw[:300]
+    assert return_path(raw) == f"root@{DOMAIN}", raw[:300]
     m = parse(raw)
     assert m["Message-ID"] and "@" in m["Message-ID"], raw[:600]
     assert m["Date"] and m["Date"].datetime is not None, raw[:600]
-    assert m["From"] and "root@" in str(m["From"]).lower(), raw[:600]
+    assert m["From"] and f"root@{DOMAIN}" in str(m["From"]).lower(), raw[:600]
     assert m.get_content().strip() == "Hello from cron."
 
 
@@ -187,6 +206,151 @@ def test_sendmail_server_down_exit_75(sam, how):
     assert [subject_of(m) for m in fetch_all(sam, NAME, PW)] == ["back up"]
 
 
+def test_sendmail_partly_refused_exits_0_and_names_the_refused(sam):
+    """F6: one recipient refused, one accepted -> the message went out: exit 0 (a script that
+    retried would send the accepted ones a duplicate), the refused address named on stderr."""
+    r = sendmail(sam, "nosuchuser@example.test", ADDR, message="Subject: partly\n\nx\n")
+    ok(r)
+    assert b"nosuchuser@example.test" in r.stderr.lower(), r.stderr
+    only_message(sam, NAME, PW, "partly")
+
+
+def test_sendmail_bare_name_is_a_local_user(sam):
+    """F6: `sendmail carol` (no domain) reaches carol@<first local domain>, as postmaster
+    does; -t reads a bare name in To too."""
+    sam.add_user(*CAROL)
+    ok(sendmail(sam, "carol", message="Subject: bare name\n\nx\n"))
+    only_message(sam, CAROL[0], CAROL[2], "bare name")
+    ok(sendmail(sam, "-t", message="To: Carol <carol>\nSubject: bare in To\n\nx\n"))
+    only_message(sam, CAROL[0], CAROL[2], "bare in To")
+
+
+# ------------------------------------------------------------------------------------------
+# sendmail as another local user (A4): the socket is where every local user reaches it
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def public_dir():
+    """A world-enterable directory outside pytest's 0700 tmp tree, for the socket and a
+    world-readable copy of the configuration."""
+    d = Path(tempfile.mkdtemp(prefix="prsock-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def shared(make_server, public_dir):
+    """A server whose socket is in public_dir/s (created by `serve`), Sam enrolled."""
+    srv = make_server(smtp={"local_socket": str(public_dir / "s" / "sendmail.sock")})
+    srv.add_user(*SAM)
+    cfg = public_dir / "postroom.toml"
+    cfg.write_text(srv.config_path.read_text())
+    cfg.chmod(0o644)
+    srv.public_config = cfg
+    return srv
+
+
+def sendmail_as_nobody(srv, *args: str, message: str, timeout: float = 60.0):
+    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+           str(BIN), "--config", str(srv.public_config), "sendmail", *args]
+    probe = subprocess.run(cmd[:4] + [str(BIN), "--version"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"nobody cannot run {BIN}: {probe.stderr.decode(errors='replace')}")
+    return subprocess.run(cmd, input=message.encode(), capture_output=True, timeout=timeout,
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+
+
+@needs_root
+def test_sendmail_works_for_every_local_user(shared):
+    """F6, A4: a local user other than the server's (nobody) submits through the socket: exit 0,
+    delivered, identified by the kernel as that user (Received), envelope sender
+    nobody@<first local domain>."""
+    r = sendmail_as_nobody(shared, ADDR, message="Subject: from nobody\n\ncron of another user\n")
+    ok(r)
+    raw = only_message(shared, NAME, PW, "from nobody")
+    assert return_path(raw) == f"nobody@{DOMAIN}", raw[:300]
+    head = raw.split(b"\r\n\r\n", 1)[0].decode(errors="replace")
+    assert "(authenticated sender: nobody)" in head, head
+
+
+@needs_root
+def test_other_local_user_cannot_send_as_someone_else(shared):
+    """A4: the socket lets nobody in, but not as Sam or root: refused (77, not permitted),
+    nothing delivered."""
+    for sender in (ADDR, f"root@{DOMAIN}"):
+        r = sendmail_as_nobody(shared, "-f", sender, ADDR, message="Subject: forged\n\nx\n")
+        assert r.returncode == EX_NOPERM, (sender, r.returncode, r.stderr)
+        assert b"5.7" in r.stderr, r.stderr
+    ok(sendmail_as_nobody(shared, "-f", f"nobody@{HOSTNAME}", ADDR, message="Subject: own\n\nx\n"))
+    msgs = wait_for_subjects(shared, NAME, PW, ["own"])
+    assert [subject_of(m) for m in msgs] == ["own"]
+
+
+@needs_root
+def test_socket_directory_closed_exits_77(shared, public_dir):
+    """F6: the administrator closes the socket's directory (0700): a user who may not enter it
+    gets exit 77 (EX_NOPERM) naming the socket, not 75 "not running"; root still can."""
+    sock_dir = public_dir / "s"
+    sock_dir.chmod(0o700)
+    r = sendmail_as_nobody(shared, ADDR, message="Subject: shut out\n\nx\n")
+    assert r.returncode == EX_NOPERM, (r.returncode, r.stderr)
+    err = r.stderr.decode(errors="replace")
+    assert str(sock_dir / "sendmail.sock") in err and "permission" in err.lower(), err
+    ok(sendmail(shared, ADDR, message="Subject: root still\n\nx\n"))
+    msgs = wait_for_subjects(shared, NAME, PW, ["root still"])
+    assert [subject_of(m) for m in msgs] == ["root still"]
+
+
+@needs_root
+def test_unreadable_configuration_exits_77(shared):
+    """F6: sendmail finds the socket in the configuration; a user who may not read that file
+    gets 77 (EX_NOPERM) naming it, not 75 "try again later"."""
+    shared.public_config.chmod(0o600)
+    r = sendmail_as_nobody(shared, ADDR, message="Subject: no config\n\nx\n")
+    assert r.returncode == EX_NOPERM, (r.returncode, r.stderr)
+    assert str(shared.public_config).encode() in r.stderr, r.stderr
+
+
+@needs_root
+@pytest.mark.parametrize("plant", ["symlink", "foreign-owner", "group-writable", "regular-file", "live-socket"])
+def test_planted_socket_directory_is_refused(make_server, public_dir, plant):
+    """F6, A4: `serve` never follows or trusts what another user could have put at the socket's
+    place: a directory that is a link, owned by another user or writable by group, or a file
+    that is not a socket, is refused with a message naming it; nothing is changed there. A
+    socket another server still answers on is not taken over."""
+    sock_dir = public_dir / "s"
+    sock = sock_dir / "sendmail.sock"
+    victim = public_dir / "victim"
+    victim.mkdir(mode=0o700)
+    if plant == "symlink":
+        sock_dir.symlink_to(victim)
+    else:
+        sock_dir.mkdir(mode=0o755)
+    if plant == "foreign-owner":
+        os.chown(sock_dir, NOBODY, NOBODY)
+    if plant == "group-writable":
+        sock_dir.chmod(0o775)
+    if plant == "regular-file":
+        sock.write_text("keep me")
+    first = None
+    if plant == "live-socket":
+        first = make_server(smtp={"local_socket": str(sock)})
+        first.add_user(*SAM)
+    srv = make_server(start=False, smtp={"local_socket": str(sock)})
+    with pytest.raises(AssertionError) as failed:
+        srv.start()
+    msg = str(failed.value)
+    assert "smtp.local_socket" in msg and str(sock_dir) in msg, msg[-2000:]
+    assert list(victim.iterdir()) == [], "wrote through the link"
+    if plant == "regular-file":
+        assert sock.read_text() == "keep me"
+    if first is not None:
+        assert stat.S_ISSOCK(os.lstat(sock).st_mode)
+        ok(sendmail(first, ADDR, message="Subject: still mine\n\nx\n"))
+        only_message(first, NAME, PW, "still mine")
+
+
 # ------------------------------------------------------------------------------------------
 # send: MIME building
 # ------------------------------------------------------------------------------------------
@@ -260,3 +424,57 @@ def test_send_unknown_recipient_fails(sam):
                 "--subject", "to ghost", input="x\n")
     assert r.returncode != 0, (r.stdout, r.stderr)
     assert "ghost" in r.stderr.lower(), r.stderr
+
+
+def test_send_message_id_names_the_configured_hostname(sam):
+    """F6: `send` makes its Message-ID from the configured `hostname`, not the system's name."""
+    r = sam.cli("send", "--from", ADDR, "--to", ADDR, "--subject", "msgid", input="x\n")
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    mid = parse(only_message(sam, NAME, PW, "msgid"))["Message-ID"]
+    assert mid and mid.strip().endswith(f"@{HOSTNAME}>"), mid
+
+
+# ------------------------------------------------------------------------------------------
+# The send scheduler's ETRN is an outbound connection like any other (C6, C7, C8)
+# ------------------------------------------------------------------------------------------
+
+def test_upstream_etrn_comes_from_bind_address(make_server):
+    """C7, C8: the scheduler's ETRN to `etrn_upstream` comes from `[delivery] bind_address`."""
+    from smtppeer import ExtPeer
+    upstream = ExtPeer("127.0.0.66", 0, name="upstream.example", etrn=True).start()
+    try:
+        make_server(delivery={"send_interval_secs": 1, "bind_address": "127.0.0.67",
+                              "etrn_upstream": f"127.0.0.66:{upstream.port}",
+                              "etrn_upstream_domains": [DOMAIN]})
+        (e, *_) = upstream.wait_etrn(1, timeout=20)
+        assert e.client_ip == "127.0.0.67", e
+    finally:
+        upstream.stop()
+
+
+def test_upstream_etrn_counts_against_max_connections(make_server):
+    """C6, C7: with `max_connections = 1` a delivery that holds the only connection keeps the
+    scheduler's ETRN waiting: never two outbound connections at once."""
+    from smtppeer import ExtPeer, Peer
+    router = Peer("127.0.0.68", 0, name="router.example", data_delay=5.0).start()
+    upstream = ExtPeer("127.0.0.69", 0, name="upstream.example", etrn=True).start()
+    try:
+        srv = make_server(delivery={"send_interval_secs": 1, "max_connections": 1,
+                                    "mail_router": f"127.0.0.68:{router.port}",
+                                    "etrn_upstream": f"127.0.0.69:{upstream.port}",
+                                    "etrn_upstream_domains": [DOMAIN]})
+        upstream.wait_etrn(1, timeout=20)
+        ok(sendmail(srv, JANE, message="Subject: slow\n\nx\n"))
+        (tx,) = router.wait_delivered(JANE, timeout=30)
+        time.sleep(2.5)   # two or three more scheduler runs
+        with router.lock:
+            # From the connect to the reply after the dot (5 s) the delivery surely holds its slot.
+            held = (router.connections[tx.connection].opened, tx.replied_at)
+        with upstream.lock:
+            etrn_opened = [c.opened for c in upstream.connections]
+        overlap = [t for t in etrn_opened if held[0] < t < held[1]]
+        assert overlap == [], f"ETRN connections opened while the delivery held the only slot: {overlap}, {held}"
+        assert etrn_opened[-1] > held[1], "no ETRN after the delivery: the scheduler stopped"
+    finally:
+        router.stop()
+        upstream.stop()

@@ -76,6 +76,9 @@ fn domain_entry(text: &str) -> Result<String, String> {
 
 /// An "address mask" entry (mask optional: one host) or CIDR, IPv4 or IPv6 (R6). Matching is
 /// `(ip & mask) == (entry & mask)`, so the non-contiguous masks of old i5/OS lists work.
+/// An entry written as IPv4-mapped IPv6 (`::ffff:192.0.2.7`, `::ffff:192.0.2.0/120`) is its
+/// IPv4 entry, as a client's address is its IPv4 address (R4, `mail_proto::net::normalise_ip`):
+/// kept in the mapped form it would never match.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IpEntry {
     addr: IpAddr,
@@ -97,6 +100,12 @@ impl FromStr for IpEntry {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
         let bad = || format!("{text:?} is not an address, \"address mask\" or CIDR entry");
+        let mixed = || {
+            format!(
+                "{text:?} covers IPv4-mapped and other IPv6 addresses; clients are matched by their IPv4 address: \
+                 write the IPv4 range (and any IPv6 range) as entries of their own"
+            )
+        };
         let mut tokens = text.split_whitespace();
         let first = tokens.next().ok_or_else(bad)?;
         let second = tokens.next();
@@ -109,6 +118,12 @@ impl FromStr for IpEntry {
             }
             let addr: IpAddr = addr.parse().map_err(|_| bad())?;
             let len: u8 = len.parse().map_err(|_| bad())?;
+            // `::ffff:a.b.c.d/N` is `a.b.c.d/(N - 96)`.
+            let (addr, len) = match mapped(addr) {
+                Some(v4) if (96..=128).contains(&len) => (IpAddr::V4(v4), len - 96),
+                Some(_) => return Err(mixed()),
+                None => (addr, len),
+            };
             let mask = match addr {
                 IpAddr::V4(_) if len <= 32 => IpAddr::V4((u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)).into()),
                 IpAddr::V6(_) if len <= 128 => IpAddr::V6((u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)).into()),
@@ -117,6 +132,17 @@ impl FromStr for IpEntry {
             return Ok(IpEntry { addr, mask, cidr: Some(len) });
         }
         let addr: IpAddr = first.parse().map_err(|_| bad())?;
+        if let Some(v4) = mapped(addr) {
+            // The mask of a mapped address: IPv4, or IPv6 whose first 96 bits are all set.
+            let mask = match second.map(str::parse::<IpAddr>) {
+                None => u32::MAX.into(),
+                Some(Ok(IpAddr::V4(m))) => m,
+                Some(Ok(IpAddr::V6(m))) if u128::from(m) >> 32 == u128::MAX >> 32 => (u128::from(m) as u32).into(),
+                Some(Ok(IpAddr::V6(_))) => return Err(mixed()),
+                Some(Err(_)) => return Err(bad()),
+            };
+            return Ok(IpEntry { addr: IpAddr::V4(v4), mask: IpAddr::V4(mask), cidr: None });
+        }
         let mask = match (addr, second) {
             (IpAddr::V4(_), None) => IpAddr::V4(u32::MAX.into()),
             (IpAddr::V6(_), None) => IpAddr::V6(u128::MAX.into()),
@@ -124,6 +150,14 @@ impl FromStr for IpEntry {
             (IpAddr::V6(_), Some(m)) => IpAddr::V6(m.parse().map_err(|_| bad())?),
         };
         Ok(IpEntry { addr, mask, cidr: None })
+    }
+}
+
+/// The IPv4 address an IPv4-mapped IPv6 address stands for.
+fn mapped(addr: IpAddr) -> Option<std::net::Ipv4Addr> {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        IpAddr::V4(_) => None,
     }
 }
 
@@ -308,8 +342,11 @@ pub fn add(conn: &Connection, kind: ListKind, text: &str) -> Result<(String, boo
 }
 
 pub fn remove(conn: &Connection, kind: ListKind, text: &str) -> Result<String> {
-    let entry = kind.canonical(text).unwrap_or_else(|_| text.trim().to_string());
-    let n = conn.execute("DELETE FROM access_lists WHERE kind = ?1 AND entry = ?2", params![kind.as_str(), entry])?;
+    let written = text.trim().to_string();
+    let entry = kind.canonical(text).unwrap_or_else(|_| written.clone());
+    // Also the text as written: an entry stored before canonical forms changed (a mapped
+    // IPv6 entry kept as such) is removed by the words it was added with.
+    let n = conn.execute("DELETE FROM access_lists WHERE kind = ?1 AND entry IN (?2, ?3)", params![kind.as_str(), entry, written])?;
     if n == 0 {
         return Err(crate::DirectoryError::NoSuchListEntry(kind.as_str().into(), entry));
     }
@@ -325,31 +362,57 @@ pub fn show(conn: &Connection, kind: ListKind) -> Result<Vec<(String, i64)>> {
 
 /// Read an i5/OS V4R ACCEPTRLY or REJECTCNN member: one "address [mask]" a line, with or
 /// without the 12-character sequence/date prefix a source-member dump carries. Returns the
-/// entries read and, for each line that could not be read, its number and text.
+/// entries read and, for each line that could not be read, its number and text. A line is
+/// read only when, past that prefix, it is one whole entry: the seeds' own example
+/// `7 .8.9.3 255.255.255.255` (a blank inside the address) is unreadable, not the entry
+/// 255.255.255.255.
 pub fn parse_legacy(text: &str) -> (Vec<String>, Vec<(usize, String)>) {
     let mut entries = Vec::new();
     let mut bad = Vec::new();
     for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim_end();
-        if line.trim().is_empty() {
+        let line = raw.trim();
+        if line.is_empty() {
             continue;
         }
-        let mut candidates = vec![line.to_string()];
-        if let Some(rest) = line.get(12..) {
-            candidates.push(rest.to_string());
-        }
-        // "0001.00 000000 1.2.3.4 255.255.0.0": leading sequence and date tokens.
-        let tokens: Vec<&str> = line.split_whitespace().collect();
-        let skip = tokens.iter().take_while(|t| t.bytes().all(|b| b.is_ascii_digit() || b == b'.') && t.parse::<IpAddr>().is_err()).count();
-        if skip > 0 {
-            candidates.push(tokens[skip..].join(" "));
-        }
-        match candidates.iter().find_map(|c| IpEntry::from_str(c).ok()) {
+        match legacy_entry(line) {
             Some(e) => entries.push(e.to_string()),
             None => bad.push((i + 1, raw.to_string())),
         }
     }
     (entries, bad)
+}
+
+/// One record of a member: the entry alone, or after the sequence number and change date
+/// (12 characters, "000100000000" or as SEU shows them "0001.00 0000", followed directly by the
+/// entry or by a blank), or after them as blank-separated tokens ("0001.00 000000 1.2.3.4").
+fn legacy_entry(line: &str) -> Option<IpEntry> {
+    if let Ok(e) = IpEntry::from_str(line) {
+        return Some(e);
+    }
+    if let Some((prefix, rest)) = line.split_at_checked(12)
+        && is_sequence_and_date(prefix)
+        && let Ok(e) = IpEntry::from_str(rest)
+    {
+        return Some(e);
+    }
+    let tokens: Vec<&str> = line.split_whitespace().collect();
+    let skip = tokens.iter().take(2).take_while(|t| is_sequence_or_date(t)).count();
+    (skip > 0).then(|| IpEntry::from_str(&tokens[skip..].join(" ")).ok()).flatten()
+}
+
+/// "000100000000", or "0001.00 0000" (sequence number with its decimals, a blank, the date).
+fn is_sequence_and_date(p: &str) -> bool {
+    let p = p.as_bytes();
+    let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
+    digits(p) || (p.len() == 12 && digits(&p[..4]) && p[4] == b'.' && digits(&p[5..7]) && p[7] == b' ' && digits(&p[8..]))
+}
+
+/// A sequence number ("000100", "0001.00") or a change date ("000000") as a token of its own,
+/// or both run together ("000100000000").
+fn is_sequence_or_date(t: &str) -> bool {
+    let t = t.as_bytes();
+    let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
+    ((t.len() == 6 || t.len() == 12) && digits(t)) || (t.len() == 7 && digits(&t[..4]) && t[4] == b'.' && digits(&t[5..]))
 }
 
 #[cfg(test)]
@@ -413,6 +476,64 @@ mod tests {
         let (entries, bad) = parse_legacy(member);
         assert_eq!(entries, ["1.2.3.4 255.255.0.0", "7.8.9.3", "10.0.0.0 255.0.0.0", "192.168.1.0 255.255.255.0"]);
         assert_eq!(bad, [(5, "7 .8.9.3".to_string()), (7, "garbage".to_string())]);
+    }
+
+    #[test]
+    fn legacy_lines_must_be_whole_entries() {
+        // The seeds' example, a blank inside the address: not the entry 255.255.255.255.
+        let member = "7 .8.9.3 255.255.255.255\n10.0.0.1 10 10.0.0.2\n7 255.255.255.255\nx 1.2.3.4\n0007.00 0000127.0.0.83\n\
+                      00010000000010.0.0.1\n0001.00 000000 10.0.0.3\n000100 000000 10.0.0.4 255.255.0.0\n\t10.0.0.5   \r\n\
+                      0001\u{e9}00 0001.2.3.4\n";
+        let (entries, bad) = parse_legacy(member);
+        assert_eq!(entries, ["127.0.0.83", "10.0.0.1", "10.0.0.3", "10.0.0.4 255.255.0.0", "10.0.0.5"]);
+        assert_eq!(bad.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [1, 2, 3, 4, 10]);
+        assert_eq!(bad[0].1, "7 .8.9.3 255.255.255.255");
+    }
+
+    #[test]
+    fn ipv4_mapped_entries_are_ipv4() {
+        for (written, stored) in [
+            ("::ffff:127.0.0.95", "127.0.0.95"),
+            ("::FFFF:7f00:5f", "127.0.0.95"),
+            ("::ffff:127.0.0.0/104", "127.0.0.0/8"),
+            ("::ffff:10.1.0.0/112", "10.1.0.0/16"),
+            ("::ffff:0.0.0.0/96", "0.0.0.0/0"),
+            ("::ffff:10.0.5.0 255.0.255.0", "10.0.5.0 255.0.255.0"),
+            ("::ffff:10.0.5.0 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff00", "10.0.5.0 255.255.255.0"),
+        ] {
+            let e: IpEntry = written.parse().unwrap_or_else(|e| panic!("{written}: {e}"));
+            assert_eq!(e.to_string(), stored, "{written}");
+            assert_eq!(ListKind::Relay.canonical(written).unwrap(), stored);
+        }
+        let e: IpEntry = "::ffff:127.0.0.95".parse().unwrap();
+        assert!(e.matches(ip("127.0.0.95")) && !e.matches(ip("127.0.0.96")));
+        let e: IpEntry = "::ffff:127.0.0.0/104".parse().unwrap();
+        assert!(e.matches(ip("127.200.0.1")) && !e.matches(ip("128.0.0.1")));
+        // A range reaching beyond the mapped block mixes IPv4 and IPv6: refused, not kept unmatched.
+        for mixed in ["::ffff:127.0.0.1/95", "::ffff:1.2.3.4 ffff::", "::ffff:1.2.3.4 ::", "::ffff:1.2.3.4 ::ffff:255.255.255.255"] {
+            assert!(mixed.parse::<IpEntry>().is_err(), "{mixed}");
+        }
+        // Plain IPv6 stays IPv6.
+        assert_eq!("2001:db8::/32".parse::<IpEntry>().unwrap().to_string(), "2001:db8::/32");
+        assert_eq!("::1".parse::<IpEntry>().unwrap().to_string(), "::1");
+    }
+
+    #[test]
+    fn a_mapped_entry_stored_before_is_removed_by_either_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), store::StoreOptions::default()).unwrap();
+        store
+            .write_blocking(store::Durability::Full, |c| {
+                c.execute("INSERT INTO access_lists (kind, entry, added_at) VALUES ('relay', '::ffff:127.0.0.95', 0)", [])?;
+                let lists = AccessLists::load(c).map_err(crate::resolve::into_store)?;
+                assert!(lists.relay_match(ip("127.0.0.95")).is_some());
+                assert_eq!(remove(c, ListKind::Relay, "::ffff:127.0.0.95").map_err(crate::resolve::into_store)?, "127.0.0.95");
+                assert!(show(c, ListKind::Relay).map_err(crate::resolve::into_store)?.is_empty());
+                assert_eq!(add(c, ListKind::Relay, "::ffff:127.0.0.95").map_err(crate::resolve::into_store)?, ("127.0.0.95".to_string(), true));
+                assert!(!add(c, ListKind::Relay, "127.0.0.95").map_err(crate::resolve::into_store)?.1);
+                Ok(())
+            })
+            .unwrap();
     }
 }
 

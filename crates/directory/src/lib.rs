@@ -39,6 +39,20 @@ pub enum DirectoryError {
     DomainInUse(String, String),
     #[error("no such alias: {0}")]
     NoSuchAlias(String),
+    #[error("address {0} is an alias (see `postroom alias list`)")]
+    AddressIsAlias(String),
+    #[error("{0} is the catch-all form, not a mailbox: a catch-all is an alias (`postroom alias add '*@DOMAIN' TARGET`)")]
+    CatchAllAddress(String),
+    #[error("bad alias {0}: only `*@domain`, a `*` as the whole local part, is a catch-all")]
+    BadCatchAll(String),
+    #[error("user {0} has no address {1}")]
+    NotUsersAddress(String, String),
+    #[error("{1} is the last address of user {0}: a user keeps at least one (to remove the user: `postroom user remove {0}`)")]
+    LastAddress(String, String),
+    #[error("user {0} is removed")]
+    UserRemoved(String),
+    #[error("{0} is still used by {1}: remove those references first, or give --force to remove them too")]
+    Referenced(String, String),
     #[error("no such domain: {0}")]
     NoSuchDomain(String),
     #[error("bad list entry: {0}")]

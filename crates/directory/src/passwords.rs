@@ -203,6 +203,12 @@ impl PasswordPool {
         PasswordPool { queue: Arc::new(Handle(shared)), client: None, dummy_hash: Arc::new(dummy), cache: Arc::default(), cache_key: Arc::new(key) }
     }
 
+    /// Verifications waiting for a thread now, and how many the queue holds (`/metrics`).
+    pub fn queued(&self) -> (usize, usize) {
+        let queue = &self.queue.0;
+        (queue.state.lock().expect("argon2 queue").waiting, queue.capacity)
+    }
+
     /// This pool, with verifications counted against `client`'s share (A5): the key the
     /// penalty box counts the login against.
     pub fn for_client(&self, client: Offender) -> Self {

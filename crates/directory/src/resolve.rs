@@ -91,24 +91,59 @@ impl LocalDomains {
     }
 }
 
+/// F7: a user's address first, then an alias, then the domain's catch-all (`*@domain`).
 fn lookup(conn: &Connection, key: &str) -> Result<Resolution> {
     let row = user_row(conn, key)?;
     if let Some((user_id, user, forward, keep_copy, full)) = row {
         let forward = forward.filter(|f| !f.is_empty()).map(|to| Forward { to, keep_copy });
         return Ok(Resolution::Local { user_id, user, forward, full });
     }
-    let targets = alias_targets(conn, key)?;
-    if targets.is_empty() {
+    // `*@domain` names the catch-all; it is not a mailbox anyone can write to.
+    if is_catch_all(key) {
         return Ok(Resolution::Unknown);
     }
     let mut seen = vec![key.to_string()];
+    let mut targets = alias_targets(conn, key)?;
+    if targets.is_empty() {
+        let Some(catch_all) = catch_all_key(key) else { return Ok(Resolution::Unknown) };
+        targets = alias_targets(conn, &catch_all)?;
+        if targets.is_empty() {
+            return Ok(Resolution::Unknown);
+        }
+        seen.push(catch_all);
+    }
     let full = leads_only_to_full_mailboxes(conn, &targets, 0, &mut seen)?.unwrap_or(false);
     Ok(Resolution::Alias { targets, full })
+}
+
+/// Is this (lowercased) address the catch-all form `*@domain`?
+pub fn is_catch_all(key: &str) -> bool {
+    key.rsplit_once('@').is_some_and(|(local, _)| local == "*")
+}
+
+/// The key of the catch-all of this address's domain (F7).
+pub fn catch_all_key(key: &str) -> Option<String> {
+    let (_, domain) = key.rsplit_once('@')?;
+    let domain = normalise_domain(domain);
+    (!domain.is_empty()).then(|| format!("*@{domain}"))
 }
 
 fn alias_targets(conn: &Connection, key: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached("SELECT target FROM aliases WHERE address = ?1 ORDER BY target")?;
     Ok(stmt.query_map([key], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
+/// An alias's targets, or else those of its domain's catch-all, as the framework expands an
+/// address that is no user's.
+fn alias_or_catch_all_targets(conn: &Connection, key: &str) -> Result<Vec<String>> {
+    let targets = alias_targets(conn, key)?;
+    if !targets.is_empty() || is_catch_all(key) {
+        return Ok(targets);
+    }
+    match catch_all_key(key) {
+        Some(c) => alias_targets(conn, &c),
+        None => Ok(targets),
+    }
 }
 
 /// Some(true) when every mailbox these alias targets lead to (through nested aliases, at most
@@ -128,7 +163,7 @@ fn leads_only_to_full_mailboxes(conn: &Connection, targets: &[String], depth: us
         let full = match user_row(conn, &key)? {
             Some((_, _, forward, _, full)) => forward.is_none_or(|f| f.is_empty()) && full,
             None => {
-                let nested = alias_targets(conn, &key)?;
+                let nested = alias_or_catch_all_targets(conn, &key)?;
                 if nested.is_empty() {
                     // Remote, or unknown (fails later): not a full mailbox.
                     false

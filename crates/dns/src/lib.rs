@@ -1,4 +1,4 @@
-//! DNS for Postroom: blackhole-list queries (SPEC R4), HELO checks (R10), and later MX lookups
+//! DNS for Postroom: blackhole-list queries (SPEC R4), HELO checks (R10) and MX lookups
 //! for the SMTP client (C1). Every query goes to the servers of `[dns] servers` (the system's
 //! resolvers only when that list is empty), with a short deadline: a dead DNS server costs a
 //! session at most that long and never stops the office's mail.

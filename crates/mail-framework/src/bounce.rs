@@ -36,6 +36,9 @@ pub struct ReportEntry {
     pub status: String,
     /// What happened, e.g. the remote server's reply.
     pub diagnostic: String,
+    /// The host whose reply this was, reported as `Remote-MTA: dns; HOST` (RFC 3464 §2.3.5);
+    /// `None` when no remote host was involved.
+    pub remote_mta: Option<String>,
 }
 
 /// The part of the original message a report returns (RFC 3461 RET).
@@ -143,6 +146,9 @@ pub fn report(
         line(&format!("Final-Recipient: rfc822; {}", e.recipient));
         line(&format!("Action: {}", e.action.as_str()));
         line(&format!("Status: {}", e.status));
+        if let Some(host) = e.remote_mta.as_deref().filter(|h| !h.is_empty()) {
+            line(&format!("Remote-MTA: dns; {}", one_line(host)));
+        }
         line(&format!("Diagnostic-Code: smtp; {}", one_line(&e.diagnostic)));
     }
     line("");
@@ -187,7 +193,14 @@ mod tests {
     }
 
     fn failure(rcpt: &str, status: &str, diagnostic: &str) -> ReportEntry {
-        ReportEntry { recipient: rcpt.into(), orcpt: None, action: Action::Failed, status: status.into(), diagnostic: diagnostic.into() }
+        ReportEntry {
+            recipient: rcpt.into(),
+            orcpt: None,
+            action: Action::Failed,
+            status: status.into(),
+            diagnostic: diagnostic.into(),
+            remote_mta: None,
+        }
     }
 
     #[test]
@@ -195,6 +208,7 @@ mod tests {
         let headers = b"From: sam@example.test\r\nSubject: hi\r\n";
         let mut second = failure("y@remote.example", "5.4.7", "retries exhausted");
         second.orcpt = Some("rfc822;Y@Remote.Example".into());
+        second.remote_mta = Some("mx1.remote.example".into());
         let entries = vec![failure("x@remote.example", "5.1.1", "550 5.1.1 no\r\nsuch"), second];
         let original = Original { qid: "Q1", sender: "sam@example.test", arrived: 0, envid: Some("job-7"), attachment: Attachment::Headers(headers) };
         let r = String::from_utf8(report("mail.example.test", "sam@example.test", Some("admin@example.test"), "R1", &original, &entries, 0)).unwrap();
@@ -205,6 +219,10 @@ mod tests {
             r.contains("Final-Recipient: rfc822; x@remote.example\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 no  such")
         );
         assert!(r.contains("Original-Recipient: rfc822;Y@Remote.Example\r\nFinal-Recipient: rfc822; y@remote.example"));
+        // RFC 3464 §2.3.5: the host that answered, between Status and Diagnostic-Code; none where
+        // no remote host was involved.
+        assert!(r.contains("Status: 5.4.7\r\nRemote-MTA: dns; mx1.remote.example\r\nDiagnostic-Code: smtp; retries exhausted\r\n"));
+        assert_eq!(r.matches("Remote-MTA:").count(), 1);
         assert!(r.contains("Content-Type: text/rfc822-headers\r\n\r\nFrom: sam@example.test"));
         let bytes = r.as_bytes();
         assert!(bytes.iter().enumerate().all(|(i, &b)| b != b'\n' || (i > 0 && bytes[i - 1] == b'\r')), "CRLF only");

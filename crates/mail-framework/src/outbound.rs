@@ -15,16 +15,53 @@ use crate::reports::ReportSettings;
 
 pub use crate::message::outbound::Due;
 
-/// What one attempt did for one recipient.
+/// What one attempt did for one recipient. `remote_mta` names the host whose reply it was (the
+/// Remote-MTA of a report, RFC 3464 §2.3.5); `None` when no remote host answered (DNS trouble, no
+/// connection, a loop found here).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Accepted by the next hop; `relayed` = that hop does not offer DSN, so no report will come
     /// from further on (RFC 3461 §6.2.2: "relayed").
-    Delivered { reply: String, relayed: bool },
+    Delivered { reply: String, relayed: bool, remote_mta: Option<String> },
     /// Temporary: try again later (4xx, no answer, DNS trouble).
-    Retry(String),
+    Retry { reply: String, remote_mta: Option<String> },
     /// Permanent: report to the sender (5xx, no such domain, null MX, a loop).
-    Failed(String),
+    Failed { reply: String, remote_mta: Option<String> },
+}
+
+impl Outcome {
+    /// Temporary, and no remote host said so.
+    pub fn retry(reply: impl Into<String>) -> Self {
+        Outcome::Retry { reply: reply.into(), remote_mta: None }
+    }
+
+    /// Permanent, and no remote host said so.
+    pub fn failed(reply: impl Into<String>) -> Self {
+        Outcome::Failed { reply: reply.into(), remote_mta: None }
+    }
+
+    /// The same outcome, as `host`'s reply.
+    pub fn from_host(self, host: &str) -> Self {
+        let remote_mta = Some(host.to_string());
+        match self {
+            Outcome::Delivered { reply, relayed, .. } => Outcome::Delivered { reply, relayed, remote_mta },
+            Outcome::Retry { reply, .. } => Outcome::Retry { reply, remote_mta },
+            Outcome::Failed { reply, .. } => Outcome::Failed { reply, remote_mta },
+        }
+    }
+
+    pub fn reply(&self) -> &str {
+        match self {
+            Outcome::Delivered { reply, .. } | Outcome::Retry { reply, .. } | Outcome::Failed { reply, .. } => reply,
+        }
+    }
+
+    /// The host whose reply this was.
+    pub fn remote_mta(&self) -> Option<&str> {
+        match self {
+            Outcome::Delivered { remote_mta, .. } | Outcome::Retry { remote_mta, .. } | Outcome::Failed { remote_mta, .. } => remote_mta.as_deref(),
+        }
+    }
 }
 
 /// The retry schedule (C3): a first level, a second level, and the queue lifetime.
@@ -56,8 +93,8 @@ pub fn decide(due: &Due, outcome: &Outcome, schedule: &Schedule, now: i64) -> De
     let done = |state, reply: String, code| Decision { state, next_attempt: None, reply, code, warn_delay: false };
     match outcome {
         Outcome::Delivered { reply, .. } => done(RecipientState::Sent, reply.clone(), code::CLIENT_DELIVERED),
-        Outcome::Failed(reply) => done(RecipientState::Bounce, reply.clone(), code::CLIENT_UNDELIVERABLE),
-        Outcome::Retry(reply) => {
+        Outcome::Failed { reply, .. } => done(RecipientState::Bounce, reply.clone(), code::CLIENT_UNDELIVERABLE),
+        Outcome::Retry { reply, .. } => {
             let first = i64::from(schedule.first_count);
             let total = first + i64::from(schedule.second_count);
             // The report keeps the last error's status, so the sender sees why.
@@ -102,17 +139,25 @@ pub fn record(
     for (due, outcome) in results {
         let decision = decide(due, outcome, schedule, now);
         let attempts = due.attempts + 1;
-        let Some(hold) =
-            message::outbound::finish(conn, attempt_id, due.recipient_id, decision.state, attempts, decision.next_attempt, &decision.reply)?
-        else {
+        let finished = message::outbound::finish(
+            conn,
+            attempt_id,
+            due.recipient_id,
+            decision.state,
+            attempts,
+            decision.next_attempt,
+            &decision.reply,
+            outcome.remote_mta(),
+        )?;
+        let Some(hold) = finished else {
             continue; // deleted meanwhile: this attempt no longer speaks for it
         };
         bounced += usize::from(decision.state == RecipientState::Bounce);
         let report = match outcome {
-            Outcome::Delivered { reply, relayed: true } => {
+            Outcome::Delivered { reply, relayed: true, .. } => {
                 Some((Action::Relayed, "2.0.0".to_string(), format!("{reply} (relayed to a host that does not offer DSN)")))
             }
-            Outcome::Retry(reply) if decision.warn_delay && hold == Hold::None => {
+            Outcome::Retry { reply, .. } if decision.warn_delay && hold == Hold::None => {
                 message::outbound::mark_delay_notified(conn, due.recipient_id)?;
                 Some((Action::Delayed, crate::bounce::status_of(reply), reply.clone()))
             }
@@ -122,7 +167,14 @@ pub fn record(
             && !due.mail_from.is_empty()
             && crate::reports::wanted(due.notify.as_deref(), action)
         {
-            let entry = ReportEntry { recipient: due.address.clone(), orcpt: due.orcpt.clone(), action, status, diagnostic };
+            let entry = ReportEntry {
+                recipient: due.address.clone(),
+                orcpt: due.orcpt.clone(),
+                action,
+                status,
+                diagnostic,
+                remote_mta: outcome.remote_mta().map(str::to_string),
+            };
             to_report.entry((due.message_id, action)).or_insert_with(|| (due.clone(), Vec::new())).1.push(entry);
         }
         let detail = match decision.next_attempt {
@@ -194,6 +246,11 @@ impl EtrnDomains {
         self.0.iter().any(|e| d == *e || d.ends_with(&format!(".{e}")))
     }
 
+    /// No dial-up domains: nobody has a reason to send ETRN.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Does mail to `address` wait for ETRN?
     pub fn holds(&self, address: &str) -> bool {
         address.rsplit_once('@').is_some_and(|(_, d)| self.contains(d))
@@ -233,11 +290,12 @@ mod tests {
             ret: None,
             envid: None,
             delay_notified,
+            auth_sender: None,
         }
     }
 
     fn retry() -> Outcome {
-        Outcome::Retry("451 4.3.0 later".into())
+        Outcome::retry("451 4.3.0 later")
     }
 
     #[test]
@@ -272,9 +330,11 @@ mod tests {
     #[test]
     fn outcomes_are_final_or_scheduled() {
         let s = schedule();
-        let d = decide(&due(0, 0, false), &Outcome::Delivered { reply: "250 ok".into(), relayed: false }, &s, NOW);
+        let d = decide(&due(0, 0, false), &Outcome::Delivered { reply: "250 ok".into(), relayed: false, remote_mta: None }, &s, NOW);
         assert_eq!((d.state, d.next_attempt), (RecipientState::Sent, None));
-        let d = decide(&due(0, 0, false), &Outcome::Failed("550 5.1.1 no".into()), &s, NOW);
+        let failed = Outcome::failed("550 5.1.1 no").from_host("mx.remote.example");
+        assert_eq!((failed.reply(), failed.remote_mta()), ("550 5.1.1 no", Some("mx.remote.example")));
+        let d = decide(&due(0, 0, false), &failed, &s, NOW);
         assert_eq!((d.state, d.code), (RecipientState::Bounce, code::CLIENT_UNDELIVERABLE));
     }
 

@@ -74,6 +74,8 @@ pub struct WorkItem {
     /// RFC 3461 NOTIFY and ORCPT given for this recipient.
     pub notify: Option<String>,
     pub orcpt: Option<String>,
+    /// Failed in the SMTP client: the host whose reply failed it (RFC 3464 Remote-MTA).
+    pub remote_mta: Option<String>,
 }
 
 /// What a snap-in may read while it examines a batch.
@@ -99,12 +101,16 @@ pub trait SnapIn: Send + Sync {
     }
 }
 
+/// The snap-ins in exit-point order.
+type Chain = Arc<Vec<Box<dyn SnapIn>>>;
+
 /// The framework: the queue plus the pipeline worker.
 #[derive(Clone)]
 pub struct Framework {
     queue: Queue,
     domains: LocalDomains,
-    snapins: Arc<Vec<Box<dyn SnapIn>>>,
+    /// The chain; [`Framework::replace_snapins`] swaps it (O6: SIGHUP) for the next batch.
+    snapins: Arc<std::sync::RwLock<Chain>>,
     /// Woken when recipients are put on the outbound queue.
     outbound: Arc<tokio::sync::Notify>,
     heartbeat: crate::heartbeat::Heartbeat,
@@ -123,7 +129,7 @@ impl Framework {
         Framework {
             queue,
             domains,
-            snapins: Arc::new(snapins),
+            snapins: Arc::new(std::sync::RwLock::new(Arc::new(snapins))),
             outbound: Arc::new(tokio::sync::Notify::new()),
             heartbeat: Default::default(),
             storage: Default::default(),
@@ -132,8 +138,15 @@ impl Framework {
 
     /// Replace the snap-ins (e.g. to set the filters' parse limit).
     pub fn with_snapin_chain(mut self, snapins: Vec<Box<dyn SnapIn>>) -> Self {
-        self.snapins = Arc::new(snapins);
+        self.snapins = Arc::new(std::sync::RwLock::new(Arc::new(snapins)));
         self
+    }
+
+    /// Replace the snap-ins of the running framework and of every clone of it (O6: new settings
+    /// from a reloaded configuration): the batch in progress finishes with the old chain, the
+    /// next one uses the new chain.
+    pub fn replace_snapins(&self, snapins: Vec<Box<dyn SnapIn>>) {
+        *self.snapins.write().expect("snap-in chain") = Arc::new(snapins);
     }
 
     /// Pause while the storage guard says space is low (F5).
@@ -226,7 +239,9 @@ impl Framework {
     /// Let every snap-in examine the items, then apply their decisions in one transaction.
     async fn process(&self, items: Vec<WorkItem>) -> Result<usize> {
         let store: &Store = self.queue.store();
-        let (domains, snapins) = (self.domains.clone(), self.snapins.clone());
+        // One chain for both phases of the batch, even if it is replaced meanwhile.
+        let chain: Chain = self.snapins.read().expect("snap-in chain").clone();
+        let (domains, snapins) = (self.domains.clone(), chain.clone());
         let items = store
             .read(move |conn| {
                 let mut items = items;
@@ -237,8 +252,7 @@ impl Framework {
                 Ok(items)
             })
             .await?;
-        let snapins = self.snapins.clone();
-        Ok(store.write(Durability::Normal, move |tx| apply_batch(tx, &snapins, items)).await?)
+        Ok(store.write(Durability::Normal, move |tx| apply_batch(tx, &chain, items)).await?)
     }
 
     /// The snap-ins failed on one message's recipients: count it, back off, hold at the limit.
@@ -291,6 +305,7 @@ fn load_batch(conn: &Connection, now: i64) -> Result<Vec<WorkItem>, StoreError> 
                 expand_to: Vec::new(),
                 notify: w.notify,
                 orcpt: w.orcpt,
+                remote_mta: w.remote_mta,
             }
         })
         .collect())

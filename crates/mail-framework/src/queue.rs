@@ -23,6 +23,9 @@ pub struct Envelope {
     pub origin: Origin,
     /// Delivery status notification requests (RFC 3461), when the client made any.
     pub dsn: Dsn,
+    /// RFC 4954 §5: the submitter passed on with `AUTH=` to next hops we authenticate to — the
+    /// authenticated user's mailbox; `None` when unknown or not trusted (passed on as `AUTH=<>`).
+    pub auth_sender: Option<String>,
 }
 
 /// RFC 3461 parameters: RET and ENVID of MAIL, NOTIFY and ORCPT of each RCPT (in the order of

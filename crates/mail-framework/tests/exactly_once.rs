@@ -116,7 +116,7 @@ async fn a_claimed_recipient_is_handed_out_once() {
     assert_eq!((first.len(), second.len()), (1, 0), "a recipient in an attempt is not due again");
     // Its outcome recorded, the message is finished: a later claim finds nothing, and the
     // outcome cannot be recorded twice.
-    let results = vec![(first[0].clone(), Outcome::Delivered { reply: "250 ok".into(), relayed: false })];
+    let results = vec![(first[0].clone(), Outcome::Delivered { reply: "250 ok".into(), relayed: false, remote_mta: None })];
     let r2 = results.clone();
     let rs = ReportSettings::new("mail.example.test");
     let rs2 = rs.clone();
@@ -143,7 +143,7 @@ async fn a_recipient_deleted_or_held_during_its_attempt_gets_no_report() {
     let q = qid.clone();
     s.store.write_blocking(Durability::Full, move |c| admin::command(c, &q, admin::QueueCommand::Delete)).unwrap();
     // The next hop accepted it with a relayed report wanted; and a delay would be reported now.
-    let results = vec![(claimed[0].clone(), Outcome::Delivered { reply: "250 ok".into(), relayed: true })];
+    let results = vec![(claimed[0].clone(), Outcome::Delivered { reply: "250 ok".into(), relayed: true, remote_mta: None })];
     let rs = ReportSettings::new("mail.example.test");
     let bounced = s.store.write_blocking(Durability::Full, move |c| outbound::record(c, attempt, &results, &schedule(), &rs, now)).unwrap();
     assert_eq!(bounced, 0);
@@ -153,7 +153,7 @@ async fn a_recipient_deleted_or_held_during_its_attempt_gets_no_report() {
     let qid = forwarded(&s, &["held@remote.example"]).await;
     let (attempt, claimed) = s.store.write_blocking(Durability::Normal, move |c| rows::claim(c, now, 100, 600)).unwrap();
     s.store.write_blocking(Durability::Full, move |c| admin::command(c, &qid, admin::QueueCommand::Hold)).unwrap();
-    let results = vec![(claimed[0].clone(), Outcome::Retry("451 4.3.0 later".into()))];
+    let results = vec![(claimed[0].clone(), Outcome::retry("451 4.3.0 later"))];
     let rs = ReportSettings::new("mail.example.test");
     s.store.write_blocking(Durability::Full, move |c| outbound::record(c, attempt, &results, &schedule(), &rs, now)).unwrap();
     let pending = s.store.read_blocking(admin::pending).unwrap();

@@ -229,6 +229,28 @@ pub fn orcpt_value(stored: &str) -> Option<String> {
     is_addr_type(kind).then(|| format!("{kind};{}", xtext_encode(addr)))
 }
 
+/// RFC 4954 §5 `AUTH=` on MAIL FROM: xtext that decodes to an addr-spec, or to `<>` (the
+/// submitter is not known). `Some(None)` for `<>`, `Some(Some(mailbox))`, `None` when the value
+/// is neither.
+pub fn parse_auth_param(value: &str) -> Option<Option<Address>> {
+    let decoded = xtext_decode(value)?;
+    if decoded == "<>" {
+        return Some(None);
+    }
+    // An addr-spec: no brackets, no source route, not a bare local part.
+    let addr = Address::parse(&decoded).ok()?;
+    (!addr.domain.is_empty()).then_some(Some(addr))
+}
+
+/// The `AUTH=` value to relay for a submitter (RFC 4954 §5): the mailbox as xtext, or `<>`
+/// when the submitter is unknown or not trusted.
+pub fn auth_param_value(submitter: Option<&str>) -> String {
+    match submitter.filter(|s| !s.is_empty()) {
+        Some(mailbox) => xtext_encode(mailbox),
+        None => "<>".into(),
+    }
+}
+
 /// RFC 3461 NOTIFY: `NEVER`, or a list of SUCCESS, FAILURE, DELAY (uppercased, checked).
 pub fn parse_notify(value: &str) -> Option<String> {
     let items: Vec<String> = value.split(',').map(|v| v.trim().to_ascii_uppercase()).collect();
@@ -267,6 +289,21 @@ mod dsn_tests {
         assert_eq!(xtext_encode("bob+x=y@example.test"), "bob+2Bx+3Dy@example.test");
         assert_eq!(xtext_decode("bad+Z1"), None);
         assert_eq!(xtext_decode("a=b"), None);
+    }
+
+    #[test]
+    fn auth_parameter() {
+        assert_eq!(parse_auth_param("<>"), Some(None));
+        assert_eq!(parse_auth_param("sam@example.test").unwrap().unwrap().key(), "sam@example.test");
+        assert_eq!(parse_auth_param("e+3Dmc2@example.test").unwrap().unwrap().local, "e=mc2");
+        for bad in ["", "sam", "<sam@example.test>", "sam@", "a+ZZ@b.test", "a b@c.test", "@relay:sam@example.test"] {
+            assert_eq!(parse_auth_param(bad), None, "{bad:?}");
+        }
+        assert_eq!(auth_param_value(Some("e=mc2@example.test")), "e+3Dmc2@example.test");
+        assert_eq!(auth_param_value(None), "<>");
+        assert_eq!(auth_param_value(Some("")), "<>");
+        let Command::Mail { params, .. } = parse(b"MAIL FROM:<sam@example.test> AUTH=<>").unwrap() else { panic!() };
+        assert_eq!(params, vec![Param { keyword: "AUTH".into(), value: Some("<>".into()) }]);
     }
 
     #[test]

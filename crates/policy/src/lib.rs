@@ -120,6 +120,13 @@ pub enum Rule {
         logged_only: bool,
     },
     HeloLookupFailed(String),
+    /// R10: the HELO name is an address literal, and it is the client's address.
+    HeloLiteralMatches,
+    /// R10: an address literal that is not the client's address (or not an address at all).
+    HeloLiteralMismatch {
+        name: String,
+        logged_only: bool,
+    },
     LocalRecipient,
     Postmaster,
     UnknownLocalUser,
@@ -179,6 +186,11 @@ impl fmt::Display for Rule {
             Rule::HeloMismatch { name, logged_only: true } => write!(f, "HELO name {name} does not resolve to the client address, logged only (R10)"),
             Rule::HeloMismatch { name, logged_only: false } => write!(f, "HELO name {name} does not resolve to the client address (R10)"),
             Rule::HeloLookupFailed(e) => write!(f, "HELO name could not be checked ({e}), accepted (R10)"),
+            Rule::HeloLiteralMatches => write!(f, "HELO address literal is the client address (R10)"),
+            Rule::HeloLiteralMismatch { name, logged_only: true } => {
+                write!(f, "HELO address literal {name} is not the client address, logged only (R10)")
+            }
+            Rule::HeloLiteralMismatch { name, logged_only: false } => write!(f, "HELO address literal {name} is not the client address (R10)"),
             Rule::LocalRecipient => write!(f, "local recipient (R2)"),
             Rule::Postmaster => write!(f, "postmaster is always accepted (RFC 5321 4.5.1)"),
             Rule::UnknownLocalUser => write!(f, "no such user in a local domain (D2)"),
@@ -273,7 +285,10 @@ impl Decision {
 
     /// The refusal reply for HELO/EHLO.
     pub fn helo_reply(&self) -> Option<Reply> {
-        (!self.allow).then(|| Reply::new(550, (7, 1), "Helo command rejected: host name does not match your address"))
+        (!self.allow).then(|| match self.rule {
+            Rule::HeloLiteralMismatch { .. } => Reply::new(550, (7, 1), "Helo command rejected: address literal is not your address"),
+            _ => Reply::new(550, (7, 1), "Helo command rejected: host name does not match your address"),
+        })
     }
 
     /// The refusal reply for a recipient.
@@ -319,6 +334,35 @@ pub fn plaintext_auth(loopback_allowed: bool, ip: IpAddr) -> Decision {
         Decision::allow(Rule::PlaintextAuthFromLoopback)
     } else {
         Decision::refuse(Rule::TlsRequiredForAuth)
+    }
+}
+
+/// A HELO/EHLO name that is an address literal (RFC 5321 §4.1.3: `[192.0.2.1]`,
+/// `[IPv6:2001:db8::1]`): `Some(Some(ip))`; `Some(None)` for brackets around anything else;
+/// `None` for a domain name. A literal is compared with the client's address, never looked up.
+pub fn helo_address_literal(name: &str) -> Option<Option<IpAddr>> {
+    let inner = name.strip_prefix('[')?.strip_suffix(']')?;
+    let ip = match inner.get(..5).filter(|tag| tag.eq_ignore_ascii_case("IPv6:")) {
+        Some(_) => inner[5..].parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6),
+        None => inner.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
+    };
+    Some(ip)
+}
+
+/// RFC 4954 §5: the submitter of a message from an authenticated user who owns the addresses
+/// `owned`, to pass on with `AUTH=`. `claimed` is the client's AUTH parameter (`None`: not given,
+/// `Some(None)`: `AUTH=<>`): a mailbox of the user's own is trusted, `<>` or anyone else's
+/// leaves the submitter unknown (`None`, passed on as `AUTH=<>`). Without the parameter the
+/// submission is the user's own: the reverse-path when it is theirs, else their first address.
+pub fn auth_sender(owned: &[String], claimed: Option<Option<&Address>>, from: Option<&Address>) -> Option<String> {
+    let own = |a: &Address| owned.iter().any(|o| o.eq_ignore_ascii_case(&a.key()));
+    match claimed {
+        Some(Some(mailbox)) => own(mailbox).then(|| mailbox.to_string()),
+        Some(None) => None,
+        None => match from.filter(|f| own(f)) {
+            Some(f) => Some(f.to_string()),
+            None => owned.first().cloned(),
+        },
     }
 }
 
@@ -414,6 +458,15 @@ impl RelayPolicy {
     pub fn helo(&self, c: &ClientFacts, name: &str, resolved: &dns::AddressAnswer) -> Decision {
         if self.helo_verify == HeloVerify::Off {
             return Decision::allow(Rule::HeloNotChecked);
+        }
+        // An address literal names an address, not a host: it must be the client's own.
+        if let Some(literal) = helo_address_literal(name) {
+            let matches = literal.is_some_and(|ip| mail_proto::net::normalise_ip(ip) == c.ip);
+            return match (matches, self.helo_verify) {
+                (true, _) => Decision::allow(Rule::HeloLiteralMatches),
+                (false, HeloVerify::Log) => Decision::allow(Rule::HeloLiteralMismatch { name: name.to_string(), logged_only: true }),
+                (false, _) => Decision::refuse(Rule::HeloLiteralMismatch { name: name.to_string(), logged_only: false }),
+            };
         }
         let matches = match resolved {
             dns::AddressAnswer::Found(ips) => ips.iter().any(|ip| mail_proto::net::normalise_ip(*ip) == c.ip),
@@ -744,6 +797,50 @@ mod tests {
         assert!(p.helo(&c, "client.test", &dns::AddressAnswer::Error("timeout".into())).allow, "fail open");
         let log = RelayPolicy { helo_verify: HeloVerify::Log, ..p.clone() };
         assert!(log.helo(&c, "client.test", &dns::AddressAnswer::NotFound).allow);
+    }
+
+    /// R10 (issue 14): an address literal is compared with the client's address, whatever DNS
+    /// said (the server does not ask); a foreign or malformed literal is a mismatch.
+    #[test]
+    fn helo_address_literals() {
+        let l = lists();
+        let p = policy(RelayMode::None, 0);
+        let no_lookup = dns::AddressAnswer::Error("invalid characters".into());
+        let c = client(&l, "127.0.0.70", None);
+        let d = p.helo(&c, "[127.0.0.70]", &no_lookup);
+        assert_eq!((d.allow, d.rule), (true, Rule::HeloLiteralMatches));
+        for foreign in ["[127.0.0.5]", "[IPv6:::1]", "[127.0.0.70.1]", "[client.test]", "[]"] {
+            let d = p.helo(&c, foreign, &no_lookup);
+            assert!(!d.allow, "{foreign}");
+            assert_eq!(d.rule, Rule::HeloLiteralMismatch { name: foreign.into(), logged_only: false });
+            assert!(d.helo_reply().unwrap().to_string().starts_with("550 5.7.1"));
+        }
+        let log = RelayPolicy { helo_verify: HeloVerify::Log, ..p.clone() };
+        let d = log.helo(&c, "[127.0.0.5]", &no_lookup);
+        assert!(d.allow && matches!(d.rule, Rule::HeloLiteralMismatch { logged_only: true, .. }));
+        let v6 = client(&l, "2001:db8::7", None);
+        assert!(p.helo(&v6, "[IPv6:2001:DB8::7]", &no_lookup).allow);
+        assert!(p.helo(&v6, "[ipv6:2001:db8:0::7]", &no_lookup).allow);
+        assert!(!p.helo(&v6, "[2001:db8::7]", &no_lookup).allow, "IPv6 needs its tag");
+        let mapped = client(&l, "127.0.0.70", None);
+        assert!(p.helo(&mapped, "[IPv6:::ffff:127.0.0.70]", &no_lookup).allow);
+        assert_eq!(helo_address_literal("client.test"), None);
+        assert_eq!(helo_address_literal("[192.0.2.1]"), Some(Some("192.0.2.1".parse().unwrap())));
+        assert_eq!(helo_address_literal("[x]"), Some(None));
+    }
+
+    /// RFC 4954 §5: whom an authenticated user's message is passed on as.
+    #[test]
+    fn auth_sender_is_trusted_only_for_the_users_own_mailboxes() {
+        let owned = vec!["sam@example.test".to_string(), "SamJones@example.test".to_string()];
+        let a = |s: &str| Address::parse(s).unwrap();
+        assert_eq!(auth_sender(&owned, Some(Some(&a("SAM@example.test"))), None).as_deref(), Some("SAM@example.test"));
+        assert_eq!(auth_sender(&owned, Some(Some(&a("kim@example.test"))), None), None, "someone else's: unknown");
+        assert_eq!(auth_sender(&owned, Some(None), Some(&a("sam@example.test"))), None, "AUTH=<>");
+        assert_eq!(auth_sender(&owned, None, Some(&a("samjones@example.test"))).as_deref(), Some("samjones@example.test"));
+        assert_eq!(auth_sender(&owned, None, Some(&a("other@remote.example"))).as_deref(), Some("sam@example.test"));
+        assert_eq!(auth_sender(&owned, None, None).as_deref(), Some("sam@example.test"));
+        assert_eq!(auth_sender(&[], None, None), None, "no mailbox to name");
     }
 
     /// The decisions that lived outside this module (issue 13 item 11), each with its rule.

@@ -38,7 +38,11 @@ pub struct Pop3Settings {
 /// Shared by every POP3 connection.
 #[derive(Clone)]
 pub struct Pop3Server {
+    /// The settings of this session: taken from `live` when the connection is accepted, so a
+    /// session keeps the settings it started with.
     settings: Arc<Pop3Settings>,
+    /// The current settings, replaced by [`Pop3Server::update_settings`] (O6: SIGHUP).
+    live: Arc<tokio::sync::watch::Sender<Arc<Pop3Settings>>>,
     store: Store,
     passwords: PasswordPool,
     /// Without it no STLS is offered and the implicit-TLS listener cannot run.
@@ -78,8 +82,10 @@ impl Pop3Server {
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let limits = SessionLimits::new(settings.max_sessions, settings.max_sessions_per_ip);
+        let settings = Arc::new(settings);
         Pop3Server {
-            settings: Arc::new(settings),
+            live: Arc::new(tokio::sync::watch::Sender::new(settings.clone())),
+            settings,
             store,
             passwords,
             tls,
@@ -96,6 +102,13 @@ impl Pop3Server {
         self.limits.active()
     }
 
+    /// New settings (O6: the configuration was reloaded): sessions accepted from now on use
+    /// them, the open ones keep theirs; the session pool takes the new size at once.
+    pub fn update_settings(&self, settings: Pop3Settings) {
+        self.limits.set_limits(settings.max_sessions, settings.max_sessions_per_ip);
+        self.live.send_replace(Arc::new(settings));
+    }
+
     /// Accept connections forever; `implicit_tls` for the pop3s listener (P2).
     pub async fn serve(self, listener: TcpListener, implicit_tls: bool) {
         let mut shutdown = self.shutdown.clone();
@@ -106,7 +119,8 @@ impl Pop3Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    let me = self.clone();
+                    // The settings current now, for this session's whole life.
+                    let me = Pop3Server { settings: self.live.borrow().clone(), ..self.clone() };
                     tokio::spawn(async move { me.connection(stream, peer, implicit_tls).await });
                 }
                 Err(e) => {
@@ -133,10 +147,12 @@ impl Pop3Server {
         };
         // Sessions in total and per client address, counted from the connect.
         let Some(_slot) = self.limits.take(ip) else {
+            metrics::refusal("pop3_connect", "S4");
             let refusal = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n";
             stream.refuse(handshake, refusal, self.settings.inactivity_timeout).await;
             return;
         };
+        let _session = metrics::session(if implicit_tls { "pop3s" } else { "pop3" });
         if let Some((acceptor, deadline)) = handshake {
             stream = match stream.upgrade(acceptor, deadline).await {
                 Ok(s) => s,
@@ -192,12 +208,14 @@ impl Driver<'_> {
                     }
                     Action::Login { user, password } => {
                         let outcome = self.login(&user, &password).await;
+                        metrics::pop3_login(matches!(outcome, LoginOutcome::Ok { .. }));
                         pending.extend(self.session.handle(Event::LoginDone(outcome)));
                     }
                     Action::SendMessage { id, top_lines } => {
                         self.send_message(stream, &mut out, id, top_lines).await?;
                         if top_lines.is_none() {
                             self.retrieved += 1;
+                            metrics::pop3_retr();
                         }
                     }
                     Action::Update { deleted } => {
@@ -290,13 +308,15 @@ impl Driver<'_> {
                 return LoginOutcome::TempFail;
             }
         };
-        // P5: the login record rides on a later commit; the session does not wait for it.
+        // P5: the login record rides on a later commit; the session does not wait for it. The
+        // DL row names the user as from= and to=, as the other POP rows (see `journal`).
         let (store, u, ip) = (s.store.clone(), user.clone(), self.ip.to_string());
         tokio::spawn(async move {
             let recorded = store
                 .write(Durability::Normal, move |c| {
                     login::record_login(c, u.id, &ip)?;
-                    journal::append(c, &journal::Entry { code: code::POP_LOGIN, recipient: &u.name, ip: &ip, ..Default::default() })?;
+                    let entry = journal::Entry { code: code::POP_LOGIN, originator: &u.name, recipient: &u.name, ip: &ip, ..Default::default() };
+                    journal::append(c, &entry)?;
                     Ok(())
                 })
                 .await;
@@ -364,14 +384,17 @@ impl Driver<'_> {
         }
     }
 
-    /// A journal row about `user`; no fsync of its own.
+    /// A journal row about `user`; no fsync of its own. The user is both `from=` (who acted: the
+    /// name the client logged in, or tried to log in, with) and `to=` (whose maildrop), so a
+    /// search by either field finds a user's POP rows as it finds their mail.
     async fn journal(&self, code: &'static str, user: &str, detail: &str) {
         let (ip, user, detail) = (self.ip.to_string(), user.to_string(), detail.to_string());
         let _ = self
             .server
             .store
             .write(Durability::Normal, move |c| {
-                Ok(journal::append(c, &journal::Entry { code, recipient: &user, ip: &ip, detail: &detail, ..Default::default() })?)
+                let entry = journal::Entry { code, originator: &user, recipient: &user, ip: &ip, detail: &detail, ..Default::default() };
+                Ok(journal::append(c, &entry)?)
             })
             .await;
     }

@@ -6,10 +6,12 @@ use std::io::BufRead;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use directory::LocalDomains;
-use directory::admin::{Admin, UserInfo};
+use directory::admin::{Admin, Unlinked, UserInfo};
 use store::{Store, StoreOptions};
 
 use postroom::config::{Config, ConfigError};
+
+use crate::out::{errln, out, outln};
 
 #[derive(Subcommand)]
 pub enum UserCommand {
@@ -38,7 +40,16 @@ pub enum UserCommand {
     /// Allow logins again.
     Enable { name: String },
     /// Stop receiving mail for the user now; the account goes once the mailbox is empty.
-    Remove { name: String },
+    /// Refused while aliases or other users' forwards point to the user's addresses (they
+    /// would bounce later); --force removes those references too.
+    Remove {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Add, remove or prefer one of the user's addresses (D1).
+    #[command(subcommand)]
+    Address(AddressCommand),
     /// Limit the user's mailbox to BYTES (D2): beyond it RCPT gets 452 4.2.2; "none" lifts it.
     Quota { name: String, bytes: String },
     /// Forward the user's mail to ADDRESS (D1); --keep also keeps a copy in the mailbox;
@@ -55,15 +66,41 @@ pub enum UserCommand {
 }
 
 #[derive(Subcommand)]
+pub enum AddressCommand {
+    /// Give the user another address: in a local domain, no other user's, not an alias. A
+    /// user without a preferred address gets this one as preferred.
+    Add { name: String, address: String },
+    /// Take an address from the user. The last one stays (remove the user instead); when the
+    /// preferred one goes, another becomes preferred. Refused while aliases or forwards point to
+    /// it; --force removes those references too.
+    Remove {
+        name: String,
+        address: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make one of the user's addresses the preferred one (the SMTP name).
+    Prefer { name: String, address: String },
+}
+
+#[derive(Subcommand)]
 pub enum AliasCommand {
     /// Make ALIAS (an address in a local domain) stand for the TARGET addresses (F7).
+    /// '*@DOMAIN' is the domain's catch-all: it takes mail to every address of DOMAIN that no
+    /// user and no alias has (warned against: it accepts spam to any guessed address).
     Add {
         alias: String,
         #[arg(required = true, num_args = 1..)]
         targets: Vec<String>,
     },
-    /// Remove one target of an alias, or the whole alias.
-    Remove { alias: String, target: Option<String> },
+    /// Remove one target of an alias, or the whole alias. When the alias goes while other
+    /// aliases or users' forwards point to it, refused; --force removes those references too.
+    Remove {
+        alias: String,
+        target: Option<String>,
+        #[arg(long)]
+        force: bool,
+    },
     /// List aliases and their targets.
     List,
 }
@@ -106,6 +143,25 @@ pub fn open(config: &Config) -> anyhow::Result<(Store, LocalDomains)> {
     Ok((store, LocalDomains::new(&config.domains, &config.postmaster)))
 }
 
+/// Commands that need what a server or an earlier command stored (everything but `serve` and
+/// the commands that add) refuse a data directory without a database, rather than make an empty
+/// one there and answer "queue is empty" (no --config, a mistyped --data-dir). `from` says where
+/// the directory came from, e.g. "--data-dir".
+pub fn require_database(config: &Config, from: &str) -> anyhow::Result<()> {
+    let db = config.data_dir.join(store::DB_FILE);
+    match std::fs::symlink_metadata(&db) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "no database in {dir} (from {from}; {db} does not exist): is it mistyped, or not the server's? Give the \
+             server's configuration with --config FILE (or POSTROOM_CONFIG), or its data directory with --data-dir DIR. \
+             `postroom serve`, or a command that adds (user add, domain add, list add), creates the database",
+            dir = config.data_dir.display(),
+            db = db.display(),
+        ),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot check {}", db.display()))),
+    }
+}
+
 /// Passwords never appear on a command line (INTERFACE.md): one line from standard input.
 pub fn read_password() -> anyhow::Result<String> {
     let mut line = String::new();
@@ -125,43 +181,45 @@ pub fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
             let hash = if password_stdin { Some(directory::passwords::hash_password(&read_password()?)?) } else { None };
             let has_password = hash.is_some();
             admin.add_user(&name, &addresses, hash)?;
-            println!("user {name} added with {}", addresses.join(", "));
+            outln!("user {name} added with {}", addresses.join(", "));
             if !has_password {
-                println!("no password set: {name} cannot log in until `postroom user passwd {name} --password-stdin`");
+                outln!("no password set: {name} cannot log in until `postroom user passwd {name} --password-stdin`");
             }
         }
         UserCommand::Passwd { name, .. } => {
             let hash = directory::passwords::hash_password(&read_password()?)?;
             admin.set_password(&name, hash)?;
-            println!("password of {name} changed");
+            outln!("password of {name} changed");
         }
         UserCommand::List => {
-            println!("{:<20} {:<9} {:>8} {:>12}  addresses", "user", "state", "messages", "bytes");
+            outln!("{:<20} {:<9} {:>8} {:>12}  addresses", "user", "state", "messages", "bytes");
             for u in admin.list_users()? {
-                println!("{:<20} {:<9} {:>8} {:>12}  {}", u.name, state(&u), u.messages, u.bytes, u.addresses.join(", "));
+                outln!("{:<20} {:<9} {:>8} {:>12}  {}", u.name, state(&u), u.messages, u.bytes, u.addresses.join(", "));
             }
         }
         UserCommand::Show { name } => {
             let u = admin.show_user(&name)?;
-            println!("user:      {}", u.name);
-            println!("state:     {}", state(&u));
-            println!("password:  {}", if u.has_password { "set" } else { "not set (no login)" });
-            println!("addresses: {}", u.addresses.join(", "));
-            println!("mailbox:   {} messages, {} bytes", u.messages, u.bytes);
+            outln!("user:      {}", u.name);
+            outln!("state:     {}", state(&u));
+            outln!("password:  {}", if u.has_password { "set" } else { "not set (no login)" });
+            let shown: Vec<String> =
+                u.addresses.iter().map(|a| if u.preferred.as_ref() == Some(a) { format!("{a} (preferred)") } else { a.clone() }).collect();
+            outln!("addresses: {}", shown.join(", "));
+            outln!("mailbox:   {} messages, {} bytes", u.messages, u.bytes);
             if let Some(q) = u.quota_bytes {
-                println!("quota:     {q} bytes");
+                outln!("quota:     {q} bytes");
             }
             if let Some(f) = &u.forward_to {
-                println!("forward:   {f}");
+                outln!("forward:   {f}{}", if u.keep_copy { " (keeps a copy)" } else { "" });
             }
         }
         UserCommand::Disable { name } => {
             admin.set_enabled(&name, false)?;
-            println!("user {name} disabled: logins refused, mail still delivered");
+            outln!("user {name} disabled: logins refused, mail still delivered");
         }
         UserCommand::Enable { name } => {
             admin.set_enabled(&name, true)?;
-            println!("user {name} enabled");
+            outln!("user {name} enabled");
         }
         UserCommand::Quota { name, bytes } => {
             let quota = match bytes.as_str() {
@@ -170,30 +228,67 @@ pub fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
             };
             admin.set_quota(&name, quota)?;
             match quota {
-                Some(q) => println!("user {name}: quota {q} bytes"),
-                None => println!("user {name}: no quota"),
+                Some(q) => outln!("user {name}: quota {q} bytes"),
+                None => outln!("user {name}: no quota"),
             }
         }
         UserCommand::Forward { name, address, keep, off } => {
             if off {
                 admin.set_forward(&name, None)?;
-                println!("user {name}: forwarding off");
+                outln!("user {name}: forwarding off");
             } else {
                 let to = address.expect("clap requires it without --off");
                 admin.set_forward(&name, Some((to.clone(), keep)))?;
-                println!("user {name}: mail forwarded to {to}{}", if keep { ", a copy kept in the mailbox" } else { "" });
+                outln!("user {name}: mail forwarded to {to}{}", if keep { ", a copy kept in the mailbox" } else { "" });
             }
         }
-        UserCommand::Remove { name } => {
-            if admin.remove_user(&name)? {
-                println!("user {name} removed");
+        UserCommand::Remove { name, force } => {
+            let (gone, unlinked) = admin.remove_user(&name, force)?;
+            if gone {
+                outln!("user {name} removed");
             } else {
-                println!("user {name} removed: no more mail is accepted; POP3 login stays possible until the mailbox is empty");
+                outln!("user {name} removed: no more mail is accepted; POP3 login stays possible until the mailbox is empty");
             }
+            print_unlinked(&unlinked);
+        }
+        UserCommand::Address(AddressCommand::Add { name, address }) => {
+            let key = admin.add_user_address(&name, &address)?;
+            outln!("user {name}: address {key} added");
+        }
+        UserCommand::Address(AddressCommand::Remove { name, address, force }) => {
+            let removal = admin.remove_user_address(&name, &address, force)?;
+            outln!("user {name}: address {} removed", removal.address);
+            if let Some(p) = &removal.new_preferred {
+                outln!("user {name}: {p} is the preferred address now");
+            }
+            print_unlinked(&removal.unlinked);
+        }
+        UserCommand::Address(AddressCommand::Prefer { name, address }) => {
+            let key = admin.prefer_user_address(&name, &address)?;
+            outln!("user {name}: {key} is the preferred address");
         }
     }
     Ok(())
 }
+
+/// What `--force` removed along with an address, a user or an alias.
+fn print_unlinked(u: &Unlinked) {
+    for (alias, target) in &u.alias_targets {
+        outln!("alias {alias}: target {target} removed");
+    }
+    for alias in &u.aliases_gone {
+        outln!("alias {alias} removed: it had no other target");
+    }
+    for (user, to) in &u.forwards_off {
+        outln!("user {user}: forwarding to {to} turned off; their mail stays in their own mailbox");
+    }
+}
+
+/// F7: the seeds' warning against an *ANY *ANY entry, for a catch-all.
+const CATCH_ALL_WARNING: &str = "a catch-all accepts mail to every address of its domain that no user and no alias has: \
+spam to guessed and made-up addresses (dictionary attacks) is accepted too and fills the target mailboxes and the disk, \
+and a sender who mistypes an address no longer gets a bounce. Prefer aliases for the addresses you need (the seeds \
+advise against an *ANY *ANY entry for the same reason)";
 
 fn state(u: &UserInfo) -> &'static str {
     match (u.removed, u.enabled) {
@@ -208,16 +303,22 @@ pub fn alias(cmd: AliasCommand, config: &Config) -> anyhow::Result<()> {
     let admin = Admin { store: &store, domains: &domains };
     match cmd {
         AliasCommand::Add { alias, targets } => {
-            admin.add_alias(&alias, &targets)?;
-            println!("alias {alias} -> {}", targets.join(", "));
+            let key = admin.add_alias(&alias, &targets)?;
+            let catch_all = directory::resolve::is_catch_all(&key);
+            outln!("{} {key} -> {}", if catch_all { "catch-all" } else { "alias" }, targets.join(", "));
+            if catch_all {
+                errln!("warning: {CATCH_ALL_WARNING}");
+            }
         }
-        AliasCommand::Remove { alias, target } => {
-            let n = admin.remove_alias(&alias, target.as_deref())?;
-            println!("alias {alias}: {n} target(s) removed");
+        AliasCommand::Remove { alias, target, force } => {
+            let (n, unlinked) = admin.remove_alias(&alias, target.as_deref(), force)?;
+            outln!("alias {alias}: {n} target(s) removed");
+            print_unlinked(&unlinked);
         }
         AliasCommand::List => {
             for (alias, targets) in admin.list_aliases()? {
-                println!("{alias}\t{}", targets.join(", "));
+                let note = if directory::resolve::is_catch_all(&alias) { "\t(catch-all)" } else { "" };
+                outln!("{alias}\t{}{note}", targets.join(", "));
             }
         }
     }
@@ -230,18 +331,18 @@ pub fn domain(cmd: DomainCommand, config: &Config) -> anyhow::Result<()> {
     match cmd {
         DomainCommand::Add { domain } => {
             if admin.add_domain(&domain)? {
-                println!("domain {domain} added");
+                outln!("domain {domain} added");
             } else {
-                println!("domain {domain} is already local");
+                outln!("domain {domain} is already local");
             }
         }
         DomainCommand::Remove { domain } => {
             admin.remove_domain(&domain)?;
-            println!("domain {domain} removed");
+            outln!("domain {domain} removed");
         }
         DomainCommand::List => {
             for (d, origin) in admin.list_domains()? {
-                println!("{d}\t{origin}");
+                outln!("{d}\t{origin}");
             }
         }
     }
@@ -287,7 +388,7 @@ pub fn journal(args: JournalArgs, config: &Config) -> anyhow::Result<()> {
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })?;
         for (id, line) in &rows {
-            println!("{line}");
+            outln!("{line}");
             after_id = *id;
         }
         if !args.follow {
@@ -325,19 +426,24 @@ fn parse_since(s: &str) -> Option<i64> {
     Some(store::now() - secs)
 }
 
+/// Both files of the self-signed certificate an earlier `serve` generated are there.
+fn generated_pair_present(config: &Config) -> bool {
+    [tls::GENERATED_CERT, tls::GENERATED_KEY].iter().all(|name| std::fs::symlink_metadata(config.data_dir.join(name)).is_ok())
+}
+
 pub fn config(cmd: ConfigCommand, loaded: Result<Config, ConfigError>) -> anyhow::Result<()> {
     match cmd {
         ConfigCommand::Check => {
             let config = loaded.map_err(|e| anyhow::anyhow!("{e}"))?;
             for w in config.warnings() {
-                eprintln!("warning: {w}");
+                errln!("warning: {w}");
             }
             if config.tls.cert.as_os_str().is_empty() {
                 let cert = config.data_dir.join(tls::GENERATED_CERT);
                 if cert.exists() {
-                    eprintln!("note: no [tls] cert configured: using the self-signed certificate {}", cert.display());
+                    errln!("note: no [tls] cert configured: using the self-signed certificate {}", cert.display());
                 } else {
-                    eprintln!(
+                    errln!(
                         "note: no [tls] cert configured: a self-signed certificate for {} will be generated into {} on first start",
                         config.hostname,
                         cert.display()
@@ -345,24 +451,33 @@ pub fn config(cmd: ConfigCommand, loaded: Result<Config, ConfigError>) -> anyhow
                 }
             }
             // D4: what `serve` would refuse at start: a data directory another user owns or may
-            // write in, a private key others may read.
+            // write in, a private key others may read; and a certificate and key it cannot load
+            // (missing, unreadable, not PEM, not a pair).
             let mut refused = Vec::new();
             if let Err(e) = store::check_data_dir(&config.data_dir) {
                 refused.push(format!("data_dir: {e}"));
             }
-            if !config.tls.key.as_os_str().is_empty()
-                && let Err(e) = tls::check_key_permissions(&config.tls.key)
+            let (cert, key) = (&config.tls.cert, &config.tls.key);
+            let configured = !cert.as_os_str().is_empty() || !key.as_os_str().is_empty();
+            if !key.as_os_str().is_empty()
+                && let Err(e) = tls::check_key_permissions(key)
             {
                 refused.push(format!("[tls] key: {e}"));
+            } else if configured || generated_pair_present(&config) {
+                // Files only: with both paths empty and both generated files present nothing is
+                // generated; a missing pair is made by `serve`, never here.
+                if let Err(e) = tls::ServerTls::open(cert, key, &config.data_dir) {
+                    refused.push(format!("[tls] cert/key: {e}"));
+                }
             }
             if !refused.is_empty() {
                 for r in &refused {
-                    eprintln!("error: {r}");
+                    errln!("error: {r}");
                 }
                 anyhow::bail!("`serve` would refuse to start: fix the problem(s) above");
             }
-            print!("{}", config.effective_toml());
-            eprintln!("configuration OK ({})", config.origin);
+            out!("{}", config.effective_toml());
+            errln!("configuration OK ({})", config.origin);
             Ok(())
         }
     }

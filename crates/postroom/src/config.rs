@@ -55,6 +55,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[penalty]`: the temporary deny list (R9, A5).
     pub penalty: PenaltyConfig,
+    /// `[metrics]`: the Prometheus endpoint.
+    pub metrics: MetricsConfig,
     /// Where these values came from (a file name or `DEFAULT_ORIGIN`); not a key.
     #[serde(skip)]
     pub origin: String,
@@ -84,6 +86,12 @@ pub struct SmtpConfig {
     pub submission_max_sessions_per_ip: usize,
     /// Concurrent sessions on the local socket of `postroom sendmail`.
     pub local_max_sessions: usize,
+    /// The local submission socket of `postroom sendmail` / `send` (F6, A4), in a directory
+    /// every local user may enter; empty = `<data_dir>-sock/sendmail.sock` (see `local_socket()`).
+    pub local_socket: PathBuf,
+    /// The domain of a local user's envelope sender without -f, and of a bare recipient name;
+    /// empty = the first of `domains` (see `local_sender_domain()`).
+    pub local_sender_domain: String,
     /// Deadline from the greeting to HELO/EHLO.
     pub greeting_timeout_secs: u64,
     /// Deadline for one command line.
@@ -232,6 +240,14 @@ impl Default for PenaltyConfig {
     fn default() -> Self {
         PenaltyConfig { deny_minutes: 10, login_failures: 5, login_window_minutes: 15 }
     }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// "address:port" where `GET /metrics` is served in the Prometheus text format; empty = off.
+    pub listen: String,
 }
 
 /// `[storage]`.
@@ -398,6 +414,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             log: LogConfig::default(),
             penalty: PenaltyConfig::default(),
+            metrics: MetricsConfig::default(),
             origin: DEFAULT_ORIGIN.into(),
         }
     }
@@ -421,6 +438,8 @@ impl Default for SmtpConfig {
             submission_max_sessions: 100,
             submission_max_sessions_per_ip: 10,
             local_max_sessions: 50,
+            local_socket: PathBuf::new(),
+            local_sender_domain: String::new(),
             greeting_timeout_secs: 30,
             command_timeout_secs: 300,
             data_timeout_secs: 600,
@@ -521,6 +540,7 @@ impl Config {
         for d in config.domains.iter_mut().chain(&mut config.delivery.etrn_domains) {
             *d = normalize_domain(d);
         }
+        config.smtp.local_sender_domain = normalize_domain(&config.smtp.local_sender_domain);
         let table = std::mem::take(&mut config.delivery.host_table);
         config.delivery.host_table = table.into_iter().map(|(h, ip)| (normalize_domain(&h), ip)).collect();
         Ok(config)
@@ -561,6 +581,7 @@ impl Config {
         need(dir.to_str().is_some(), "data_dir", dir, "must be valid UTF-8");
         let names = [("hostname", &self.hostname)]
             .into_iter()
+            .chain(Some(("smtp.local_sender_domain", &smtp.local_sender_domain)).filter(|(_, d)| !d.is_empty()))
             .chain(self.domains.iter().map(|d| ("domains", d)))
             .chain(delivery.etrn_domains.iter().map(|d| ("delivery.etrn_domains", d)))
             .chain(delivery.host_table.keys().map(|h| ("delivery.host_table", h)));
@@ -577,6 +598,15 @@ impl Config {
         }
         let postmaster = &self.postmaster;
         need(is_address(postmaster), "postmaster", postmaster, "must be local@domain");
+        let socket = &smtp.local_socket;
+        need(socket.to_str().is_some(), "smtp.local_socket", socket, "must be valid UTF-8");
+        let derivable = !socket.as_os_str().is_empty() || dir.as_os_str().is_empty() || default_socket_dir(dir).is_some();
+        need(derivable, "smtp.local_socket", socket, "must be set: data_dir has no name to put the socket directory beside");
+        let socket = self.local_socket();
+        need(socket.file_name().is_some(), "smtp.local_socket", &socket, "must name a socket file (a path such as /run/postroom/sendmail.sock)");
+        // The kernel keeps a socket's path in 108 bytes (sun_path), ending NUL included.
+        let len = socket.as_os_str().len();
+        need(len < 108, "smtp.local_socket", &socket, "is too long for a Unix socket (at most 107 bytes): set a shorter path");
 
         let at_least_one = [
             ("smtp.max_recipients", smtp.max_recipients as u64),
@@ -636,6 +666,16 @@ impl Config {
         need(is_log_filter(level), "log.level", level, rule);
 
         let listeners = self.listeners();
+        let metrics = &self.metrics.listen;
+        match metrics.parse::<SocketAddr>() {
+            Ok(m) => {
+                if let Some(b) = listeners.iter().find(|b| overlaps(m, b.addr)) {
+                    problems.push(format!("metrics.listen = {m}: already taken by {} = {}", b.key, b.addr));
+                }
+            }
+            Err(_) if metrics.is_empty() => {}
+            Err(_) => problems.push(format!("metrics.listen = {metrics:?}: must be empty (off) or address:port, e.g. \"127.0.0.1:9425\"")),
+        }
         if listeners.is_empty() {
             problems.push(
                 "no listener at all: smtp.listen, smtp.submission_listen, smtp.tls_listen, \
@@ -660,7 +700,16 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let (smtp, pop3, relay) = (&self.smtp, &self.pop3, &self.relay);
         let (rcpts, command, idle) = (smtp.max_recipients, smtp.command_timeout_secs, pop3.inactivity_timeout_secs);
+        let metrics_exposed = self.metrics.listen.parse::<SocketAddr>().is_ok_and(|a| !a.ip().is_loopback());
         let risky = [
+            (
+                metrics_exposed,
+                format!(
+                    "metrics.listen = {:?} is not a loopback address: /metrics has no authentication, so anyone who \
+                     reaches it reads the server's counters; prefer 127.0.0.1 (or a firewall)",
+                    self.metrics.listen
+                ),
+            ),
             (
                 relay.mode == RelayMode::All,
                 "OPEN RELAY: relay.mode = \"all\" lets anyone on the Internet send mail anywhere \
@@ -704,6 +753,27 @@ impl Config {
         warnings
     }
 
+    /// The local submission socket (F6, A4): `smtp.local_socket`, or by default `sendmail.sock`
+    /// in `<data_dir>-sock`, a directory beside the data directory (which is 0700: no other user
+    /// could reach a socket inside it) that `serve` creates 0755, so every local user can reach
+    /// the socket; the kernel tells the server who connected. `serve` and `sendmail` both read it
+    /// from here, so `--data-dir` moves both alike.
+    pub fn local_socket(&self) -> PathBuf {
+        if !self.smtp.local_socket.as_os_str().is_empty() {
+            return self.smtp.local_socket.clone();
+        }
+        default_socket_dir(&self.data_dir).unwrap_or_else(|| self.data_dir.clone()).join(SENDMAIL_SOCKET)
+    }
+
+    /// The domain of a local user's own address (A4): the envelope sender `user@DOMAIN` of
+    /// `postroom sendmail` without -f, and the domain a bare recipient name is completed with:
+    /// `smtp.local_sender_domain`, else the first of `domains`, else `hostname`. Local, so a
+    /// bounce to cron mail comes back here instead of leaving the machine.
+    pub fn local_sender_domain(&self) -> String {
+        let configured = Some(&self.smtp.local_sender_domain).filter(|d| !d.is_empty());
+        configured.or(self.domains.first()).unwrap_or(&self.hostname).to_ascii_lowercase()
+    }
+
     /// The effective configuration as TOML text; it parses back to the same values.
     pub fn effective_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot be shown as TOML: {e}\n"))
@@ -737,6 +807,18 @@ impl Config {
         }
         out
     }
+}
+
+/// The file name of the local submission socket.
+pub const SENDMAIL_SOCKET: &str = "sendmail.sock";
+
+/// `<data_dir>-sock`: beside the data directory, named after it. None when data_dir has no last
+/// name ("/", "..").
+fn default_socket_dir(data_dir: &Path) -> Option<PathBuf> {
+    let name = data_dir.file_name()?;
+    let mut dir = name.to_os_string();
+    dir.push("-sock");
+    Some(data_dir.with_file_name(dir))
 }
 
 fn normalize_domain(domain: &str) -> String {
@@ -924,6 +1006,9 @@ mod tests {
         refused(r#"dns = { servers = ["127.0.0.1:0"] }"#, "dns.servers", "port");
         refused(r#"log = { level = "loud" }"#, "log.level", "error, warn");
         refused(r#"log = { level = "info,=debug" }"#, "log.level", "error, warn");
+        refused(r#"metrics = { listen = "localhost" }"#, "metrics.listen", "address:port");
+        refused(r#"metrics = { listen = "127.0.0.1:2525" }"#, "metrics.listen", "taken by smtp.listen = 127.0.0.1:2525");
+        assert_eq!(problems(r#"metrics = { listen = "127.0.0.1:0" }"#), Vec::<String>::new());
         refused(r#"pop3 = { listen = ["127.0.0.1:2525"] }"#, "pop3.listen", "taken by smtp.listen = 127.0.0.1:2525");
         refused(r#"smtp = { listen = ["[::]:2587"] }"#, "smtp.submission_listen", "taken by smtp.listen = [::]:2587");
 
@@ -935,6 +1020,22 @@ mod tests {
         let e = parse("hostname = ''\nrelay = { pop_minutes = 5 }").validate().unwrap_err();
         assert_eq!(e.problems.len(), 2, "{e}");
         assert_eq!(e.to_string().lines().filter(|l| l.starts_with("test.toml: ")).count(), 2);
+    }
+
+    #[test]
+    fn local_socket_and_sender_domain() {
+        let c = parse("");
+        assert_eq!(c.local_socket(), Path::new("postroom-data-sock/sendmail.sock"));
+        assert_eq!(c.local_sender_domain(), "example.test");
+        let c = parse(r#"data_dir = "/var/lib/postroom/""#);
+        assert_eq!(c.local_socket(), Path::new("/var/lib/postroom-sock/sendmail.sock"));
+        let c = parse(r#"smtp = { local_socket = "/run/postroom/sendmail.sock", local_sender_domain = "Office.Test." }"#);
+        assert_eq!(c.local_socket(), Path::new("/run/postroom/sendmail.sock"));
+        assert_eq!(c.local_sender_domain(), "office.test");
+        assert_eq!(parse(r#"domains = []"#).local_sender_domain(), "mail.example.test");
+        refused(r#"smtp = { local_sender_domain = "not a domain" }"#, "smtp.local_sender_domain", "domain name");
+        refused(r#"data_dir = "/""#, "smtp.local_socket", "must be set");
+        refused(&format!("smtp = {{ local_socket = \"/{}/s.sock\" }}", "d".repeat(110)), "smtp.local_socket", "too long");
     }
 
     #[test]
@@ -971,6 +1072,8 @@ mod tests {
         warned("smtp = { percent_routing = true }", "relay trick");
         warned("relay = { override_reject_connect = true }", "pop_minutes = 0");
         warned(r#"hostname = "localhost""#, "fully qualified");
+        warned(r#"metrics = { listen = "0.0.0.0:9425" }"#, "no authentication");
+        assert_eq!(parse(r#"metrics = { listen = "[::1]:9425" }"#).warnings(), Vec::<String>::new());
         warned(r#"pop3 = { socket_layer = "secure" }"#, "pop3.listen is unused");
         warned(r#"pop3 = { socket_layer = "nonsecure" }"#, "pop3.tls_listen is unused");
         // A not-yet key set to its default says nothing; a built one says nothing either.

@@ -17,6 +17,7 @@ use mail_proto::date::rfc5322;
 use store::Durability;
 
 use crate::commands::open;
+use crate::out::{out, outln};
 use postroom::config::Config;
 
 /// Header octets `quarantine show` prints, at most.
@@ -83,25 +84,25 @@ pub fn filter(cmd: FilterCommand, config: &Config) -> anyhow::Result<()> {
             let action: Action = a.action.parse()?;
             let (rule, added) = store.write_blocking(Durability::Full, move |c| Ok(filters::add(c, field, &pattern, action)?))?;
             if added {
-                println!("filter {} added: {} {} -> {}", rule.id, rule.field, rule.pattern, rule.action);
+                outln!("filter {} added: {} {} -> {}", rule.id, rule.field, rule.pattern, rule.action);
             } else {
-                println!("filter {} already matches {} {} (action {}); remove it first to change it", rule.id, rule.field, rule.pattern, rule.action);
+                outln!("filter {} already matches {} {} (action {}); remove it first to change it", rule.id, rule.field, rule.pattern, rule.action);
             }
         }
         FilterCommand::List => {
             let rules = store.read_blocking(|c| Ok(filters::list(c)?))?;
             if rules.is_empty() {
-                println!("no filters");
+                outln!("no filters");
                 return Ok(());
             }
-            println!("{:>5}  {:<50} {:<8} added", "id", "rule", "action");
+            outln!("{:>5}  {:<50} {:<8} added", "id", "rule", "action");
             for r in rules {
-                println!("{:>5}  {:<50} {:<8} {}", r.id, format!("{} {}", r.field, r.pattern), r.action, rfc5322(r.added_at));
+                outln!("{:>5}  {:<50} {:<8} {}", r.id, format!("{} {}", r.field, r.pattern), r.action, rfc5322(r.added_at));
             }
         }
         FilterCommand::Remove { id } => {
             let rule = store.write_blocking(Durability::Full, move |c| Ok(filters::remove(c, id)?))?;
-            println!("filter {id} removed ({} {})", rule.field, rule.pattern);
+            outln!("filter {id} removed ({} {})", rule.field, rule.pattern);
         }
     }
     Ok(())
@@ -121,13 +122,13 @@ pub fn quarantine(cmd: QuarantineCommand, config: &Config) -> anyhow::Result<()>
                 Ok(out)
             })?;
             if held.is_empty() {
-                println!("quarantine is empty");
+                outln!("quarantine is empty");
                 return Ok(());
             }
-            println!("{:>5}  {:<22} {:<30} {:<30} {:<31} rule", "id", "queue id", "from", "subject", "when");
+            outln!("{:>5}  {:<22} {:<30} {:<30} {:<31} rule", "id", "queue id", "from", "subject", "when");
             for (summary, q) in held {
                 let from = if summary.from.is_empty() { envelope(&q) } else { summary.from };
-                println!(
+                outln!(
                     "{:>5}  {:<22} {:<30} {:<30} {:<31} {}",
                     q.id,
                     q.qid,
@@ -144,25 +145,25 @@ pub fn quarantine(cmd: QuarantineCommand, config: &Config) -> anyhow::Result<()>
                 let head = body::head(c, q.message_id, MAX_HEADERS)?;
                 Ok((q, head))
             })?;
-            println!("id:        {}", q.id);
-            println!("queue id:  {}", q.qid);
-            println!("envelope:  {}", envelope(&q));
-            println!("size:      {} octets", q.size);
-            println!("kept:      {}{}", rfc5322(q.at), if q.released { " (released)" } else { "" });
-            println!("rule:      {}", printable(&q.rule));
+            outln!("id:        {}", q.id);
+            outln!("queue id:  {}", q.qid);
+            outln!("envelope:  {}", envelope(&q));
+            outln!("size:      {} octets", q.size);
+            outln!("kept:      {}{}", rfc5322(q.at), if q.released { " (released)" } else { "" });
+            outln!("rule:      {}", printable(&q.rule));
             for r in &q.recipients {
-                println!("recipient: <{r}>");
+                outln!("recipient: <{r}>");
             }
-            println!();
-            print!("{}", printable_block(&String::from_utf8_lossy(bounce::header_section(&head, MAX_HEADERS))));
+            outln!();
+            out!("{}", printable_block(&String::from_utf8_lossy(bounce::header_section(&head, MAX_HEADERS))));
         }
         QuarantineCommand::Release { id } => {
             let (q, n) = store.write_blocking(Durability::Full, move |c| Ok(quarantine::release(c, &id)?))?;
-            println!("quarantine {} ({}): released, {n} recipient(s) queued for delivery", q.id, q.qid);
+            outln!("quarantine {} ({}): released, {n} recipient(s) queued for delivery", q.id, q.qid);
         }
         QuarantineCommand::Delete { id } => {
             let (q, n) = store.write_blocking(Durability::Full, move |c| Ok(quarantine::delete(c, &id)?))?;
-            println!("quarantine {} ({}): deleted, {n} recipient(s) will receive nothing", q.id, q.qid);
+            outln!("quarantine {} ({}): deleted, {n} recipient(s) will receive nothing", q.id, q.qid);
         }
     }
     Ok(())

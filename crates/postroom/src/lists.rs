@@ -17,6 +17,7 @@ use policy::ClientFacts;
 use store::Durability;
 
 use crate::commands::open;
+use crate::out::{errln, outln};
 use postroom::config::Config;
 
 #[derive(Subcommand)]
@@ -92,7 +93,7 @@ fn hostauth(cmd: ListCommand, store: &store::Store) -> anyhow::Result<()> {
             let password = crate::commands::read_password()?;
             let (h, u, t) = (host.clone(), user.clone(), trust.clone());
             store.write_blocking(Durability::Full, move |c| hostauth::add_with_trust(c, &h, &u, &password, &t).map_err(into_store))?;
-            println!("hostauth list: {host} as {user} (password stored, never shown); certificate check: {}", describe_trust(&trust));
+            outln!("hostauth list: {host} as {user} (password stored, never shown); certificate check: {}", describe_trust(&trust));
         }
         ListCommand::Remove { entry, .. } => {
             let host = entry.join(" ");
@@ -100,15 +101,15 @@ fn hostauth(cmd: ListCommand, store: &store::Store) -> anyhow::Result<()> {
             if !store.write_blocking(Durability::Full, move |c| hostauth::remove(c, &h).map_err(into_store))? {
                 bail!("no hostauth entry for {host}");
             }
-            println!("hostauth list: removed {host}");
+            outln!("hostauth list: removed {host}");
         }
         ListCommand::Show { .. } => {
             let rows = store.read_blocking(|c| hostauth::show_with_trust(c).map_err(into_store))?;
             if rows.is_empty() {
-                println!("hostauth list is empty");
+                outln!("hostauth list is empty");
             }
             for (host, user, added, trust) in rows {
-                println!("{host:<30} {user:<20} added {}  certificate: {}", mail_proto::date::rfc5322(added), describe_trust(&trust));
+                outln!("{host:<30} {user:<20} added {}  certificate: {}", mail_proto::date::rfc5322(added), describe_trust(&trust));
             }
         }
         ListCommand::ImportLegacy { .. } => unreachable!("not a hostauth command"),
@@ -142,10 +143,10 @@ fn deny(cmd: ListCommand, store: &store::Store) -> anyhow::Result<()> {
             let now = store::now();
             let rows = store.read_blocking(move |c| Ok(deny_list::list(c, now)?))?;
             if rows.is_empty() {
-                println!("deny list is empty");
+                outln!("deny list is empty");
             }
             for d in rows {
-                println!("{:<30} until {}  ({})", d.key, mail_proto::date::rfc5322(d.until), d.reason.describe());
+                outln!("{:<30} until {}  ({})", d.key, mail_proto::date::rfc5322(d.until), d.reason.describe());
             }
         }
         ListCommand::Remove { entry, .. } => {
@@ -154,9 +155,9 @@ fn deny(cmd: ListCommand, store: &store::Store) -> anyhow::Result<()> {
             let key = who.key_text();
             let was = store.write_blocking(Durability::Full, move |c| Ok(deny_list::request_lift(c, &who)?))?;
             if !was {
-                println!("deny list: {key} is not on it (a running server forgets a request for it within seconds)");
+                outln!("deny list: {key} is not on it (a running server forgets a request for it within seconds)");
             } else {
-                println!("deny list: {key} removed; the running server lets it in again within a few seconds");
+                outln!("deny list: {key} removed; the running server lets it in again within a few seconds");
             }
         }
         ListCommand::Add { .. } => {
@@ -190,24 +191,24 @@ pub fn list(cmd: ListCommand, config: &Config) -> anyhow::Result<()> {
             let (k, text) = (kind(&k)?, entry.join(" "));
             let (entry, added) = store.write_blocking(Durability::Full, move |c| access::add(c, k, &text).map_err(into_store))?;
             if added {
-                println!("{} list: added {entry}", k.as_str());
+                outln!("{} list: added {entry}", k.as_str());
             } else {
-                println!("{} list: {entry} is already there", k.as_str());
+                outln!("{} list: {entry} is already there", k.as_str());
             }
         }
         ListCommand::Remove { kind: k, entry } => {
             let (k, text) = (kind(&k)?, entry.join(" "));
             let entry = store.write_blocking(Durability::Full, move |c| access::remove(c, k, &text).map_err(into_store))?;
-            println!("{} list: removed {entry}", k.as_str());
+            outln!("{} list: removed {entry}", k.as_str());
         }
         ListCommand::Show { kind: k } => {
             let k = kind(&k)?;
             let rows = store.read_blocking(move |c| access::show(c, k).map_err(into_store))?;
             if rows.is_empty() {
-                println!("{} list is empty", k.as_str());
+                outln!("{} list is empty", k.as_str());
             }
             for (entry, added) in rows {
-                println!("{entry:<40} added {}", mail_proto::date::rfc5322(added));
+                outln!("{entry:<40} added {}", mail_proto::date::rfc5322(added));
             }
         }
         ListCommand::ImportLegacy { accept, reject } => {
@@ -220,7 +221,7 @@ pub fn list(cmd: ListCommand, config: &Config) -> anyhow::Result<()> {
                 let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
                 let (entries, bad) = access::parse_legacy(&String::from_utf8_lossy(&text));
                 for (line, content) in &bad {
-                    eprintln!("{}:{line}: cannot read {content:?}: expected \"address [mask]\"", path.display());
+                    errln!("{}:{line}: cannot read {content:?}: expected \"address [mask]\"", path.display());
                 }
                 unreadable += bad.len();
                 let n = entries.len();
@@ -230,7 +231,7 @@ pub fn list(cmd: ListCommand, config: &Config) -> anyhow::Result<()> {
                     }
                     Ok(())
                 })?;
-                println!("{}: {n} entries imported into the {} list, {} unreadable", path.display(), k.as_str(), bad.len());
+                outln!("{}: {n} entries imported into the {} list, {} unreadable", path.display(), k.as_str(), bad.len());
             }
             if unreadable > 0 {
                 bail!("{unreadable} line(s) could not be read (see above); the others were imported");
@@ -298,21 +299,21 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<bool> {
         listener_auth: crate::serve::mx_auth(config),
     };
     let d = policy.connect(&facts);
-    println!("connect: {} (rule: {})", verdict(d.allow), d.rule);
+    outln!("connect: {} (rule: {})", verdict(d.allow), d.rule);
     let mut accepted = d.allow;
     let d = policy::plaintext_auth(config.tls.allow_plaintext_auth == postroom::config::PlaintextAuth::Loopback, ip);
     // Informational: a client without TLS is told to start it, not refused.
-    println!("credentials without TLS: {} (rule: {})", if d.allow { "allowed" } else { "TLS first" }, d.rule);
+    outln!("credentials without TLS: {} (rule: {})", if d.allow { "allowed" } else { "TLS first" }, d.rule);
     if let Some(node) = &args.etrn {
         let domain = node.trim_start_matches('@').to_ascii_lowercase();
         let dial_up = mail_framework::outbound::EtrnDomains::new(&config.delivery.etrn_domains).contains(&domain);
         let d = policy.etrn(&facts, &domain, dial_up);
-        println!("ETRN {node}: {} (rule: {})", verdict(d.allow), d.rule);
+        outln!("ETRN {node}: {} (rule: {})", verdict(d.allow), d.rule);
         accepted &= d.allow;
     }
     let from = if args.from == "<>" { None } else { Some(parse_address(&args.from).context("--from")?) };
     let d = policy.sender(&facts, from.as_ref(), &owned);
-    println!("sender {}: {} (rule: {})", args.from, verdict(d.allow), d.rule);
+    outln!("sender {}: {} (rule: {})", args.from, verdict(d.allow), d.rule);
     accepted &= d.allow;
     for to in &args.to {
         let rcpt = parse_address(to).with_context(|| format!("--to {to}"))?;
@@ -325,7 +326,7 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<bool> {
             (_, true) => "relay".to_string(),
         };
         let rewritten = outcome.record_as.map(|a| format!(" as {a}")).unwrap_or_default();
-        println!("recipient {to}: {what}{rewritten} (rule: {})", d.rule);
+        outln!("recipient {to}: {what}{rewritten} (rule: {})", d.rule);
         accepted &= d.allow;
     }
     Ok(accepted)
@@ -356,7 +357,7 @@ fn rbl_listed(config: &Config, ip: IpAddr, lists: &AccessLists) -> Option<(Strin
             match dns.rbl(ip, zone).await {
                 dns::RblAnswer::Listed(answer) => return Some((zone.clone(), answer)),
                 dns::RblAnswer::NotListed => {}
-                dns::RblAnswer::Error(e) => println!("note: {e}; the server would let the client in (fail open)"),
+                dns::RblAnswer::Error(e) => outln!("note: {e}; the server would let the client in (fail open)"),
             }
         }
         None

@@ -9,6 +9,7 @@ use mail_proto::date::rfc5322;
 use store::Durability;
 
 use crate::commands::open;
+use crate::out::outln;
 use postroom::config::Config;
 
 #[derive(Subcommand)]
@@ -50,7 +51,7 @@ pub fn queue(cmd: QueueCommand, config: &Config) -> anyhow::Result<()> {
     if n == 0 {
         bail!("no waiting recipients for queue id {id} (see `postroom queue list`)");
     }
-    println!("{id}: {n} recipient(s) {done}");
+    outln!("{id}: {n} recipient(s) {done}");
     Ok(())
 }
 
@@ -60,10 +61,10 @@ fn when(at: Option<i64>) -> String {
 
 fn list(rows: &[QueuedRecipient]) -> anyhow::Result<()> {
     if rows.is_empty() {
-        println!("queue is empty");
+        outln!("queue is empty");
         return Ok(());
     }
-    println!("{:<22} {:<8} {:>9} {:<30} {:>8} {:<31} last reply", "id", "state", "size", "recipient", "attempts", "next attempt");
+    outln!("{:<22} {:<8} {:>9} {:<30} {:>8} {:<31} last reply", "id", "state", "size", "recipient", "attempts", "next attempt");
     for r in rows {
         let next = if r.held != Hold::None {
             r.held.describe().to_string()
@@ -72,7 +73,7 @@ fn list(rows: &[QueuedRecipient]) -> anyhow::Result<()> {
         } else {
             "-".into()
         };
-        println!(
+        outln!(
             "{:<22} {:<8} {:>9} {:<30} {:>8} {:<31} {}",
             r.qid,
             r.state,
@@ -88,20 +89,20 @@ fn list(rows: &[QueuedRecipient]) -> anyhow::Result<()> {
 
 fn show(id: &str, rows: &[QueuedRecipient]) -> anyhow::Result<()> {
     let Some(first) = rows.first() else { bail!("no message with queue id {id}") };
-    println!("id:       {}", first.qid);
-    println!("from:     <{}>", first.mail_from);
-    println!("received: {}", rfc5322(first.received_at));
-    println!("size:     {} octets", first.size);
+    outln!("id:       {}", first.qid);
+    outln!("from:     <{}>", first.mail_from);
+    outln!("received: {}", rfc5322(first.received_at));
+    outln!("size:     {} octets", first.size);
     for r in rows {
-        println!("recipient <{}>", r.address);
+        outln!("recipient <{}>", r.address);
         let held = if r.held == Hold::None { String::new() } else { format!(" ({})", r.held.describe()) };
-        println!("  state:        {}{held}", r.state);
-        println!("  attempts:     {}", r.attempts);
+        outln!("  state:        {}{held}", r.state);
+        outln!("  attempts:     {}", r.attempts);
         if r.held == Hold::None && r.state == RecipientState::Forward {
-            println!("  next attempt: {}", when(r.next_attempt));
+            outln!("  next attempt: {}", when(r.next_attempt));
         }
         if let Some(reply) = &r.last_reply {
-            println!("  last reply:   {reply}");
+            outln!("  last reply:   {reply}");
         }
     }
     Ok(())

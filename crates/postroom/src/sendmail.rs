@@ -1,6 +1,8 @@
 //! `postroom sendmail` (a /usr/sbin/sendmail for cron jobs and scripts) and `postroom send`
-//! (SPEC F6): both hand a message to the running server over its local socket, which knows
-//! the calling user (A4). Exit codes are the sysexits scripts expect from sendmail.
+//! (SPEC F6): both hand a message to the running server over its local socket
+//! (`Config::local_socket`, which every local user may reach), whose kernel-reported peer
+//! credentials tell the server who is calling (A4). Exit codes are the sysexits scripts expect
+//! from sendmail.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -10,9 +12,6 @@ use smtp_client::local_submit::{self, SubmitError};
 
 use postroom::config::Config;
 
-/// The local submission socket inside the data directory.
-pub const SOCKET: &str = "sendmail.sock";
-
 /// sysexits.h
 pub const EX_OK: u8 = 0;
 pub const EX_USAGE: u8 = 64;
@@ -20,6 +19,7 @@ pub const EX_DATAERR: u8 = 65;
 pub const EX_NOUSER: u8 = 67;
 pub const EX_SOFTWARE: u8 = 70;
 pub const EX_TEMPFAIL: u8 = 75;
+pub const EX_NOPERM: u8 = 77;
 
 const USAGE: &str = "usage: postroom sendmail [-t] [-f FROM] [-F NAME] [-i] [-oi] [-oem] [-odi] [-B8BITMIME] [RECIPIENT...] < message";
 
@@ -76,15 +76,22 @@ pub fn sendmail(args: &[String], config: &Config) -> u8 {
         opts.recipients.extend(header_addresses(&headers, &["to", "cc", "bcc"]));
         headers = remove_header(&headers, "bcc");
     }
-    // Each address gets the message once, however often the headers and arguments name it.
+    // A bare name is a user of the local domain (as Postfix appends myorigin); each address gets
+    // the message once, however often the headers and arguments name it.
+    let domain = config.local_sender_domain();
     let mut seen = std::collections::HashSet::new();
-    opts.recipients.retain(|r| seen.insert(r.to_ascii_lowercase()));
+    opts.recipients = opts.recipients.iter().map(|r| qualify(r, &domain)).filter(|r| seen.insert(r.to_ascii_lowercase())).collect();
     if opts.recipients.is_empty() {
         eprintln!("sendmail: no recipients (give them as arguments, or -t to read To/Cc/Bcc)\n{USAGE}");
         return EX_USAGE;
     }
-    let from = opts.from.clone().unwrap_or_else(|| default_sender(config));
-    if header_addresses(&headers, &["from"]).is_empty() {
+    let from = match opts.from.as_deref() {
+        // -f '' or -f '<>': the null sender, for messages that must never bounce.
+        Some("" | "<>") => String::new(),
+        Some(f) => qualify(f, &domain),
+        None => default_sender(config),
+    };
+    if header_addresses(&headers, &["from"]).is_empty() && !from.is_empty() {
         let line = match &opts.full_name {
             Some(name) => format!("From: \"{}\" <{from}>\n", name.replace('"', "")),
             None => format!("From: <{from}>\n"),
@@ -107,33 +114,63 @@ pub fn submit(config: &Config, from: &str, recipients: &[String], message: &[u8]
         }
     };
     match runtime.block_on(local_submit::submit(&socket, from, recipients, message)) {
+        // The message went to the accepted recipients: exit 0, so a script does not send it
+        // again (duplicates to those); the refused ones are named on stderr.
         Ok(report) => {
             for (rcpt, why) in &report.refused {
-                eprintln!("postroom: {rcpt}: {why}");
+                eprintln!("postroom: not sent to {rcpt}: {why}");
             }
-            if report.refused.is_empty() { EX_OK } else { EX_NOUSER }
+            EX_OK
         }
         Err(e) => {
             eprintln!("postroom: message not sent: {e}");
-            match e {
-                SubmitError::Unavailable(_) | SubmitError::Temporary(_) | SubmitError::Io(_) => EX_TEMPFAIL,
-                SubmitError::NoRecipient(_) => EX_NOUSER,
-                SubmitError::Refused(_) => EX_DATAERR,
-            }
+            exit_code(&e)
         }
     }
 }
 
-pub fn socket_path(config: &Config) -> PathBuf {
-    config.data_dir.join(SOCKET)
+/// sysexits for a submission that did not go through.
+fn exit_code(e: &SubmitError) -> u8 {
+    match e {
+        SubmitError::Unavailable(_) | SubmitError::Temporary(_) | SubmitError::Io(_) => EX_TEMPFAIL,
+        SubmitError::NoPermission(_) | SubmitError::NotPermitted(_) => EX_NOPERM,
+        SubmitError::NoRecipient(_) => EX_NOUSER,
+        SubmitError::Refused(_) => EX_DATAERR,
+    }
 }
 
-/// Envelope sender when no -f is given: the calling user at this host (A4), named the way the
-/// server names the peer of its local socket.
+/// The exit code when the configuration cannot be loaded: 77 (EX_NOPERM) when this user may
+/// not read the file (the administrator must make it readable: `sendmail` finds the socket
+/// there), else 75 as before.
+pub fn config_unusable(path: Option<&Path>) -> u8 {
+    let denied = path.is_some_and(|p| std::fs::File::open(p).is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied));
+    if denied { EX_NOPERM } else { EX_TEMPFAIL }
+}
+
+pub fn socket_path(config: &Config) -> PathBuf {
+    config.local_socket()
+}
+
+/// Envelope sender when no -f is given: the calling user in the local sender domain (A4, the
+/// first local domain unless `[smtp] local_sender_domain` says otherwise), so a bounce comes
+/// back to this host instead of looping through a host name that is no mail domain. The user is
+/// named the way the server names the peer of its local socket.
 fn default_sender(config: &Config) -> String {
     let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(0);
     let name = smtp_server::local::user_name(uid).unwrap_or_else(|| format!("uid{uid}"));
-    format!("{name}@{}", config.hostname)
+    format!("{name}@{}", config.local_sender_domain())
+}
+
+/// `carol` → `carol@DOMAIN`; an address with a domain, and `postmaster` (every server takes it
+/// bare, RFC 5321 §4.5.1), stay as they are.
+fn qualify(address: &str, domain: &str) -> String {
+    if is_bare_name(address) && !address.eq_ignore_ascii_case("postmaster") { format!("{address}@{domain}") } else { address.to_string() }
+}
+
+/// A local part without a domain: RFC 5322 atext and inner dots, nothing else.
+fn is_bare_name(s: &str) -> bool {
+    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    !s.is_empty() && !s.starts_with('.') && !s.ends_with('.') && !s.contains("..") && s.chars().all(|c| atext(c) || c == '.')
 }
 
 /// The header section (with its blank line) and the body; LF or CRLF.
@@ -171,7 +208,7 @@ fn fields(headers: &[u8]) -> Vec<(String, String, std::ops::Range<usize>)> {
     out
 }
 
-/// Addresses in the named fields: `a@b`, `Name <a@b>`, comma-separated.
+/// Addresses in the named fields: `a@b`, `Name <a@b>`, a bare `name`, comma-separated.
 fn header_addresses(headers: &[u8], names: &[&str]) -> Vec<String> {
     fields(headers)
         .into_iter()
@@ -184,7 +221,8 @@ fn header_addresses(headers: &[u8], names: &[&str]) -> Vec<String> {
                         (Some(a), Some(b)) if a < b => &part[a + 1..b],
                         _ => part,
                     };
-                    addr.contains('@').then(|| addr.trim().to_string())
+                    let addr = addr.trim();
+                    (addr.contains('@') || is_bare_name(addr)).then(|| addr.to_string())
                 })
                 .collect::<Vec<_>>()
         })
@@ -248,14 +286,27 @@ fn compose_and_submit(args: SendArgs, config: &Config) -> u8 {
             }
         }
     }
-    let message = compose(&args.from, &args.to, &args.subject, &text, html.as_deref(), &attachments);
-    submit(config, &args.from, &args.to, &message)
+    let domain = config.local_sender_domain();
+    let from = qualify(&args.from, &domain);
+    let to: Vec<String> = args.to.iter().map(|t| qualify(t, &domain)).collect();
+    let message = compose(&config.hostname, &from, &to, &args.subject, &text, html.as_deref(), &attachments);
+    submit(config, &from, &to, &message)
 }
 
 /// The send-mail API (F6): a MIME message with a text body, an optional HTML alternative and
-/// attachments.
-pub fn compose(from: &str, to: &[String], subject: &str, text: &str, html: Option<&str>, attachments: &[(PathBuf, Vec<u8>)]) -> Vec<u8> {
+/// attachments. Its Message-ID names `hostname`, the configured one (the system's host name may
+/// be no mail domain at all).
+pub fn compose(
+    hostname: &str,
+    from: &str,
+    to: &[String],
+    subject: &str,
+    text: &str,
+    html: Option<&str>,
+    attachments: &[(PathBuf, Vec<u8>)],
+) -> Vec<u8> {
     let mut builder = mail_builder::MessageBuilder::new()
+        .message_id(message_id(hostname))
         .from(from.to_string())
         .to(to.iter().map(|t| t.to_string()).collect::<Vec<String>>())
         .subject(subject.to_string())
@@ -268,6 +319,15 @@ pub fn compose(from: &str, to: &[String], subject: &str, text: &str, html: Optio
         builder = builder.attachment(content_type(path), name, bytes.clone());
     }
     builder.write_to_vec().unwrap_or_default()
+}
+
+/// `<time.pid.random@hostname>`: unique without a shared counter (RFC 5322 §3.6.4).
+fn message_id(hostname: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    // RandomState is seeded from the OS's random source: 64 random bits without a dependency.
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    format!("{}.{:09}.{}.{random:016x}@{hostname}", now.as_secs(), now.subsec_nanos(), std::process::id())
 }
 
 fn content_type(path: &Path) -> &'static str {
@@ -327,8 +387,28 @@ mod tests {
 
     #[test]
     fn composed_message_has_its_attachment() {
-        let msg = compose("a@x.test", &strings(&["b@x.test"]), "Report", "see attached", None, &[(PathBuf::from("r.pdf"), b"%PDF-1.4".to_vec())]);
+        let msg = compose(
+            "mail.x.test",
+            "a@x.test",
+            &strings(&["b@x.test"]),
+            "Report",
+            "see attached",
+            None,
+            &[(PathBuf::from("r.pdf"), b"%PDF-1.4".to_vec())],
+        );
         let text = String::from_utf8_lossy(&msg);
         assert!(text.contains("Subject: Report") && text.contains("application/pdf") && text.contains("r.pdf"), "{text}");
+        let id = text.lines().find(|l| l.starts_with("Message-ID: ")).unwrap_or_default();
+        assert!(id.starts_with("Message-ID: <") && id.ends_with("@mail.x.test>"), "{id}");
+    }
+
+    #[test]
+    fn bare_names_are_qualified() {
+        assert_eq!(qualify("carol", "example.test"), "carol@example.test");
+        assert_eq!(qualify("first.last", "example.test"), "first.last@example.test");
+        assert_eq!(qualify("Postmaster", "example.test"), "Postmaster");
+        assert_eq!(qualify("a@b.test", "example.test"), "a@b.test");
+        assert_eq!(qualify("not a name", "example.test"), "not a name");
+        assert_eq!(header_addresses(b"To: Carol <carol>, undisclosed-recipients:;\n\n", &["to"]), strings(&["carol"]));
     }
 }

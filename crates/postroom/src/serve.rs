@@ -25,11 +25,12 @@ use postroom::config::{AuthMode, Config, HeloVerify, LogFormat, PlaintextAuth, R
 /// The file `serve` writes once it listens: one `name address` line per listener.
 pub const LISTENING_FILE: &str = "listening";
 
-pub fn serve(config: Config) -> anyhow::Result<()> {
+/// `source` says where `config` came from, for SIGHUP to read it again (O6).
+pub fn serve(config: Config, source: crate::reload::Source) -> anyhow::Result<()> {
     init_logging(&config);
     raise_descriptor_limit(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, source))
 }
 
 /// Connections the kernel completes before `accept` takes them. The usual 128 loses clients in a
@@ -100,7 +101,13 @@ fn spawn_heap_trim() {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| "info".into());
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| "info".into());
+    // S2: rustls warns about every client that sends an IP address as SNI; that is the client's
+    // business, shown only when the log is at debug level (or names rustls itself).
+    let debugging = filter.max_level_hint().is_some_and(|l| l >= tracing_subscriber::filter::LevelFilter::DEBUG);
+    if !debugging && !config.log.level.contains("rustls") {
+        filter = filter.add_directive(format!("{}=error", tls::CLIENT_HELLO_LOG_TARGET).parse().expect("a valid directive"));
+    }
     // Colours only on a terminal: a log file or the journal would keep the escape codes.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
@@ -110,7 +117,11 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, source: crate::reload::Source) -> anyhow::Result<()> {
+    // Held while the server runs: `postroom restore` refuses this data directory meanwhile.
+    let _lock = store::backup::lock_data_dir(&config.data_dir)
+        .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?
+        .with_context(|| format!("another postroom process is using {} (a server runs on it, or a restore)", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir, StoreOptions { journal: config.journal.enabled, ..Default::default() })
         .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
     let queue = Queue::new(store.clone(), config.storage.body_chunk_kib as usize * 1024);
@@ -121,21 +132,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     spawn_journal_retention(store.clone(), config.journal.retention_days);
     spawn_heap_trim();
     let domains = LocalDomains::new(&config.domains, &config.postmaster);
-    let responsible = (!config.delivery.dsn_responsible_person.is_empty()).then(|| config.delivery.dsn_responsible_person.clone());
-    let reports = mail_framework::reports::ReportSettings { hostname: config.hostname.clone(), responsible_person: responsible };
-    spawn_send_scheduler(&config, store.clone());
+    let reports = report_settings(&config);
     let storage = StorageGuard::default();
-    let chain = mail_framework::snapins::builtin(&mail_framework::snapins::Settings {
-        postmaster: domains.postmaster().to_string(),
-        filter_max_bytes: config.storage.filter_max_bytes,
-        keep_unscannable: config.storage.filter_unscannable == postroom::config::Unscannable::Keep,
-        reports: reports.clone(),
-        etrn: mail_framework::outbound::EtrnDomains::new(&config.delivery.etrn_domains),
-    });
+    let storage_state = storage.clone();
+    let chain = snapin_chain(&config);
     let framework = Framework::with_snapins(queue.clone(), domains.clone(), chain).with_storage_guard(storage.clone());
     storage.monitor(store.clone(), config.data_dir.clone(), config.storage.min_free_mb, framework.pipeline_wake()).await;
     let (outbound_wake, pipeline_wake, framework_beat) = (framework.outbound_wake(), framework.pipeline_wake(), framework.heartbeat());
-    tokio::spawn(framework.run());
+    tokio::spawn(framework.clone().run());
 
     for warning in config.warnings() {
         tracing::warn!("{warning}");
@@ -167,7 +171,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         storage,
     };
     let smtp = SmtpServer::new(smtp_settings(&config), services);
-    let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords, tls, penalty, shutdown);
+    let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords.clone(), tls.clone(), penalty, shutdown.clone());
 
     let mut bound = Vec::new();
     let smtp_listeners = [
@@ -195,28 +199,38 @@ async fn run(config: Config) -> anyhow::Result<()> {
             tokio::spawn(pop3.clone().serve(listener, implicit_tls));
         }
     }
-    // F6: the local submission socket of `postroom sendmail` / `send`, inside the 0700 data dir.
-    let socket = crate::sendmail::socket_path(&config);
-    let _ = std::fs::remove_file(&socket);
-    let local = tokio::net::UnixListener::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    // `[metrics] listen`: GET /metrics for Prometheus.
+    if !config.metrics.listen.is_empty() {
+        let addr: SocketAddr = config.metrics.listen.parse().context("metrics.listen")?;
+        let listener = listen(addr).with_context(|| format!("metrics.listen: cannot listen on {addr}"))?;
+        bound.push(format!("metrics {}", listener.local_addr()?));
+        let scrape = crate::metrics::Scrape { store: store.clone(), passwords, data_dir: config.data_dir.clone() };
+        tokio::spawn(crate::metrics::serve(listener, scrape, shutdown));
     }
+    // F6, A4: the local submission socket of `postroom sendmail` / `send`, where every local
+    // user reaches it; the kernel tells the session who connected.
+    let local = bind_local_socket(&crate::sendmail::socket_path(&config))?;
     tokio::spawn(smtp.clone().serve_local(local));
     // The SMTP client: an MX that resolves to one of our own SMTP listeners is a loop.
     let own: Vec<SocketAddr> = bound.iter().filter(|l| l.starts_with("smtp ")).filter_map(|l| l[5..].parse().ok()).collect();
-    let outbound = OutboundQueue::new(outbound_settings(&config, own, reports), store.clone(), dns, outbound_wake, pipeline_wake);
+    let outbound = OutboundQueue::new(outbound_settings(&config, own.clone(), reports), store.clone(), dns, outbound_wake, pipeline_wake);
     // Both workers are alive from here on; `status` must not see a gap before their first round.
     framework_beat.beat();
     outbound.heartbeat().beat();
-    spawn_status_writer(config.data_dir.clone(), store.clone(), framework_beat, outbound.heartbeat());
+    spawn_status_writer(config.data_dir.clone(), store.clone(), framework_beat, outbound.heartbeat(), storage_state);
     tokio::spawn(outbound.clone().run());
+    spawn_send_scheduler(&config, store.clone(), outbound.clone());
     write_listening(&config, &bound)?;
-    tracing::info!(listeners = ?bound, data_dir = %config.data_dir.display(), "postroom is ready");
-
     let mut signals = Signals::new()?;
-    signals.next().await;
+    tracing::info!(listeners = ?bound, data_dir = %config.data_dir.display(), "postroom is ready");
+    // O6: every listener is bound; a service manager waiting for us (Type=notify) may go on.
+    crate::reload::notify("READY=1\nSTATUS=ready");
+
+    let mut live = Live { source, running: config.clone(), smtp: smtp.clone(), pop3: pop3.clone(), framework, outbound: outbound.clone(), tls, own };
+    while signals.next().await == Signal::Reload {
+        live.reload().await;
+    }
+    crate::reload::notify("STOPPING=1");
     // O3: stop accepting; sessions between commands are told 421 / -ERR; a message in DATA may
     // finish within the grace time. Everything acknowledged is already committed.
     tracing::info!("shutting down: no new connections; waiting for open sessions");
@@ -238,7 +252,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 tracing::warn!(open, "grace time over: closing the remaining sessions");
                 break;
             }
-            _ = signals.next() => {
+            _ = signals.stop() => {
                 tracing::warn!(open, "second signal: exiting at once");
                 at_once = true;
                 break;
@@ -259,10 +273,76 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// F6, A4: bind the local submission socket `path` so that any local user can submit: its
+/// directory is created 0755 when missing (an existing one keeps its mode, so 0750 with a group
+/// limits sendmail to that group) and must be a real directory owned by us that group and others
+/// cannot write in: nobody else can plant a link or a socket of their own there. The socket is
+/// 0666; who may send as whom is decided per connection from the peer's uid (SO_PEERCRED). A
+/// socket left by a killed server is replaced; anything else at the path is refused, as is a
+/// socket another running server still answers on.
+fn bind_local_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::io::ErrorKind::NotFound;
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+    let key = "smtp.local_socket";
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let (p, d) = (path.display(), dir.display());
+    let euid = store::effective_uid()?;
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .with_context(|| format!("{key}: cannot create the socket directory {d} (create it owned by uid {euid}, mode 0755, or set {key})"))?;
+            // Whatever the umask: local users must be able to enter it.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).with_context(|| format!("chmod 0755 {d}"))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("{key}: {d}")),
+        Ok(_) => {}
+    }
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("{key}: {d}"))?;
+    let mode = meta.mode() & 0o7777;
+    if meta.file_type().is_symlink() {
+        anyhow::bail!("{key}: the socket directory {d} is a symbolic link: set {key} to a path in the real directory");
+    }
+    if !meta.is_dir() {
+        anyhow::bail!("{key}: the socket directory {d} is not a directory: remove it or set {key}");
+    }
+    if meta.uid() != euid {
+        anyhow::bail!(
+            "{key}: the socket directory {d} is owned by uid {}, but postroom runs as uid {euid}: another user could replace \
+             the socket. `chown {euid} {d}`, remove it (postroom creates it), or set {key}",
+            meta.uid()
+        );
+    }
+    if mode & 0o022 != 0 {
+        anyhow::bail!(
+            "{key}: the socket directory {d} is writable by group or others (mode {mode:04o}): another user could replace the \
+             socket. `chmod 755 {d}`, or set {key} to a directory of its own"
+        );
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("{key}: {p}")),
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!("{key}: another server is listening on {p}: stop it, or give this one its own {key}");
+            }
+            std::fs::remove_file(path).with_context(|| format!("{key}: removing the stale socket {p}"))?;
+        }
+        Ok(_) => anyhow::bail!("{key}: {p} exists and is not a socket: remove it, or set {key}"),
+    }
+    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("{key}: cannot listen on {p}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).with_context(|| format!("chmod 0666 {p}"))?;
+    if mode & 0o005 != 0o005 {
+        tracing::info!(dir = %d, mode = format_args!("{mode:04o}"), "the sendmail socket's directory admits only some local users");
+    }
+    Ok(listener)
+}
+
 /// How long open sessions may take to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
-/// O2: every 2 s, the workers' last beats into data_dir/status for `postroom status`.
 /// How often the penalty box is mirrored to the deny list and lift requests are applied.
 const DENY_LIST_EVERY: Duration = Duration::from_secs(2);
 
@@ -312,15 +392,25 @@ async fn spawn_deny_list_mirror(store: Store, penalty: PenaltyBox) {
     });
 }
 
+/// O2: every 2 s, the workers' last beats into data_dir/status for `postroom status`.
+/// The storage threshold's state goes with them (`storage low` or `storage ok`, F5): `status`
+/// says when new mail is refused and the framework paused for lack of space.
 /// A dead store writer cannot be brought back in this process (every write would fail while
 /// the listeners still answer): the server exits with an error so its supervisor restarts it.
-fn spawn_status_writer(data_dir: std::path::PathBuf, store: Store, framework: Heartbeat, outbound: Heartbeat) {
+fn spawn_status_writer(data_dir: std::path::PathBuf, store: Store, framework: Heartbeat, outbound: Heartbeat, storage: StorageGuard) {
     let write = move || {
         if !store.writer_alive() {
             tracing::error!("the store writer has stopped; exiting so the service manager restarts postroom");
             std::process::exit(70); // EX_SOFTWARE
         }
-        let text = format!("pid {}\nupdated {}\nframework {}\noutbound {}\n", std::process::id(), store::now(), framework.last(), outbound.last());
+        let text = format!(
+            "pid {}\nupdated {}\nframework {}\noutbound {}\nstorage {}\n",
+            std::process::id(),
+            store::now(),
+            framework.last(),
+            outbound.last(),
+            if storage.is_low() { "low" } else { "ok" }
+        );
         if let Err(e) = store::write_private_atomic(&data_dir, crate::status::STATUS_FILE, text.as_bytes()) {
             tracing::warn!(path = %data_dir.join(crate::status::STATUS_FILE).display(), error = %e, "cannot write the status file");
         }
@@ -336,14 +426,18 @@ fn spawn_status_writer(data_dir: std::path::PathBuf, store: Store, framework: He
 }
 
 /// C7: every `send_interval_secs`, release the mail held for dial-up domains and ask the
-/// upstream server, if one is set, to send what it holds for us (ETRN).
-fn spawn_send_scheduler(config: &Config, store: Store) {
+/// upstream server, if one is set, to send what it holds for us (ETRN). The ETRN connection is
+/// outbound like a delivery: it comes from `[delivery] bind_address` (C8) and takes one of the
+/// `max_connections` slots the deliveries share (C6), waiting while they are all busy; runs
+/// never overlap, so the scheduler holds at most one connection.
+fn spawn_send_scheduler(config: &Config, store: Store, outbound: OutboundQueue) {
     let d = &config.delivery;
     if d.send_interval_secs == 0 {
         return;
     }
     let every = Duration::from_secs(d.send_interval_secs);
     let upstream: Option<SocketAddr> = d.etrn_upstream.parse().ok();
+    let bind: Option<std::net::IpAddr> = d.bind_address.parse().ok();
     let (domains, helo) = (d.etrn_upstream_domains.clone(), config.hostname.clone());
     tokio::spawn(async move {
         loop {
@@ -354,7 +448,8 @@ fn spawn_send_scheduler(config: &Config, store: Store) {
                 Err(e) => tracing::warn!(error = %e, "send scheduler could not release held mail"),
             }
             if let (Some(addr), false) = (upstream, domains.is_empty()) {
-                match smtp_client::etrn::request(addr, &helo, &domains).await {
+                let _slot = outbound.connection_slot().await;
+                match smtp_client::etrn::request(addr, bind, &helo, &domains).await {
                     Ok(replies) => tracing::info!(upstream = %addr, replies = ?replies.iter().map(|r| r.code).collect::<Vec<_>>(), "ETRN sent"),
                     Err(e) => tracing::warn!(upstream = %addr, error = %e, "ETRN to the upstream server failed"),
                 }
@@ -384,17 +479,43 @@ fn spawn_journal_retention(store: Store, retention_days: u32) {
     });
 }
 
-/// The certificate of `[tls]`, or the self-signed one in data_dir (made on first start);
-/// reloaded when its files change (O6).
+/// The certificate of `[tls]`, or the self-signed one in data_dir (made on first start, and
+/// again when hostname or a listen address changes); reloaded when its files change (O6). Its
+/// fingerprints are logged: what a mail program pins (`postroom cert show` prints them too).
 fn load_tls(config: &Config) -> anyhow::Result<Option<ServerTls>> {
-    let (tls, source) = ServerTls::load(&config.tls.cert, &config.tls.key, &config.data_dir, &config.hostname)
-        .context("[tls] cert/key: cannot load the certificate")?;
-    match source {
-        CertSource::Generated => tracing::warn!(cert = %tls.cert_path().display(), "no [tls] cert configured: generated a self-signed certificate"),
-        CertSource::GeneratedEarlier => tracing::info!(cert = %tls.cert_path().display(), "using the self-signed certificate generated earlier"),
+    let names = crate::cert_cmd::generated_names(config);
+    let (tls, source) =
+        ServerTls::load(&config.tls.cert, &config.tls.key, &config.data_dir, &names).context("[tls] cert/key: cannot load the certificate")?;
+    let cert = tls.cert_path();
+    let cert = cert.display();
+    match &source {
+        CertSource::Generated => tracing::warn!(%cert, "no [tls] cert configured: generated a self-signed certificate"),
+        CertSource::Regenerated { previous } => tracing::warn!(
+            %cert, %previous, now = %names,
+            "the self-signed certificate named another host name or other addresses: generated a new one; \
+             mail programs that trust the old certificate or its fingerprint must be given the new one"
+        ),
+        CertSource::GeneratedEarlier => tracing::info!(%cert, "using the self-signed certificate generated earlier"),
         CertSource::Files => {}
     }
+    let der = tls.certificate();
+    let fp = tls::Fingerprints::of(&der);
+    let (subject, alt_names) = tls::describe(&der).map_or_else(|e| (e, String::new()), |info| (info.subject.clone(), info.alt_names()));
+    tracing::info!(%cert, %subject, names = %alt_names, sha256 = %fp.sha256, md5 = %fp.md5, "TLS certificate");
     tls.spawn_reloader(Duration::from_secs(5));
+    Ok(Some(tls))
+}
+
+/// O6: the certificate of a reloaded configuration — its `[tls]` files, or the generated one
+/// (made anew when the host name changed) — loaded beside the one in use, which it replaces only
+/// when the whole reload succeeds.
+fn load_tls_files(config: &Config) -> anyhow::Result<Option<ServerTls>> {
+    let names = crate::cert_cmd::generated_names(config);
+    let (tls, source) =
+        ServerTls::load(&config.tls.cert, &config.tls.key, &config.data_dir, &names).context("[tls] cert/key: cannot load the certificate")?;
+    if let CertSource::Generated | CertSource::Regenerated { .. } = source {
+        tracing::warn!(cert = %tls.cert_path().display(), names = %names, "generated a new self-signed certificate");
+    }
     Ok(Some(tls))
 }
 
@@ -430,6 +551,23 @@ fn outbound_settings(c: &Config, own_addresses: Vec<SocketAddr>, reports: mail_f
     }
 }
 
+/// How delivery reports are signed (C4).
+fn report_settings(c: &Config) -> mail_framework::reports::ReportSettings {
+    let responsible = (!c.delivery.dsn_responsible_person.is_empty()).then(|| c.delivery.dsn_responsible_person.clone());
+    mail_framework::reports::ReportSettings { hostname: c.hostname.clone(), responsible_person: responsible }
+}
+
+/// The framework's snap-ins with their settings from `c`.
+fn snapin_chain(c: &Config) -> Vec<Box<dyn mail_framework::pipeline::SnapIn>> {
+    mail_framework::snapins::builtin(&mail_framework::snapins::Settings {
+        postmaster: c.postmaster.to_ascii_lowercase(),
+        filter_max_bytes: c.storage.filter_max_bytes,
+        keep_unscannable: c.storage.filter_unscannable == postroom::config::Unscannable::Keep,
+        reports: report_settings(c),
+        etrn: mail_framework::outbound::EtrnDomains::new(&c.delivery.etrn_domains),
+    })
+}
+
 fn smtp_settings(c: &Config) -> SmtpSettings {
     SmtpSettings {
         hostname: c.hostname.clone(),
@@ -440,6 +578,7 @@ fn smtp_settings(c: &Config) -> SmtpSettings {
         submission_max_sessions: c.smtp.submission_max_sessions,
         submission_max_sessions_per_ip: c.smtp.submission_max_sessions_per_ip,
         local_max_sessions: c.smtp.local_max_sessions,
+        local_sender_domain: c.local_sender_domain(),
         greeting_timeout: Duration::from_secs(c.smtp.greeting_timeout_secs),
         max_session: Duration::from_secs(c.smtp.max_session_secs),
         command_timeout: Duration::from_secs(c.smtp.command_timeout_secs),
@@ -514,21 +653,96 @@ fn write_listening(config: &Config, lines: &[String]) -> anyhow::Result<()> {
 }
 
 /// SIGTERM and SIGINT, as a stream: the first starts a graceful shutdown, the second ends it.
+/// SIGHUP reloads the configuration (O6).
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    Stop,
+    Reload,
 }
 
 impl Signals {
     fn new() -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())?, hup: signal(SignalKind::hangup())? })
     }
 
-    async fn next(&mut self) {
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
         }
+    }
+
+    /// The next SIGTERM or SIGINT; a SIGHUP meanwhile (a reload while stopping) is ignored.
+    async fn stop(&mut self) {
+        while self.next().await == Signal::Reload {}
+    }
+}
+
+/// What a reload (O6) replaces the settings of: the servers, the framework's snap-ins, the
+/// outbound queue and the certificate. See reload.rs for which keys it applies.
+struct Live {
+    source: crate::reload::Source,
+    running: Config,
+    smtp: SmtpServer,
+    pop3: Pop3Server,
+    framework: Framework,
+    outbound: OutboundQueue,
+    tls: Option<ServerTls>,
+    /// The SMTP listeners' addresses (an MX that leads back to them is a loop).
+    own: Vec<SocketAddr>,
+}
+
+impl Live {
+    /// SIGHUP: read the file again; apply it, or keep everything as it is and say why.
+    async fn reload(&mut self) {
+        crate::reload::notify(&crate::reload::reloading());
+        let (source, running) = (self.source.clone(), self.running.clone());
+        // File reads and perhaps a certificate to generate: off the async workers.
+        let prepared = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let file = source.load().map_err(|e| e.to_string())?;
+            let reload = crate::reload::prepare(&running, file)?;
+            let tls = load_tls_files(&reload.effective).map_err(|e| format!("{e:#}"))?;
+            Ok((reload, tls))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the reload failed: {e}")));
+        let (reload, tls) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("configuration not reloaded; the running configuration stays in use: {e}");
+                crate::reload::notify("READY=1\nSTATUS=ready; the last reload was refused (see the log)");
+                return;
+            }
+        };
+        let c = &reload.effective;
+        self.smtp.update_settings(smtp_settings(c));
+        self.pop3.update_settings(pop3_settings(c));
+        self.framework.replace_snapins(snapin_chain(c));
+        self.outbound.update_settings(outbound_settings(c, self.own.clone(), report_settings(c)));
+        if let (Some(running), Some(new)) = (&self.tls, &tls) {
+            if running.certificate() != new.certificate() {
+                let fp = tls::Fingerprints::of(&new.certificate());
+                tracing::info!(cert = %new.cert_path().display(), sha256 = %fp.sha256, "TLS certificate replaced");
+            }
+            running.replace_with(new);
+        }
+        for warning in c.warnings() {
+            tracing::warn!("{warning}");
+        }
+        if !reload.waiting.is_empty() {
+            tracing::warn!("configuration reload: these settings need a restart and keep their running values until then: {}", reload.waiting_text());
+        }
+        let changed = if reload.applied.is_empty() { "nothing to apply".to_string() } else { reload.applied.join(", ") };
+        tracing::info!(file = %c.origin, "configuration reloaded: {changed}");
+        self.running = reload.effective;
+        crate::reload::notify("READY=1\nSTATUS=ready; configuration reloaded");
     }
 }

@@ -20,6 +20,12 @@
 //! it is turned into CRLF while streaming, before dot-stuffing, so a message cannot smuggle a
 //! second one to the next hop through us. Addresses and the HELO name with control characters
 //! are refused before connecting.
+//!
+//! What goes out fits the server (RFC 6152, [`crate::encode`]): the body is read once before
+//! connecting to plan its conversion; a server without 8BITMIME gets 7-bit MIME, and no server
+//! gets a line over 998 octets. A message whose 8-bit octets cannot be converted (in header
+//! fields) is not sent to a server without 8BITMIME: [`SessionError::Unconvertible`], before
+//! MAIL FROM. `BODY=8BITMIME` goes only to a server that offers 8BITMIME.
 
 use std::fmt::Write as _;
 use std::io;
@@ -112,9 +118,15 @@ impl Default for Timeouts {
 /// memory. The caller makes a fresh one for every attempt. Implementations may simply write
 /// `async fn next_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>>`; the future must be
 /// `Send` so that deliveries can run on any runtime thread.
+///
+/// An attempt reads the body twice: once before connecting, to plan its conversion
+/// ([`crate::encode::scan`]), then [`BodySource::rewind`], then again to send it.
 pub trait BodySource {
     /// The next piece of the stored message (CRLF text), `None` at the end.
     fn next_chunk(&mut self) -> impl Future<Output = io::Result<Option<Vec<u8>>>> + Send;
+
+    /// Start again from the first piece; the same pieces follow.
+    fn rewind(&mut self);
 }
 
 /// The envelope of one message on its way to one host.
@@ -130,6 +142,9 @@ pub struct Envelope<'a> {
     pub eight_bit: bool,
     /// RFC 3461 parameters to pass on when the server offers DSN.
     pub dsn: Option<&'a Dsn>,
+    /// RFC 4954 §5: the message's submitter, sent as `AUTH=` to a server that offers AUTH and that
+    /// we authenticated to; `None` (unknown or not trusted) sends `AUTH=<>` there.
+    pub auth_sender: Option<&'a str>,
 }
 
 /// RFC 3461 parameters of a message: RET and ENVID, and each recipient's NOTIFY and ORCPT (in
@@ -187,6 +202,11 @@ pub enum SessionError {
     /// The server said something that is not SMTP, or the envelope cannot be sent.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The server does not offer 8BITMIME and the message has 8-bit octets that cannot be made
+    /// 7-bit ([`crate::encode::Plan::unconvertible`]); nothing was sent (RFC 6152 §3). Permanent:
+    /// 5.6.3.
+    #[error("{0}")]
+    Unconvertible(String),
 }
 
 impl SessionError {
@@ -195,6 +215,7 @@ impl SessionError {
     /// (Postfix's smtp_skip_5xx_greeting).
     pub fn is_permanent(&self) -> bool {
         matches!(self, SessionError::Rejected { reply, stage } if (500..600).contains(&reply.code) && *stage != "greeting")
+            || matches!(self, SessionError::Unconvertible(_))
     }
 
     /// The server's reply, for a rejection.
@@ -258,14 +279,19 @@ async fn attempt<B: BodySource>(
     if settings.credentials.is_some() && !starttls {
         return Err(SessionError::TlsRequired("credentials are sent only over verified TLS, never in plaintext".into()));
     }
+    // Read once before connecting: what must be converted for a server with or without
+    // 8BITMIME, and whether it can be (crate::encode).
+    let plan = crate::encode::scan(body).await.map_err(|e| SessionError::Io(io::Error::new(e.kind(), format!("reading the message body: {e}"))))?;
     let tcp = connect(settings, addr).await?;
     tracing::debug!(host, %addr, "connected");
-    let mut session = Session { settings, host, addr, transport: Transport::Plain(tcp), buf: Vec::new() };
+    let mut session = Session { settings, host, addr, transport: Transport::Plain(tcp), buf: Vec::new(), plan };
     let result = session.run(envelope, body, starttls).await;
     match &result {
         // The server is waiting for a command: say goodbye. After a broken connection, a
         // timeout, a protocol error or a body that broke off mid-DATA, just close.
-        Ok(_) | Err(SessionError::Rejected { .. } | SessionError::TlsRequired(_) | SessionError::Auth(_)) => session.quit().await,
+        Ok(_) | Err(SessionError::Rejected { .. } | SessionError::TlsRequired(_) | SessionError::Auth(_) | SessionError::Unconvertible(_)) => {
+            session.quit().await
+        }
         Err(_) => {}
     }
     match &result {
@@ -308,6 +334,8 @@ struct Capabilities {
     eight_bit_mime: bool,
     starttls: bool,
     dsn: bool,
+    /// AUTH is offered (whatever the mechanisms).
+    auth: bool,
     auth_plain: bool,
     auth_login: bool,
 }
@@ -325,6 +353,7 @@ impl Capabilities {
                 "STARTTLS" => caps.starttls = true,
                 "DSN" => caps.dsn = true,
                 "AUTH" => {
+                    caps.auth = true;
                     let mechanisms = line.to_ascii_uppercase();
                     caps.auth_plain = mechanisms.split_ascii_whitespace().any(|m| m == "PLAIN");
                     caps.auth_login = mechanisms.split_ascii_whitespace().any(|m| m == "LOGIN");
@@ -384,6 +413,8 @@ struct Session<'s> {
     transport: Transport,
     /// Received bytes not yet parsed into replies.
     buf: Vec<u8>,
+    /// What the body needs before it goes to this server ([`crate::encode`]).
+    plan: crate::encode::Plan,
 }
 
 impl Session<'_> {
@@ -414,6 +445,13 @@ impl Session<'_> {
         }
         if let Some(c) = credentials {
             self.authenticate(&caps, &c.user, &c.password).await?;
+        }
+        // RFC 6152 §3: 8-bit octets that cannot be converted do not go to a server that did not
+        // ask for them; the attempt ends before MAIL FROM.
+        if !caps.eight_bit_mime
+            && let Some(why) = self.plan.unconvertible()
+        {
+            return Err(SessionError::Unconvertible(format!("8BITMIME not offered, and the message cannot be made 7-bit: {why}")));
         }
         self.transaction(envelope, body, caps).await
     }
@@ -523,6 +561,14 @@ impl Session<'_> {
                 let _ = write!(mail, " ENVID={}", mail_proto::smtp_command::xtext_encode(envid));
             }
         }
+        // RFC 4954 §5: the submitter goes to a server that offers AUTH and that we authenticated
+        // to (a session with credentials has, or it would not be here); `<>` when not known.
+        if caps.auth && self.settings.credentials.is_some() {
+            use mail_proto::smtp_command::{auth_param_value, parse_auth_param, xtext_encode};
+            // What is not a mailbox cannot be passed on: the submitter is then unknown.
+            let submitter = envelope.auth_sender.filter(|a| parse_auth_param(&xtext_encode(a)).is_some_and(|m| m.is_some()));
+            let _ = write!(mail, " AUTH={}", auth_param_value(submitter));
+        }
         mail.push_str("\r\n");
         let host = self.host;
         let rcpt_params = |i: usize| -> String {
@@ -589,7 +635,7 @@ impl Session<'_> {
             _ => return Err(SessionError::Protocol(format!("unexpected reply to DATA: {}", show(&data_reply)))),
         }
 
-        self.send_body(body).await?;
+        self.send_body(body, !caps.eight_bit_mime).await?;
         let end = self.read_reply("DATA end", t.data_term).await?;
         tracing::debug!(host = self.host, reply = %show(&end), "reply to end of data");
         for outcome in outcomes.iter_mut().filter(|o| **o == RcptOutcome::Accepted) {
@@ -621,12 +667,18 @@ impl Session<'_> {
         }
     }
 
-    /// The body, CRLF-normalised and dot-stuffed, then the terminating `.` line.
-    async fn send_body<B: BodySource>(&mut self, body: &mut B) -> Result<(), SessionError> {
+    /// The body, CRLF-normalised, converted as the plan says for a server with or without
+    /// 8BITMIME (`seven_bit`), dot-stuffed, then the terminating `.` line.
+    async fn send_body<B: BodySource>(&mut self, body: &mut B, seven_bit: bool) -> Result<(), SessionError> {
         let block_timeout = self.settings.timeouts.data_block;
         let mut endings = BareEndings::default();
+        let mut converter = crate::encode::Converter::new(&self.plan, seven_bit);
+        if converter.converts() {
+            tracing::debug!(host = self.host, seven_bit, "converting the message for this server");
+        }
         let mut stuffer = DotStuffer::default();
         let mut normalised = Vec::new();
+        let mut converted = Vec::new();
         let mut out = Vec::new();
         loop {
             let chunk = body.next_chunk().await.map_err(|e| {
@@ -637,7 +689,9 @@ impl Session<'_> {
             let Some(chunk) = chunk else { break };
             normalised.clear();
             endings.feed(&chunk, &mut normalised);
-            stuffer.stuff(&normalised, &mut out);
+            converted.clear();
+            converter.feed(&normalised, &mut converted);
+            stuffer.stuff(&converted, &mut out);
             if out.len() >= WRITE_BLOCK {
                 self.send("DATA block", block_timeout, &out).await?;
                 out.clear();
@@ -645,7 +699,10 @@ impl Session<'_> {
         }
         normalised.clear();
         endings.finish(&mut normalised);
-        stuffer.stuff(&normalised, &mut out);
+        converted.clear();
+        converter.feed(&normalised, &mut converted);
+        converter.finish(&mut converted);
+        stuffer.stuff(&converted, &mut out);
         stuffer.finish(&mut out);
         self.send("DATA block", block_timeout, &out).await
     }
@@ -995,11 +1052,13 @@ mod tests {
 
     // ---- the client side ----
 
-    struct Chunks(VecDeque<Vec<u8>>);
+    /// The pieces not yet read, and all of them (for rewind).
+    struct Chunks(VecDeque<Vec<u8>>, Vec<Vec<u8>>);
 
     impl Chunks {
         fn new(parts: &[&[u8]]) -> Self {
-            Chunks(parts.iter().map(|p| p.to_vec()).collect())
+            let all: Vec<Vec<u8>> = parts.iter().map(|p| p.to_vec()).collect();
+            Chunks(all.iter().cloned().collect(), all)
         }
     }
 
@@ -1007,18 +1066,40 @@ mod tests {
         async fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
             Ok(self.0.pop_front())
         }
+
+        fn rewind(&mut self) {
+            self.0 = self.1.iter().cloned().collect();
+        }
     }
 
-    /// One chunk, then a read error.
-    struct Broken(bool);
+    /// One chunk, then a read error; `at_scan`: already while the conversion is planned,
+    /// otherwise only while the body is sent.
+    struct Broken {
+        at_scan: bool,
+        sent_one: bool,
+        rewound: bool,
+    }
+
+    impl Broken {
+        fn new(at_scan: bool) -> Self {
+            Broken { at_scan, sent_one: false, rewound: false }
+        }
+    }
 
     impl BodySource for Broken {
         async fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
-            if std::mem::replace(&mut self.0, true) {
+            if !std::mem::replace(&mut self.sent_one, true) {
+                Ok(Some(b"Subject: half\r\n\r\nfirst half\r\n".to_vec()))
+            } else if self.at_scan || self.rewound {
                 Err(io::Error::other("disk on fire"))
             } else {
-                Ok(Some(b"Subject: half\r\n\r\nfirst half\r\n".to_vec()))
+                Ok(None)
             }
+        }
+
+        fn rewind(&mut self) {
+            self.sent_one = false;
+            self.rewound = true;
         }
     }
 
@@ -1051,7 +1132,7 @@ mod tests {
     ) -> (Result<Vec<RcptOutcome>, SessionError>, Log) {
         let (addr, server) = server(script).await;
         let recipients = rcpts(to);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: false, dsn: None };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: false, dsn: None, auth_sender: None };
         let result = deliver(settings, "mx.test", addr, &envelope, body).await;
         let log = tokio::time::timeout(Duration::from_secs(3), server).await.expect("server finished").unwrap();
         (result, log)
@@ -1073,7 +1154,7 @@ mod tests {
         ]);
         let (addr, server) = server(Script::default()).await;
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: true, dsn: None };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: true, dsn: None, auth_sender: None };
         let result = deliver(&settings(), "mx.test", addr, &envelope, &mut body).await.unwrap();
         let log = server.await.unwrap();
         assert_eq!(result, vec![RcptOutcome::Accepted]);
@@ -1099,7 +1180,7 @@ mod tests {
         let script = Script { ehlo: "250-mx.test\r\n250 PIPELINING\r\n", ..Script::default() };
         let (addr, server) = server(script).await;
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "", recipients: &recipients, size: 99, eight_bit: true, dsn: None };
+        let envelope = Envelope { mail_from: "", recipients: &recipients, size: 99, eight_bit: true, dsn: None, auth_sender: None };
         let result = deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap();
         assert_eq!(result, vec![RcptOutcome::Accepted]);
         let log = server.await.unwrap();
@@ -1295,7 +1376,7 @@ mod tests {
 
     #[tokio::test]
     async fn broken_body_source_never_ends_the_message() {
-        let (result, log) = run(Script::default(), &settings(), &["b@example.net"], &mut Broken(false)).await;
+        let (result, log) = run(Script::default(), &settings(), &["b@example.net"], &mut Broken::new(false)).await;
         match result {
             Err(SessionError::Io(e)) => assert!(e.to_string().contains("disk on fire"), "{e}"),
             other => panic!("{other:?}"),
@@ -1303,6 +1384,12 @@ mod tests {
         // The connection closed mid-DATA: no end of message, no QUIT read as message text.
         assert!(log.wire_body.is_none());
         assert_eq!(log.lines().last(), Some(&"DATA"));
+        // A body that cannot be read while the conversion is planned: no connection at all.
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let recipients = rcpts(&["b@example.net"]);
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None, auth_sender: None };
+        let result = deliver(&settings(), "mx.test", addr, &envelope, &mut Broken::new(true)).await;
+        assert!(matches!(&result, Err(SessionError::Io(e)) if e.to_string().contains("disk on fire")), "{result:?}");
     }
 
     #[tokio::test]
@@ -1322,7 +1409,7 @@ mod tests {
         };
         let (addr, server) = server(script).await;
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: true, dsn: None };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1234, eight_bit: true, dsn: None, auth_sender: None };
         let mut body = Chunks::new(&[b"Subject: secret\r\n\r\n.x\r\n"]);
         let result = deliver(&settings(), "mx.test", addr, &envelope, &mut body).await.unwrap();
         let log = server.await.unwrap();
@@ -1364,7 +1451,7 @@ mod tests {
         // The caller's retry (C5): same host, no STARTTLS.
         let (addr, server) = server(script).await;
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None, auth_sender: None };
         let result = deliver_plaintext(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap();
         assert_eq!(result, vec![RcptOutcome::Accepted]);
         let log = server.await.unwrap();
@@ -1392,7 +1479,7 @@ mod tests {
         // An IPv6 bind address cannot reach an IPv4 destination.
         s.bind_address = Some("::1".parse().unwrap());
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None, auth_sender: None };
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let result = deliver(&s, "mx.test", addr, &envelope, &mut simple_body()).await;
         assert!(matches!(result, Err(SessionError::Connect(_))), "{result:?}");
@@ -1403,7 +1490,7 @@ mod tests {
         // A port that was just free.
         let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None, auth_sender: None };
         let result = deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await;
         assert!(matches!(result, Err(SessionError::Connect(_))), "{result:?}");
     }
@@ -1413,12 +1500,12 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         for (from, to) in [("a@x.test\r\nRCPT TO:<evil@x.test>", "b@x.test"), ("a@x.test", "b@x.test>\r\nDATA")] {
             let recipients = rcpts(&[to]);
-            let envelope = Envelope { mail_from: from, recipients: &recipients, size: 1, eight_bit: false, dsn: None };
+            let envelope = Envelope { mail_from: from, recipients: &recipients, size: 1, eight_bit: false, dsn: None, auth_sender: None };
             let result = deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await;
             assert!(matches!(result, Err(SessionError::Protocol(_))), "{result:?}");
         }
         // No recipients: nothing to do, no connection.
-        let envelope = Envelope { mail_from: "a@x.test", recipients: &[], size: 1, eight_bit: false, dsn: None };
+        let envelope = Envelope { mail_from: "a@x.test", recipients: &[], size: 1, eight_bit: false, dsn: None, auth_sender: None };
         assert_eq!(deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap(), vec![]);
     }
 
@@ -1485,7 +1572,7 @@ mod tests {
     async fn run_at(script: Script, settings: &ClientSettings, host: &str) -> (Result<Vec<RcptOutcome>, SessionError>, Log) {
         let (addr, server) = server(script).await;
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None, auth_sender: None };
         let result = deliver(settings, host, addr, &envelope, &mut simple_body()).await;
         let log = tokio::time::timeout(Duration::from_secs(3), server).await.expect("server finished").unwrap();
         (result, log)
@@ -1577,7 +1664,7 @@ mod tests {
         }
         // The caller's plaintext retry cannot carry credentials: it does not even connect.
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None };
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None, auth_sender: None };
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let result = deliver_plaintext(&with_credentials(by_ca(&p)), "mx.test", addr, &envelope, &mut simple_body()).await;
         assert!(matches!(result, Err(SessionError::TlsRequired(_))), "{result:?}");
@@ -1600,6 +1687,42 @@ mod tests {
         assert!(!password_seen(&log));
     }
 
+    /// RFC 4954 §5: AUTH= goes only to a server that offers AUTH and that we authenticated to:
+    /// the submitter as xtext, `<>` when it is unknown (or not a mailbox).
+    #[tokio::test]
+    async fn auth_parameter_only_to_a_server_we_authenticated_to() {
+        let p = pki(&["mx.test"]);
+        let mail_line = |log: &Log| log.lines().into_iter().find(|l| l.starts_with("MAIL")).map(str::to_string);
+        let recipients = rcpts(&["b@example.net"]);
+        for (submitter, want) in [
+            (Some("sam@example.test"), " AUTH=sam@example.test"),
+            (Some("e=mc2@example.test"), " AUTH=e+3Dmc2@example.test"),
+            (None, " AUTH=<>"),
+            (Some("not a mailbox"), " AUTH=<>"),
+        ] {
+            let (addr, server) = server(smarthost(Some(p.server.clone()))).await;
+            let envelope =
+                Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: None, auth_sender: submitter };
+            let result = deliver(&with_credentials(by_ca(&p)), "mx.test", addr, &envelope, &mut simple_body()).await;
+            assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+            let log = server.await.unwrap();
+            assert_eq!(mail_line(&log).unwrap(), format!("MAIL FROM:<a@example.org>{want}"), "{submitter:?}");
+        }
+        // Offered, but no credentials for this host: we did not authenticate, so no AUTH=.
+        let (addr, server) = server(smarthost(None)).await;
+        let envelope = Envelope {
+            mail_from: "a@example.org",
+            recipients: &recipients,
+            size: 1,
+            eight_bit: false,
+            dsn: None,
+            auth_sender: Some("sam@example.test"),
+        };
+        deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap();
+        let log = server.await.unwrap();
+        assert_eq!(mail_line(&log).unwrap(), "MAIL FROM:<a@example.org>");
+    }
+
     #[tokio::test]
     async fn dsn_parameters_that_cannot_be_relayed_are_dropped() {
         let script = Script { ehlo: "250-mx.test\r\n250 DSN\r\n", ..Script::default() };
@@ -1615,7 +1738,8 @@ mod tests {
             ],
             ..Default::default()
         };
-        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: Some(&dsn) };
+        let envelope =
+            Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: false, dsn: Some(&dsn), auth_sender: None };
         let result = deliver(&settings(), "mx.test", addr, &envelope, &mut simple_body()).await.unwrap();
         assert_eq!(result.len(), 3);
         let log = server.await.unwrap();
@@ -1629,6 +1753,73 @@ mod tests {
                 "RCPT TO:<d@example.net>",
             ]
         );
+    }
+
+    // ---- RFC 6152: 7-bit for a server without 8BITMIME; no line over 998 octets (encode) ----
+
+    const NO_8BITMIME: &str = "250-mx.test\r\n250 PIPELINING\r\n";
+
+    #[tokio::test]
+    async fn eight_bit_body_goes_quoted_printable_to_a_server_without_8bitmime() {
+        let body: &[u8] = b"Subject: t\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n.Gr\xc3\xbc\xc3\x9fe\r\n";
+        let script = Script { ehlo: NO_8BITMIME, ..Script::default() };
+        let (addr, server) = server(script).await;
+        let recipients = rcpts(&["b@example.net"]);
+        let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: true, dsn: None, auth_sender: None };
+        let result = deliver(&settings(), "mx.test", addr, &envelope, &mut Chunks::new(&[&body[..20], &body[20..]])).await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+        let log = server.await.unwrap();
+        assert_eq!(log.lines()[1], "MAIL FROM:<a@example.org>", "no BODY=8BITMIME to a server that does not offer it");
+        let wire = log.wire_body.unwrap();
+        assert!(wire.iter().all(|&b| b < 128), "{}", String::from_utf8_lossy(&wire));
+        assert_eq!(
+            String::from_utf8(log.body.unwrap()).unwrap(),
+            "Subject: t\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\nMIME-Version: 1.0\r\n\r\n\
+             .Gr=C3=BC=C3=9Fe\r\n"
+        );
+        assert!(wire.windows(6).any(|w| w == b"\r\n..Gr"), "converted text is still dot-stuffed");
+    }
+
+    #[tokio::test]
+    async fn eight_bit_body_unchanged_for_a_server_with_8bitmime() {
+        let body: &[u8] = b"Subject: t\r\n\r\ncaf\xc3\xa9 \xff\r\n";
+        let (result, log) = run(Script::default(), &settings(), &["b@example.net"], &mut Chunks::new(&[body])).await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+        assert_eq!(log.body.as_deref(), Some(body));
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_encoded_for_every_server() {
+        let long = "x".repeat(5000);
+        let body = format!("Subject: t\r\n\r\n{long}\r\n");
+        for ehlo in [NO_8BITMIME, "250-mx.test\r\n250 8BITMIME\r\n"] {
+            let script = Script { ehlo, ..Script::default() };
+            let (result, log) = run(script, &settings(), &["b@example.net"], &mut Chunks::new(&[body.as_bytes()])).await;
+            assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+            let got = String::from_utf8(log.body.unwrap()).unwrap();
+            assert!(got.starts_with("Subject: t\r\nContent-Transfer-Encoding: quoted-printable\r\nMIME-Version: 1.0\r\n\r\n"), "{got}");
+            assert!(got.lines().all(|l| l.len() <= 76), "{ehlo:?}");
+            assert_eq!(got.split("\r\n\r\n").nth(1).unwrap().replace("=\r\n", ""), format!("{long}\r\n"));
+        }
+    }
+
+    #[tokio::test]
+    async fn unconvertible_message_ends_the_attempt_before_mail_from() {
+        let body: &[u8] = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nhello\r\n";
+        let script = Script { ehlo: NO_8BITMIME, ..Script::default() };
+        let (result, log) = run(script, &settings(), &["b@example.net"], &mut Chunks::new(&[body])).await;
+        let e = result.unwrap_err();
+        assert!(matches!(&e, SessionError::Unconvertible(why) if why.contains("header")), "{e:?}");
+        assert!(e.is_permanent());
+        assert_eq!(log.lines(), vec!["EHLO client.test", "QUIT"]);
+        // HELO only: no extensions, so no 8BITMIME either.
+        let script = Script { ehlo: "502 5.5.2 what?\r\n", ..Script::default() };
+        let (result, _) = run(script, &settings(), &["b@example.net"], &mut Chunks::new(&[body])).await;
+        assert!(matches!(result, Err(SessionError::Unconvertible(_))), "{result:?}");
+        // A server with 8BITMIME takes it as it is.
+        let (result, log) = run(Script::default(), &settings(), &["b@example.net"], &mut Chunks::new(&[body])).await;
+        assert_eq!(result.unwrap(), vec![RcptOutcome::Accepted]);
+        assert_eq!(log.body.as_deref(), Some(body));
     }
 
     #[test]
@@ -1689,7 +1880,7 @@ mod tests {
         fn assert_send<T: Send>(_: &T) {}
         let s = settings();
         let recipients = rcpts(&["b@example.net"]);
-        let envelope = Envelope { mail_from: "", recipients: &recipients, size: 0, eight_bit: false, dsn: None };
+        let envelope = Envelope { mail_from: "", recipients: &recipients, size: 0, eight_bit: false, dsn: None, auth_sender: None };
         let mut body = simple_body();
         let fut = deliver(&s, "h", "127.0.0.1:9".parse().unwrap(), &envelope, &mut body);
         assert_send(&fut);

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conversation;
+pub mod encode;
 pub mod etrn;
 pub mod local_submit;
 pub mod queue_manager;

@@ -16,6 +16,14 @@ pub enum SubmitError {
     /// The server is not running or not reachable: try again later (sysexits 75).
     #[error("the Postroom server is not running ({0})")]
     Unavailable(String),
+    /// The socket is there, but this user may not reach it (EACCES/EPERM): the socket's
+    /// directory or the socket does not let them in (sysexits 77, EX_NOPERM).
+    #[error("no permission to use the Postroom server's socket {0}")]
+    NoPermission(String),
+    /// A refusal for security or policy (5.7.x), e.g. a sender address that is not the local
+    /// user's own (A4) (sysexits 77, EX_NOPERM).
+    #[error("not permitted: {0}")]
+    NotPermitted(String),
     /// A temporary refusal (4xx): try again later (sysexits 75).
     #[error("temporary failure: {0}")]
     Temporary(String),
@@ -40,7 +48,7 @@ pub struct Submitted {
 /// Send `message` (any line endings; it is converted to CRLF and dot-stuffed) from `from` to
 /// `recipients` through the socket at `socket`.
 pub async fn submit<R: AsyncRead + Unpin>(socket: &Path, from: &str, recipients: &[String], mut message: R) -> Result<Submitted, SubmitError> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| SubmitError::Unavailable(format!("{}: {e}", socket.display())))?;
+    let stream = UnixStream::connect(socket).await.map_err(|e| connect_error(socket, &e))?;
     let mut c = Conversation { stream, buf: Vec::new() };
     c.expect_ok(None).await?;
     c.expect_ok(Some("EHLO localhost")).await?;
@@ -85,12 +93,29 @@ pub async fn submit<R: AsyncRead + Unpin>(socket: &Path, from: &str, recipients:
     Ok(report)
 }
 
+/// No permission is not "not running": retrying will not help, the administrator must (77).
+/// A missing socket or a refused connection (left behind by a killed server) is (75).
+fn connect_error(socket: &Path, e: &std::io::Error) -> SubmitError {
+    let place = format!("{}: {e}", socket.display());
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => SubmitError::NoPermission(format!(
+            "{place}; its directory {} or the socket does not let this user in (ask the administrator: `[smtp] local_socket`)",
+            socket.parent().map(|d| d.display().to_string()).unwrap_or_default()
+        )),
+        _ => SubmitError::Unavailable(place),
+    }
+}
+
 fn text(reply: &Reply) -> String {
     reply.to_string().trim_end().to_string()
 }
 
 fn classify(reply: &Reply) -> SubmitError {
-    if reply.code < 500 { SubmitError::Temporary(text(reply)) } else { SubmitError::Refused(text(reply)) }
+    match (reply.code, reply.status) {
+        (..500, _) => SubmitError::Temporary(text(reply)),
+        (_, Some((7, _))) => SubmitError::NotPermitted(text(reply)),
+        _ => SubmitError::Refused(text(reply)),
+    }
 }
 
 struct Conversation {
@@ -195,6 +220,19 @@ mod tests {
         }
         s.finish(&mut out);
         out
+    }
+
+    #[test]
+    fn refusals_and_connect_errors_are_classified() {
+        let io = |kind| std::io::Error::from(kind);
+        let sock = Path::new("/run/postroom/sendmail.sock");
+        let e = connect_error(sock, &io(std::io::ErrorKind::PermissionDenied));
+        assert!(matches!(&e, SubmitError::NoPermission(m) if m.contains("/run/postroom/sendmail.sock") && m.contains("/run/postroom ")), "{e}");
+        assert!(matches!(connect_error(sock, &io(std::io::ErrorKind::NotFound)), SubmitError::Unavailable(_)));
+        assert!(matches!(connect_error(sock, &io(std::io::ErrorKind::ConnectionRefused)), SubmitError::Unavailable(_)));
+        assert!(matches!(classify(&Reply::new(553, (7, 1), "not yours")), SubmitError::NotPermitted(_)));
+        assert!(matches!(classify(&Reply::new(554, (6, 0), "no")), SubmitError::Refused(_)));
+        assert!(matches!(classify(&Reply::new(451, (3, 0), "later")), SubmitError::Temporary(_)));
     }
 
     #[test]

@@ -48,7 +48,9 @@ pub struct OutboundQueue {
 }
 
 struct Inner {
-    settings: OutboundSettings,
+    /// Replaced by [`OutboundQueue::update_settings`] (O6: SIGHUP); each attempt takes the
+    /// settings current when it starts.
+    settings: std::sync::RwLock<Arc<OutboundSettings>>,
     store: Store,
     dns: Option<Dns>,
     /// Woken by the framework when it forwards recipients, and by finished deliveries.
@@ -69,7 +71,7 @@ impl OutboundQueue {
         let total = Arc::new(Semaphore::new(settings.max_connections.max(1)));
         OutboundQueue {
             inner: Arc::new(Inner {
-                settings,
+                settings: std::sync::RwLock::new(Arc::new(settings)),
                 store,
                 dns,
                 wake,
@@ -82,6 +84,18 @@ impl OutboundQueue {
                 per_domain: Mutex::default(),
             }),
         }
+    }
+
+    /// The settings current now.
+    fn settings(&self) -> Arc<OutboundSettings> {
+        self.inner.settings.read().expect("outbound settings").clone()
+    }
+
+    /// New settings (O6: the configuration was reloaded), for the attempts that start from now
+    /// on. The connection limits stay as they were made: `max_connections` and
+    /// `max_connections_per_domain` need a restart.
+    pub fn update_settings(&self, settings: OutboundSettings) {
+        *self.inner.settings.write().expect("outbound settings") = Arc::new(settings);
     }
 
     /// Stamped on every scan (`postroom status`).
@@ -129,7 +143,7 @@ impl OutboundQueue {
             if expire {
                 self.inner.last_expiry.store(now, Ordering::Relaxed);
             }
-            let schedule = self.inner.settings.schedule;
+            let schedule = self.settings().schedule;
             let (attempt, claimed, expired) = self
                 .inner
                 .store
@@ -173,9 +187,16 @@ impl OutboundQueue {
         }
     }
 
+    /// C6: one of the `max_connections` outbound connection slots, for a connection made beside
+    /// the deliveries (the send scheduler's ETRN to its upstream host, C7); waits while all are
+    /// busy, like a delivery.
+    pub async fn connection_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.inner.total.clone().acquire_owned().await.expect("the connection limit is never closed")
+    }
+
     fn domain_limit(&self, domain: &str) -> Arc<Semaphore> {
         let mut map = self.inner.per_domain.lock().expect("per-domain limits");
-        map.entry(domain.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.inner.settings.max_connections_per_domain.max(1)))).clone()
+        map.entry(domain.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.settings().max_connections_per_domain.max(1)))).clone()
     }
 
     async fn deliver_group(&self, attempt: i64, group: Vec<Due>) {
@@ -186,10 +207,12 @@ impl OutboundQueue {
         if self.inner.stopping.load(Ordering::Relaxed) {
             return; // never started: the claim is released at the next start
         }
-        let outcomes = self.attempt(&domain, &group).await;
+        let settings = self.settings();
+        let outcomes = self.attempt(&settings, &domain, &group).await;
         drop((domain_slot, total_slot));
-        let (schedule, reports) = (self.inner.settings.schedule, self.inner.settings.reports.clone());
+        let (schedule, reports) = (settings.schedule, settings.reports.clone());
         let results: Vec<(Due, Outcome)> = group.into_iter().zip(outcomes).collect();
+        count_outcomes(&results);
         let recorded =
             self.inner.store.write(Durability::Full, move |c| outbound::record(c, attempt, &results, &schedule, &reports, store::now())).await;
         match recorded {
@@ -201,16 +224,16 @@ impl OutboundQueue {
     }
 
     /// Route, then try each host and address in order until one gives per-recipient results.
-    async fn attempt(&self, domain: &str, group: &[Due]) -> Vec<Outcome> {
+    async fn attempt(&self, settings: &OutboundSettings, domain: &str, group: &[Due]) -> Vec<Outcome> {
         let first = &group[0];
         self.journal(code::CLIENT_DEQUEUED, first, &format!("{} recipient(s) for {domain}", group.len())).await;
-        let hosts = match route::route(&self.inner.settings.route, self.inner.dns.as_ref(), domain).await {
+        let hosts = match route::route(&settings.route, self.inner.dns.as_ref(), domain).await {
             Route::Hosts(h) => h,
             Route::Defer(why) => {
                 self.journal(code::CLIENT_DNS, first, &why).await;
-                return vec![Outcome::Retry(why); group.len()];
+                return vec![Outcome::retry(why); group.len()];
             }
-            Route::Fail(why) => return vec![Outcome::Failed(why); group.len()],
+            Route::Fail(why) => return vec![Outcome::failed(why); group.len()],
         };
         let recipients: Vec<String> = group.iter().map(|d| d.address.clone()).collect();
         // RFC 3461 parameters go on only when some recipient or the message has any.
@@ -227,8 +250,10 @@ impl OutboundQueue {
             size: first.size as u64,
             eight_bit: true,
             dsn: wants_dsn.then_some(&dsn),
+            auth_sender: first.auth_sender.as_deref(),
         };
         let mut last_error = String::from("no host could be reached");
+        let mut last_host: Option<String> = None;
         for host in &hosts {
             // C5: credentials for hosts on the host-authentication list.
             let name = host.name.clone();
@@ -238,18 +263,19 @@ impl OutboundQueue {
                 Err(e) => {
                     // Without knowing whether the host gets credentials, do not talk to it.
                     last_error = format!("4.3.0 host {}: cannot read the host-authentication list: {e}", host.name);
+                    last_host = None;
                     continue;
                 }
             };
             for addr in &host.addrs {
-                let mut tls = self.inner.settings.client.starttls;
+                let mut tls = settings.client.starttls;
                 loop {
-                    let settings = ClientSettings { starttls: tls, credentials: credentials.clone(), ..self.inner.settings.client.clone() };
+                    let client = ClientSettings { starttls: tls, credentials: credentials.clone(), ..settings.client.clone() };
                     let mut body = StoreBody::new(self.inner.store.clone(), first.message_id, first.expanded_from.as_deref());
-                    match conversation::deliver(&settings, &host.name, *addr, &envelope, &mut body).await {
+                    match conversation::deliver(&client, &host.name, *addr, &envelope, &mut body).await {
                         Ok(results) => {
                             let relayed = !dsn.peer_offers.load(std::sync::atomic::Ordering::Relaxed);
-                            return results.into_iter().map(|r| outcome(r, relayed)).collect();
+                            return results.into_iter().map(|r| outcome(r, relayed).from_host(&host.name)).collect();
                         }
                         // C5: a failed opportunistic handshake is retried in plaintext on the same
                         // host — never for a host that gets credentials: they go over verified TLS
@@ -258,9 +284,13 @@ impl OutboundQueue {
                             tracing::info!(host = %host.name, error = %e, "STARTTLS failed; retrying in plaintext");
                             tls = false;
                         }
-                        Err(e) if e.is_permanent() => return vec![Outcome::Failed(describe(&host.name, &e)); group.len()],
+                        Err(e) if e.is_permanent() => {
+                            return vec![Outcome::failed(describe(&host.name, &e)).from_host(&host.name); group.len()];
+                        }
                         Err(e) => {
                             last_error = describe(&host.name, &e);
+                            // RFC 3464 §2.3.5: only a host that replied is a Remote-MTA.
+                            last_host = e.reply().map(|_| host.name.clone());
                             tracing::info!(host = %host.name, %addr, error = %last_error, "delivery attempt failed; trying the next host");
                             break;
                         }
@@ -268,7 +298,11 @@ impl OutboundQueue {
                 }
             }
         }
-        vec![Outcome::Retry(last_error); group.len()]
+        let retry = match last_host {
+            Some(host) => Outcome::retry(last_error).from_host(&host),
+            None => Outcome::retry(last_error),
+        };
+        vec![retry; group.len()]
     }
 
     async fn journal(&self, code: &'static str, due: &Due, detail: &str) {
@@ -286,11 +320,22 @@ impl OutboundQueue {
     }
 }
 
+/// `/metrics`: each recipient's result, and for a delivered one the time since its arrival.
+fn count_outcomes(results: &[(Due, Outcome)]) {
+    for (due, result) in results {
+        match result {
+            Outcome::Delivered { .. } => metrics::delivery("delivered", Some(store::now() - due.received_at)),
+            Outcome::Retry { .. } => metrics::delivery("retry", None),
+            Outcome::Failed { .. } => metrics::delivery("failed", None),
+        }
+    }
+}
+
 fn outcome(r: RcptOutcome, relayed: bool) -> Outcome {
     match r {
-        RcptOutcome::Accepted => Outcome::Delivered { reply: "250 accepted".into(), relayed },
-        RcptOutcome::Deferred(reply) => Outcome::Retry(reply.to_string().trim_end().to_string()),
-        RcptOutcome::Failed(reply) => Outcome::Failed(reply.to_string().trim_end().to_string()),
+        RcptOutcome::Accepted => Outcome::Delivered { reply: "250 accepted".into(), relayed, remote_mta: None },
+        RcptOutcome::Deferred(reply) => Outcome::retry(reply.to_string().trim_end()),
+        RcptOutcome::Failed(reply) => Outcome::failed(reply.to_string().trim_end()),
     }
 }
 
@@ -308,38 +353,55 @@ fn describe(host: &str, e: &SessionError) -> String {
         SessionError::TlsRequired(_) => format!("4.7.4 host {host}: {e}; credentials not sent"),
         SessionError::Tls(_) => format!("4.7.5 host {host}: {e}; credentials not sent"),
         SessionError::Auth(_) => format!("4.7.0 host {host}: {e}"),
+        // RFC 6152 §3, RFC 3463: conversion required but not supported.
+        SessionError::Unconvertible(_) => format!("5.6.3 host {host}: {e}"),
         other => format!("4.4.1 host {host}: {other}"),
     }
 }
 
 /// The stored body, chunk by chunk, for one attempt; mail expanded from an alias or a
-/// forwarding address starts with `Delivered-To:` for loop detection (F7).
+/// forwarding address starts with `Delivered-To:` for loop detection (F7). Read twice per
+/// attempt (the conversion is planned first, see crate::encode), one chunk at a time.
 struct StoreBody {
     store: Store,
     message_id: i64,
     delivered_to: Option<String>,
-    chunks: Option<std::vec::IntoIter<i64>>,
+    /// The Delivered-To line was given out in this pass.
+    header_given: bool,
+    /// The chunk ids, once read, and how many were given out in this pass.
+    chunks: Option<Vec<i64>>,
+    next: usize,
 }
 
 impl StoreBody {
     fn new(store: Store, message_id: i64, expanded_from: Option<&str>) -> Self {
-        StoreBody { store, message_id, delivered_to: expanded_from.map(|a| format!("Delivered-To: {a}\r\n")), chunks: None }
+        let delivered_to = expanded_from.map(|a| format!("Delivered-To: {a}\r\n"));
+        StoreBody { store, message_id, delivered_to, header_given: false, chunks: None, next: 0 }
     }
 }
 
 impl BodySource for StoreBody {
     async fn next_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>> {
-        if let Some(header) = self.delivered_to.take() {
-            return Ok(Some(header.into_bytes()));
+        if let Some(header) = self.delivered_to.as_ref().filter(|_| !self.header_given) {
+            self.header_given = true;
+            return Ok(Some(header.clone().into_bytes()));
         }
         if self.chunks.is_none() {
             let id = self.message_id;
             let ids = self.store.read(move |c| message::body::chunk_ids(c, id)).await.map_err(std::io::Error::other)?;
-            self.chunks = Some(ids.into_iter());
+            self.chunks = Some(ids);
         }
-        match self.chunks.as_mut().and_then(Iterator::next) {
-            Some(chunk) => Ok(Some(message::mailbox::chunk(&self.store, chunk).await.map_err(std::io::Error::other)?)),
+        match self.chunks.as_ref().and_then(|ids| ids.get(self.next)).copied() {
+            Some(chunk) => {
+                self.next += 1;
+                Ok(Some(message::mailbox::chunk(&self.store, chunk).await.map_err(std::io::Error::other)?))
+            }
             None => Ok(None),
         }
+    }
+
+    fn rewind(&mut self) {
+        self.header_given = false;
+        self.next = 0;
     }
 }

@@ -40,6 +40,8 @@ pub struct SmtpSettings {
     pub submission_max_sessions_per_ip: usize,
     /// S4: concurrent sessions on the local socket of `postroom sendmail` (F6).
     pub local_max_sessions: usize,
+    /// A4: a local user may send as `user@local_sender_domain` (`sendmail`'s default sender).
+    pub local_sender_domain: String,
     /// S4: from the greeting to HELO/EHLO; a client that never speaks is closed with 421 after it.
     pub greeting_timeout: Duration,
     /// S4: a session's whole life; past it the session gets 421 at the next command boundary.
@@ -75,6 +77,18 @@ pub enum ListenerKind {
     Local,
 }
 
+impl ListenerKind {
+    /// The listener's name, as in `data_dir/listening` and `/metrics`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::Mx => "smtp",
+            ListenerKind::Submission => "submission",
+            ListenerKind::Smtps => "smtps",
+            ListenerKind::Local => "local",
+        }
+    }
+}
+
 /// What the SMTP server works with besides its settings.
 #[derive(Clone)]
 pub struct Services {
@@ -95,7 +109,11 @@ pub struct Services {
 /// Shared by every connection of every SMTP listener.
 #[derive(Clone)]
 pub struct SmtpServer {
+    /// The settings of this session: taken from `live` when the connection is accepted, so a
+    /// session keeps the settings it started with.
     settings: Arc<SmtpSettings>,
+    /// The current settings, replaced by [`SmtpServer::update_settings`] (O6: SIGHUP).
+    live: Arc<tokio::sync::watch::Sender<Arc<SmtpSettings>>>,
     services: Services,
     pools: SessionPools,
     lists: ListCache,
@@ -114,6 +132,12 @@ struct SessionPools {
 }
 
 impl SessionPools {
+    fn set_limits(&self, s: &SmtpSettings) {
+        self.mx.set_limits(s.max_sessions, s.max_sessions_per_ip);
+        self.submission.set_limits(s.submission_max_sessions, s.submission_max_sessions_per_ip);
+        self.local.set_limits(s.local_max_sessions, s.local_max_sessions);
+    }
+
     fn new(s: &SmtpSettings) -> Self {
         SessionPools {
             mx: SessionLimits::new(s.max_sessions, s.max_sessions_per_ip),
@@ -135,7 +159,21 @@ impl SessionPools {
 impl SmtpServer {
     pub fn new(settings: SmtpSettings, services: Services) -> Self {
         let pools = SessionPools::new(&settings);
-        SmtpServer { settings: Arc::new(settings), services, pools, lists: ListCache::default() }
+        let settings = Arc::new(settings);
+        let live = Arc::new(tokio::sync::watch::Sender::new(settings.clone()));
+        SmtpServer { settings, live, services, pools, lists: ListCache::default() }
+    }
+
+    /// New settings (O6: the configuration was reloaded): sessions accepted from now on use
+    /// them, the open ones keep theirs; the session pools take the new sizes at once.
+    pub fn update_settings(&self, settings: SmtpSettings) {
+        self.pools.set_limits(&settings);
+        self.live.send_replace(Arc::new(settings));
+    }
+
+    /// A handle for one new session, with the settings current now.
+    fn for_session(&self) -> Self {
+        SmtpServer { settings: self.live.borrow().clone(), ..self.clone() }
     }
 
     /// Sessions open now, on every SMTP listener and the local socket.
@@ -153,7 +191,7 @@ impl SmtpServer {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    let me = self.clone();
+                    let me = self.for_session();
                     tokio::spawn(async move { me.connection(stream, peer, kind).await });
                 }
                 Err(e) => {
@@ -184,10 +222,12 @@ impl SmtpServer {
         // the connect (a client still in its TLS handshake holds a slot, as one still to send
         // EHLO does).
         let Some(_slot) = self.pools.of(kind).take(ip) else {
+            metrics::refusal("connect", "S4");
             let r = Reply::new(421, (7, 0), format!("{hostname} Error: too many connections, try again later"));
             stream.refuse(implicit_tls, &r.to_bytes(), self.settings.command_timeout).await;
             return;
         };
+        let _session = metrics::session(kind.name());
         if let Some((acceptor, deadline)) = implicit_tls {
             stream = match stream.upgrade(acceptor, deadline).await {
                 Ok(s) => s,
@@ -226,6 +266,7 @@ impl SmtpServer {
             },
         };
         let decision = self.settings.policy.connect(&facts);
+        metrics::decision("connect", decision.allow, &decision.rule);
         if let Some(reply) = decision.connect_reply(&hostname) {
             self.journal(code::SMTP_CONNECTION_REFUSED, ip, "", &decision.rule.to_string());
             let _ = stream.write_all_within(&reply.to_bytes(), self.settings.command_timeout).await;
@@ -234,8 +275,11 @@ impl SmtpServer {
         }
         let config = self.session_config(kind, &facts, &stream);
         let owned = Arc::new(Mutex::new(Vec::new()));
-        let session = Session::new(config, ip.to_string()).with_sender_check(self.sender_check(&facts, owned.clone()));
-        self.drive(stream, facts, session, owned).await;
+        let sender = SenderSeen::default();
+        let session = Session::new(config, ip.to_string())
+            .with_sender_check(remember_sender(&sender, self.sender_check(&facts, owned.clone())))
+            .with_submitter_check(submitter_check(owned.clone()));
+        self.drive(stream, facts, session, owned, sender).await;
     }
 
     fn session_config(&self, kind: ListenerKind, facts: &ClientFacts, stream: &Stream) -> SessionConfig {
@@ -254,12 +298,13 @@ impl SmtpServer {
             allow_plaintext_auth: policy::plaintext_auth(s.plaintext_auth_from_loopback, facts.ip).allow,
             require_auth: facts.listener_auth == ListenerAuth::LocalAndRelay,
             dsn: s.dsn,
+            etrn: !s.etrn_domains.is_empty(),
         }
     }
 
-    async fn drive(&self, mut stream: Stream, facts: ClientFacts, session: Session, owned: Arc<Mutex<Vec<String>>>) {
+    async fn drive(&self, mut stream: Stream, facts: ClientFacts, session: Session, owned: Arc<Mutex<Vec<String>>>, sender: SenderSeen) {
         let ip = facts.ip;
-        let mut driver = Driver { server: self, facts, session, incoming: None, owned, out: Vec::new() };
+        let mut driver = Driver { server: self, facts, session, incoming: None, owned, sender, out: Vec::new() };
         if let Err(e) = driver.run(&mut stream).await {
             tracing::debug!(client = %ip, error = %e, "smtp session ended with an error");
         }
@@ -286,7 +331,7 @@ impl SmtpServer {
                     continue;
                 }
             };
-            let me = self.clone();
+            let me = self.for_session();
             tokio::spawn(async move { me.local_connection(stream).await });
         }
     }
@@ -297,12 +342,14 @@ impl SmtpServer {
         let loopback = IpAddr::from([127, 0, 0, 1]);
         // S4: the local socket's own pool, taken before any work is done for the client.
         let Some(_slot) = self.pools.local.take(loopback) else {
+            metrics::refusal("connect", "S4");
             let r = Reply::new(421, (7, 0), format!("{} Error: too many connections, try again later", self.settings.hostname));
             let mut stream = Stream::Unix(unix);
             let _ = stream.write_all_within(&r.to_bytes(), self.settings.command_timeout).await;
             stream.shutdown_within(self.settings.command_timeout).await;
             return;
         };
+        let _session = metrics::session(ListenerKind::Local.name());
         // /etc/passwd is a file read: off the async workers.
         let user = tokio::task::spawn_blocking(move || crate::local::user_name(uid)).await.ok().flatten().unwrap_or_else(|| format!("uid{uid}"));
         let record = match self.lists.client(self.store(), loopback).await {
@@ -320,9 +367,9 @@ impl SmtpServer {
             authenticated: Some(user.clone()),
             listener_auth: ListenerAuth::LocalAndRelay,
         };
-        // A4: the originator is the calling user: their own addresses, user@hostname, or
-        // anything for root.
-        let owned = crate::local::identities(self.store(), &user, &self.settings.hostname).await;
+        // A4: the originator is the calling user: their own addresses, user@hostname,
+        // user@local_sender_domain, or anything for root.
+        let owned = crate::local::identities(self.store(), &user, &self.settings.hostname, &self.settings.local_sender_domain).await;
         let stream = Stream::Unix(unix);
         let config = self.session_config(ListenerKind::Local, &facts, &stream);
         let (storage, identities, local_user) = (self.services.storage.clone(), owned.clone(), user.clone());
@@ -331,8 +378,13 @@ impl SmtpServer {
                 .storage_reply()
                 .or_else(|| policy::local_sender(&local_user, uid == 0, &identities, from).local_sender_reply())
         });
-        let session = Session::new(config, format!("local uid {uid}")).with_sender_check(check).authenticated_as(&user);
-        self.drive(stream, facts, session, Arc::new(Mutex::new(owned))).await;
+        let sender = SenderSeen::default();
+        let owned = Arc::new(Mutex::new(owned));
+        let session = Session::new(config, format!("local uid {uid}"))
+            .with_sender_check(remember_sender(&sender, check))
+            .with_submitter_check(submitter_check(owned.clone()))
+            .authenticated_as(&user);
+        self.drive(stream, facts, session, owned, sender).await;
     }
 
     /// Query every blackhole list zone at once (R4); errors fail open and are journaled.
@@ -369,10 +421,12 @@ impl SmtpServer {
         let (facts, me) = (facts.clone(), self.clone());
         Box::new(move |from: Option<&Address>, user: Option<&str>| {
             if let Some(reply) = policy::storage(me.services.storage.is_low()).storage_reply() {
+                metrics::refusal("sender", "F5");
                 return Some(reply);
             }
             let facts = ClientFacts { authenticated: user.map(str::to_string), ..facts.clone() };
             let decision = me.settings.policy.sender(&facts, from, &owned.lock().expect("owned addresses"));
+            metrics::decision("sender", decision.allow, &decision.rule);
             let reply = decision.sender_reply()?;
             me.journal_sender(facts.ip, &from.map(Address::to_string).unwrap_or_default(), &decision);
             Some(reply)
@@ -395,11 +449,19 @@ impl SmtpServer {
 
     /// A journal row without holding up the session; no fsync of its own.
     fn journal(&self, code: &'static str, ip: IpAddr, recipient: &str, detail: &str) {
-        let (store, ip, recipient, detail) = (self.store().clone(), ip.to_string(), recipient.to_string(), detail.to_string());
+        self.journal_from(code, ip, "", recipient, detail);
+    }
+
+    /// A journal row with its envelope sender (`from=`).
+    fn journal_from(&self, code: &'static str, ip: IpAddr, originator: &str, recipient: &str, detail: &str) {
+        let (store, ip, originator, recipient, detail) =
+            (self.store().clone(), ip.to_string(), originator.to_string(), recipient.to_string(), detail.to_string());
         tokio::spawn(async move {
             let r = store
                 .write(Durability::Normal, move |c| {
-                    Ok(journal::append(c, &journal::Entry { code, recipient: &recipient, ip: &ip, detail: &detail, ..Default::default() })?)
+                    let entry =
+                        journal::Entry { code, originator: &originator, recipient: &recipient, ip: &ip, detail: &detail, ..Default::default() };
+                    Ok(journal::append(c, &entry)?)
                 })
                 .await;
             if let Err(e) = r {
@@ -416,7 +478,23 @@ struct Driver<'a> {
     incoming: Option<Incoming>,
     /// The authenticated user's addresses, for sender verification (A3).
     owned: Arc<Mutex<Vec<String>>>,
+    /// The MAIL FROM of the open transaction, for the journal rows of its refused recipients.
+    sender: SenderSeen,
     out: Vec<u8>,
+}
+
+/// The sender of the last MAIL FROM the session checked. The session refuses a nested MAIL
+/// before the check, and a RCPT without a transaction, so when a RCPT is checked this is the
+/// transaction's sender (empty for the null sender `<>`, as in the 94 rows).
+type SenderSeen = Arc<Mutex<String>>;
+
+/// `check`, also noting the sender it is asked about in `seen`.
+fn remember_sender(seen: &SenderSeen, check: crate::session::SenderCheck) -> crate::session::SenderCheck {
+    let seen = seen.clone();
+    Box::new(move |from: Option<&Address>, user: Option<&str>| {
+        *seen.lock().expect("sender seen") = from.map(Address::to_string).unwrap_or_default();
+        check(from, user)
+    })
 }
 
 /// An incoming message whose chunk write failed: DATA is still read to its end, then 451.
@@ -522,6 +600,9 @@ impl Driver<'_> {
                         if let Err(e) = &result {
                             tracing::error!(client = %self.facts.ip, error = %e, "enqueue failed; answered 451");
                         }
+                        if result.is_ok() {
+                            metrics::message_received();
+                        }
                         pending.extend(self.session.handle(Event::EnqueueDone(result)));
                     }
                     Action::AbortData => {
@@ -570,12 +651,7 @@ impl Driver<'_> {
             }
             let read = tokio::select! {
                 r = tokio::time::timeout_at(read_deadline, stream.read(&mut buf)) => r,
-                _ = until_shutdown(&mut shutdown), if between_commands => {
-                    let bye = Reply::new(421, (3, 2), format!("{} Service shutting down, try again later", self.server.settings.hostname));
-                    stream.write_all_within(&bye.to_bytes(), self.server.settings.command_timeout).await?;
-                    stream.shutdown_within(self.server.settings.command_timeout).await;
-                    return Ok(());
-                }
+                _ = until_shutdown(&mut shutdown), if between_commands => return self.last_command(stream, &mut buf).await,
             };
             actions = match read {
                 Err(_) if between_commands && Instant::now() >= lifetime_end => {
@@ -590,6 +666,39 @@ impl Driver<'_> {
                 Ok(Err(e)) => return Err(e),
             };
         }
+    }
+
+    /// O3: the server is shutting down and the session is between commands. The client may have
+    /// sent its next command already (say, QUIT right after the 250 of a message that finished
+    /// during the shutdown), or send it within [`LAST_COMMAND`]: a QUIT is answered 221, as RFC
+    /// 5321 §4.1.1.10 requires; any other command, or silence, gets 421 4.3.2 (§3.8) and the
+    /// connection closes.
+    async fn last_command(&self, stream: &mut Stream, buf: &mut [u8]) -> std::io::Result<()> {
+        let s = &self.server.settings;
+        let until = Instant::now() + LAST_COMMAND;
+        let mut line = Vec::new();
+        let quit = loop {
+            if let Some(end) = line.iter().position(|&b| b == b'\n') {
+                break is_quit(&line[..end]);
+            }
+            if line.len() > 512 {
+                break false;
+            }
+            match tokio::time::timeout_at(until, stream.read(buf)).await {
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(n)) => line.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => break false,
+            }
+        };
+        let bye = if quit {
+            Reply::new(221, (0, 0), format!("{} Bye", s.hostname))
+        } else {
+            Reply::new(421, (3, 2), format!("{} Service shutting down, try again later", s.hostname))
+        };
+        stream.write_all_within(&bye.to_bytes(), s.command_timeout).await?;
+        stream.shutdown_within(s.command_timeout).await;
+        Ok(())
     }
 
     /// S4: the greeting deadline or the session lifetime is over: 421 4.4.2 and close. Only
@@ -663,6 +772,7 @@ impl Driver<'_> {
         };
         let facts = ClientFacts { authenticated: self.session.authenticated().map(str::to_string), ..self.facts.clone() };
         let decision = self.server.settings.policy.etrn(&facts, &domain, self.server.settings.etrn_domains.contains(&domain));
+        metrics::decision("etrn", decision.allow, &decision.rule);
         if let Some(reply) = decision.etrn_reply(node) {
             self.server.journal(code::SMTP_REJECTED, self.facts.ip, node, &format!("ETRN refused: {}", decision.rule));
             return reply;
@@ -678,14 +788,18 @@ impl Driver<'_> {
         }
     }
 
-    /// R10: resolve the HELO name and let the policy judge it.
+    /// R10: resolve the HELO name and let the policy judge it. An address literal is compared
+    /// with the client's address by the policy, never looked up.
     async fn check_helo(&self, name: &str) -> Option<Reply> {
         let answer = match &self.server.services.dns {
+            _ if policy::helo_address_literal(name).is_some() => dns::AddressAnswer::NotFound,
             Some(dns) => dns.addresses(name).await,
             None => dns::AddressAnswer::Error("no DNS resolver".into()),
         };
         let decision = self.server.settings.policy.helo(&self.facts, name, &answer);
-        if matches!(decision.rule, crate::policy::Rule::HeloMismatch { .. } | crate::policy::Rule::HeloLookupFailed(_)) {
+        metrics::decision("helo", decision.allow, &decision.rule);
+        use crate::policy::Rule;
+        if matches!(decision.rule, Rule::HeloMismatch { .. } | Rule::HeloLiteralMismatch { .. } | Rule::HeloLookupFailed(_)) {
             self.server.journal(code::SMTP_HELO_MISMATCH, self.facts.ip, "", &decision.rule.to_string());
         }
         decision.helo_reply()
@@ -705,6 +819,9 @@ impl Driver<'_> {
                 settings.policy.rcpt(&facts, &a, |target| domains.resolve(conn, target)).map_err(|e| store::StoreError::Invalid(e.to_string()))
             })
             .await;
+        if let Ok(o) = &outcome {
+            metrics::decision("rcpt", o.decision.allow, &o.decision.rule);
+        }
         match outcome {
             Err(e) => {
                 tracing::error!(error = %e, "recipient lookup failed");
@@ -717,9 +834,26 @@ impl Driver<'_> {
 
     fn refuse(&self, addr: &Address, decision: &Decision) -> RcptVerdict {
         let code = if decision.is_relay_refusal() { code::SMTP_RELAY_REFUSED } else { code::SMTP_REJECTED };
-        self.server.journal(code, self.facts.ip, &addr.to_string(), &decision.rule.to_string());
+        let sender = self.sender.lock().expect("sender seen").clone();
+        self.server.journal_from(code, self.facts.ip, &sender, &addr.to_string(), &decision.rule.to_string());
         RcptVerdict::Refuse(decision.rcpt_reply().expect("a refusal has a reply"))
     }
+}
+
+/// O3: how long a session between commands may still send its next command once the server
+/// shuts down (a QUIT gets 221, anything else 421). Short: the server waits for it.
+const LAST_COMMAND: Duration = Duration::from_secs(1);
+
+/// A QUIT command line (without its line end): RFC 5321 QUIT takes no argument.
+fn is_quit(line: &[u8]) -> bool {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.trim_ascii_end().eq_ignore_ascii_case(b"QUIT")
+}
+
+/// RFC 4954 §5: an authenticated user's messages are passed on as submitted by one of their own
+/// addresses (`owned`, filled in when they authenticate), never by anyone else.
+fn submitter_check(owned: Arc<Mutex<Vec<String>>>) -> crate::session::SubmitterCheck {
+    Box::new(move |_user, claimed, from| policy::auth_sender(&owned.lock().expect("owned addresses"), claimed, from))
 }
 
 /// Resolves once the shutdown flag is set (or its sender is gone).

@@ -34,6 +34,8 @@ pub struct SessionConfig {
     pub require_auth: bool,
     /// Offer DSN (RFC 3461): RET/ENVID on MAIL, NOTIFY/ORCPT on RCPT.
     pub dsn: bool,
+    /// There are dial-up domains whose mail waits for ETRN (C7): HELP lists ETRN.
+    pub etrn: bool,
 }
 
 /// Verdict on one RCPT, from the directory and the policy module.
@@ -118,6 +120,8 @@ struct Transaction {
     rcpts: Vec<Address>,
     /// RFC 3461 parameters: RET, ENVID and each recipient's NOTIFY/ORCPT.
     dsn: Dsn,
+    /// RFC 4954 §5: the trusted submitter, passed on as `AUTH=`; `None` = unknown (`AUTH=<>`).
+    auth_sender: Option<String>,
 }
 
 /// The result of a password check.
@@ -156,9 +160,16 @@ struct DataState {
 /// connection was accepted or the user authenticated.
 pub type SenderCheck = Box<dyn Fn(Option<&Address>, Option<&str>) -> Option<Reply> + Send + Sync>;
 
+/// RFC 4954 §5 for an authenticated client: given the user, the `AUTH=` parameter of MAIL
+/// (`None`: not given; `Some(None)`: `AUTH=<>`) and the reverse-path, the submitter to pass on,
+/// or `None` when it is unknown or the user may not name it. Unauthenticated clients are never
+/// asked: their submitter is unknown, whatever they say.
+pub type SubmitterCheck = Box<dyn Fn(&str, Option<Option<&Address>>, Option<&Address>) -> Option<String> + Send + Sync>;
+
 pub struct Session {
     config: SessionConfig,
     sender_check: Option<SenderCheck>,
+    submitter_check: Option<SubmitterCheck>,
     client_ip: String,
     helo: Option<(String, bool)>,
     tx: Option<Transaction>,
@@ -181,6 +192,7 @@ impl Session {
     pub fn new(config: SessionConfig, client_ip: String) -> Self {
         Session {
             sender_check: None,
+            submitter_check: None,
             client_ip,
             helo: None,
             tx: None,
@@ -207,6 +219,13 @@ impl Session {
     /// Check every MAIL FROM with `check`.
     pub fn with_sender_check(mut self, check: SenderCheck) -> Self {
         self.sender_check = Some(check);
+        self
+    }
+
+    /// Decide the submitter of each message with `check` (RFC 4954 §5). Without one, an
+    /// authenticated client's `AUTH=mailbox` is taken as it is, and no parameter means unknown.
+    pub fn with_submitter_check(mut self, check: SubmitterCheck) -> Self {
+        self.submitter_check = Some(check);
         self
     }
 
@@ -410,7 +429,10 @@ impl Session {
                 self.reply(out, Reply::new(221, (0, 0), "Bye"));
                 self.close(out);
             }
-            Command::Help => self.reply(out, Reply::new(214, (0, 0), "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY")),
+            Command::Help => {
+                let text = self.help();
+                self.reply(out, Reply::new(214, (0, 0), text));
+            }
             Command::Vrfy(arg) => {
                 let r = if !self.config.vrfy {
                     Reply::new(502, (5, 1), "VRFY command is disabled")
@@ -438,6 +460,25 @@ impl Session {
             Command::NotImplemented(_) => self.reply(out, Reply::new(502, (5, 1), "Command not implemented")),
             Command::Unknown(_) => self.reply(out, Reply::new(500, (5, 2), "Error: command not recognized")),
         }
+    }
+
+    /// S1: the commands this session accepts now — STARTTLS and AUTH only where EHLO offers them,
+    /// ETRN where there are dial-up domains, VRFY only when it is on.
+    fn help(&self) -> String {
+        let mut commands = vec!["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP"];
+        if self.config.vrfy {
+            commands.push("VRFY");
+        }
+        if self.config.etrn {
+            commands.push("ETRN");
+        }
+        if self.config.starttls && !self.tls {
+            commands.push("STARTTLS");
+        }
+        if self.credentials_usable() && self.auth.is_none() {
+            commands.push("AUTH");
+        }
+        format!("Commands: {}", commands.join(" "))
     }
 
     fn hello(&mut self, name: String, esmtp: bool, out: &mut Vec<Action>) {
@@ -553,8 +594,16 @@ impl Session {
             return self.reply(out, Reply::new(555, (5, 4), "Parameters not recognized (use EHLO)"));
         }
         let mut dsn = Dsn::default();
+        let mut submitter: Option<Option<Address>> = None;
         for p in &params {
             match (p.keyword.as_str(), p.value.as_deref()) {
+                // RFC 4954 §5: taken from anyone (it is part of the AUTH extension), trusted only
+                // from an authenticated client (below).
+                ("AUTH", Some(v)) if submitter.is_none() => match smtp_command::parse_auth_param(v) {
+                    Some(a) => submitter = Some(a),
+                    None => return self.reply(out, Reply::new(501, (5, 4), "Bad AUTH parameter: xtext addr-spec or <> expected")),
+                },
+                ("AUTH", _) => return self.reply(out, Reply::new(501, (5, 4), "Bad AUTH parameter")),
                 // RFC 3461 §4.3, §4.4.
                 ("RET", Some(v)) if self.config.dsn && dsn.ret.is_none() && (v.eq_ignore_ascii_case("FULL") || v.eq_ignore_ascii_case("HDRS")) => {
                     dsn.ret = Some(v.to_ascii_uppercase());
@@ -578,7 +627,14 @@ impl Session {
         if let Some(refusal) = self.sender_check.as_ref().and_then(|check| check(from.as_ref(), self.auth.as_deref())) {
             return self.reply(out, refusal);
         }
-        self.tx = Some(Transaction { from, rcpts: Vec::new(), dsn });
+        let auth_sender = self.auth.as_deref().and_then(|user| {
+            let claimed = submitter.as_ref().map(Option::as_ref);
+            match &self.submitter_check {
+                Some(check) => check(user, claimed, from.as_ref()),
+                None => claimed.flatten().map(Address::to_string),
+            }
+        });
+        self.tx = Some(Transaction { from, rcpts: Vec::new(), dsn, auth_sender });
         self.reply(out, Reply::new(250, (1, 0), "Ok"));
     }
 
@@ -704,6 +760,7 @@ impl Session {
             } else {
                 tx.dsn.clone()
             },
+            auth_sender: tx.auth_sender.clone(),
         };
         // S3: a submitted message that ended within its header section (no body).
         if let Some(gate) = data.gate {

@@ -31,6 +31,7 @@ fn config() -> SessionConfig {
         allow_plaintext_auth: false,
         require_auth: false,
         dsn: true,
+        etrn: false,
     }
 }
 
@@ -1377,6 +1378,7 @@ fn random_input_never_panics() {
             allow_plaintext_auth: rng.chance(50),
             require_auth: rng.chance(20),
             dsn: rng.chance(50),
+            etrn: rng.chance(50),
         };
         let mut s = Session::new(cfg.clone(), IP.into());
         let mut st = FuzzState::default();
@@ -1617,4 +1619,108 @@ fn penalty_comes_before_close_on_the_last_error() {
         let close = actions.iter().position(|a| *a == Action::Close).expect("closed after 3 errors");
         assert!(penalize < close, "{actions:?}");
     }
+}
+
+// ----------------------------------------------------------------------------------------------
+// HELP lists what this session accepts now (issue 14, S1)
+// ----------------------------------------------------------------------------------------------
+
+/// The commands HELP names.
+fn help_commands(h: &mut Harness) -> Vec<String> {
+    let text = h.cmd("HELP", "214 2.0.0 Commands: ");
+    text.trim_end().trim_start_matches("214 2.0.0 Commands: ").split(' ').map(str::to_string).collect()
+}
+
+#[test]
+fn help_lists_the_commands_this_session_accepts() {
+    let basic = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP"];
+    // VRFY off, no ETRN domains, no TLS, no AUTH: the basic set only.
+    let mut h = Harness::ready(config_with(|c| c.vrfy = false));
+    assert_eq!(help_commands(&mut h), basic);
+    // Everything offered: VRFY, ETRN, STARTTLS before TLS, AUTH where credentials may be sent.
+    let mut h = Harness::ready(config_with(|c| {
+        c.etrn = true;
+        c.starttls = true;
+        c.allow_plaintext_auth = true;
+    }));
+    let all = help_commands(&mut h);
+    assert_eq!(all[..basic.len()], basic);
+    assert_eq!(all[basic.len()..], ["VRFY", "ETRN", "STARTTLS", "AUTH"]);
+    // HELP before EHLO says the same.
+    let mut h = Harness::connected(config_with(|c| c.starttls = true));
+    assert!(help_commands(&mut h).contains(&"STARTTLS".to_string()));
+    // AUTH only under TLS here; STARTTLS gone once TLS is up; AUTH gone once authenticated.
+    let mut h = Harness::ready(config_with(|c| c.starttls = true));
+    assert!(!help_commands(&mut h).contains(&"AUTH".to_string()));
+    h.cmd("STARTTLS", "220 ");
+    let after_tls = help_commands(&mut h);
+    assert!(!after_tls.contains(&"STARTTLS".to_string()) && after_tls.contains(&"AUTH".to_string()), "{after_tls:?}");
+    h.cmd("EHLO c.example", "250-");
+    h.cmd(&format!("AUTH PLAIN {}", b64("\0sam\0good")), "235 ");
+    assert!(!help_commands(&mut h).contains(&"AUTH".to_string()));
+    // STARTTLS is not offered on a connection that is TLS from the start.
+    let mut h = Harness::ready(config_with(|c| {
+        c.starttls = true;
+        c.tls_active = true;
+    }));
+    assert_eq!(help_commands(&mut h)[basic.len()..], ["VRFY", "AUTH"]);
+}
+
+// ----------------------------------------------------------------------------------------------
+// RFC 4954 §5: the AUTH parameter of MAIL FROM (issue 14)
+// ----------------------------------------------------------------------------------------------
+
+#[test]
+fn auth_parameter_is_accepted_and_trusted_only_after_auth() {
+    let authed = |h: &mut Harness| {
+        h.cmd(&format!("AUTH PLAIN {}", b64("\0sam\0good")), "235 ");
+    };
+    let submitter_of = |h: &mut Harness, mail: &str| {
+        h.cmd(mail, "250 2.1.0");
+        h.cmd("RCPT TO:<jane@example.test>", "250 ");
+        h.cmd("DATA", "354 ");
+        h.send("Subject: s\r\n\r\nbody\r\n.\r\n");
+        h.enqueue_done(Ok("Q".into()));
+        h.enqueues.last().expect("enqueued").auth_sender.clone()
+    };
+    let cfg = || config_with(|c| c.allow_plaintext_auth = true);
+
+    // After AUTH: AUTH=<> and AUTH=mailbox are accepted (issue 14: it was 555).
+    let mut h = Harness::ready(cfg());
+    authed(&mut h);
+    assert_eq!(submitter_of(&mut h, "MAIL FROM:<sam@example.test> AUTH=<>"), None, "AUTH=<>: not known");
+    assert_eq!(submitter_of(&mut h, "MAIL FROM:<sam@example.test> AUTH=sam@example.test").as_deref(), Some("sam@example.test"));
+    assert_eq!(submitter_of(&mut h, "MAIL FROM:<x@example.test> auth=e+3Dmc2@example.test").as_deref(), Some("e=mc2@example.test"));
+    // Bad values and a second AUTH= are syntax errors.
+    for bad in ["AUTH=sam", "AUTH=<sam@example.test>", "AUTH=a+ZZ@b.test", "AUTH", "AUTH=<> AUTH=<>"] {
+        h.cmd(&format!("MAIL FROM:<sam@example.test> {bad}"), "501 5.5.4");
+    }
+
+    // Unauthenticated: accepted, never trusted.
+    let mut h = Harness::ready(cfg());
+    assert_eq!(submitter_of(&mut h, "MAIL FROM:<x@y.test> AUTH=x@y.test"), None);
+    assert_eq!(submitter_of(&mut h, "MAIL FROM:<x@y.test>"), None);
+
+    // The server's check decides whom an authenticated user may name.
+    let check: crate::session::SubmitterCheck = Box::new(|user, claimed, from| {
+        assert_eq!(user, "sam");
+        match claimed {
+            Some(Some(a)) if a.key() == "sam@example.test" => Some(a.to_string()),
+            Some(_) => None,
+            None => from.map(|f| format!("own:{f}")),
+        }
+    });
+    let mut h = Harness::new(cfg());
+    h.session = Session::new(cfg(), IP.into()).with_submitter_check(check);
+    h.event(Event::Connected);
+    h.cmd("EHLO c.example", "250-");
+    authed(&mut h);
+    assert_eq!(submitter_of(&mut h, "MAIL FROM:<sam@example.test> AUTH=kim@example.test"), None);
+    assert_eq!(submitter_of(&mut h, "MAIL FROM:<sam@example.test> AUTH=sam@example.test").as_deref(), Some("sam@example.test"));
+    assert_eq!(submitter_of(&mut h, "MAIL FROM:<sam@example.test>").as_deref(), Some("own:sam@example.test"));
+
+    // HELO sessions take no parameters at all.
+    let mut h = Harness::connected(cfg());
+    h.cmd("HELO c.example", "250 ");
+    h.cmd("MAIL FROM:<x@y.test> AUTH=<>", "555 ");
 }

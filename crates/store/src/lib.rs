@@ -17,6 +17,7 @@
 //! may write in is refused (SPEC D4).
 #![forbid(unsafe_code)]
 
+pub mod backup;
 mod migrate;
 mod pool;
 

@@ -13,6 +13,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0006_message_model.sql"),
     include_str!("../../../migrations/0007_hostauth_tls.sql"),
     include_str!("../../../migrations/0008_deny_list.sql"),
+    include_str!("../../../migrations/0009_auth_sender_remote_mta.sql"),
 ];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {

@@ -1,14 +1,23 @@
 //! TLS for Postroom's servers (SPEC S2, S6, P2), rustls with the ring provider only.
 //!
 //! * [`ServerTls`] holds the current rustls server configuration: the PEM certificate and key of
-//!   `[tls] cert`/`key`, or a self-signed certificate for `hostname` generated into the data
-//!   directory on first start. [`ServerTls::reload`] re-reads changed files, so certificates are
-//!   replaced without a restart; new handshakes use the new ones.
+//!   `[tls] cert`/`key`, or a self-signed certificate generated into the data directory on first
+//!   start for the names [`CertNames`] derives from `hostname` and the listen addresses (subject
+//!   CN = hostname, so a client that trusts the file can connect by name or by address); a
+//!   generated pair whose names no longer match the configuration is replaced by a new one.
+//!   [`ServerTls::reload`] re-reads changed files, so certificates are replaced without a restart;
+//!   new handshakes use the new ones.
+//! * [`describe`] reads what a client is shown — subject, names, validity — and the SHA-256 and
+//!   MD5 [`Fingerprints`] a client can pin (msmtp, mpop `tls_fingerprint`; fetchmail
+//!   `sslfingerprint`), for the log, `postroom status` and `postroom cert show`.
 //! * [`Stream`] is a connection that starts plain or TLS and can be upgraded once (STARTTLS, STLS)
 //!   within a handshake deadline.
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeSet;
+use std::fmt;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
@@ -53,35 +62,214 @@ pub enum CertSource {
     Generated,
     /// Self-signed, made at an earlier start.
     GeneratedEarlier,
+    /// Self-signed, made now because the one made earlier named something else (`previous`):
+    /// the host name or the listen addresses changed. Clients must be given the new one.
+    Regenerated { previous: String },
+}
+
+/// The names a generated certificate carries: subject CN = the host name; subjectAltName = the
+/// host name, and the IP addresses of the listeners (with `localhost` when one is a loopback
+/// address). Clients check the name they connected to against these.
+#[derive(Clone, Debug)]
+pub struct CertNames {
+    pub common_name: String,
+    pub dns_names: Vec<String>,
+    pub ip_addresses: Vec<IpAddr>,
+}
+
+impl CertNames {
+    /// The names for `hostname` and the addresses the listeners are configured on. An unspecified
+    /// address (0.0.0.0, ::) is no address a client can connect to, and which interfaces the
+    /// machine has is not known here: the loopback address stands in for it (`::` takes IPv4
+    /// too on Linux, so both loopbacks), so programs on the machine itself can connect by
+    /// address; others connect by the host name or pin the fingerprint.
+    pub fn new(hostname: &str, listen: impl IntoIterator<Item = IpAddr>) -> CertNames {
+        let (v4, v6) = (IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST));
+        let mut ips = BTreeSet::new();
+        for ip in listen {
+            match ip {
+                IpAddr::V4(a) if a.is_unspecified() => ips.extend([v4]),
+                IpAddr::V6(a) if a.is_unspecified() => ips.extend([v4, v6]),
+                ip => ips.extend([ip]),
+            }
+        }
+        let mut dns_names = vec![hostname.to_string()];
+        if ips.iter().any(IpAddr::is_loopback) && !hostname.eq_ignore_ascii_case("localhost") {
+            dns_names.push("localhost".to_string());
+        }
+        CertNames { common_name: hostname.to_string(), dns_names, ip_addresses: ips.into_iter().collect() }
+    }
+
+    /// The names `info`'s certificate carries.
+    pub fn of(info: &CertInfo) -> CertNames {
+        CertNames {
+            common_name: info.common_name.clone().unwrap_or_default(),
+            dns_names: info.dns_names.clone(),
+            ip_addresses: info.ip_addresses.clone(),
+        }
+    }
+
+    fn key(&self) -> (&str, BTreeSet<String>, BTreeSet<IpAddr>) {
+        let dns = self.dns_names.iter().map(|n| n.to_ascii_lowercase()).collect();
+        (&self.common_name, dns, self.ip_addresses.iter().copied().collect())
+    }
+}
+
+/// The same names, in any order.
+impl PartialEq for CertNames {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for CertNames {}
+
+/// `CN=mail.example.test; DNS:mail.example.test, DNS:localhost, IP:127.0.0.1`.
+impl fmt::Display for CertNames {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CN={}; {}", self.common_name, alt_names(&self.dns_names, &self.ip_addresses))
+    }
+}
+
+fn alt_names(dns: &[String], ips: &[IpAddr]) -> String {
+    let dns = dns.iter().map(|n| format!("DNS:{n}"));
+    let ips = ips.iter().map(|ip| format!("IP:{ip}"));
+    dns.chain(ips).collect::<Vec<_>>().join(", ")
+}
+
+/// A certificate's fingerprints over its DER encoding, as `openssl x509 -noout -fingerprint
+/// -sha256` (and `-md5`) print them: upper-case hex pairs joined by colons. SHA-256 is what
+/// msmtp and mpop (`tls_fingerprint`) want; fetchmail 6.4 compares MD5 (`sslfingerprint`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fingerprints {
+    pub sha256: String,
+    pub md5: String,
+}
+
+impl Fingerprints {
+    pub fn of(der: &[u8]) -> Fingerprints {
+        use md5::Digest;
+        let sha256 = ring::digest::digest(&ring::digest::SHA256, der);
+        Fingerprints { sha256: colon_hex(sha256.as_ref()), md5: colon_hex(&md5::Md5::digest(der)) }
+    }
+}
+
+fn colon_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+/// What a certificate shows a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject, e.g. `CN=mail.example.test`.
+    pub subject: String,
+    /// The subject's common name, when it has one.
+    pub common_name: Option<String>,
+    /// subjectAltName DNS names and IP addresses, in certificate order.
+    pub dns_names: Vec<String>,
+    pub ip_addresses: Vec<IpAddr>,
+    /// Validity, Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+    pub fingerprints: Fingerprints,
+}
+
+impl CertInfo {
+    /// `DNS:mail.example.test, DNS:localhost, IP:127.0.0.1` (`none` without subjectAltName).
+    pub fn alt_names(&self) -> String {
+        let names = alt_names(&self.dns_names, &self.ip_addresses);
+        if names.is_empty() { "none".to_string() } else { names }
+    }
+}
+
+/// What the DER certificate `der` shows a client.
+pub fn describe(der: &[u8]) -> Result<CertInfo, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("not a readable X.509 certificate: {e}"))?;
+    let common_name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
+    let (mut dns_names, mut ip_addresses) = (Vec::new(), Vec::new());
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(n) => dns_names.push(n.to_string()),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => ip_addresses.push(IpAddr::from(<[u8; 4]>::try_from(*b).expect("4 bytes"))),
+                    16 => ip_addresses.push(IpAddr::from(<[u8; 16]>::try_from(*b).expect("16 bytes"))),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    let validity = cert.validity();
+    Ok(CertInfo {
+        subject: cert.subject().to_string(),
+        common_name,
+        dns_names,
+        ip_addresses,
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
+        fingerprints: Fingerprints::of(der),
+    })
+}
+
+/// The first certificate of the PEM file `path` (the server's own; a chain follows it).
+pub fn read_certificate(path: &Path) -> Result<CertificateDer<'static>, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Io { path: path.to_path_buf(), source })?;
+    CertificateDer::pem_slice_iter(&pem).find_map(Result::ok).ok_or_else(|| TlsError::NoCertificate(path.to_path_buf()))
+}
+
+/// The PEM file whose certificate the listeners present: `cert` when set, else the one generated
+/// in `data_dir`, or None when none is generated yet. A generated file that is a link or another
+/// user's is refused, as [`ServerTls::load`] refuses it.
+pub fn certificate_file(cert: &Path, data_dir: &Path) -> Result<Option<PathBuf>, TlsError> {
+    if !cert.as_os_str().is_empty() {
+        return Ok(Some(cert.to_path_buf()));
+    }
+    let generated = data_dir.join(GENERATED_CERT);
+    Ok(generated_file_present(&generated)?.then_some(generated))
 }
 
 /// The server side of TLS, shared by every listener.
 #[derive(Clone)]
 pub struct ServerTls {
-    cert: PathBuf,
-    key: PathBuf,
     current: Arc<RwLock<Loaded>>,
 }
 
+#[derive(Clone)]
 struct Loaded {
+    /// The files it was read from ([`ServerTls::replace_with`] may point them elsewhere).
+    cert: PathBuf,
+    key: PathBuf,
     config: Arc<ServerConfig>,
     stamp: (Option<SystemTime>, Option<SystemTime>),
+    /// The DER of the certificate presented (the first of the chain).
+    leaf: CertificateDer<'static>,
 }
 
 impl ServerTls {
     /// Load `cert`/`key`, or when both are empty, the certificate generated in `data_dir`
-    /// (generating it for `hostname` first if there is none yet). `data_dir` must be a directory
-    /// only this user can write (the store checks it). A key file group or others may read is
-    /// refused, as OpenSSH refuses one.
-    pub fn load(cert: &Path, key: &Path, data_dir: &Path, hostname: &str) -> Result<(ServerTls, CertSource), TlsError> {
+    /// (generating it for `names` first if there is none yet, or if the one there names something
+    /// else). `data_dir` must be a directory only this user can write (the store checks it). A
+    /// key file group or others may read is refused, as OpenSSH refuses one.
+    pub fn load(cert: &Path, key: &Path, data_dir: &Path, names: &CertNames) -> Result<(ServerTls, CertSource), TlsError> {
         let (cert, key, source) = if cert.as_os_str().is_empty() && key.as_os_str().is_empty() {
             let (c, k) = (data_dir.join(GENERATED_CERT), data_dir.join(GENERATED_KEY));
             let (have_cert, have_key) = (generated_file_present(&c)?, generated_file_present(&k)?);
             let source = if have_cert && have_key {
-                CertSource::GeneratedEarlier
+                // A host name or listen address changed since (or a certificate made before the
+                // names were the host's): a client that connects by the new name would refuse it.
+                match read_certificate(&c).map_err(|e| e.to_string()).and_then(|der| describe(&der)) {
+                    Ok(info) if CertNames::of(&info) == *names => CertSource::GeneratedEarlier,
+                    found => {
+                        let previous = found.map_or_else(|e| format!("(unreadable: {e})"), |info| CertNames::of(&info).to_string());
+                        generate(data_dir, names)?;
+                        CertSource::Regenerated { previous }
+                    }
+                }
             } else {
                 // None yet, or half a pair (a crash between the two files): a new pair.
-                generate(data_dir, hostname)?;
+                generate(data_dir, names)?;
                 CertSource::Generated
             };
             (c, k, source)
@@ -89,7 +277,26 @@ impl ServerTls {
             (cert.to_path_buf(), key.to_path_buf(), CertSource::Files)
         };
         let loaded = read(&cert, &key)?;
-        Ok((ServerTls { cert, key, current: Arc::new(RwLock::new(loaded)) }, source))
+        Ok((ServerTls { current: Arc::new(RwLock::new(loaded)) }, source))
+    }
+
+    /// Load as [`ServerTls::load`] would, but never generate: the configured pair, or the pair
+    /// generated earlier in `data_dir` as it is (none there is an error). For `config check`,
+    /// which must not write.
+    pub fn open(cert: &Path, key: &Path, data_dir: &Path) -> Result<ServerTls, TlsError> {
+        let (cert, key) = if cert.as_os_str().is_empty() && key.as_os_str().is_empty() {
+            let (c, k) = (data_dir.join(GENERATED_CERT), data_dir.join(GENERATED_KEY));
+            for f in [&c, &k] {
+                if !generated_file_present(f)? {
+                    return Err(TlsError::Io { path: f.clone(), source: io::ErrorKind::NotFound.into() });
+                }
+            }
+            (c, k)
+        } else {
+            (cert.to_path_buf(), key.to_path_buf())
+        };
+        let loaded = read(&cert, &key)?;
+        Ok(ServerTls { current: Arc::new(RwLock::new(loaded)) })
     }
 
     /// The acceptor for a new handshake, with the current certificate.
@@ -100,13 +307,29 @@ impl ServerTls {
     /// Re-read the files if they changed since the last load. A broken new pair is reported and
     /// the old one stays in use. Returns true when a new certificate was loaded.
     pub fn reload(&self) -> Result<bool, TlsError> {
-        let stamp = stamps(&self.cert, &self.key);
-        if self.current.read().expect("tls config lock").stamp == stamp {
+        let (cert, key, before) = {
+            let current = self.current.read().expect("tls config lock");
+            (current.cert.clone(), current.key.clone(), current.stamp)
+        };
+        if stamps(&cert, &key) == before {
             return Ok(false);
         }
-        let loaded = read(&self.cert, &self.key)?;
-        *self.current.write().expect("tls config lock") = loaded;
+        let loaded = read(&cert, &key)?;
+        let mut current = self.current.write().expect("tls config lock");
+        // Files replaced meanwhile by `replace_with` win over what was read from the old ones.
+        if current.cert != cert || current.key != key {
+            return Ok(false);
+        }
+        *current = loaded;
         Ok(true)
+    }
+
+    /// Present `other`'s certificate from now on, here and in every clone, and watch its files
+    /// (O6: the configuration was reloaded, `[tls] cert`/`key` may name other files). Open
+    /// sessions keep the TLS they have; new handshakes use the new certificate.
+    pub fn replace_with(&self, other: &ServerTls) {
+        let loaded = other.current.read().expect("tls config lock").clone();
+        *self.current.write().expect("tls config lock") = loaded;
     }
 
     /// Check the files every `every` and reload them when they change (O6).
@@ -116,7 +339,10 @@ impl ServerTls {
             loop {
                 tokio::time::sleep(every).await;
                 match me.reload() {
-                    Ok(true) => tracing::info!(cert = %me.cert.display(), "TLS certificate reloaded"),
+                    Ok(true) => {
+                        let fp = Fingerprints::of(&me.certificate());
+                        tracing::info!(cert = %me.cert_path().display(), sha256 = %fp.sha256, md5 = %fp.md5, "TLS certificate reloaded")
+                    }
                     Ok(false) => {}
                     Err(e) => tracing::error!(error = %e, "new TLS certificate not loaded; the previous one stays in use"),
                 }
@@ -124,8 +350,13 @@ impl ServerTls {
         });
     }
 
-    pub fn cert_path(&self) -> &Path {
-        &self.cert
+    pub fn cert_path(&self) -> PathBuf {
+        self.current.read().expect("tls config lock").cert.clone()
+    }
+
+    /// The DER of the certificate new handshakes present.
+    pub fn certificate(&self) -> CertificateDer<'static> {
+        self.current.read().expect("tls config lock").leaf.clone()
     }
 }
 
@@ -143,9 +374,9 @@ fn read(cert: &Path, key: &Path) -> Result<Loaded, TlsError> {
     let stamp = stamps(cert, key);
     let cert_pem = std::fs::read(cert).map_err(io(cert))?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem).filter_map(Result::ok).collect();
-    if certs.is_empty() {
+    let Some(leaf) = certs.first().cloned() else {
         return Err(TlsError::NoCertificate(cert.to_path_buf()));
-    }
+    };
     // The permissions of the file actually opened, not of whatever the name pointed to before.
     let mut key_file = std::fs::File::open(key).map_err(io(key))?;
     judge_key(key, &key_file.metadata().map_err(io(key))?)?;
@@ -158,8 +389,14 @@ fn read(cert: &Path, key: &Path) -> Result<Loaded, TlsError> {
         .with_no_client_auth()
         .with_single_cert(certs, private)
         .map_err(|e| TlsError::Mismatch(e.to_string()))?;
-    Ok(Loaded { config: Arc::new(config), stamp })
+    Ok(Loaded { cert: cert.to_path_buf(), key: key.to_path_buf(), config: Arc::new(config), stamp, leaf })
 }
+
+/// Where rustls logs (through the `log` crate) what it finds wrong in a client's ClientHello:
+/// above all "Illegal SNI extension: ignoring IP address presented as hostname", which every
+/// client that connects by address and sends that address as SNI causes. It is about the client,
+/// not about us, so the log shows it only at debug level (`serve` filters this target below that).
+pub const CLIENT_HELLO_LOG_TARGET: &str = "rustls::msgs::handshake";
 
 /// The one crypto provider (TOOLCHAIN: never let aws-lc-rs and ring race).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -233,16 +470,26 @@ fn generated_file_present(path: &Path) -> Result<bool, TlsError> {
     )))
 }
 
-/// A self-signed certificate for `hostname` into `dir`, both files 0600: each written to a new
-/// temporary file (O_EXCL, O_NOFOLLOW: never through a link someone left there), fsynced and
-/// renamed into place.
-fn generate(dir: &Path, hostname: &str) -> Result<(), TlsError> {
-    let names = vec![hostname.to_string(), "localhost".to_string()];
-    let made = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+/// A self-signed certificate (a new ECDSA P-256 key) carrying `names` into `dir`, both files
+/// 0600: each written to a new temporary file (O_EXCL, O_NOFOLLOW: never through a link someone
+/// left there), fsynced and renamed into place. The key goes first: a crash between the two
+/// leaves a certificate that no longer fits, which the next start replaces (half a pair, or the
+/// old names).
+fn generate(dir: &Path, names: &CertNames) -> Result<(), TlsError> {
+    let fail = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(rcgen::DnType::CommonName, names.common_name.as_str());
+    for name in &names.dns_names {
+        params.subject_alt_names.push(rcgen::SanType::DnsName(name.clone().try_into().map_err(fail)?));
+    }
+    params.subject_alt_names.extend(names.ip_addresses.iter().map(|ip| rcgen::SanType::IpAddress(*ip)));
+    let key = rcgen::KeyPair::generate().map_err(fail)?;
+    let cert = params.self_signed(&key).map_err(fail)?;
     let write =
         |name: &str, text: String| write_private_atomic(dir, name, text.as_bytes()).map_err(|source| TlsError::Io { path: dir.join(name), source });
-    write(GENERATED_KEY, made.signing_key.serialize_pem())?;
-    write(GENERATED_CERT, made.cert.pem())
+    write(GENERATED_KEY, key.serialize_pem())?;
+    write(GENERATED_CERT, cert.pem())
 }
 
 /// `dir/name` as a new 0600 file, atomically (temp file with a unique name, created with O_EXCL
@@ -389,22 +636,141 @@ impl AsyncWrite for Stream {
 mod tests {
     use super::*;
 
+    fn names(hostname: &str) -> CertNames {
+        CertNames::new(hostname, [IpAddr::from([127, 0, 0, 1])])
+    }
+
     #[test]
     fn generates_once_then_reuses_and_reloads_changed_files() {
         let dir = tempfile::tempdir().unwrap();
         let empty = Path::new("");
-        let (tls, source) = ServerTls::load(empty, empty, dir.path(), "mail.example.test").unwrap();
+        let (tls, source) = ServerTls::load(empty, empty, dir.path(), &names("mail.example.test")).unwrap();
         assert_eq!(source, CertSource::Generated);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join(GENERATED_KEY)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "private key readable by its owner only");
-        let (_, source) = ServerTls::load(empty, empty, dir.path(), "mail.example.test").unwrap();
+        let (_, source) = ServerTls::load(empty, empty, dir.path(), &names("mail.example.test")).unwrap();
         assert_eq!(source, CertSource::GeneratedEarlier);
         assert!(!tls.reload().unwrap(), "unchanged files are not reloaded");
         // Replace the pair: the next reload picks it up.
         std::thread::sleep(Duration::from_millis(20));
-        generate(dir.path(), "other.example.test").unwrap();
+        generate(dir.path(), &names("other.example.test")).unwrap();
         assert!(tls.reload().unwrap());
+    }
+
+    #[test]
+    fn names_are_the_host_and_the_listen_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let n = CertNames::new("mail.example.test", [ip("127.0.0.1"), ip("192.0.2.7"), ip("127.0.0.1")]);
+        assert_eq!(n.common_name, "mail.example.test");
+        assert_eq!(n.dns_names, ["mail.example.test", "localhost"]);
+        assert_eq!(n.ip_addresses, [ip("127.0.0.1"), ip("192.0.2.7")], "each address once");
+        assert_eq!(n.to_string(), "CN=mail.example.test; DNS:mail.example.test, DNS:localhost, IP:127.0.0.1, IP:192.0.2.7");
+        // Unspecified addresses: the loopback of the family stands in (:: is dual-stack).
+        assert_eq!(CertNames::new("h.test", [ip("0.0.0.0")]).ip_addresses, [ip("127.0.0.1")]);
+        assert_eq!(CertNames::new("h.test", [ip("::")]).ip_addresses, [ip("127.0.0.1"), ip("::1")]);
+        // No loopback listener: no localhost either.
+        let public = CertNames::new("h.test", [ip("192.0.2.7"), ip("2001:db8::7")]);
+        assert_eq!((public.dns_names.as_slice(), public.ip_addresses.len()), (["h.test".to_string()].as_slice(), 2));
+        // Equal in any order, not with another host name or address.
+        let mut shuffled = n.clone();
+        shuffled.dns_names.reverse();
+        shuffled.ip_addresses.reverse();
+        assert_eq!(shuffled, n);
+        assert_ne!(CertNames::new("other.example.test", [ip("127.0.0.1"), ip("192.0.2.7")]), n);
+        assert_ne!(CertNames::new("mail.example.test", [ip("127.0.0.1")]), n);
+    }
+
+    #[test]
+    fn generated_certificate_carries_the_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let want = CertNames::new("mail.example.test", ["127.0.0.1".parse().unwrap(), "2001:db8::25".parse().unwrap()]);
+        generate(dir.path(), &want).unwrap();
+        let der = read_certificate(&dir.path().join(GENERATED_CERT)).unwrap();
+        let info = describe(&der).unwrap();
+        assert_eq!(info.subject, "CN=mail.example.test");
+        assert_eq!(info.common_name.as_deref(), Some("mail.example.test"));
+        assert_eq!(info.alt_names(), "DNS:mail.example.test, DNS:localhost, IP:127.0.0.1, IP:2001:db8::25");
+        assert_eq!(CertNames::of(&info), want);
+        assert!(info.not_before < 1_000_000_000 && info.not_after > 4_000_000_000, "{} {}", info.not_before, info.not_after);
+        assert_eq!(info.fingerprints, Fingerprints::of(&der));
+    }
+
+    #[test]
+    fn fingerprints_as_openssl_prints_them() {
+        // The digests of no bytes at all (RFC 1321 A.5, FIPS 180-2).
+        let fp = Fingerprints::of(b"");
+        assert_eq!(fp.md5, "D4:1D:8C:D9:8F:00:B2:04:E9:80:09:98:EC:F8:42:7E");
+        assert_eq!(fp.sha256, "E3:B0:C4:42:98:FC:1C:14:9A:FB:F4:C8:99:6F:B9:24:27:AE:41:E4:64:9B:93:4C:A4:95:99:1B:78:52:B8:55");
+        assert_eq!(Fingerprints::of(b"abc").md5, "90:01:50:98:3C:D2:4F:B0:D6:96:3F:7D:28:E1:7F:72");
+    }
+
+    #[test]
+    fn changed_names_regenerate_the_pair() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let empty = Path::new("");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let first = CertNames::new("mail.example.test", [ip("127.0.0.1")]);
+        let (tls, source) = ServerTls::load(empty, empty, dir.path(), &first).unwrap();
+        assert_eq!(source, CertSource::Generated);
+        let der = tls.certificate();
+        let (tls, source) = ServerTls::load(empty, empty, dir.path(), &first).unwrap();
+        assert_eq!((source, tls.certificate()), (CertSource::GeneratedEarlier, der.clone()), "same names: kept");
+        // Another listen address, then another host name: a new pair each time, saying what the
+        // old one named.
+        let moved = CertNames::new("mail.example.test", [ip("127.0.0.1"), ip("192.0.2.7")]);
+        let (tls, source) = ServerTls::load(empty, empty, dir.path(), &moved).unwrap();
+        assert_eq!(source, CertSource::Regenerated { previous: first.to_string() });
+        assert_ne!(tls.certificate(), der);
+        assert_eq!(CertNames::of(&describe(&tls.certificate()).unwrap()), moved);
+        let renamed = CertNames::new("post.example.test", [ip("127.0.0.1"), ip("192.0.2.7")]);
+        let (_, source) = ServerTls::load(empty, empty, dir.path(), &renamed).unwrap();
+        assert_eq!(source, CertSource::Regenerated { previous: moved.to_string() });
+        let (_, source) = ServerTls::load(empty, empty, dir.path(), &renamed).unwrap();
+        assert_eq!(source, CertSource::GeneratedEarlier);
+        // A pair from before the names were the host's (CN "rcgen self signed cert").
+        let old = rcgen::generate_simple_self_signed(vec!["post.example.test".to_string(), "localhost".to_string()]).unwrap();
+        std::fs::write(dir.path().join(GENERATED_KEY), old.signing_key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join(GENERATED_CERT), old.cert.pem()).unwrap();
+        let (tls, source) = ServerTls::load(empty, empty, dir.path(), &renamed).unwrap();
+        let CertSource::Regenerated { previous } = source else { panic!("{source:?}") };
+        assert!(previous.starts_with("CN=rcgen self signed cert;"), "{previous}");
+        assert_eq!(describe(&tls.certificate()).unwrap().subject, "CN=post.example.test");
+        // Still two 0600 files and nothing else.
+        let mut files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        files.sort();
+        assert_eq!(files, [GENERATED_CERT, GENERATED_KEY]);
+        for f in &files {
+            let meta = std::fs::symlink_metadata(dir.path().join(f)).unwrap();
+            assert!(meta.is_file() && meta.permissions().mode() & 0o777 == 0o600, "{f}");
+        }
+    }
+
+    #[test]
+    fn open_never_generates() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = Path::new("");
+        assert!(ServerTls::open(empty, empty, dir.path()).err().unwrap().to_string().contains("tls-cert.pem"));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
+        let old = CertNames::new("old.example.test", [IpAddr::from([127, 0, 0, 1])]);
+        let (tls, _) = ServerTls::load(empty, empty, dir.path(), &old).unwrap();
+        let opened = ServerTls::open(empty, empty, dir.path()).unwrap();
+        assert_eq!(opened.certificate(), tls.certificate(), "the pair as it is, names not judged");
+    }
+
+    #[test]
+    fn certificate_file_is_the_configured_or_the_generated_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = Path::new("");
+        assert_eq!(certificate_file(empty, dir.path()).unwrap(), None, "none generated yet");
+        assert_eq!(certificate_file(Path::new("/etc/c.pem"), dir.path()).unwrap(), Some(PathBuf::from("/etc/c.pem")));
+        generate(dir.path(), &names("h.test")).unwrap();
+        assert_eq!(certificate_file(empty, dir.path()).unwrap(), Some(dir.path().join(GENERATED_CERT)));
+        // A planted link is refused here as `load` refuses it.
+        let other = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(dir.path().join(GENERATED_CERT), other.path().join(GENERATED_CERT)).unwrap();
+        assert!(certificate_file(empty, other.path()).unwrap_err().to_string().contains("symbolic link"));
     }
 
     #[test]
@@ -427,25 +793,42 @@ mod tests {
     fn loose_key_is_refused_with_the_fix() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        generate(dir.path(), "mail.example.test").unwrap();
+        generate(dir.path(), &names("mail.example.test")).unwrap();
         let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         std::fs::rename(dir.path().join(GENERATED_CERT), &c).unwrap();
         std::fs::rename(dir.path().join(GENERATED_KEY), &k).unwrap();
         let chmod = |mode| std::fs::set_permissions(&k, std::fs::Permissions::from_mode(mode)).unwrap();
         chmod(0o644);
-        let err = ServerTls::load(&c, &k, dir.path(), "h").err().unwrap().to_string();
+        let err = ServerTls::load(&c, &k, dir.path(), &names("h")).err().unwrap().to_string();
         let shown = k.display();
         assert_eq!(
             err,
             format!("permissions 0644 for {shown} are too open: a private key must not be accessible by group or others; chmod 600 {shown}")
         );
         chmod(0o600);
-        let (tls, _) = ServerTls::load(&c, &k, dir.path(), "h").unwrap();
+        let (tls, _) = ServerTls::load(&c, &k, dir.path(), &names("h")).unwrap();
         // A key loosened later is not loaded; the one loaded stays in use.
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&k, std::fs::read(&k).unwrap()).unwrap();
         chmod(0o604);
         assert!(tls.reload().unwrap_err().to_string().contains("too open"));
+    }
+
+    #[test]
+    fn replace_with_moves_every_clone_to_the_new_files() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let empty = Path::new("");
+        let (tls, _) = ServerTls::load(empty, empty, a.path(), &names("a.example.test")).unwrap();
+        let clone = tls.clone();
+        let (other, _) = ServerTls::load(empty, empty, b.path(), &names("b.example.test")).unwrap();
+        tls.replace_with(&other);
+        assert_eq!(clone.certificate(), other.certificate());
+        assert_eq!(clone.cert_path(), b.path().join(GENERATED_CERT));
+        // The old files changing later do not bring the old certificate back.
+        std::thread::sleep(Duration::from_millis(20));
+        generate(a.path(), &names("a.example.test")).unwrap();
+        assert!(!clone.reload().unwrap());
+        assert_eq!(clone.certificate(), other.certificate());
     }
 
     #[test]
@@ -458,21 +841,21 @@ mod tests {
         let empty = Path::new("");
         // Only the key planted (dangling or not): refused, nothing written through it.
         std::os::unix::fs::symlink(&victim, data.join(GENERATED_KEY)).unwrap();
-        let err = ServerTls::load(empty, empty, &data, "h").err().unwrap().to_string();
+        let err = ServerTls::load(empty, empty, &data, &names("h")).err().unwrap().to_string();
         assert!(err.contains("tls-key.pem is a symbolic link") && err.contains("remove it"), "{err}");
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         std::fs::remove_file(data.join(GENERATED_KEY)).unwrap();
         std::os::unix::fs::symlink(dir.path().join("nothing"), data.join(GENERATED_KEY)).unwrap();
-        assert!(ServerTls::load(empty, empty, &data, "h").is_err());
+        assert!(ServerTls::load(empty, empty, &data, &names("h")).is_err());
         assert!(!dir.path().join("nothing").exists(), "no file created through a dangling link");
         // A whole pair planted as links to someone else's certificate and key: not used.
         std::fs::remove_file(data.join(GENERATED_KEY)).unwrap();
         let theirs = dir.path().join("theirs");
         std::fs::create_dir(&theirs).unwrap();
-        generate(&theirs, "h").unwrap();
+        generate(&theirs, &names("h")).unwrap();
         std::os::unix::fs::symlink(theirs.join(GENERATED_CERT), data.join(GENERATED_CERT)).unwrap();
         std::os::unix::fs::symlink(theirs.join(GENERATED_KEY), data.join(GENERATED_KEY)).unwrap();
-        let err = ServerTls::load(empty, empty, &data, "h").err().unwrap().to_string();
+        let err = ServerTls::load(empty, empty, &data, &names("h")).err().unwrap().to_string();
         assert!(err.contains("tls-cert.pem is a symbolic link"), "{err}");
     }
 
@@ -482,7 +865,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let empty = Path::new("");
         std::fs::write(dir.path().join(GENERATED_KEY), "left by a crash").unwrap();
-        let (_, source) = ServerTls::load(empty, empty, dir.path(), "h").unwrap();
+        let (_, source) = ServerTls::load(empty, empty, dir.path(), &names("h")).unwrap();
         assert_eq!(source, CertSource::Generated);
         let meta = std::fs::symlink_metadata(dir.path().join(GENERATED_KEY)).unwrap();
         assert!(meta.is_file() && meta.permissions().mode() & 0o777 == 0o600);
@@ -497,7 +880,7 @@ mod tests {
         let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         std::fs::write(&c, "not a certificate").unwrap();
         std::fs::write(&k, "not a key").unwrap();
-        let err = ServerTls::load(&c, &k, dir.path(), "h").err().unwrap().to_string();
+        let err = ServerTls::load(&c, &k, dir.path(), &names("h")).err().unwrap().to_string();
         assert!(err.contains("c.pem"), "{err}");
     }
 }

@@ -25,6 +25,9 @@ pub struct Due {
     pub ret: Option<String>,
     pub envid: Option<String>,
     pub delay_notified: bool,
+    /// RFC 4954 §5: the submitter to pass on with `AUTH=` to a next hop we authenticate to;
+    /// `None` sends `AUTH=<>`.
+    pub auth_sender: Option<String>,
 }
 
 impl Due {
@@ -35,7 +38,7 @@ impl Due {
 }
 
 const DUE_COLUMNS: &str = "r.id, r.message_id, m.qid, m.mail_from, r.address, r.attempts, m.size, m.received_at, r.expanded_from,
-                r.notify, r.orcpt, m.dsn_ret, m.dsn_envid, r.delay_notified";
+                r.notify, r.orcpt, m.dsn_ret, m.dsn_envid, r.delay_notified, m.auth_sender";
 
 fn due_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Due> {
     Ok(Due {
@@ -53,6 +56,7 @@ fn due_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Due> {
         ret: r.get(11)?,
         envid: r.get(12)?,
         delay_notified: r.get(13)?,
+        auth_sender: r.get(14)?,
     })
 }
 
@@ -97,8 +101,10 @@ pub fn next_due(c: &Connection) -> Result<Option<i64>, StoreError> {
 }
 
 /// Record the outcome of attempt `attempt_id` for one recipient — only if that attempt still
-/// holds the claim (a recipient deleted meanwhile is left alone). Returns the recipient's hold
-/// when recorded, None when the claim was gone.
+/// holds the claim (a recipient deleted meanwhile is left alone): its reply, and the host that
+/// gave it (`remote_mta`, for the Remote-MTA of a report; `None` when no host answered). Returns
+/// the recipient's hold when recorded, None when the claim was gone.
+#[allow(clippy::too_many_arguments)]
 pub fn finish(
     c: &Connection,
     attempt_id: i64,
@@ -107,13 +113,15 @@ pub fn finish(
     attempts: i64,
     next_attempt: Option<i64>,
     reply: &str,
+    remote_mta: Option<&str>,
 ) -> Result<Option<Hold>, StoreError> {
     debug_assert!(RecipientState::InAttempt.may_become(to));
     Ok(c.prepare_cached(
-        "UPDATE recipients SET state = ?3, attempts = ?4, next_attempt = ?5, last_reply = ?6, attempt_id = NULL, lease_until = NULL
+        "UPDATE recipients SET state = ?3, attempts = ?4, next_attempt = ?5, last_reply = ?6, remote_mta = ?7, attempt_id = NULL,
+                lease_until = NULL
           WHERE id = ?1 AND state = 'attempt' AND attempt_id = ?2 RETURNING held",
     )?
-    .query_row(params![recipient_id, attempt_id, to, attempts, next_attempt, reply], |r| r.get(0))
+    .query_row(params![recipient_id, attempt_id, to, attempts, next_attempt, reply, remote_mta], |r| r.get(0))
     .optional()?)
 }
 

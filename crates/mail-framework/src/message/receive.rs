@@ -25,7 +25,8 @@ pub fn chunk(c: &Connection, message_id: i64, seq: i64, data: &[u8]) -> Result<(
 /// Returns the addresses queued.
 pub fn complete(c: &Connection, message_id: i64, size: u64, envelope: &Envelope) -> Result<Vec<String>, StoreError> {
     c.prepare_cached(
-        "UPDATE messages SET complete = 1, mail_from = ?2, size = ?3, client_ip = ?4, helo = ?5, origin = ?6, dsn_ret = ?7, dsn_envid = ?8
+        "UPDATE messages SET complete = 1, mail_from = ?2, size = ?3, client_ip = ?4, helo = ?5, origin = ?6, dsn_ret = ?7, dsn_envid = ?8,
+                auth_sender = ?9
           WHERE id = ?1",
     )?
     .execute(params![
@@ -36,7 +37,8 @@ pub fn complete(c: &Connection, message_id: i64, size: u64, envelope: &Envelope)
         envelope.helo,
         envelope.origin,
         envelope.dsn.ret,
-        envelope.dsn.envid
+        envelope.dsn.envid,
+        envelope.auth_sender
     ])?;
     let mut stmt = c.prepare_cached("INSERT INTO recipients (message_id, address, state, notify, orcpt) VALUES (?1, ?2, ?3, ?4, ?5)")?;
     let mut queued: Vec<String> = Vec::with_capacity(envelope.recipients.len());

@@ -21,6 +21,8 @@ pub struct Waiting {
     pub expanded_from: Option<String>,
     pub notify: Option<String>,
     pub orcpt: Option<String>,
+    /// `Bounce`: the host whose reply failed it, if one did (RFC 3464 Remote-MTA).
+    pub remote_mta: Option<String>,
 }
 
 /// Up to `limit` recipients due for the pipeline at `now`, grouped by message, oldest first.
@@ -28,7 +30,7 @@ pub struct Waiting {
 pub fn waiting(c: &Connection, now: i64, limit: usize) -> Result<Vec<Waiting>, StoreError> {
     let mut stmt = c.prepare_cached(
         "SELECT r.id, r.address, m.id, m.qid, m.mail_from, m.size, m.received_at, m.origin, m.dsn_ret, m.dsn_envid,
-                r.state, r.last_reply, r.depth, r.expanded_from, r.notify, r.orcpt
+                r.state, r.last_reply, r.depth, r.expanded_from, r.notify, r.orcpt, r.remote_mta
            FROM recipients r JOIN messages m ON m.id = r.message_id
           WHERE r.state IN ('queued', 'bounce') AND r.held = 0 AND (r.next_attempt IS NULL OR r.next_attempt <= ?1)
           ORDER BY r.message_id, r.id LIMIT ?2",
@@ -60,6 +62,7 @@ pub fn waiting(c: &Connection, now: i64, limit: usize) -> Result<Vec<Waiting>, S
             expanded_from: r.get(13)?,
             notify: r.get(14)?,
             orcpt: r.get(15)?,
+            remote_mta: r.get(16)?,
         });
     }
     Ok(out)

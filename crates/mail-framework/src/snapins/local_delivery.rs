@@ -57,6 +57,7 @@ impl SnapIn for LocalDelivery {
                     action: Action::Delivered,
                     status: "2.0.0".into(),
                     diagnostic: "250 2.0.0 delivered to the mailbox".into(),
+                    remote_mta: None,
                 };
                 delivered.entry(item.message.id).or_insert_with(|| (item, Vec::new())).1.push(entry);
             }

@@ -48,6 +48,7 @@ impl SnapIn for NonDelivery {
                         action: Action::Failed,
                         status: status.clone(),
                         diagnostic: reason.clone(),
+                        remote_mta: i.remote_mta.clone(),
                     });
                 }
             }
