@@ -118,13 +118,8 @@ pub struct Framework {
 }
 
 impl Framework {
-    /// The built-in snap-ins in i5/OS exit-point order with default settings; `hostname`
-    /// signs delivery reports.
-    pub fn new(queue: Queue, domains: LocalDomains, hostname: &str) -> Self {
-        let settings = crate::snapins::Settings::new(domains.postmaster(), hostname);
-        Self::with_snapins(queue, domains, crate::snapins::builtin(&settings))
-    }
-
+    /// A framework running these snap-ins (`snapins::builtin` gives the built-in chain in
+    /// i5/OS exit-point order).
     pub fn with_snapins(queue: Queue, domains: LocalDomains, snapins: Vec<Box<dyn SnapIn>>) -> Self {
         Framework {
             queue,

@@ -14,7 +14,11 @@ use common::{Setup, enqueue, setup};
 
 impl Setup {
     fn framework(&self) -> Framework {
-        Framework::new(self.queue.clone(), self.domains.clone(), "mail.example.test")
+        Framework::with_snapins(
+            self.queue.clone(),
+            self.domains.clone(),
+            snapins::builtin(&snapins::Settings::new("admin@example.test", "mail.example.test")),
+        )
     }
 
     fn rule(&self, field: Field, pattern: &str, action: Action) {

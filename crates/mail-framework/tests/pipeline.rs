@@ -27,7 +27,11 @@ async fn tags_each_recipient_and_delivers_locally_once() {
     let s = setup(4096);
     let body: Vec<u8> = (0..10_000u32).map(|i| b"abcdefgh\r\n"[(i % 10) as usize]).collect();
     enqueue(&s.queue, &body, &["samjones@EXAMPLE.test", "someone@remote.example", "postmaster"], Origin::Smtp).await;
-    let fw = Framework::new(s.queue.clone(), s.domains.clone(), "mail.example.test");
+    let fw = Framework::with_snapins(
+        s.queue.clone(),
+        s.domains.clone(),
+        snapins::builtin(&snapins::Settings::new("admin@example.test", "mail.example.test")),
+    );
     assert_eq!(fw.run_once().await.unwrap(), 3);
     assert_eq!(
         s.states(),

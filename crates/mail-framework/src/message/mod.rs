@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod envelope;
 pub mod mailbox;
 pub mod outbound;
 pub mod quarantine;

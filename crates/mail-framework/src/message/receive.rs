@@ -4,8 +4,8 @@
 use rusqlite::{Connection, params};
 use store::StoreError;
 
+use super::envelope::Envelope;
 use super::{Origin, RecipientState};
-use crate::queue::Envelope;
 
 /// A message row that is not complete yet (its DATA is still arriving).
 pub fn start(c: &Connection, qid: &str) -> Result<i64, StoreError> {
