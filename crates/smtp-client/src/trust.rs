@@ -88,7 +88,7 @@ pub fn verified_config(trust: &Trust) -> Result<Arc<ClientConfig>, String> {
     if let Some(pin) = &trust.fingerprint {
         let sha256 = directory::access::hostauth::normalise_fingerprint(pin)
             .ok_or_else(|| format!("the pinned fingerprint {pin:?} is not a SHA-256 in hex"))?;
-        let verifier = Arc::new(PinnedCertificate { sha256, algorithms: provider.signature_verification_algorithms });
+        let verifier = Arc::new(ChainlessVerifier { pin: Some(sha256), algorithms: provider.signature_verification_algorithms });
         return Ok(Arc::new(builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()));
     }
     let mut roots = (*system_roots()).clone();
@@ -110,7 +110,7 @@ pub fn opportunistic_config() -> Arc<ClientConfig> {
     CONFIG
         .get_or_init(|| {
             let provider = tls::provider();
-            let verifier = Arc::new(AcceptAnyCertificate { algorithms: provider.signature_verification_algorithms });
+            let verifier = Arc::new(ChainlessVerifier { pin: None, algorithms: provider.signature_verification_algorithms });
             let config = ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .expect("the ring provider supports the default TLS versions")
@@ -122,53 +122,14 @@ pub fn opportunistic_config() -> Arc<ClientConfig> {
         .clone()
 }
 
-/// Accepts every certificate (opportunistic TLS protects against passive eavesdropping only),
-/// but checks that the server really holds the key of the certificate it sent.
+/// A verifier that skips the certificate chain: `pin: None` accepts every certificate
+/// (opportunistic TLS protects against passive eavesdropping only); `pin: Some(sha256)` accepts
+/// the one certificate with that fingerprint (Postfix's "fingerprint" level: no chain, no names,
+/// no dates — the pin says it all). Either way the server must prove it holds the certificate's
+/// key: handshake signatures are verified.
 #[derive(Debug)]
-struct AcceptAnyCertificate {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// Accepts the one certificate whose SHA-256 is pinned (Postfix's "fingerprint" level): no
-/// chain, no names, no dates — the pin says it all. Handshake signatures are verified.
-#[derive(Debug)]
-struct PinnedCertificate {
-    sha256: String,
+struct ChainlessVerifier {
+    pin: Option<String>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -183,7 +144,7 @@ impl std::fmt::Display for PinMismatch {
 
 impl std::error::Error for PinMismatch {}
 
-impl ServerCertVerifier for PinnedCertificate {
+impl ServerCertVerifier for ChainlessVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -192,8 +153,9 @@ impl ServerCertVerifier for PinnedCertificate {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(pin) = &self.pin else { return Ok(ServerCertVerified::assertion()) };
         let seen = fingerprint(end_entity);
-        if seen == self.sha256 {
+        if seen == *pin {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch(seen))))))

@@ -712,12 +712,17 @@ impl Driver<'_> {
         Ok(())
     }
 
+    /// The facts the policy decides on, as they are now: the facts gathered at connect, with
+    /// the user this session authenticated as and the current time.
+    fn facts_now(&self) -> ClientFacts {
+        ClientFacts { authenticated: self.session.authenticated().map(str::to_string), now: store::now(), ..self.facts.clone() }
+    }
+
     /// R9: deny the client's address for a while, unless it is exempt (relay-listed, or
     /// authenticated in this session) or auto-deny is off; true = hang up now.
     fn penalize(&self) -> bool {
         let s = self.server;
-        let facts = ClientFacts { authenticated: self.session.authenticated().map(str::to_string), ..self.facts.clone() };
-        if s.settings.policy.exempt_from_penalty(&facts) || !s.services.penalty.deny(self.facts.ip) {
+        if s.settings.policy.exempt_from_penalty(&self.facts_now()) || !s.services.penalty.deny(self.facts.ip) {
             return false;
         }
         s.journal(code::SMTP_HACK_DENY, self.facts.ip, "", "command line beyond the limits: put on the temporary deny list (R9)");
@@ -770,8 +775,7 @@ impl Driver<'_> {
             Some(d) => (d.to_ascii_lowercase(), true),
             None => (node.to_ascii_lowercase(), false),
         };
-        let facts = ClientFacts { authenticated: self.session.authenticated().map(str::to_string), ..self.facts.clone() };
-        let decision = self.server.settings.policy.etrn(&facts, &domain, self.server.settings.etrn_domains.contains(&domain));
+        let decision = self.server.settings.policy.etrn(&self.facts_now(), &domain, self.server.settings.etrn_domains.contains(&domain));
         metrics::decision("etrn", decision.allow, &decision.rule);
         if let Some(reply) = decision.etrn_reply(node) {
             self.server.journal(code::SMTP_REJECTED, self.facts.ip, node, &format!("ETRN refused: {}", decision.rule));
@@ -809,9 +813,7 @@ impl Driver<'_> {
     /// store reader; refusals are journaled with the rule (R3).
     async fn check_rcpt(&self, addr: &Address) -> RcptVerdict {
         let s = self.server;
-        let mut facts = self.facts.clone();
-        facts.now = store::now();
-        facts.authenticated = self.session.authenticated().map(str::to_string);
+        let facts = self.facts_now();
         let (settings, domains, a) = (s.settings.clone(), s.services.domains.clone(), addr.clone());
         let outcome = s
             .store()

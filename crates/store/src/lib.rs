@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use pool::{Durability, Store};
+pub use private_files::{effective_uid, write_private_atomic};
 pub use rusqlite;
 
 /// Name of the database file inside the data directory.
@@ -129,15 +130,6 @@ pub fn check_data_dir(dir: &Path) -> Result<()> {
     }
 }
 
-/// The user id that owns the files this process creates: its effective uid (on Linux the
-/// filesystem uid, which follows the effective one). Read as the owner of a new pipe, because
-/// this crate makes no foreign calls (`geteuid` would need `unsafe`).
-pub fn effective_uid() -> std::io::Result<u32> {
-    use std::os::unix::fs::MetadataExt;
-    let (reader, _writer) = std::io::pipe()?;
-    Ok(std::fs::File::from(std::os::fd::OwnedFd::from(reader)).metadata()?.uid())
-}
-
 /// What [`judge_dir`] looks at.
 #[derive(Clone, Copy, Debug)]
 struct DirFacts {
@@ -196,22 +188,12 @@ fn judge_dir(dir: &Path, f: &DirFacts, euid: u32) -> Result<DirVerdict> {
 /// The database and SQLite's side files, where they exist, must be regular files we own: SQLite
 /// opens them by name, and would follow a link or share a file another user can rewrite.
 fn check_entries(dir: &Path, euid: u32) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let path = dir.join(format!("{DB_FILE}{suffix}"));
-        let meta = match std::fs::symlink_metadata(&path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+        let what = match private_files::own_regular_file(&path, euid) {
+            Ok(Ok(_)) => continue,
+            Ok(Err(what)) => what,
             Err(source) => return Err(StoreError::Io { path, source }),
-        };
-        let what = if meta.file_type().is_symlink() {
-            "a symbolic link".to_string()
-        } else if !meta.is_file() {
-            "not a regular file".to_string()
-        } else if meta.uid() != euid {
-            format!("owned by uid {}, not by uid {euid} that runs postroom", meta.uid())
-        } else {
-            continue;
         };
         return Err(StoreError::Untrusted(format!(
             "{} is {what}: the database files must be regular files owned by the user that runs postroom; \
@@ -220,34 +202,6 @@ fn check_entries(dir: &Path, euid: u32) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Write `bytes` to `dir/name` as a new 0600 file, atomically: a uniquely named temporary file
-/// (created with O_EXCL and O_NOFOLLOW, so never through a link someone left there), fsynced, then
-/// renamed over `name` (a link already at `name` is replaced, not followed). `dir` must be a
-/// directory only we can write, as the data directory is.
-pub fn write_private_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut attempts = 0;
-    let (tmp, mut file) = loop {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-        let opened = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp);
-        match opened {
-            Ok(f) => break (tmp, f),
-            // Left by an earlier process with the same pid: take the next name.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 100 => attempts += 1,
-            Err(e) => return Err(e),
-        }
-    };
-    let written = file.write_all(bytes).and_then(|()| file.sync_all()).and_then(|()| std::fs::rename(&tmp, dir.join(name)));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
 }
 
 /// Seconds since the Unix epoch.

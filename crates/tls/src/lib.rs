@@ -14,6 +14,7 @@
 //!   within a handshake deadline.
 #![forbid(unsafe_code)]
 
+use private_files::{effective_uid, own_regular_file, write_private_atomic};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
@@ -434,34 +435,15 @@ fn key_too_open(mode: u32, owner: u32, euid: u32) -> bool {
     loose != 0 && !(owner == 0 && euid != 0 && loose == 0o040)
 }
 
-/// The user id that owns the files this process creates (its effective uid), read as the owner
-/// of a new pipe, because this crate makes no foreign calls (`geteuid` would need `unsafe`).
-fn effective_uid() -> io::Result<u32> {
-    use std::os::unix::fs::MetadataExt;
-    let (reader, _writer) = io::pipe()?;
-    Ok(std::fs::File::from(std::os::fd::OwnedFd::from(reader)).metadata()?.uid())
-}
-
 /// Whether a generated certificate file is there. It must be a regular file we own: a link or
 /// another user's file (planted before the data directory was ours) is refused, never read
 /// (its key would be known to someone else) nor written through.
 fn generated_file_present(path: &Path) -> Result<bool, TlsError> {
-    use std::os::unix::fs::MetadataExt;
     let io = |source| TlsError::Io { path: path.to_path_buf(), source };
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(io(e)),
-    };
     let euid = effective_uid().map_err(io)?;
-    let what = if meta.file_type().is_symlink() {
-        "a symbolic link".to_string()
-    } else if !meta.is_file() {
-        "not a regular file".to_string()
-    } else if meta.uid() != euid {
-        format!("owned by uid {}, not by uid {euid} that runs postroom", meta.uid())
-    } else {
-        return Ok(true);
+    let what = match own_regular_file(path, euid).map_err(io)? {
+        Ok(present) => return Ok(present),
+        Err(what) => what,
     };
     Err(TlsError::Untrusted(format!(
         "{} is {what}: the generated certificate and key must be regular files of the user that runs postroom; \
@@ -490,31 +472,6 @@ fn generate(dir: &Path, names: &CertNames) -> Result<(), TlsError> {
         |name: &str, text: String| write_private_atomic(dir, name, text.as_bytes()).map_err(|source| TlsError::Io { path: dir.join(name), source });
     write(GENERATED_KEY, key.serialize_pem())?;
     write(GENERATED_CERT, cert.pem())
-}
-
-/// `dir/name` as a new 0600 file, atomically (temp file with a unique name, created with O_EXCL
-/// and O_NOFOLLOW, fsynced, renamed over `name`).
-fn write_private_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut attempts = 0;
-    let (tmp, mut file) = loop {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp) {
-            Ok(f) => break (tmp, f),
-            // Left by an earlier process with the same pid: take the next name.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 100 => attempts += 1,
-            Err(e) => return Err(e),
-        }
-    };
-    let written = file.write_all(bytes).and_then(|()| file.sync_all()).and_then(|()| std::fs::rename(&tmp, dir.join(name)));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
 }
 
 /// Refusal handshakes (see [`Stream::refuse`]) running at once, at most.
