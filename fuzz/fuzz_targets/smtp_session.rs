@@ -25,6 +25,7 @@ enum Answer {
     Tls,
     Enqueue,
     Etrn,
+    Spf,
 }
 
 #[derive(Default)]
@@ -62,6 +63,7 @@ fn step(actions: Vec<Action>, answers: &mut VecDeque<Answer>, seen: &mut Seen) {
             Action::VerifyPassword { .. } => Some(Answer::Password),
             Action::StartTls => Some(Answer::Tls),
             Action::Etrn(_) => Some(Answer::Etrn),
+            Action::CheckSpf(_) => Some(Answer::Spf),
             Action::Penalize => None,
             Action::BeginData { .. } => {
                 assert!(!seen.in_data, "BeginData twice");
@@ -116,6 +118,7 @@ fn feed(session: &mut Session, event: Event<'_>, seen: &mut Seen) {
             Answer::Tls => Event::TlsUp,
             Answer::Enqueue => Event::EnqueueDone(Ok("Q1".into())),
             Answer::Etrn => Event::EtrnDone(Reply::plain(251, "ok")),
+            Answer::Spf => Event::SpfChecked(None),
         };
         step(session.handle(event), &mut answers, seen);
     }

@@ -6,6 +6,7 @@ Behaviour is configured per query name:
 
     stub.a("2.0.0.127.rbl.test", "127.0.0.2")   # A record(s); AAAA and others: NOERROR, no data
     stub.aaaa("host.test", "::1")                # AAAA record(s)
+    stub.txt("sel._domainkey.example.test", "v=DKIM1; k=ed25519; p=...")  # TXT record(s)
     stub.nxdomain("name")                        # NXDOMAIN for every type
     stub.servfail("name")                        # SERVFAIL for every type
     stub.drop("name")                            # never answer (the client times out)
@@ -133,6 +134,21 @@ class DnsStub:
             self._rules[_norm(name)] = ("records", recs)
         return self
 
+    def txt(self, name: str, *texts: str | bytes) -> "DnsStub":
+        """One TXT record per text, each cut into character-strings of at most 255 bytes (a
+        DKIM RSA key does not fit in one)."""
+        rdatas = []
+        for text in texts:
+            raw = text.encode() if isinstance(text, str) else text
+            parts = [raw[i:i + 255] for i in range(0, len(raw), 255)] or [b""]
+            rdatas.append(b"".join(bytes([len(p)]) + p for p in parts))
+        with self._lock:
+            rule = self._rules.get(_norm(name))
+            recs = dict(rule[1]) if rule and rule[0] == "records" else {}
+            recs["TXT"] = rdatas
+            self._rules[_norm(name)] = ("records", recs)
+        return self
+
     def nxdomain(self, name: str) -> "DnsStub":
         with self._lock:
             self._rules[_norm(name)] = ("nxdomain",)
@@ -181,7 +197,7 @@ class DnsStub:
         if rule[0] == "drop":
             return None
         recs = rule[1]
-        rdatas = recs.get(tname, []) if tname in ("A", "AAAA") else []
+        rdatas = recs.get(tname, []) if tname in ("A", "AAAA", "TXT") else []
         return build_response(packet, NOERROR, [(qtype, r) for r in rdatas])
 
     def start(self) -> "DnsStub":
@@ -264,6 +280,45 @@ def dns_stub():
     stub = DnsStub().start()
     yield stub
     stub.stop()
+
+
+def query_txt(server: str, name: str, timeout: float = 2.0) -> list[bytes]:
+    """The TXT records of `name` from the DNS server at "host:port", each character-string
+    joined (for dkimpy's and pyspf's lookups in the tests, which must not reach the system's
+    resolvers). [] for NXDOMAIN or no data; OSError on SERVFAIL or no answer."""
+    host, port = server.rsplit(":", 1)
+    qid = 0x5151
+    query = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + _encode_name(name) + struct.pack("!HH", 16, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(query, (host, int(port)))
+        resp = s.recv(65535)
+    flags, qd, an = struct.unpack("!HHH", resp[2:8])
+    rcode = flags & 0x0F
+    if rcode == NXDOMAIN:
+        return []
+    if rcode != NOERROR:
+        raise OSError(f"DNS rcode {rcode} for {name}")
+    i = 12
+    for _ in range(qd):  # skip the question
+        while resp[i] != 0:
+            i += 1 + resp[i]
+        i += 5
+    out = []
+    for _ in range(an):
+        i += 2  # name: a pointer in build_response's answers
+        rtype, _, _, rdlen = struct.unpack("!HHIH", resp[i:i + 10])
+        i += 10
+        rdata, i = resp[i:i + rdlen], i + rdlen
+        if rtype != 16:
+            continue
+        text, j = b"", 0
+        while j < len(rdata):
+            n = rdata[j]
+            text += rdata[j + 1:j + 1 + n]
+            j += 1 + n
+        out.append(text)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

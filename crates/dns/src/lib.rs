@@ -57,6 +57,22 @@ pub enum MxAnswer {
     Error(String),
 }
 
+/// The resolver configuration for `servers` (IP:port each, over UDP with TCP fallback): the
+/// `[dns] servers` every lookup of the server goes to, here and in sender-auth's resolver.
+pub fn servers_config(servers: &[SocketAddr]) -> ResolverConfig {
+    let configs = servers
+        .iter()
+        .map(|s| {
+            let mut c = NameServerConfig::udp_and_tcp(s.ip());
+            for conn in &mut c.connections {
+                conn.port = s.port();
+            }
+            c
+        })
+        .collect();
+    ResolverConfig::from_name_servers(configs)
+}
+
 #[derive(Clone)]
 pub struct Dns {
     resolver: TokioResolver,
@@ -69,17 +85,7 @@ impl Dns {
         let mut builder = if servers.is_empty() {
             TokioResolver::builder_tokio().map_err(|e| DnsError::Setup(e.to_string()))?
         } else {
-            let configs = servers
-                .iter()
-                .map(|s| {
-                    let mut c = NameServerConfig::udp_and_tcp(s.ip());
-                    for conn in &mut c.connections {
-                        conn.port = s.port();
-                    }
-                    c
-                })
-                .collect();
-            TokioResolver::builder_with_config(ResolverConfig::from_name_servers(configs), TokioRuntimeProvider::default())
+            TokioResolver::builder_with_config(servers_config(servers), TokioRuntimeProvider::default())
         };
         let opts: &mut ResolverOpts = builder.options_mut();
         opts.timeout = QUERY_TIMEOUT;

@@ -24,6 +24,8 @@ pub mod code {
     pub const SMTP_AUTH_FAILED: &str = "9F";
     /// SMTP server: client put on the temporary deny list (hack auto-deny, R9).
     pub const SMTP_HACK_DENY: &str = "9D";
+    /// SMTP server: the SPF, DKIM and DMARC verdicts on a message and what was done (E1).
+    pub const SMTP_SENDER_AUTH: &str = "9A";
     /// Address resolution tagged a recipient (P2).
     pub const RESOLVED: &str = "P2";
     /// Local delivery into a POP mailbox (B8).

@@ -30,6 +30,8 @@ pub struct Incoming {
     seq: i64,
     buf: Vec<u8>,
     size: u64,
+    /// Kept in the quarantine from the start, for this reason (E1: DMARC p=quarantine).
+    quarantine: Option<String>,
 }
 
 impl Queue {
@@ -47,7 +49,7 @@ impl Queue {
 
     /// Start receiving a message under a new queue id.
     pub fn incoming(&self) -> Incoming {
-        Incoming { queue: self.clone(), qid: new_qid(), message_id: None, seq: 0, buf: Vec::new(), size: 0 }
+        Incoming { queue: self.clone(), qid: new_qid(), message_id: None, seq: 0, buf: Vec::new(), size: 0, quarantine: None }
     }
 
     /// At start-up: drop messages whose DATA never finished (their sender got no 250), and
@@ -73,6 +75,13 @@ impl Incoming {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Commit the message into the quarantine (F3 *keep*) with `reason`: it is queued and
+    /// journaled as any other, and the filtering snap-in keeps it from every recipient until the
+    /// administrator releases it.
+    pub fn quarantine(&mut self, reason: String) {
+        self.quarantine = Some(reason);
     }
 
     /// Append message bytes; writes a chunk to the store whenever one fills up.
@@ -114,7 +123,7 @@ impl Incoming {
     /// Make the message durable and queued for `envelope`'s recipients; returns the queue id.
     /// This is the commit the SMTP server's 250 waits for.
     pub async fn commit(self, envelope: Envelope) -> Result<String> {
-        let Incoming { queue, qid, message_id, seq, buf, size } = self;
+        let Incoming { queue, qid, message_id, seq, buf, size, quarantine } = self;
         let q = qid.clone();
         queue
             .store
@@ -127,6 +136,9 @@ impl Incoming {
                     message::receive::chunk(c, id, seq, &buf)?;
                 }
                 let queued = message::receive::complete(c, id, size, &envelope)?;
+                if let Some(reason) = &quarantine {
+                    message::quarantine::keep(c, id, reason)?;
+                }
                 journal::append(
                     c,
                     &journal::Entry {

@@ -164,6 +164,22 @@ pub enum Rule {
     LocalIdentity(String),
     /// A4: the address is not one of the local user's identities.
     LocalNotOwnIdentity(String),
+    /// E1: `[auth] checks = false`: no SPF, DKIM or DMARC check.
+    SenderAuthOff,
+    /// E1: SPF fail for the MAIL FROM domain, refused at MAIL FROM (`[auth] spf_refuse_fail`).
+    SpfFailRefused(String),
+    /// E1: the SPF result at MAIL FROM, not a reason to refuse.
+    SpfChecked(String),
+    /// E1: the checks found nothing the domain's DMARC policy asks to act on.
+    SenderAuthAccepted(String),
+    /// E1: DMARC fail with p=reject.
+    DmarcReject(String),
+    /// E1: DMARC fail with p=quarantine.
+    DmarcQuarantine(String),
+    /// E1: DMARC could not be evaluated (a DNS error) and the outcome matters.
+    DmarcTempError(String),
+    /// E1: `[auth] dmarc = "record"`: verdicts go into the header only.
+    DmarcRecordOnly(String),
 }
 
 impl fmt::Display for Rule {
@@ -217,6 +233,14 @@ impl fmt::Display for Rule {
             Rule::LocalIdentity(u) => write!(f, "sender address is one of local user {u}'s (A4)"),
             Rule::LocalNotOwnIdentity(u) => write!(f, "sender address is not one of local user {u}'s (A4)"),
             Rule::RelayTrick(t) => write!(f, "relay trick: {t} (R7)"),
+            Rule::SenderAuthOff => write!(f, "[auth] checks off (E1)"),
+            Rule::SpfFailRefused(v) => write!(f, "{v}: refused at MAIL FROM ([auth] spf_refuse_fail, RFC 7208 §8.4, E1)"),
+            Rule::SpfChecked(v) => write!(f, "{v} (E1)"),
+            Rule::SenderAuthAccepted(v) => write!(f, "{v} (E1)"),
+            Rule::DmarcReject(v) => write!(f, "DMARC p=reject: {v} (RFC 7489 §6.3, E1)"),
+            Rule::DmarcQuarantine(v) => write!(f, "DMARC p=quarantine: {v} (RFC 7489 §6.3, E1)"),
+            Rule::DmarcTempError(v) => write!(f, "DMARC not evaluated, DNS failed: {v} (RFC 7489 §6.6.3, E1)"),
+            Rule::DmarcRecordOnly(v) => write!(f, "{v}; recorded only ([auth] dmarc = record, E1)"),
         }
     }
 }
@@ -289,6 +313,29 @@ impl Decision {
             Rule::HeloLiteralMismatch { .. } => Reply::new(550, (7, 1), "Helo command rejected: address literal is not your address"),
             _ => Reply::new(550, (7, 1), "Helo command rejected: host name does not match your address"),
         })
+    }
+
+    /// E1: the refusal reply for MAIL FROM after the SPF check (RFC 7372 §3.2: X.7.23).
+    pub fn spf_reply(&self) -> Option<Reply> {
+        (!self.allow).then(|| Reply::new(550, (7, 23), "SPF validation failed: the sender's domain does not authorise this client"))
+    }
+
+    /// E1: the reply that takes the place of 250 at the end of DATA when the checks refuse the
+    /// message: 550 5.7.1 for DMARC p=reject, 451 4.7.1 when DNS failed and the outcome
+    /// matters (a DNS failure is never a permanent refusal).
+    pub fn data_reply(&self) -> Option<Reply> {
+        if self.allow {
+            return None;
+        }
+        Some(match self.rule {
+            Rule::DmarcTempError(_) => Reply::new(451, (7, 1), "Sender authentication could not be completed (DNS), try again later"),
+            _ => Reply::new(550, (7, 1), "Message rejected: the sender's domain publishes a DMARC reject policy and the message failed it"),
+        })
+    }
+
+    /// E1: the quarantine reason when the message is accepted into the quarantine.
+    pub fn quarantine_reason(&self) -> Option<String> {
+        matches!(self.rule, Rule::DmarcQuarantine(_)).then(|| self.rule.to_string())
     }
 
     /// The refusal reply for a recipient.
@@ -382,6 +429,156 @@ pub fn local_sender(user: &str, root: bool, owned: &[String], from: Option<&Addr
         Decision::allow(Rule::LocalIdentity(user.to_string()))
     } else {
         Decision::refuse(Rule::LocalNotOwnIdentity(user.to_string()))
+    }
+}
+
+/// E1: one SPF, DKIM or DMARC result, with the names of RFC 8601 §2.7.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthResult {
+    Pass,
+    Fail,
+    SoftFail,
+    Neutral,
+    /// No record, or no signature.
+    None,
+    /// A DNS failure: the answer may be different later.
+    TempError,
+    /// A record that cannot be used (syntax, too many lookups).
+    PermError,
+}
+
+impl AuthResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthResult::Pass => "pass",
+            AuthResult::Fail => "fail",
+            AuthResult::SoftFail => "softfail",
+            AuthResult::Neutral => "neutral",
+            AuthResult::None => "none",
+            AuthResult::TempError => "temperror",
+            AuthResult::PermError => "permerror",
+        }
+    }
+}
+
+impl fmt::Display for AuthResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// E1: what a domain's DMARC record asks receivers to do with mail that fails (RFC 7489 §6.3:
+/// `p=`, or `sp=` for a subdomain; `t=y` lowers it one step).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmarcPolicy {
+    None,
+    Quarantine,
+    Reject,
+}
+
+impl DmarcPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DmarcPolicy::None => "none",
+            DmarcPolicy::Quarantine => "quarantine",
+            DmarcPolicy::Reject => "reject",
+        }
+    }
+}
+
+/// E1: the verdicts of the inbound checks on one message, as the decision needs them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SenderAuthFacts {
+    /// SPF for the MAIL FROM identity (the HELO identity for the null sender), and its domain.
+    pub spf: AuthResult,
+    pub spf_domain: String,
+    /// Each DKIM signature's result and signing domain (`d=`); empty when unsigned.
+    pub dkim: Vec<(AuthResult, String)>,
+    /// DMARC for the RFC 5322 From domain.
+    pub dmarc: AuthResult,
+    pub dmarc_domain: String,
+    /// The policy that applies to the From domain; `None` when no record was found or the
+    /// lookup failed.
+    pub dmarc_policy: Option<DmarcPolicy>,
+}
+
+impl SenderAuthFacts {
+    /// One line for replies, the journal and the quarantine: "SPF fail (x.test), DKIM none,
+    /// DMARC fail (x.test, p=reject)".
+    pub fn summary(&self) -> String {
+        let dkim = match self.dkim.as_slice() {
+            [] => "none".to_string(),
+            sigs => sigs.iter().map(|(r, d)| format!("{r} ({d})")).collect::<Vec<_>>().join(", "),
+        };
+        let policy = self.dmarc_policy.map(|p| format!(", p={}", p.as_str())).unwrap_or_default();
+        let dmarc = if self.dmarc_domain.is_empty() { String::new() } else { format!(" ({}{policy})", self.dmarc_domain) };
+        let spf = if self.spf_domain.is_empty() { String::new() } else { format!(" ({})", self.spf_domain) };
+        format!("SPF {}{spf}, DKIM {dkim}, DMARC {}{dmarc}", self.spf, self.dmarc)
+    }
+}
+
+/// E1: what is done with the DMARC verdict (`[auth] dmarc`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmarcMode {
+    /// p=reject refused (550 5.7.1), p=quarantine into the quarantine, as large receivers do.
+    Enforce,
+    /// Only the Authentication-Results header.
+    Record,
+}
+
+/// E1: the administrator's inbound sender-authentication settings (`[auth]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SenderAuthPolicy {
+    pub checks: bool,
+    pub dmarc: DmarcMode,
+    /// Refuse an SPF fail at MAIL FROM (RFC 7208 §8.4).
+    pub spf_refuse_fail: bool,
+}
+
+impl SenderAuthPolicy {
+    /// Is this client's mail checked? `None` = it is; otherwise the rule that exempts it: the
+    /// checks are off, or the client is one of ours (authenticated, relay-listed, or a recent
+    /// POP3 login): its mail is not judged by what a remote domain publishes.
+    pub fn exemption(&self, relay: &RelayPolicy, c: &ClientFacts) -> Option<Rule> {
+        if !self.checks {
+            return Some(Rule::SenderAuthOff);
+        }
+        if let Some(user) = &c.authenticated {
+            return Some(Rule::Authenticated(user.clone()));
+        }
+        if let Some(e) = c.lists.relay_match(c.ip) {
+            return Some(Rule::RelayList(e.to_string()));
+        }
+        relay.pop_window(c).map(|login_at| Rule::PopBeforeSmtp { login_at, minutes: relay.pop_minutes })
+    }
+
+    /// At MAIL FROM, with the SPF result for its domain: refused only for `fail`, and only when
+    /// `spf_refuse_fail` is set (RFC 7208 §8.4). `softfail`, `neutral`, errors: never.
+    pub fn at_mail_from(&self, spf: AuthResult, domain: &str) -> Decision {
+        let verdict = format!("SPF {spf} for {domain}");
+        if self.spf_refuse_fail && spf == AuthResult::Fail {
+            Decision::refuse(Rule::SpfFailRefused(verdict))
+        } else {
+            Decision::allow(Rule::SpfChecked(verdict))
+        }
+    }
+
+    /// At the end of DATA, with every verdict (RFC 7489 §6.6.2, §6.6.3): a DMARC fail is
+    /// refused under p=reject and kept in the quarantine under p=quarantine; a DNS failure
+    /// defers (451) only where it could change that outcome; `dmarc = "record"` accepts all.
+    pub fn at_end_of_data(&self, facts: &SenderAuthFacts) -> Decision {
+        let summary = facts.summary();
+        if self.dmarc == DmarcMode::Record {
+            return Decision::allow(Rule::DmarcRecordOnly(summary));
+        }
+        match (facts.dmarc, facts.dmarc_policy) {
+            (AuthResult::Fail, Some(DmarcPolicy::Reject)) => Decision::refuse(Rule::DmarcReject(summary)),
+            (AuthResult::Fail, Some(DmarcPolicy::Quarantine)) => Decision::allow(Rule::DmarcQuarantine(summary)),
+            // The policy is unknown, or a check that could have passed failed on DNS: the same
+            // message may pass or fail later.
+            (AuthResult::TempError, None | Some(DmarcPolicy::Reject | DmarcPolicy::Quarantine)) => Decision::refuse(Rule::DmarcTempError(summary)),
+            _ => Decision::allow(Rule::SenderAuthAccepted(summary)),
+        }
     }
 }
 
@@ -873,5 +1070,99 @@ mod tests {
         let strict = RelayPolicy { etrn_only_relay_clients: true, ..open };
         assert_eq!(strict.etrn(&stranger, "dial.test", true).rule, Rule::EtrnClientMayNotRelay);
         assert!(strict.etrn(&client(&l, "127.0.0.17", None), "dial.test", true).allow, "relay-listed");
+    }
+
+    fn auth_facts(spf: AuthResult, dkim: &[(AuthResult, &str)], dmarc: AuthResult, policy: Option<DmarcPolicy>) -> SenderAuthFacts {
+        SenderAuthFacts {
+            spf,
+            spf_domain: "office.test".into(),
+            dkim: dkim.iter().map(|(r, d)| (*r, d.to_string())).collect(),
+            dmarc,
+            dmarc_domain: "office.test".into(),
+            dmarc_policy: policy,
+        }
+    }
+
+    const ENFORCE: SenderAuthPolicy = SenderAuthPolicy { checks: true, dmarc: DmarcMode::Enforce, spf_refuse_fail: false };
+
+    /// E1 (RFC 7489 §6.6.2): p=reject refuses with 550 5.7.1, p=quarantine keeps the message
+    /// with the verdict as the reason, p=none and pass accept; "record" accepts everything.
+    #[test]
+    fn dmarc_policy_decides_at_the_end_of_data() {
+        use AuthResult::*;
+        let forged = auth_facts(Fail, &[], Fail, Some(DmarcPolicy::Reject));
+        let d = ENFORCE.at_end_of_data(&forged);
+        assert!(!d.allow);
+        assert_eq!(d.data_reply().unwrap().enhanced().as_deref(), Some("5.7.1"));
+        assert_eq!(d.data_reply().unwrap().code, 550);
+        assert_eq!(d.rule.to_string(), "DMARC p=reject: SPF fail (office.test), DKIM none, DMARC fail (office.test, p=reject) (RFC 7489 §6.3, E1)");
+        assert_eq!(d.quarantine_reason(), Option::None);
+
+        let q = ENFORCE.at_end_of_data(&auth_facts(SoftFail, &[(Fail, "office.test")], Fail, Some(DmarcPolicy::Quarantine)));
+        assert!(q.allow && q.data_reply().is_none());
+        assert_eq!(
+            q.quarantine_reason().as_deref(),
+            Some(
+                "DMARC p=quarantine: SPF softfail (office.test), DKIM fail (office.test), DMARC fail (office.test, p=quarantine) (RFC 7489 §6.3, E1)"
+            )
+        );
+
+        for accepted in [
+            auth_facts(Fail, &[], Fail, Some(DmarcPolicy::None)),
+            auth_facts(Fail, &[(Pass, "office.test")], Pass, Some(DmarcPolicy::Reject)),
+            auth_facts(None, &[], None, Option::None),
+            auth_facts(Pass, &[], PermError, Option::None),
+        ] {
+            let d = ENFORCE.at_end_of_data(&accepted);
+            assert!(d.allow && d.quarantine_reason().is_none(), "{d:?}");
+            assert!(matches!(d.rule, Rule::SenderAuthAccepted(_)));
+        }
+        let record = SenderAuthPolicy { dmarc: DmarcMode::Record, ..ENFORCE };
+        let d = record.at_end_of_data(&forged);
+        assert!(d.allow && d.quarantine_reason().is_none());
+        assert!(d.rule.to_string().ends_with("recorded only ([auth] dmarc = record, E1)"), "{}", d.rule);
+    }
+
+    /// E1: a DNS failure is never a refusal: 451 4.7.1 when it could change the outcome (the
+    /// policy is unknown, or is reject/quarantine), accepted when the domain asks for nothing.
+    #[test]
+    fn dmarc_temperror_defers_only_when_it_matters() {
+        use AuthResult::*;
+        for policy in [Option::None, Some(DmarcPolicy::Reject), Some(DmarcPolicy::Quarantine)] {
+            let d = ENFORCE.at_end_of_data(&auth_facts(TempError, &[], TempError, policy));
+            assert_eq!(d.data_reply().unwrap().to_string(), "451 4.7.1 Sender authentication could not be completed (DNS), try again later\r\n");
+        }
+        assert!(ENFORCE.at_end_of_data(&auth_facts(TempError, &[], TempError, Some(DmarcPolicy::None))).allow);
+        let record = SenderAuthPolicy { dmarc: DmarcMode::Record, ..ENFORCE };
+        assert!(record.at_end_of_data(&auth_facts(TempError, &[], TempError, Option::None)).allow);
+    }
+
+    /// E1, RFC 7208 §8.4: only `fail` is refused at MAIL FROM, and only when asked to.
+    #[test]
+    fn spf_fail_is_refused_at_mail_from_only_when_configured() {
+        use AuthResult::*;
+        let refuse = SenderAuthPolicy { spf_refuse_fail: true, ..ENFORCE };
+        let d = refuse.at_mail_from(Fail, "office.test");
+        assert_eq!(d.spf_reply().unwrap().to_string(), "550 5.7.23 SPF validation failed: the sender's domain does not authorise this client\r\n");
+        assert_eq!(d.rule, Rule::SpfFailRefused("SPF fail for office.test".into()));
+        for other in [Pass, SoftFail, Neutral, None, TempError, PermError] {
+            assert!(refuse.at_mail_from(other, "office.test").allow, "{other}");
+        }
+        assert!(ENFORCE.at_mail_from(Fail, "office.test").allow);
+    }
+
+    /// E1: the office's own clients are not checked; the checks can be switched off.
+    #[test]
+    fn own_clients_are_exempt_from_sender_authentication() {
+        let l = lists();
+        let p = policy(RelayMode::None, 15);
+        assert_eq!(ENFORCE.exemption(&p, &client(&l, "127.0.0.99", None)), None);
+        let mut authed = client(&l, "127.0.0.99", None);
+        authed.authenticated = Some("sam".into());
+        assert_eq!(ENFORCE.exemption(&p, &authed), Some(Rule::Authenticated("sam".into())));
+        assert_eq!(ENFORCE.exemption(&p, &client(&l, "127.0.0.17", None)), Some(Rule::RelayList("127.0.0.16/30".into())));
+        assert!(matches!(ENFORCE.exemption(&p, &client(&l, "127.0.0.99", Some(60))), Some(Rule::PopBeforeSmtp { .. })));
+        let off = SenderAuthPolicy { checks: false, ..ENFORCE };
+        assert_eq!(off.exemption(&p, &client(&l, "127.0.0.99", None)), Some(Rule::SenderAuthOff));
     }
 }

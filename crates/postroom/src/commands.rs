@@ -470,6 +470,14 @@ pub fn config(cmd: ConfigCommand, loaded: Result<Config, ConfigError>) -> anyhow
                     refused.push(format!("[tls] cert/key: {e}"));
                 }
             }
+            // O6: the CA `serve` trusts for a private ACME server must be readable.
+            let ca = &config.tls.acme.ca_file;
+            if config.tls.acme.enabled()
+                && !ca.as_os_str().is_empty()
+                && let Err(e) = acme::check_ca_file(ca)
+            {
+                refused.push(format!("{e:#}"));
+            }
             if !refused.is_empty() {
                 for r in &refused {
                     errln!("error: {r}");

@@ -57,6 +57,8 @@ pub struct Config {
     pub penalty: PenaltyConfig,
     /// `[metrics]`: the Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// `[auth]`: SPF, DKIM and DMARC checks of inbound mail (E1).
+    pub auth: SenderAuthConfig,
     /// Where these values came from (a file name or `DEFAULT_ORIGIN`); not a key.
     #[serde(skip)]
     pub origin: String,
@@ -132,6 +134,48 @@ pub struct TlsConfig {
     pub allow_plaintext_auth: PlaintextAuth,
     /// Deadline for a TLS handshake.
     pub handshake_timeout_secs: u64,
+    /// `[tls.acme]`: a trusted certificate from an ACME server.
+    pub acme: AcmeConfig,
+}
+
+/// `[tls.acme]`: certificates from an ACME server (RFC 8555, SPEC O6), proved with HTTP-01.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The ACME server's directory URL; empty = ACME off.
+    pub directory: String,
+    /// `mailto:` addresses the ACME server may write to about the account.
+    pub contact: Vec<String>,
+    /// DNS names for the certificate; empty = `[hostname]` (see `Config::acme_names`).
+    pub names: Vec<String>,
+    /// Where the HTTP-01 responder listens (port 80 as the ACME server sees it).
+    pub http_listen: Vec<SocketAddr>,
+    /// Renew when fewer than this many days of validity are left.
+    pub renew_days: u32,
+    /// PEM CA certificate for the ACME server's own HTTPS; empty = the system's trusted ones.
+    pub ca_file: PathBuf,
+    /// Seconds between checks (and the longest wait between retries).
+    pub check_secs: u64,
+}
+
+impl AcmeConfig {
+    pub fn enabled(&self) -> bool {
+        !self.directory.is_empty()
+    }
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        AcmeConfig {
+            directory: String::new(),
+            contact: Vec::new(),
+            names: Vec::new(),
+            http_listen: Vec::new(),
+            renew_days: 30,
+            ca_file: PathBuf::new(),
+            check_secs: 43_200,
+        }
+    }
 }
 
 /// `[pop3]`.
@@ -240,6 +284,34 @@ impl Default for PenaltyConfig {
     fn default() -> Self {
         PenaltyConfig { deny_minutes: 10, login_failures: 5, login_window_minutes: 15 }
     }
+}
+
+/// `[auth]`: sender authentication of mail arriving on the MX listener (SPEC E1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SenderAuthConfig {
+    /// SPF, DKIM and DMARC on the MX listener, for clients that are not the office's own.
+    pub checks: bool,
+    /// What a DMARC fail leads to.
+    pub dmarc: DmarcAction,
+    /// Refuse an SPF `fail` at MAIL FROM (550 5.7.23).
+    pub spf_refuse_fail: bool,
+}
+
+impl Default for SenderAuthConfig {
+    fn default() -> Self {
+        SenderAuthConfig { checks: true, dmarc: DmarcAction::Enforce, spf_refuse_fail: false }
+    }
+}
+
+/// `auth.dmarc` (E1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DmarcAction {
+    /// p=reject: 550 5.7.1; p=quarantine: into the quarantine.
+    Enforce,
+    /// Only the Authentication-Results header.
+    Record,
 }
 
 /// `[metrics]`.
@@ -415,6 +487,7 @@ impl Default for Config {
             log: LogConfig::default(),
             penalty: PenaltyConfig::default(),
             metrics: MetricsConfig::default(),
+            auth: SenderAuthConfig::default(),
             origin: DEFAULT_ORIGIN.into(),
         }
     }
@@ -459,7 +532,13 @@ impl Default for SmtpConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        TlsConfig { cert: PathBuf::new(), key: PathBuf::new(), allow_plaintext_auth: PlaintextAuth::Loopback, handshake_timeout_secs: 30 }
+        TlsConfig {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            allow_plaintext_auth: PlaintextAuth::Loopback,
+            handshake_timeout_secs: 30,
+            acme: AcmeConfig::default(),
+        }
     }
 }
 
@@ -537,7 +616,7 @@ impl Config {
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::one(origin, e.to_string().trim_end().to_owned()))?;
         config.origin = origin.to_owned();
-        for d in config.domains.iter_mut().chain(&mut config.delivery.etrn_domains) {
+        for d in config.domains.iter_mut().chain(&mut config.delivery.etrn_domains).chain(&mut config.tls.acme.names) {
             *d = normalize_domain(d);
         }
         config.smtp.local_sender_domain = normalize_domain(&config.smtp.local_sender_domain);
@@ -676,6 +755,7 @@ impl Config {
             Err(_) if metrics.is_empty() => {}
             Err(_) => problems.push(format!("metrics.listen = {metrics:?}: must be empty (off) or address:port, e.g. \"127.0.0.1:9425\"")),
         }
+        problems.extend(self.acme_problems(&listeners));
         if listeners.is_empty() {
             problems.push(
                 "no listener at all: smtp.listen, smtp.submission_listen, smtp.tls_listen, \
@@ -694,6 +774,60 @@ impl Config {
             return Ok(());
         }
         Err(ConfigError { origin: self.origin.clone(), problems })
+    }
+
+    /// `[tls.acme]` (O6): checked only when `directory` turns it on.
+    fn acme_problems(&self, listeners: &[Listener]) -> Vec<String> {
+        let acme = &self.tls.acme;
+        if !acme.enabled() {
+            return Vec::new();
+        }
+        let mut problems = Vec::new();
+        let mut need = |ok: bool, key: &str, value: &dyn Debug, rule: &str| {
+            if !ok {
+                problems.push(format!("tls.acme.{key} = {value:?}: {rule}"));
+            }
+        };
+        // RFC 8555 §6.1: ACME runs over HTTPS only.
+        let host = acme.directory.strip_prefix("https://").map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+        let rule = "must be the https:// URL of the ACME server's directory, e.g. \"https://acme-v02.api.letsencrypt.org/directory\"";
+        need(host.is_some_and(|h| !h.is_empty() && !h.contains(char::is_whitespace)), "directory", &acme.directory, rule);
+        for contact in &acme.contact {
+            let ok = contact.strip_prefix("mailto:").is_some_and(is_address);
+            need(ok, "contact", contact, "must be mailto:local@domain");
+        }
+        for name in &self.acme_names() {
+            // HTTP-01 proves one host name at a time: no wildcards, no addresses.
+            need(is_domain_name(name), "names", name, "not a domain name (HTTP-01 cannot prove wildcards or addresses)");
+        }
+        let http = &acme.http_listen;
+        need(
+            !http.is_empty(),
+            "http_listen",
+            http,
+            "must name at least one address:port: the ACME server checks port 80 of each name (e.g. \"[::]:80\")",
+        );
+        let metrics = self.metrics.listen.parse::<SocketAddr>().ok();
+        for (i, &addr) in http.iter().enumerate() {
+            let taken = listeners
+                .iter()
+                .map(|l| (l.key, l.addr))
+                .chain(metrics.map(|m| ("metrics.listen", m)))
+                .chain(http[..i].iter().map(|&h| ("tls.acme.http_listen", h)));
+            if let Some((key, other)) = taken.into_iter().find(|&(_, other)| overlaps(addr, other)) {
+                need(false, "http_listen", &addr, &format!("already taken by {key} = {other}"));
+            }
+        }
+        let (renew, check, ca) = (acme.renew_days, acme.check_secs, &acme.ca_file);
+        need(renew >= 1, "renew_days", &renew, "must be at least 1");
+        need(check >= 1, "check_secs", &check, "must be at least 1");
+        need(ca.to_str().is_some(), "ca_file", ca, "must be valid UTF-8");
+        problems
+    }
+
+    /// The names the ACME certificate carries: `tls.acme.names`, or the host name.
+    pub fn acme_names(&self) -> Vec<String> {
+        if self.tls.acme.names.is_empty() { vec![self.hostname.to_ascii_lowercase()] } else { self.tls.acme.names.clone() }
     }
 
     /// Legal but risky settings, and keys (see `NOT_YET`) that have no effect yet, for `config check`.
@@ -941,6 +1075,41 @@ mod tests {
         assert_eq!(c.domains, ["example.test", "b.test"]);
         assert_eq!(c.delivery.etrn_domains, ["dial.test"]);
         assert!(c.delivery.host_table.contains_key("mx.test"));
+    }
+
+    #[test]
+    fn acme_is_off_by_default_and_checked_when_on() {
+        // O6: an empty directory turns ACME off; nothing else is judged then.
+        assert!(!Config::default().tls.acme.enabled());
+        assert_eq!(problems(r#"tls.acme = { contact = ["nobody"], renew_days = 0 }"#), Vec::<String>::new());
+        let on = r#"hostname = "Mail.Example.TEST"
+                    [tls.acme]
+                    directory = "https://acme.test/dir"
+                    http_listen = ["127.0.0.1:8080"]"#;
+        let c = parse(on);
+        assert_eq!(problems(on), Vec::<String>::new());
+        assert_eq!(c.acme_names(), ["mail.example.test"], "the host name by default");
+        let named = parse(&format!("{on}\nnames = [\"MX.Example.Test.\", \"pop.example.test\"]"));
+        assert_eq!(named.acme_names(), ["mx.example.test", "pop.example.test"], "normalised");
+        let with = |extra: &str| format!("{on}\n{extra}");
+        refused(&on.replace("https://acme.test/dir", "http://acme.test/dir"), "tls.acme.directory", "https://");
+        refused(&on.replace("https://acme.test/dir", "https:///dir"), "tls.acme.directory", "https://");
+        refused(&with(r#"contact = ["admin@example.test"]"#), "tls.acme.contact", "mailto:");
+        assert_eq!(problems(&with(r#"contact = ["mailto:admin@example.test"]"#)), Vec::<String>::new());
+        refused(&with(r#"names = ["*.example.test"]"#), "tls.acme.names", "wildcards");
+        refused(&with(r#"names = ["mail_1.example.test"]"#), "tls.acme.names", "domain name");
+        refused(&on.replace(r#"http_listen = ["127.0.0.1:8080"]"#, ""), "tls.acme.http_listen", "at least one");
+        refused(&on.replace("127.0.0.1:8080", "127.0.0.1:2525"), "tls.acme.http_listen", "already taken by smtp.listen");
+        refused(
+            &on.replace(r#"["127.0.0.1:8080"]"#, r#"["[::]:80", "127.0.0.1:80"]"#),
+            "tls.acme.http_listen",
+            "already taken by tls.acme.http_listen",
+        );
+        refused(&format!("metrics = {{ listen = \"127.0.0.1:8080\" }}\n{on}"), "tls.acme.http_listen", "metrics.listen");
+        refused(&with("renew_days = 0"), "tls.acme.renew_days", "at least 1");
+        refused(&with("check_secs = 0"), "tls.acme.check_secs", "at least 1");
+        let e = Config::parse(&with("bogus = 1"), "my.toml").unwrap_err().to_string();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
     }
 
     #[test]

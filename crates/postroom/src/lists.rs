@@ -261,6 +261,9 @@ pub struct ExplainArgs {
     /// Also ask whether this client may start delivery for a dial-up domain (ETRN, C7).
     #[arg(long, value_name = "DOMAIN")]
     etrn: Option<String>,
+    /// The client's HELO name, for its SPF check (E1); without it only MAIL FROM is checked.
+    #[arg(long, value_name = "NAME")]
+    helo: Option<String>,
 }
 
 /// Walk one message through the policy module, exactly as the SMTP server would. True when
@@ -315,6 +318,7 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<bool> {
     let d = policy.sender(&facts, from.as_ref(), &owned);
     outln!("sender {}: {} (rule: {})", args.from, verdict(d.allow), d.rule);
     accepted &= d.allow;
+    accepted &= explain_sender_auth(config, &policy, &facts, from.as_ref(), args.helo.as_deref().unwrap_or_default());
     for to in &args.to {
         let rcpt = parse_address(to).with_context(|| format!("--to {to}"))?;
         let (p, f, dom, r) = (policy.clone(), facts.clone(), domains.clone(), rcpt.clone());
@@ -346,6 +350,54 @@ fn parse_address(text: &str) -> anyhow::Result<Address> {
 }
 
 /// Query the blackhole lists the way the server does (only when some are configured).
+/// E1: the SPF verdict for the sender and what the DMARC policy of its domain would do to an
+/// unsigned message `From:` the same address, looked up through `[dns]` as the server would.
+/// True unless one of them refuses.
+fn explain_sender_auth(config: &Config, relay: &policy::RelayPolicy, facts: &ClientFacts, from: Option<&Address>, helo: &str) -> bool {
+    let checks = crate::serve::sender_auth_policy(config);
+    if let Some(rule) = checks.exemption(relay, facts) {
+        outln!("SPF, DKIM, DMARC: not checked (rule: {rule})");
+        return true;
+    }
+    let verifier = match sender_auth::verify::Verifier::new(&config.dns.servers) {
+        Ok(v) => v,
+        Err(e) => {
+            outln!("SPF, DKIM, DMARC: cannot be checked: {e}");
+            return true;
+        }
+    };
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return true };
+    let mail_from = from.map(Address::to_string).unwrap_or_default();
+    let client = sender_auth::verify::Client { ip: facts.ip, helo, mail_from: &mail_from, hostname: &config.hostname };
+    let author = if mail_from.is_empty() { format!("postmaster@{helo}") } else { mail_from.clone() };
+    let message = format!("From: <{author}>\r\n\r\n");
+    let verdict = runtime.block_on(async {
+        let spf = verifier.spf(&client).await;
+        verifier.check(&client, Some(spf), message.as_bytes()).await
+    });
+    let spf = &verdict.spf.mail_from;
+    let at_mail = checks.at_mail_from(spf.result, &spf.domain);
+    outln!("SPF for {author} from {}: {} (rule: {})", facts.ip, verdict_word(&at_mail), at_mail.rule);
+    if let Some(h) = &verdict.spf.helo {
+        outln!("SPF for HELO {helo}: {} (for the header only)", h.result);
+    }
+    let policy = verdict.dmarc.policy.map_or("none published", |p| p.as_str());
+    let domain = if verdict.dmarc.domain.is_empty() { "(no domain)" } else { verdict.dmarc.domain.as_str() };
+    let d = checks.at_end_of_data(&verdict.facts());
+    outln!("DMARC policy of {domain}: {policy}; an unsigned message From: {author}: {} (rule: {})", verdict_word(&d), d.rule);
+    at_mail.allow && d.allow
+}
+
+/// accept / quarantine / refuse / try again later, for a sender-authentication decision.
+fn verdict_word(d: &policy::Decision) -> &'static str {
+    match (d.allow, d.quarantine_reason().is_some(), &d.rule) {
+        (true, true, _) => "quarantine",
+        (true, false, _) => "accept",
+        (false, _, policy::Rule::DmarcTempError(_)) => "try again later",
+        (false, _, _) => "refuse",
+    }
+}
+
 fn rbl_listed(config: &Config, ip: IpAddr, lists: &AccessLists) -> Option<(String, std::net::Ipv4Addr)> {
     if lists.rbl.is_empty() {
         return None;

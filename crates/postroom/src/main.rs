@@ -5,6 +5,7 @@
 mod backup_cmd;
 mod cert_cmd;
 mod commands;
+mod dkim_cmd;
 mod filter_cmd;
 mod lists;
 mod metrics;
@@ -98,6 +99,10 @@ enum Command {
     /// The TLS certificate: the file to give mail programs, its names and fingerprints.
     #[command(subcommand)]
     Cert(cert_cmd::CertCommand),
+    /// DKIM signing keys of the local domains (RFC 6376): keygen, list, remove, check the
+    /// published record. Every message that leaves for a remote host is signed.
+    #[command(subcommand)]
+    Dkim(dkim_cmd::DkimCommand),
     /// A consistent copy of the running server's database, certificates and keys into one new
     /// archive FILE (0600).
     Backup(backup_cmd::BackupArgs),
@@ -157,6 +162,7 @@ fn main() -> ExitCode {
         (Command::Filter(c), Ok(cfg)) => filter_cmd::filter(c, &cfg),
         (Command::Quarantine(c), Ok(cfg)) => filter_cmd::quarantine(c, &cfg),
         (Command::Cert(c), Ok(cfg)) => cert_cmd::cert(c, &cfg),
+        (Command::Dkim(c), Ok(cfg)) => dkim_cmd::dkim(c, &cfg),
         (Command::Backup(a), Ok(cfg)) => backup_cmd::backup(a, &cfg),
         (Command::Restore(a), Ok(cfg)) => backup_cmd::restore(a, &cfg),
     };
@@ -210,5 +216,6 @@ fn creates_database(command: &Command) -> bool {
             | Command::Domain(DomainCommand::Add { .. })
             | Command::List(lists::ListCommand::Add { .. } | lists::ListCommand::ImportLegacy { .. })
             | Command::Filter(filter_cmd::FilterCommand::Add(_))
+            | Command::Dkim(dkim_cmd::DkimCommand::Keygen { .. })
     )
 }

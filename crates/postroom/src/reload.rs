@@ -63,7 +63,12 @@ pub const LIVE: &[&str] = &[
     "smtp.auth",
     "smtp.verify_from_user",
     "smtp.dsn",
-    "tls.*",
+    "tls.cert",
+    "tls.key",
+    "tls.allow_plaintext_auth",
+    "tls.handshake_timeout_secs",
+    // Not `tls.acme`: the ACME task, its account and its HTTP-01 listeners are set up at start
+    // (O6); a changed [tls.acme] waits for a restart.
     "pop3.inactivity_timeout_secs",
     "pop3.max_sessions",
     "pop3.max_sessions_per_ip",
@@ -84,6 +89,8 @@ pub const LIVE: &[&str] = &[
     "delivery.delay_warning_secs",
     "storage.filter_max_bytes",
     "storage.filter_unscannable",
+    // E1: the settings; the resolver they use is `[dns]`'s, which waits for a restart.
+    "auth.*",
 ];
 
 /// Does a reload apply `key`?
@@ -294,6 +301,18 @@ mod tests {
         assert!(!is_live("smtp.listen") && !is_live("data_dir") && !is_live("domains") && !is_live("log.level"));
         assert!(!is_live("smtp.some_key_added_later"), "an unknown key waits for a restart");
         assert!(!is_live("relay"), "a section name alone is no key");
+        assert!(is_live("tls.key") && is_live("tls.handshake_timeout_secs"));
+    }
+
+    #[test]
+    fn acme_waits_for_a_restart() {
+        // O6: [tls.acme] is set up at start; a reload names it and keeps the running values.
+        let running = parse("");
+        let file = parse("tls.acme = { directory = \"https://acme.test/dir\", http_listen = [\"127.0.0.1:8080\"] }");
+        let r = prepare(&running, file).unwrap();
+        assert_eq!(r.waiting.iter().map(|w| w.key.as_str()).collect::<Vec<_>>(), ["tls.acme"]);
+        assert!(!r.effective.tls.acme.enabled());
+        assert!(r.waiting_text().starts_with("tls.acme = "), "{}", r.waiting_text());
     }
 
     #[test]

@@ -152,6 +152,15 @@ async fn run(config: Config, source: crate::reload::Source) -> anyhow::Result<()
             None
         }
     };
+    // E1: one verifier, so every session shares its resolver and its cache of answers. Built even
+    // with `[auth] checks = false`, which a reload may turn on.
+    let verifier = match sender_auth::verify::Verifier::new(&config.dns.servers) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %e, "no DNS resolver: inbound mail is not checked for SPF, DKIM and DMARC");
+            None
+        }
+    };
     let penalty = PenaltyBox::new(
         Duration::from_secs(config.penalty.deny_minutes * 60),
         LoginLimits { failures: config.penalty.login_failures, window: Duration::from_secs(config.penalty.login_window_minutes * 60) },
@@ -169,6 +178,7 @@ async fn run(config: Config, source: crate::reload::Source) -> anyhow::Result<()
         passwords: passwords.clone(),
         shutdown: shutdown.clone(),
         storage,
+        verifier,
     };
     let smtp = SmtpServer::new(smtp_settings(&config), services);
     let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords.clone(), tls.clone(), penalty, shutdown.clone());
@@ -206,6 +216,17 @@ async fn run(config: Config, source: crate::reload::Source) -> anyhow::Result<()
         bound.push(format!("metrics {}", listener.local_addr()?));
         let scrape = crate::metrics::Scrape { store: store.clone(), passwords, data_dir: config.data_dir.clone() };
         tokio::spawn(crate::metrics::serve(listener, scrape, shutdown));
+    }
+    // O6: [tls.acme]: a trusted certificate from an ACME server, HTTP-01 answered on http_listen.
+    // The ACME server is asked in the background: one that is down never delays the start.
+    if let Some(tls) = tls.as_ref().filter(|_| config.tls.acme.enabled()) {
+        let mut http = Vec::new();
+        for addr in &config.tls.acme.http_listen {
+            let listener = listen(*addr).with_context(|| format!("tls.acme.http_listen: cannot listen on {addr}"))?;
+            bound.push(format!("acme-http {}", listener.local_addr()?));
+            http.push(listener);
+        }
+        acme::start(acme_settings(&config), tls.clone(), http)?;
     }
     // F6, A4: the local submission socket of `postroom sendmail` / `send`, where every local
     // user reaches it; the kernel tells the session who connected.
@@ -519,6 +540,19 @@ fn load_tls_files(config: &Config) -> anyhow::Result<Option<ServerTls>> {
     Ok(Some(tls))
 }
 
+fn acme_settings(c: &Config) -> acme::Settings {
+    let a = &c.tls.acme;
+    acme::Settings {
+        directory: a.directory.clone(),
+        contact: a.contact.clone(),
+        names: c.acme_names(),
+        renew_days: a.renew_days,
+        ca_file: (!a.ca_file.as_os_str().is_empty()).then(|| a.ca_file.clone()),
+        check_every: Duration::from_secs(a.check_secs),
+        data_dir: c.data_dir.clone(),
+    }
+}
+
 fn outbound_settings(c: &Config, own_addresses: Vec<SocketAddr>, reports: mail_framework::reports::ReportSettings) -> OutboundSettings {
     let d = &c.delivery;
     let mut client = ClientSettings::new(c.hostname.clone());
@@ -548,6 +582,8 @@ fn outbound_settings(c: &Config, own_addresses: Vec<SocketAddr>, reports: mail_f
         max_connections: d.max_connections,
         max_connections_per_domain: d.max_connections_per_domain,
         reports,
+        // Bounces and forwarded mail are signed by the domain local senders use, else the first.
+        dkim_domains: std::iter::once(c.local_sender_domain()).chain(c.domains.iter().cloned()).collect(),
     }
 }
 
@@ -593,6 +629,19 @@ fn smtp_settings(c: &Config) -> SmtpSettings {
         tls_handshake_timeout: Duration::from_secs(c.tls.handshake_timeout_secs),
         dsn: c.smtp.dsn,
         etrn_domains: mail_framework::outbound::EtrnDomains::new(&c.delivery.etrn_domains),
+        sender_auth: sender_auth_policy(c),
+    }
+}
+
+/// The inbound sender-authentication settings (`[auth]`, E1; also used by `explain`).
+pub fn sender_auth_policy(c: &Config) -> policy::SenderAuthPolicy {
+    policy::SenderAuthPolicy {
+        checks: c.auth.checks,
+        dmarc: match c.auth.dmarc {
+            postroom::config::DmarcAction::Enforce => policy::DmarcMode::Enforce,
+            postroom::config::DmarcAction::Record => policy::DmarcMode::Record,
+        },
+        spf_refuse_fail: c.auth.spf_refuse_fail,
     }
 }
 
@@ -728,11 +777,12 @@ impl Live {
         self.framework.replace_snapins(snapin_chain(c));
         self.outbound.update_settings(outbound_settings(c, self.own.clone(), report_settings(c)));
         if let (Some(running), Some(new)) = (&self.tls, &tls) {
-            if running.certificate() != new.certificate() {
+            // O6: once ACME has issued a certificate it stays; [tls] cert/key served until then.
+            let changed = running.certificate() != new.certificate();
+            if running.replace_with(new) && changed {
                 let fp = tls::Fingerprints::of(&new.certificate());
                 tracing::info!(cert = %new.cert_path().display(), sha256 = %fp.sha256, "TLS certificate replaced");
             }
-            running.replace_with(new);
         }
         for warning in c.warnings() {
             tracing::warn!("{warning}");

@@ -65,6 +65,8 @@ pub struct ClientSettings {
     /// or LOGIN — and only over STARTTLS whose certificate was verified as `trust` says. Such a
     /// host always gets STARTTLS, whatever `starttls` says.
     pub credentials: Option<Credentials>,
+    /// DKIM keys (RFC 6376): each message is signed as it goes to this host ([`crate::dkim`]).
+    pub dkim: Option<Arc<sender_auth::sign::KeyRing>>,
 }
 
 /// What a host on the host-authentication list gets, and how its certificate is checked first.
@@ -91,6 +93,7 @@ impl ClientSettings {
             connect_timeout: Duration::from_secs(30),
             timeouts: Timeouts::default(),
             credentials: None,
+            dkim: None,
         }
     }
 }
@@ -282,9 +285,16 @@ async fn attempt<B: BodySource>(
     // Read once before connecting: what must be converted for a server with or without
     // 8BITMIME, and whether it can be (crate::encode).
     let plan = crate::encode::scan(body).await.map_err(|e| SessionError::Io(io::Error::new(e.kind(), format!("reading the message body: {e}"))))?;
+    // Hashed as it will be sent, before connecting; signed when DATA starts (crate::dkim).
+    let dkim = match settings.dkim.clone() {
+        Some(ring) => crate::dkim::prepare(body, &plan, ring)
+            .await
+            .map_err(|e| SessionError::Io(io::Error::new(e.kind(), format!("reading the message body: {e}"))))?,
+        None => None,
+    };
     let tcp = connect(settings, addr).await?;
     tracing::debug!(host, %addr, "connected");
-    let mut session = Session { settings, host, addr, transport: Transport::Plain(tcp), buf: Vec::new(), plan };
+    let mut session = Session { settings, host, addr, transport: Transport::Plain(tcp), buf: Vec::new(), plan, dkim };
     let result = session.run(envelope, body, starttls).await;
     match &result {
         // The server is waiting for a command: say goodbye. After a broken connection, a
@@ -415,6 +425,8 @@ struct Session<'s> {
     buf: Vec<u8>,
     /// What the body needs before it goes to this server ([`crate::encode`]).
     plan: crate::encode::Plan,
+    /// The body hashed for a DKIM signature, when a key signs it ([`crate::dkim`]).
+    dkim: Option<crate::dkim::Prepared>,
 }
 
 impl Session<'_> {
@@ -635,7 +647,7 @@ impl Session<'_> {
             _ => return Err(SessionError::Protocol(format!("unexpected reply to DATA: {}", show(&data_reply)))),
         }
 
-        self.send_body(body, !caps.eight_bit_mime).await?;
+        self.send_body(body, !caps.eight_bit_mime, envelope.mail_from).await?;
         let end = self.read_reply("DATA end", t.data_term).await?;
         tracing::debug!(host = self.host, reply = %show(&end), "reply to end of data");
         for outcome in outcomes.iter_mut().filter(|o| **o == RcptOutcome::Accepted) {
@@ -667,9 +679,10 @@ impl Session<'_> {
         }
     }
 
-    /// The body, CRLF-normalised, converted as the plan says for a server with or without
-    /// 8BITMIME (`seven_bit`), dot-stuffed, then the terminating `.` line.
-    async fn send_body<B: BodySource>(&mut self, body: &mut B, seven_bit: bool) -> Result<(), SessionError> {
+    /// The DKIM-Signature fields, if any, then the body, CRLF-normalised, converted as the plan
+    /// says for a server with or without 8BITMIME (`seven_bit`), dot-stuffed, then the
+    /// terminating `.` line.
+    async fn send_body<B: BodySource>(&mut self, body: &mut B, seven_bit: bool, envelope_sender: &str) -> Result<(), SessionError> {
         let block_timeout = self.settings.timeouts.data_block;
         let mut endings = BareEndings::default();
         let mut converter = crate::encode::Converter::new(&self.plan, seven_bit);
@@ -680,6 +693,10 @@ impl Session<'_> {
         let mut normalised = Vec::new();
         let mut converted = Vec::new();
         let mut out = Vec::new();
+        if let Some(dkim) = &self.dkim {
+            // Signed after every change we make (conversion included), put in front of it all.
+            stuffer.stuff(&dkim.fields(seven_bit, envelope_sender, self.host), &mut out);
+        }
         loop {
             let chunk = body.next_chunk().await.map_err(|e| {
                 // Dropping the connection without the final dot makes the server discard the
@@ -770,13 +787,13 @@ fn rcpt_outcome(reply: Reply) -> RcptOutcome {
 
 /// Turns every bare CR and bare LF into CRLF, across chunk boundaries.
 #[derive(Debug, Default)]
-struct BareEndings {
+pub(crate) struct BareEndings {
     /// The previous chunk ended in a CR.
     pending_cr: bool,
 }
 
 impl BareEndings {
-    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+    pub(crate) fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
         out.reserve(input.len() + 2);
         for &b in input {
             if self.pending_cr {
@@ -794,7 +811,7 @@ impl BareEndings {
         }
     }
 
-    fn finish(&mut self, out: &mut Vec<u8>) {
+    pub(crate) fn finish(&mut self, out: &mut Vec<u8>) {
         if std::mem::take(&mut self.pending_cr) {
             out.extend_from_slice(b"\r\n");
         }
@@ -1112,6 +1129,7 @@ mod tests {
             connect_timeout: t,
             timeouts: Timeouts { greeting: t, mail: t, rcpt: t, data_init: t, data_block: t, data_term: t },
             credentials: None,
+            dkim: None,
         }
     }
 
@@ -1753,6 +1771,39 @@ mod tests {
                 "RCPT TO:<d@example.net>",
             ]
         );
+    }
+
+    // ---- RFC 6376: DKIM signatures over what the server receives (crate::dkim) ----
+
+    /// The `bh=` tag of the first DKIM-Signature field in `fields`, whitespace removed.
+    fn body_hash(fields: &[u8]) -> String {
+        let text = String::from_utf8_lossy(fields).replace(['\r', '\n', '\t', ' '], "");
+        text.split(';').find_map(|t| t.strip_prefix("bh=")).expect("a bh= tag").to_string()
+    }
+
+    #[tokio::test]
+    async fn dkim_signature_covers_the_converted_message_each_host_receives() {
+        use sender_auth::keys::{Algorithm, KeyPair};
+        use sender_auth::sign::{KeyRing, SigningKey};
+        let pair = KeyPair::generate(Algorithm::Ed25519Sha256).unwrap();
+        let key = SigningKey::new("example.org", "s1", pair.algorithm, pair.signing_key().unwrap());
+        let ring = Arc::new(KeyRing::new(vec![key], vec![]));
+        let body: &[u8] = b"From: a@example.org\r\nSubject: t\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n.Gr\xc3\xbc\xc3\x9fe\r\n";
+        for (ehlo, seven_bit) in [(NO_8BITMIME, true), ("250-mx.test\r\n250 8BITMIME\r\n", false)] {
+            let (addr, server) = server(Script { ehlo, ..Script::default() }).await;
+            let recipients = rcpts(&["b@example.net"]);
+            let envelope = Envelope { mail_from: "a@example.org", recipients: &recipients, size: 1, eight_bit: true, dsn: None, auth_sender: None };
+            let s = ClientSettings { starttls: false, dkim: Some(ring.clone()), ..settings() };
+            assert_eq!(deliver(&s, "mx.test", addr, &envelope, &mut Chunks::new(&[body])).await.unwrap(), vec![RcptOutcome::Accepted]);
+            let received = server.await.unwrap().body.unwrap();
+            assert!(received.starts_with(b"DKIM-Signature: v=1; a=ed25519-sha256; s=s1; d=example.org; c=relaxed/relaxed;"));
+            let at = received.windows(7).position(|w| w == b"\r\nFrom:").expect("the message after the signature") + 2;
+            let (fields, message) = received.split_at(at);
+            assert_eq!(message.iter().all(|&b| b < 128), seven_bit, "{}", String::from_utf8_lossy(message));
+            // Signing what arrived gives the same body hash: the signature covers the octets sent.
+            let again = sender_auth::sign::sign(message, &ring, "a@example.org", 1).unwrap();
+            assert_eq!(body_hash(fields), body_hash(&again), "8BITMIME offered: {}", !seven_bit);
+        }
     }
 
     // ---- RFC 6152: 7-bit for a server without 8BITMIME; no line over 998 octets (encode) ----

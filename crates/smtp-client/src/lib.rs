@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conversation;
+mod dkim;
 pub mod encode;
 pub mod etrn;
 pub mod local_submit;

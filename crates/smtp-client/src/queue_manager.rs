@@ -29,6 +29,9 @@ pub struct OutboundSettings {
     pub max_connections_per_domain: usize,
     /// Signs relayed and delayed reports.
     pub reports: ReportSettings,
+    /// Local domains, in the order in which their DKIM keys sign mail whose From and envelope
+    /// domains have none: forwarded mail, bounces (sender_auth::sign::KeyRing::choose).
+    pub dkim_domains: Vec<String>,
 }
 
 /// Most recipients one scan takes; the rest wait for the next scan.
@@ -64,11 +67,14 @@ struct Inner {
     heartbeat: mail_framework::heartbeat::Heartbeat,
     total: Arc<Semaphore>,
     per_domain: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// DKIM signing keys, reloaded when `postroom dkim` changed them.
+    dkim: sender_auth::key_store::KeyCache,
 }
 
 impl OutboundQueue {
     pub fn new(settings: OutboundSettings, store: Store, dns: Option<Dns>, wake: Arc<Notify>, framework: Arc<Notify>) -> Self {
         let total = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+        let dkim = sender_auth::key_store::KeyCache::new(store.clone(), settings.dkim_domains.clone());
         OutboundQueue {
             inner: Arc::new(Inner {
                 settings: std::sync::RwLock::new(Arc::new(settings)),
@@ -82,6 +88,7 @@ impl OutboundQueue {
                 heartbeat: Default::default(),
                 total,
                 per_domain: Mutex::default(),
+                dkim,
             }),
         }
     }
@@ -95,6 +102,7 @@ impl OutboundQueue {
     /// on. The connection limits stay as they were made: `max_connections` and
     /// `max_connections_per_domain` need a restart.
     pub fn update_settings(&self, settings: OutboundSettings) {
+        self.inner.dkim.set_fallback(settings.dkim_domains.clone());
         *self.inner.settings.write().expect("outbound settings") = Arc::new(settings);
     }
 
@@ -252,6 +260,9 @@ impl OutboundQueue {
             dsn: wants_dsn.then_some(&dsn),
             auth_sender: first.auth_sender.as_deref(),
         };
+        // RFC 6376: every message that leaves is signed, with the keys as they are now.
+        let keys = self.inner.dkim.keys().await;
+        let dkim = (!keys.is_empty()).then_some(keys);
         let mut last_error = String::from("no host could be reached");
         let mut last_host: Option<String> = None;
         for host in &hosts {
@@ -270,7 +281,7 @@ impl OutboundQueue {
             for addr in &host.addrs {
                 let mut tls = settings.client.starttls;
                 loop {
-                    let client = ClientSettings { starttls: tls, credentials: credentials.clone(), ..settings.client.clone() };
+                    let client = ClientSettings { starttls: tls, credentials: credentials.clone(), dkim: dkim.clone(), ..settings.client.clone() };
                     let mut body = StoreBody::new(self.inner.store.clone(), first.message_id, first.expanded_from.as_deref());
                     match conversation::deliver(&client, &host.name, *addr, &envelope, &mut body).await {
                         Ok(results) => {

@@ -62,6 +62,8 @@ pub struct SmtpSettings {
     pub dsn: bool,
     /// Dial-up domains whose mail waits for ETRN (C7).
     pub etrn_domains: mail_framework::outbound::EtrnDomains,
+    /// E1: SPF, DKIM and DMARC on the MX listener (`[auth]`).
+    pub sender_auth: policy::SenderAuthPolicy,
 }
 
 /// Which kind of SMTP listener a connection came in on (S6).
@@ -104,6 +106,9 @@ pub struct Services {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Below the storage threshold new mail is refused with 452 4.3.1 (F5).
     pub storage: mail_framework::storage::StorageGuard,
+    /// E1: the SPF, DKIM and DMARC checks, their resolver and caches, shared by every session;
+    /// without it nothing is checked.
+    pub verifier: Option<sender_auth::verify::Verifier>,
 }
 
 /// Shared by every connection of every SMTP listener.
@@ -276,10 +281,15 @@ impl SmtpServer {
         let config = self.session_config(kind, &facts, &stream);
         let owned = Arc::new(Mutex::new(Vec::new()));
         let sender = SenderSeen::default();
-        let session = Session::new(config, ip.to_string())
+        let mut session = Session::new(config, ip.to_string())
             .with_sender_check(remember_sender(&sender, self.sender_check(&facts, owned.clone())))
             .with_submitter_check(submitter_check(owned.clone()));
-        self.drive(stream, facts, session, owned, sender).await;
+        // E1: only the MX listener judges senders by what their domains publish.
+        let checks = kind == ListenerKind::Mx && self.services.verifier.is_some();
+        if checks && self.settings.sender_auth.spf_refuse_fail && self.settings.sender_auth.exemption(&self.settings.policy, &facts).is_none() {
+            session = session.with_spf_at_mail();
+        }
+        self.drive(stream, facts, session, owned, sender, checks).await;
     }
 
     fn session_config(&self, kind: ListenerKind, facts: &ClientFacts, stream: &Stream) -> SessionConfig {
@@ -302,9 +312,17 @@ impl SmtpServer {
         }
     }
 
-    async fn drive(&self, mut stream: Stream, facts: ClientFacts, session: Session, owned: Arc<Mutex<Vec<String>>>, sender: SenderSeen) {
+    async fn drive(
+        &self,
+        mut stream: Stream,
+        facts: ClientFacts,
+        session: Session,
+        owned: Arc<Mutex<Vec<String>>>,
+        sender: SenderSeen,
+        checks: bool,
+    ) {
         let ip = facts.ip;
-        let mut driver = Driver { server: self, facts, session, incoming: None, owned, sender, out: Vec::new() };
+        let mut driver = Driver { server: self, facts, session, incoming: None, owned, sender, out: Vec::new(), checks, spf: None, held: None };
         if let Err(e) = driver.run(&mut stream).await {
             tracing::debug!(client = %ip, error = %e, "smtp session ended with an error");
         }
@@ -384,7 +402,7 @@ impl SmtpServer {
             .with_sender_check(remember_sender(&sender, check))
             .with_submitter_check(submitter_check(owned.clone()))
             .authenticated_as(&user);
-        self.drive(stream, facts, session, owned, sender).await;
+        self.drive(stream, facts, session, owned, sender, false).await;
     }
 
     /// Query every blackhole list zone at once (R4); errors fail open and are journaled.
@@ -481,6 +499,22 @@ struct Driver<'a> {
     /// The MAIL FROM of the open transaction, for the journal rows of its refused recipients.
     sender: SenderSeen,
     out: Vec<u8>,
+    /// E1: this session's messages are checked (the MX listener with a verifier), unless the
+    /// client is exempt when DATA starts.
+    checks: bool,
+    /// E1: the SPF verdict from MAIL FROM, and the sender it is for.
+    spf: Option<(String, sender_auth::verify::Spf)>,
+    /// E1: the message being checked, held until its verdict is known (the header of the
+    /// verdict goes first, and a refused message is never stored).
+    held: Option<Held>,
+}
+
+/// A message held back for the checks: the Received field to write, and the message as the
+/// client sent it.
+struct Held {
+    received: String,
+    helo: String,
+    message: Vec<u8>,
 }
 
 /// The sender of the last MAIL FROM the session checked. The session refuses a nested MAIL
@@ -573,7 +607,12 @@ impl Driver<'_> {
                             single_rcpt: single_rcpt.as_deref(),
                             now: store::now(),
                         });
-                        store_failed = incoming.push(header.as_bytes()).await.is_err();
+                        if self.checks && s.sender_auth.exemption(&s.policy, &self.facts_now()).is_none() {
+                            self.held = Some(Held { received: header, helo, message: Vec::new() });
+                        } else {
+                            self.held = None;
+                            store_failed = incoming.push(header.as_bytes()).await.is_err();
+                        }
                         self.incoming = Some(incoming);
                     }
                     Action::AddHeaders { message_id, date } => {
@@ -583,10 +622,33 @@ impl Driver<'_> {
                             store_failed = incoming.push(headers.as_bytes()).await.is_err();
                         }
                     }
+                    Action::BodyChunk(bytes) if self.held.is_some() => {
+                        self.held.as_mut().expect("held").message.extend_from_slice(&bytes);
+                    }
                     Action::BodyChunk(bytes) => {
                         if let (Some(incoming), false) = (self.incoming.as_mut(), store_failed) {
                             store_failed = incoming.push(&bytes).await.is_err();
                         }
+                    }
+                    Action::Enqueue(envelope) if self.held.is_some() => {
+                        let held = self.held.take().expect("held");
+                        match self.sender_auth(held, &envelope).await {
+                            Ok(failed) => {
+                                store_failed |= failed;
+                                pending.push_front(Action::Enqueue(envelope));
+                            }
+                            Err(reply) => {
+                                if let Some(incoming) = self.incoming.take() {
+                                    incoming.abort().await;
+                                }
+                                store_failed = false;
+                                pending.extend(self.session.handle(Event::DataRefused(reply)));
+                            }
+                        }
+                    }
+                    Action::CheckSpf(from) => {
+                        let verdict = self.check_spf(from.as_ref()).await;
+                        pending.extend(self.session.handle(Event::SpfChecked(verdict)));
                     }
                     Action::Enqueue(envelope) => {
                         let result = match (self.incoming.take(), store_failed) {
@@ -606,6 +668,7 @@ impl Driver<'_> {
                         pending.extend(self.session.handle(Event::EnqueueDone(result)));
                     }
                     Action::AbortData => {
+                        self.held = None;
                         if let Some(incoming) = self.incoming.take() {
                             incoming.abort().await;
                         }
@@ -807,6 +870,57 @@ impl Driver<'_> {
             self.server.journal(code::SMTP_HELO_MISMATCH, self.facts.ip, "", &decision.rule.to_string());
         }
         decision.helo_reply()
+    }
+
+    /// E1, RFC 7208 §8.4: SPF at MAIL FROM; a fail is refused when `[auth] spf_refuse_fail`
+    /// says so. The verdict is kept for the end of DATA.
+    async fn check_spf(&mut self, from: Option<&Address>) -> Option<Reply> {
+        let s = self.server;
+        let verifier = s.services.verifier.as_ref()?;
+        let mail_from = from.map(Address::to_string).unwrap_or_default();
+        let helo = self.session.helo().map(|(h, _)| h.to_string()).unwrap_or_default();
+        let client = sender_auth::verify::Client { ip: self.facts.ip, helo: &helo, mail_from: &mail_from, hostname: &s.settings.hostname };
+        let spf = verifier.spf(&client).await;
+        let decision = s.settings.sender_auth.at_mail_from(spf.mail_from.result, &spf.mail_from.domain);
+        metrics::decision("spf", decision.allow, &decision.rule);
+        self.spf = Some((mail_from.clone(), spf));
+        let reply = decision.spf_reply()?;
+        s.journal_from(code::SMTP_REJECTED, self.facts.ip, &mail_from, "", &decision.rule.to_string());
+        Some(reply)
+    }
+
+    /// E1: SPF, DKIM and DMARC on the held message, and the policy's decision. Accepted: the
+    /// Authentication-Results field, the Received field and the message (less the results
+    /// fields that claim our name, RFC 8601 §5) go to the store, into the quarantine when the
+    /// decision says so; `Ok(true)` when a store write failed. Refused: the reply that takes
+    /// the place of 250; nothing was stored.
+    async fn sender_auth(&mut self, held: Held, envelope: &mail_framework::Envelope) -> Result<bool, Reply> {
+        let s = self.server;
+        let verifier = s.services.verifier.as_ref().expect("checks need a verifier");
+        let client =
+            sender_auth::verify::Client { ip: self.facts.ip, helo: &held.helo, mail_from: &envelope.mail_from, hostname: &s.settings.hostname };
+        let spf = self.spf.take().filter(|(from, _)| *from == envelope.mail_from).map(|(_, spf)| spf);
+        let verdict = verifier.check(&client, spf, &held.message).await;
+        let decision = s.settings.sender_auth.at_end_of_data(&verdict.facts());
+        metrics::decision("sender-auth", decision.allow, &decision.rule);
+        let recipients = envelope.recipients.join(",");
+        if let Some(reply) = decision.data_reply() {
+            s.journal_from(code::SMTP_REJECTED, self.facts.ip, &envelope.mail_from, &recipients, &decision.rule.to_string());
+            return Err(reply);
+        }
+        let Some(incoming) = self.incoming.as_mut() else { return Ok(true) };
+        s.journal_from(code::SMTP_SENDER_AUTH, self.facts.ip, &envelope.mail_from, &recipients, &format!("{}: {}", incoming.qid(), decision.rule));
+        if let Some(reason) = decision.quarantine_reason() {
+            incoming.quarantine(reason);
+        }
+        let results = verdict.header(&s.settings.hostname);
+        let message = sender_auth::verify::header::strip_own(&held.message, &s.settings.hostname);
+        for part in [results.as_bytes(), held.received.as_bytes(), &message] {
+            if incoming.push(part).await.is_err() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The policy's RCPT decision (relay-trick screen, directory lookup, relay rules), on a

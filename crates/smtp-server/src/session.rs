@@ -63,6 +63,11 @@ pub enum Event<'a> {
     EtrnDone(Reply),
     /// The queue id on success.
     EnqueueDone(Result<String, String>),
+    /// Answer to `Enqueue` that refuses the message instead (E1: sender authentication, a
+    /// 550 or 451 in place of the 250).
+    DataRefused(Reply),
+    /// Answer to `CheckSpf`: `None` accepts the sender, `Some(reply)` refuses it.
+    SpfChecked(Option<Reply>),
     Timeout,
 }
 
@@ -71,6 +76,10 @@ pub enum Action {
     Reply(Reply),
     /// Ask the directory and policy about a recipient; answer with `RcptChecked`.
     CheckRcpt(Address),
+    /// E1: check SPF for this sender (the HELO name is known) before MAIL FROM is answered;
+    /// answer with `SpfChecked`. Only for unauthenticated clients of a session made
+    /// [`Session::with_spf_at_mail`].
+    CheckSpf(Option<Address>),
     /// Verify a HELO/EHLO name (R10); answer with `HeloChecked`.
     CheckHelo(String),
     /// The client sent a command line beyond the limits (R9): the driver may deny its address.
@@ -140,8 +149,13 @@ enum Waiting {
     Tls,
     Password,
     Etrn,
-    Helo { name: String, esmtp: bool },
+    Helo {
+        name: String,
+        esmtp: bool,
+    },
     Rcpt(Address, RcptDsn),
+    /// The transaction MAIL FROM opens once SPF accepts its sender.
+    Spf(Transaction),
     Enqueue,
 }
 
@@ -170,6 +184,8 @@ pub struct Session {
     config: SessionConfig,
     sender_check: Option<SenderCheck>,
     submitter_check: Option<SubmitterCheck>,
+    /// E1: MAIL FROM of an unauthenticated client waits for `CheckSpf`.
+    spf_at_mail: bool,
     client_ip: String,
     helo: Option<(String, bool)>,
     tx: Option<Transaction>,
@@ -193,6 +209,7 @@ impl Session {
         Session {
             sender_check: None,
             submitter_check: None,
+            spf_at_mail: false,
             client_ip,
             helo: None,
             tx: None,
@@ -226,6 +243,13 @@ impl Session {
     /// authenticated client's `AUTH=mailbox` is taken as it is, and no parameter means unknown.
     pub fn with_submitter_check(mut self, check: SubmitterCheck) -> Self {
         self.submitter_check = Some(check);
+        self
+    }
+
+    /// E1: ask the driver about SPF (`CheckSpf`) before answering an unauthenticated client's
+    /// MAIL FROM, so an SPF fail can be refused there (RFC 7208 §8.4).
+    pub fn with_spf_at_mail(mut self) -> Self {
+        self.spf_at_mail = true;
         self
     }
 
@@ -289,6 +313,16 @@ impl Session {
                 }
                 self.reply(&mut out, Reply::new(250, (1, 5), "Ok"));
             }
+            Event::SpfChecked(verdict) => {
+                let Waiting::Spf(tx) = std::mem::replace(&mut self.waiting, Waiting::Nothing) else { return out };
+                match verdict {
+                    None => {
+                        self.tx = Some(tx);
+                        self.reply(&mut out, Reply::new(250, (1, 0), "Ok"));
+                    }
+                    Some(r) => self.reply(&mut out, r),
+                }
+            }
             Event::HeloChecked(verdict) => {
                 let Waiting::Helo { name, esmtp } = std::mem::replace(&mut self.waiting, Waiting::Nothing) else { return out };
                 match verdict {
@@ -340,6 +374,14 @@ impl Session {
                     // Never 250 unless the commit returned (F1).
                     Err(_) => self.reply(&mut out, Reply::new(451, (3, 0), "Local error in processing, try again later")),
                 }
+            }
+            Event::DataRefused(reply) => {
+                if !matches!(self.waiting, Waiting::Enqueue) {
+                    return out;
+                }
+                self.waiting = Waiting::Nothing;
+                self.tx = None;
+                self.reply(&mut out, reply);
             }
             Event::Timeout => {
                 out.push(Action::Reply(Reply::new(421, (4, 2), format!("{} Error: timeout exceeded", self.config.hostname))));
@@ -634,7 +676,13 @@ impl Session {
                 None => claimed.flatten().map(Address::to_string),
             }
         });
-        self.tx = Some(Transaction { from, rcpts: Vec::new(), dsn, auth_sender });
+        let tx = Transaction { from, rcpts: Vec::new(), dsn, auth_sender };
+        if self.spf_at_mail && self.auth.is_none() {
+            out.push(Action::CheckSpf(tx.from.clone()));
+            self.waiting = Waiting::Spf(tx);
+            return;
+        }
+        self.tx = Some(tx);
         self.reply(out, Reply::new(250, (1, 0), "Ok"));
     }
 

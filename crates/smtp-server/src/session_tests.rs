@@ -72,6 +72,9 @@ struct Harness {
     added_headers: Vec<(bool, bool)>,
     /// The message as the driver stores it: `body` with the added header fields in place.
     message: Vec<u8>,
+    /// E1: the senders `CheckSpf` was asked about, and the answer it gives.
+    spf_checks: Vec<Option<Address>>,
+    spf_verdict: Option<Reply>,
 }
 
 impl Harness {
@@ -92,6 +95,8 @@ impl Harness {
             tls_starts: 0,
             added_headers: Vec::new(),
             message: Vec::new(),
+            spf_checks: Vec::new(),
+            spf_verdict: None,
         }
     }
 
@@ -177,6 +182,11 @@ impl Harness {
                 }
                 Action::Etrn(node) => {
                     let more = self.session.handle(Event::EtrnDone(Reply::plain(251, format!("OK, no messages waiting for node {node}"))));
+                    self.absorb(more, text);
+                }
+                Action::CheckSpf(from) => {
+                    self.spf_checks.push(from);
+                    let more = self.session.handle(Event::SpfChecked(self.spf_verdict.clone()));
                     self.absorb(more, text);
                 }
             }
@@ -1315,6 +1325,10 @@ fn fuzz_pump(s: &mut Session, cfg: &SessionConfig, event: Event<'_>, rng: &mut X
                 }
                 Action::Penalize | Action::AddHeaders { .. } => {}
                 Action::Etrn(_) => next = Some(Event::EtrnDone(Reply::plain(251, "OK"))),
+                Action::CheckSpf(_) => {
+                    assert!(!st.rcpt_pending && !st.enqueue_pending && !st.in_data);
+                    next = Some(Event::SpfChecked(rng.chance(20).then(|| Reply::new(550, (7, 23), "SPF validation failed"))));
+                }
                 Action::StartTls => next = Some(Event::TlsUp),
                 Action::VerifyPassword { .. } => {
                     let outcome = if rng.chance(50) { AuthOutcome::Ok("sam".into()) } else { AuthOutcome::Failed };
@@ -1381,6 +1395,9 @@ fn random_input_never_panics() {
             etrn: rng.chance(50),
         };
         let mut s = Session::new(cfg.clone(), IP.into());
+        if rng.chance(30) {
+            s = s.with_spf_at_mail();
+        }
         let mut st = FuzzState::default();
         fuzz_pump(&mut s, &cfg, Event::Connected, &mut rng, &mut st);
 
@@ -1410,8 +1427,12 @@ fn random_input_never_panics() {
             at += n;
             if st.enqueue_pending && rng.chance(60) {
                 st.enqueue_pending = false;
-                let result = if rng.chance(80) { Ok("QFUZZ".to_string()) } else { Err("fail".to_string()) };
-                fuzz_pump(&mut s, &cfg, Event::EnqueueDone(result), &mut rng, &mut st);
+                let event = match rng.below(10) {
+                    0 => Event::EnqueueDone(Err("fail".to_string())),
+                    1 => Event::DataRefused(Reply::new(550, (7, 1), "DMARC")),
+                    _ => Event::EnqueueDone(Ok("QFUZZ".to_string())),
+                };
+                fuzz_pump(&mut s, &cfg, event, &mut rng, &mut st);
             }
         }
         if st.enqueue_pending {
@@ -1723,4 +1744,44 @@ fn auth_parameter_is_accepted_and_trusted_only_after_auth() {
     let mut h = Harness::connected(cfg());
     h.cmd("HELO c.example", "250 ");
     h.cmd("MAIL FROM:<x@y.test> AUTH=<>", "555 ");
+}
+
+/// E1: with SPF at MAIL FROM, an unauthenticated client's MAIL waits for `CheckSpf` (and is
+/// refused with its reply); an authenticated client is not asked about.
+#[test]
+fn spf_at_mail_from_waits_for_its_verdict() {
+    let mut h = Harness::ready(config());
+    h.session = std::mem::replace(&mut h.session, Session::new(config(), IP.into())).with_spf_at_mail();
+    h.spf_verdict = Some(Reply::new(550, (7, 23), "SPF validation failed"));
+    h.cmd("MAIL FROM:<boss@office.test>", "550 5.7.23");
+    assert_eq!(h.spf_checks, vec![Some(Address::parse("boss@office.test").unwrap())]);
+    h.cmd("RCPT TO:<sam@example.test>", "503 5.5.1");
+    h.spf_verdict = None;
+    h.cmd("MAIL FROM:<>", "250 2.1.0");
+    assert_eq!(h.spf_checks.last(), Some(&None));
+    h.cmd("RCPT TO:<sam@example.test>", "250 2.1.5");
+    // Pipelined: the RCPT waits behind the SPF check and is answered after it.
+    let mut h = Harness::ready(config());
+    h.session = std::mem::replace(&mut h.session, Session::new(config(), IP.into())).with_spf_at_mail();
+    assert!(h.event(Event::Bytes(b"EHLO c.test\r\n")).starts_with("250"));
+    let out = h.session.handle(Event::Bytes(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<sam@example.test>\r\n"));
+    assert!(matches!(out.as_slice(), [Action::CheckSpf(Some(_))]), "{out:?}");
+    let out = h.session.handle(Event::SpfChecked(None));
+    assert!(matches!(out.as_slice(), [Action::Reply(r), Action::CheckRcpt(_)] if r.code == 250), "{out:?}");
+}
+
+/// E1: a message the checks refuse gets their reply in place of the 250, and the transaction
+/// ends as after any other answer to DATA.
+#[test]
+fn a_refused_message_gets_the_checks_reply() {
+    let mut h = Harness::ready(config());
+    h.start_data("boss@office.test", &["sam@example.test"]);
+    h.send("Subject: x\r\n\r\nbody\r\n.\r\n");
+    assert_eq!(h.enqueues.len(), 1);
+    let text = h.event(Event::DataRefused(Reply::new(550, (7, 1), "Message rejected")));
+    assert_eq!(text, "550 5.7.1 Message rejected\r\n");
+    h.cmd("RCPT TO:<sam@example.test>", "503 5.5.1");
+    h.cmd("MAIL FROM:<jane@example.test>", "250 2.1.0");
+    // Not waiting for a commit: ignored.
+    assert_eq!(h.event(Event::DataRefused(Reply::new(451, (7, 1), "later"))), "");
 }

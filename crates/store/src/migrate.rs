@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0007_hostauth_tls.sql"),
     include_str!("../../../migrations/0008_deny_list.sql"),
     include_str!("../../../migrations/0009_auth_sender_remote_mta.sql"),
+    include_str!("../../../migrations/0010_dkim_keys.sql"),
 ];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {

@@ -6,7 +6,9 @@
 //!   CN = hostname, so a client that trusts the file can connect by name or by address); a
 //!   generated pair whose names no longer match the configuration is replaced by a new one.
 //!   [`ServerTls::reload`] re-reads changed files, so certificates are replaced without a restart;
-//!   new handshakes use the new ones.
+//!   new handshakes use the new ones. [`ServerTls::present_managed`] presents a pair another part
+//!   of the server keeps up to date itself (ACME, SPEC O6); neither the file watcher nor a
+//!   reloaded `[tls] cert`/`key` replaces it.
 //! * [`describe`] reads what a client is shown — subject, names, validity — and the SHA-256 and
 //!   MD5 [`Fingerprints`] a client can pin (msmtp, mpop `tls_fingerprint`; fetchmail
 //!   `sslfingerprint`), for the log, `postroom status` and `postroom cert show`.
@@ -246,6 +248,8 @@ struct Loaded {
     stamp: (Option<SystemTime>, Option<SystemTime>),
     /// The DER of the certificate presented (the first of the chain).
     leaf: CertificateDer<'static>,
+    /// Presented by [`ServerTls::present_managed`]: its owner replaces it, nobody else does.
+    managed: bool,
 }
 
 impl ServerTls {
@@ -312,13 +316,14 @@ impl ServerTls {
             let current = self.current.read().expect("tls config lock");
             (current.cert.clone(), current.key.clone(), current.stamp)
         };
-        if stamps(&cert, &key) == before {
+        if self.is_managed() || stamps(&cert, &key) == before {
             return Ok(false);
         }
         let loaded = read(&cert, &key)?;
         let mut current = self.current.write().expect("tls config lock");
-        // Files replaced meanwhile by `replace_with` win over what was read from the old ones.
-        if current.cert != cert || current.key != key {
+        // Files replaced meanwhile by `replace_with` or `present_managed` win over what was read
+        // from the old ones.
+        if current.cert != cert || current.key != key || current.managed {
             return Ok(false);
         }
         *current = loaded;
@@ -327,10 +332,35 @@ impl ServerTls {
 
     /// Present `other`'s certificate from now on, here and in every clone, and watch its files
     /// (O6: the configuration was reloaded, `[tls] cert`/`key` may name other files). Open
-    /// sessions keep the TLS they have; new handshakes use the new certificate.
-    pub fn replace_with(&self, other: &ServerTls) {
+    /// sessions keep the TLS they have; new handshakes use the new certificate. A managed pair
+    /// (see [`ServerTls::present_managed`]) stays: `[tls] cert`/`key` serve only until the first
+    /// ACME issuance. Returns whether the certificate was replaced.
+    pub fn replace_with(&self, other: &ServerTls) -> bool {
         let loaded = other.current.read().expect("tls config lock").clone();
+        let mut current = self.current.write().expect("tls config lock");
+        if current.managed {
+            return false;
+        }
+        *current = loaded;
+        true
+    }
+
+    /// Present the pair `cert`/`key` from now on, here and in every clone, as a managed pair: its
+    /// owner (the ACME task, SPEC O6) writes new files and calls this again; the file watcher
+    /// and [`ServerTls::replace_with`] leave it alone, so a half-written pair is never read and a
+    /// configuration reload does not bring the self-signed certificate back. Open sessions keep
+    /// the TLS they have. A pair that does not load changes nothing. Returns the new leaf.
+    pub fn present_managed(&self, cert: &Path, key: &Path) -> Result<CertificateDer<'static>, TlsError> {
+        let mut loaded = read(cert, key)?;
+        loaded.managed = true;
+        let leaf = loaded.leaf.clone();
         *self.current.write().expect("tls config lock") = loaded;
+        Ok(leaf)
+    }
+
+    /// Whether a managed pair (see [`ServerTls::present_managed`]) is presented.
+    pub fn is_managed(&self) -> bool {
+        self.current.read().expect("tls config lock").managed
     }
 
     /// Check the files every `every` and reload them when they change (O6).
@@ -384,13 +414,30 @@ fn read(cert: &Path, key: &Path) -> Result<Loaded, TlsError> {
     let mut key_pem = Vec::new();
     key_file.read_to_end(&mut key_pem).map_err(io(key))?;
     let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::BadKey { path: key.to_path_buf(), why: e.to_string() })?;
-    let config = ServerConfig::builder_with_provider(provider())
+    let config = server_config(certs, private)?;
+    Ok(Loaded { cert: cert.to_path_buf(), key: key.to_path_buf(), config: Arc::new(config), stamp, leaf, managed: false })
+}
+
+fn server_config(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<ServerConfig, TlsError> {
+    ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Mismatch(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, private)
-        .map_err(|e| TlsError::Mismatch(e.to_string()))?;
-    Ok(Loaded { cert: cert.to_path_buf(), key: key.to_path_buf(), config: Arc::new(config), stamp, leaf })
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Mismatch(e.to_string()))
+}
+
+/// Whether the PEM chain `chain` (the server's certificate first) and the PEM key `key` make a
+/// pair the listeners could present, before they are written anywhere (a new ACME certificate).
+/// Returns the server's certificate.
+pub fn check_pair(chain: &[u8], key: &[u8]) -> Result<CertificateDer<'static>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain).filter_map(Result::ok).collect();
+    let Some(leaf) = certs.first().cloned() else {
+        return Err(TlsError::Mismatch("no certificate in the chain".to_string()));
+    };
+    let private = PrivateKeyDer::from_pem_slice(key).map_err(|e| TlsError::Mismatch(format!("no usable private key: {e}")))?;
+    server_config(certs, private)?;
+    Ok(leaf)
 }
 
 /// Where rustls logs (through the `log` crate) what it finds wrong in a client's ClientHello:
@@ -786,6 +833,47 @@ mod tests {
         generate(a.path(), &names("a.example.test")).unwrap();
         assert!(!clone.reload().unwrap());
         assert_eq!(clone.certificate(), other.certificate());
+    }
+
+    #[test]
+    fn a_managed_pair_stays_until_its_owner_replaces_it() {
+        // O6 (ACME): the pair presented as managed is neither reloaded from changed files nor
+        // replaced by a reloaded configuration; only `present_managed` replaces it.
+        let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let empty = Path::new("");
+        let (tls, _) = ServerTls::load(empty, empty, a.path(), &names("a.example.test")).unwrap();
+        assert!(!tls.is_managed());
+        generate(b.path(), &names("b.example.test")).unwrap();
+        let leaf = tls.present_managed(&b.path().join(GENERATED_CERT), &b.path().join(GENERATED_KEY)).unwrap();
+        assert!(tls.is_managed());
+        assert_eq!(tls.clone().certificate(), leaf);
+        let (other, _) = ServerTls::load(empty, empty, c.path(), &names("c.example.test")).unwrap();
+        assert!(!tls.replace_with(&other), "a reload keeps the managed pair");
+        assert_eq!(tls.certificate(), leaf);
+        std::thread::sleep(Duration::from_millis(20));
+        generate(b.path(), &names("b.example.test")).unwrap();
+        assert!(!tls.reload().unwrap(), "the watcher leaves a managed pair to its owner");
+        assert_eq!(tls.certificate(), leaf);
+        let renewed = tls.present_managed(&b.path().join(GENERATED_CERT), &b.path().join(GENERATED_KEY)).unwrap();
+        assert_ne!(renewed, leaf);
+        assert_eq!(tls.certificate(), renewed);
+        // A pair that does not load changes nothing.
+        let err = tls.present_managed(&b.path().join(GENERATED_CERT), &c.path().join(GENERATED_KEY)).unwrap_err();
+        assert!(matches!(err, TlsError::Mismatch(_)), "{err}");
+        assert_eq!(tls.certificate(), renewed);
+    }
+
+    #[test]
+    fn check_pair_judges_pem_before_it_is_written() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        generate(a.path(), &names("a.example.test")).unwrap();
+        generate(b.path(), &names("b.example.test")).unwrap();
+        let pem = |dir: &Path, name: &str| std::fs::read(dir.join(name)).unwrap();
+        let leaf = check_pair(&pem(a.path(), GENERATED_CERT), &pem(a.path(), GENERATED_KEY)).unwrap();
+        assert_eq!(leaf, read_certificate(&a.path().join(GENERATED_CERT)).unwrap());
+        assert!(check_pair(&pem(a.path(), GENERATED_CERT), &pem(b.path(), GENERATED_KEY)).is_err(), "another key");
+        assert!(check_pair(b"", &pem(a.path(), GENERATED_KEY)).is_err(), "no certificate");
+        assert!(check_pair(&pem(a.path(), GENERATED_CERT), b"").is_err(), "no key");
     }
 
     #[test]
