@@ -3,7 +3,8 @@
 //! A backup is one tar archive: `MANIFEST` (format, version, time, what it holds), the database
 //! as SQLite's online backup API copied it while the server ran (every message answered 250
 //! before the backup started is in it), the self-signed certificate and key the server
-//! generated into the data directory, and the configured `[tls] cert`/`key` files, if any. The
+//! generated into the data directory, the ACME account, certificate and key (`data_dir/acme`),
+//! and the configured `[tls] cert`/`key` files, if any. The
 //! archive and every file restored from it are created 0600, as new files (O_EXCL, O_NOFOLLOW):
 //! it holds every message and the private key.
 //!
@@ -30,8 +31,13 @@ const MANIFEST: &str = "MANIFEST";
 /// Where the configured `[tls] cert` and `key` are kept in the archive, and restored to.
 const CONFIGURED_CERT: &str = "configured-tls-cert.pem";
 const CONFIGURED_KEY: &str = "configured-tls-key.pem";
+/// What ACME keeps in `data_dir/acme` (acme::files), as named in the archive and below the data
+/// directory: a restored server presents its certificate at once instead of ordering a new one
+/// (and keeps its account, which ACME servers rate-limit by).
+const ACME_MEMBERS: [&str; 3] = ["acme/account.json", "acme/cert.pem", "acme/key.pem"];
 /// Every file an archive may hold besides the manifest, as named in it and in the data directory.
-const MEMBERS: [&str; 5] = [DB_FILE, tls::GENERATED_CERT, tls::GENERATED_KEY, CONFIGURED_CERT, CONFIGURED_KEY];
+const MEMBERS: [&str; 8] =
+    [DB_FILE, tls::GENERATED_CERT, tls::GENERATED_KEY, CONFIGURED_CERT, CONFIGURED_KEY, ACME_MEMBERS[0], ACME_MEMBERS[1], ACME_MEMBERS[2]];
 /// The longest manifest read (it is a few lines).
 const MANIFEST_MAX: u64 = 64 * 1024;
 
@@ -70,7 +76,7 @@ pub fn backup(args: BackupArgs, config: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("copying the database of {}", config.data_dir.display()))?;
 
     let mut members: Vec<(&str, PathBuf)> = vec![(DB_FILE, snapshot_path)];
-    for name in [tls::GENERATED_CERT, tls::GENERATED_KEY] {
+    for name in [tls::GENERATED_CERT, tls::GENERATED_KEY].into_iter().chain(ACME_MEMBERS) {
         let path = config.data_dir.join(name);
         if path.exists() {
             members.push((name, path));
@@ -155,6 +161,9 @@ pub fn restore(args: RestoreArgs, config: &Config) -> anyhow::Result<()> {
     }
     // The database last: until it is in place the directory has its old one, or none.
     unpacked.files.sort_by_key(|(name, _)| *name == DB_FILE);
+    if unpacked.files.iter().any(|(name, _)| ACME_MEMBERS.contains(name)) {
+        acme::files::AcmeDir::open(dir).with_context(|| format!("the ACME directory {}", dir.join(acme::files::DIR).display()))?;
+    }
     let mut restored = Vec::new();
     for (name, tmp) in std::mem::take(&mut unpacked.files) {
         std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("renaming {} into place", tmp.display()))?;
@@ -252,7 +261,8 @@ fn unpack(file: File, path: &Path, into: &mut Unpacked) -> anyhow::Result<String
         if !entry.header().entry_type().is_file() || entry.size() != len || into.files.iter().any(|(m, _)| *m == member) {
             return Err(bad(format!("member {name} is not the file its manifest names")));
         }
-        let tmp = into.dir.join(format!(".{member}.restore.{}.tmp", std::process::id()));
+        // Beside the data directory's own files, also for members below it (acme/…).
+        let tmp = into.dir.join(format!(".{}.restore.{}.tmp", member.replace('/', "-"), std::process::id()));
         let mut out = create_private(&tmp)?;
         into.files.push((member, tmp.clone()));
         let copied = std::io::copy(&mut entry, &mut out).map_err(|e| bad(format!("member {name}: {e}")))?;
@@ -371,6 +381,30 @@ mod tests {
         drop(held);
         let names: Vec<String> = std::fs::read_dir(&target).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+    }
+
+    #[test]
+    fn the_acme_account_certificate_and_key_are_backed_up_and_restored_private() {
+        use std::os::unix::fs::DirBuilderExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        drop(store::Store::open(&data, store::StoreOptions::default()).unwrap());
+        std::fs::DirBuilder::new().mode(0o700).create(data.join(acme::files::DIR)).unwrap();
+        for member in ACME_MEMBERS {
+            let (dir, name) = member.split_once('/').unwrap();
+            assert_eq!(dir, acme::files::DIR);
+            assert!([acme::files::ACCOUNT, acme::files::CERT, acme::files::KEY].contains(&name), "{member} is a file acme keeps");
+            store::write_private_atomic(&data.join(dir), name, member.as_bytes()).unwrap();
+        }
+        let archive = tmp.path().join("b.tar");
+        backup(BackupArgs { file: archive.clone() }, &config(&data)).unwrap();
+        let target = tmp.path().join("restored");
+        restore(RestoreArgs { file: archive, force: false }, &config(&target)).unwrap();
+        assert_eq!(mode(&target.join(acme::files::DIR)), 0o700);
+        for member in ACME_MEMBERS {
+            assert_eq!(std::fs::read(target.join(member)).unwrap(), member.as_bytes());
+            assert_eq!(mode(&target.join(member)), 0o600, "{member}");
+        }
     }
 
     #[test]
