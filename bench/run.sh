@@ -585,3 +585,13 @@ echo "divided by messages, RETRs or sessions. Clients and servers share the same
 echo "Postroom's RSS at the end: $(fmt "$(div "$RSS_END" 1024)" 1) MiB, after 25 s without work $(fmt "$(div "$RSS_QUIET" 1024)" 1) MiB (peak since the 50 MB message: $(fmt "$(div "$(hwm_kib)" 1024)" 1) MiB)."
 echo "Per-round rates (msg/s etc.):"
 for k in "${!VAL[@]}"; do echo "  $k:${VAL[$k]}   (CPU µs/unit:$(for x in ${CPU[$k]}; do printf ' %.0f' "$x"; done))"; done | sort
+
+# Issue 16: what sender authentication costs per message, on one thread, in-process (no sockets:
+# the inbound checks read DNS answers from a warm cache, as a busy server does).
+echo
+echo "## Sender authentication, CPU µs per message (one thread)"
+echo
+echo '```'
+(cd "$(dirname "$0")/.." && timeout 600 cargo run --release -q -p sender-auth --example sign_cost && \
+    timeout 600 cargo run --release -q -p sender-auth --example verify_cost) || echo "bench: the sender-auth cost examples failed" >&2
+echo '```'

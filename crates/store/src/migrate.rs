@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0008_deny_list.sql"),
     include_str!("../../../migrations/0009_auth_sender_remote_mta.sql"),
     include_str!("../../../migrations/0010_dkim_keys.sql"),
+    include_str!("../../../migrations/0011_forward_due_index.sql"),
 ];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {

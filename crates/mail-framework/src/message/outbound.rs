@@ -95,9 +95,12 @@ pub fn release_all_claims(c: &Connection) -> Result<usize, StoreError> {
     Ok(c.execute("UPDATE recipients SET state = 'forward', attempt_id = NULL, lease_until = NULL WHERE state = 'attempt'", [])?)
 }
 
+/// The partial index (migration 0011) makes this one index seek however deep the queue is.
+const NEXT_DUE: &str = "SELECT min(coalesce(next_attempt, 0)) FROM recipients INDEXED BY recipients_forward_due WHERE state = 'forward' AND held = 0";
+
 /// When the next recipient waiting for the SMTP client falls due (unix seconds), if any.
 pub fn next_due(c: &Connection) -> Result<Option<i64>, StoreError> {
-    Ok(c.prepare_cached("SELECT min(coalesce(next_attempt, 0)) FROM recipients WHERE state = 'forward' AND held = 0")?.query_row([], |r| r.get(0))?)
+    Ok(c.prepare_cached(NEXT_DUE)?.query_row([], |r| r.get(0))?)
 }
 
 /// Record the outcome of attempt `attempt_id` for one recipient — only if that attempt still
@@ -170,4 +173,25 @@ pub fn release_etrn(c: &Connection, domain: &str, subdomains: bool) -> Result<us
 /// The send scheduler (C7): release everything held for ETRN.
 pub fn release_all_etrn(c: &Connection) -> Result<usize, StoreError> {
     Ok(c.execute("UPDATE recipients SET held = 0, next_attempt = NULL WHERE held = ?1 AND state = 'forward'", [Hold::Etrn])?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 17, a deep queue: the "next due" read is one index seek, whatever the planner's
+    /// statistics say, so 100,000 deferred recipients do not cost a scan every second.
+    #[test]
+    fn next_due_reads_the_forward_due_index_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::Store::open(dir.path(), store::StoreOptions::default()).unwrap();
+        let plan: Vec<String> = store
+            .read_blocking(|c| {
+                let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {NEXT_DUE}"))?;
+                Ok(stmt.query_map([], |r| r.get::<_, String>(3))?.collect::<rusqlite::Result<_>>()?)
+            })
+            .unwrap();
+        assert_eq!(plan, ["SEARCH recipients USING INDEX recipients_forward_due"], "{plan:?}");
+        assert_eq!(store.read_blocking(|c| Ok(next_due(c)?)).unwrap(), None);
+    }
 }
