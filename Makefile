@@ -2,12 +2,23 @@
 CARGO ?= cargo
 PYTHON ?= python3
 
-.PHONY: run build test deps unit e2e soak bench lint fmt fuzz deb
+.PHONY: run build build-deps test deps unit e2e soak bench lint fmt fuzz deb
 
-run:
+run: build-deps
 	$(CARGO) run --release -p postroom -- serve
 
-build:
+# What the build needs besides Rust: Debian's libssl headers and pkg-config (the smime crate's
+# CMS is OpenSSL's; README "S/MIME"). Installed with apt-get when missing and run as root on
+# Debian; elsewhere the message says what to install.
+build-deps:
+	@pkg-config --exists openssl 2>/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config; \
+		else \
+			echo "postroom needs OpenSSL's headers and pkg-config to build: apt-get install libssl-dev pkg-config (Debian, Ubuntu) or your system's equivalent" >&2; exit 1; \
+		fi; }
+
+build: build-deps
 	$(CARGO) build --workspace --all-targets
 
 # The whole suite: Rust unit tests, then the end-to-end tests against the real binary.
@@ -42,7 +53,7 @@ fuzz:
 # The Debian package (README "Install on a server"): a release build, then cargo-deb
 # (`cargo install cargo-deb --locked`) writes target/debian/postroom_VERSION-1_ARCH.deb, its
 # binary stripped, and the debug symbols beside it as postroom-dbgsym_VERSION-1_ARCH.ddeb.
-deb:
+deb: build-deps
 	$(CARGO) deb -p postroom --dbgsym
 
 lint:

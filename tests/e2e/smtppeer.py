@@ -103,6 +103,9 @@ class Connection:
     helo: str | None = None
     authed: bool = False
     commands: list[str] = field(default_factory=list)
+    # Per command: more of the client's bytes were already waiting when it was read, so the
+    # client sent what followed without waiting for this reply (RFC 2920 pipelining).
+    followed: list[bool] = field(default_factory=list)
     raw: bytearray = field(default_factory=bytearray)
 
 
@@ -355,6 +358,7 @@ class Peer:
             text = line.rstrip(b"\r\n").decode("latin-1")
             with self.lock:
                 conn.commands.append(text)
+                conn.followed.append(bool(wire.buf))
             verb = text.split(" ", 1)[0].upper()
             arg = text[len(verb):].strip()
             if verb == "QUIT":

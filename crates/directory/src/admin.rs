@@ -13,6 +13,8 @@ use crate::{DirectoryError, Result};
 pub struct UserInfo {
     pub id: i64,
     pub name: String,
+    /// The full name the address book shows (`--name`, O5); None when not set.
+    pub display_name: Option<String>,
     /// The preferred address first.
     pub addresses: Vec<String>,
     /// The preferred address (the SMTP name, D1).
@@ -74,14 +76,23 @@ impl Admin<'_> {
 
     /// Enrol a user with addresses in local domains; the first address is the preferred one.
     pub fn add_user(&self, name: &str, addresses: &[String], password_hash: Option<String>) -> Result<()> {
+        self.add_named_user(name, None, addresses, password_hash)
+    }
+
+    /// [`Admin::add_user`] with the full name the address book shows (O5, issue 18).
+    pub fn add_named_user(&self, name: &str, display_name: Option<&str>, addresses: &[String], password_hash: Option<String>) -> Result<()> {
         check_user_name(name)?;
+        let display_name = display_name.map(check_display_name).transpose()?.flatten();
         let name = name.to_string();
         let addresses = addresses.to_vec();
         self.write(move |c, domains| {
             if user_id(c, &name)?.is_some() {
                 return Err(DirectoryError::UserExists(name));
             }
-            c.execute("INSERT INTO users (name, password_hash, created_at) VALUES (?1, ?2, ?3)", params![name, password_hash, store::now()])?;
+            c.execute(
+                "INSERT INTO users (name, password_hash, display_name, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![name, password_hash, display_name, store::now()],
+            )?;
             let id = c.last_insert_rowid();
             for (i, a) in addresses.iter().enumerate() {
                 add_address(c, domains, id, a, i == 0)?;
@@ -95,6 +106,15 @@ impl Admin<'_> {
         self.write(move |c, _| {
             let n = c.execute("UPDATE users SET password_hash = ?2 WHERE name = ?1", params![name, password_hash])?;
             if n == 0 { Err(DirectoryError::NoSuchUser(name)) } else { Ok(()) }
+        })
+    }
+
+    /// The full name the address book shows (O5); an empty one removes it. Returns it as stored.
+    pub fn set_display_name(&self, name: &str, display_name: &str) -> Result<Option<String>> {
+        let (name, display_name) = (name.to_string(), check_display_name(display_name)?);
+        self.write(move |c, _| {
+            let n = c.execute("UPDATE users SET display_name = ?2 WHERE name = ?1", params![name, display_name])?;
+            if n == 0 { Err(DirectoryError::NoSuchUser(name)) } else { Ok(display_name) }
         })
     }
 
@@ -468,7 +488,7 @@ fn user_id(c: &Connection, name: &str) -> Result<Option<i64>> {
 fn user_info(c: &Connection, name: &str) -> Result<UserInfo> {
     let row = c
         .query_row(
-            "SELECT id, name, enabled, removed, password_hash IS NOT NULL, quota_bytes, forward_to, keep_copy FROM users WHERE name = ?1",
+            "SELECT id, name, enabled, removed, password_hash IS NOT NULL, quota_bytes, forward_to, keep_copy, display_name FROM users WHERE name = ?1",
             [name],
             |r| {
                 Ok(UserInfo {
@@ -480,6 +500,7 @@ fn user_info(c: &Connection, name: &str) -> Result<UserInfo> {
                     quota_bytes: r.get(5)?,
                     forward_to: r.get(6)?,
                     keep_copy: r.get(7)?,
+                    display_name: r.get(8)?,
                     addresses: Vec::new(),
                     preferred: None,
                     messages: 0,
@@ -504,6 +525,19 @@ fn check_user_name(name: &str) -> Result<()> {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
         && !name.starts_with(['.', '-']);
     if ok { Ok(()) } else { Err(DirectoryError::BadUserName(name.to_string())) }
+}
+
+/// Longest full name kept, in characters.
+const MAX_DISPLAY_NAME: usize = 200;
+
+/// A full name is shown by mail programs and travels in LDAP entries: printable text on one
+/// line. Surrounding spaces go; an empty name is no name.
+fn check_display_name(display_name: &str) -> Result<Option<String>> {
+    let trimmed = display_name.trim();
+    if trimmed.chars().count() > MAX_DISPLAY_NAME || trimmed.chars().any(char::is_control) {
+        return Err(DirectoryError::BadDisplayName(display_name.to_string()));
+    }
+    Ok((!trimmed.is_empty()).then(|| trimmed.to_string()))
 }
 
 fn check_domain(d: &str) -> Result<()> {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod address_book;
 pub mod admin;
 pub mod deny_list;
 pub mod filters;
@@ -31,6 +32,8 @@ pub enum DirectoryError {
     NotLocalDomain(String),
     #[error("bad user name {0}: use letters, digits, '.', '_' or '-' (at most 64)")]
     BadUserName(String),
+    #[error("bad full name {0:?}: one line of printable text, at most 200 characters")]
+    BadDisplayName(String),
     #[error("bad domain name {0}")]
     BadDomain(String),
     #[error("domain {0} is set in the configuration file; remove it there")]

@@ -66,6 +66,8 @@ pub mod code {
     pub const POP_LOGIN_FAILED: &str = "DF";
     pub const POP_RETRIEVE: &str = "DR";
     pub const POP_DELETE: &str = "DD";
+    /// LDAP address book (O5): a failed or throttled bind (A5), as POP3's DF.
+    pub const LDAP_BIND_FAILED: &str = "LF";
 }
 
 /// One journal row; empty strings for facts that do not apply.

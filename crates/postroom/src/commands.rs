@@ -24,6 +24,15 @@ pub enum UserCommand {
         /// Read the password from the first line of standard input.
         #[arg(long)]
         password_stdin: bool,
+        /// The full name the address book shows ("Sam Jones"; O5).
+        #[arg(long = "name", value_name = "FULL NAME")]
+        display_name: Option<String>,
+    },
+    /// Change what the address book shows of a user: --name "Full Name" ("" removes it).
+    Set {
+        name: String,
+        #[arg(long = "name", value_name = "FULL NAME", required = true)]
+        display_name: Option<String>,
     },
     /// Change a password (read from the first line of standard input).
     Passwd {
@@ -177,15 +186,19 @@ pub fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
     let (store, domains) = open(config)?;
     let admin = Admin { store: &store, domains: &domains };
     match cmd {
-        UserCommand::Add { name, addresses, password_stdin } => {
+        UserCommand::Add { name, addresses, password_stdin, display_name } => {
             let hash = if password_stdin { Some(directory::passwords::hash_password(&read_password()?)?) } else { None };
             let has_password = hash.is_some();
-            admin.add_user(&name, &addresses, hash)?;
+            admin.add_named_user(&name, display_name.as_deref(), &addresses, hash)?;
             outln!("user {name} added with {}", addresses.join(", "));
             if !has_password {
                 outln!("no password set: {name} cannot log in until `postroom user passwd {name} --password-stdin`");
             }
         }
+        UserCommand::Set { name, display_name } => match admin.set_display_name(&name, display_name.as_deref().unwrap_or_default())? {
+            Some(full) => outln!("user {name}: name {full:?}"),
+            None => outln!("user {name}: no name (the address book shows {name})"),
+        },
         UserCommand::Passwd { name, .. } => {
             let hash = directory::passwords::hash_password(&read_password()?)?;
             admin.set_password(&name, hash)?;
@@ -194,12 +207,17 @@ pub fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
         UserCommand::List => {
             outln!("{:<20} {:<9} {:>8} {:>12}  addresses", "user", "state", "messages", "bytes");
             for u in admin.list_users()? {
-                outln!("{:<20} {:<9} {:>8} {:>12}  {}", u.name, state(&u), u.messages, u.bytes, u.addresses.join(", "));
+                // The full name after the addresses: the columns before it stay as scripts read them.
+                let full = u.display_name.as_ref().map(|n| format!("  ({n})")).unwrap_or_default();
+                outln!("{:<20} {:<9} {:>8} {:>12}  {}{full}", u.name, state(&u), u.messages, u.bytes, u.addresses.join(", "));
             }
         }
         UserCommand::Show { name } => {
             let u = admin.show_user(&name)?;
             outln!("user:      {}", u.name);
+            if let Some(full) = &u.display_name {
+                outln!("name:      {full}");
+            }
             outln!("state:     {}", state(&u));
             outln!("password:  {}", if u.has_password { "set" } else { "not set (no login)" });
             let shown: Vec<String> =

@@ -59,6 +59,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[auth]`: SPF, DKIM and DMARC checks of inbound mail (E1).
     pub auth: SenderAuthConfig,
+    /// `[ldap]`: the address book (O5).
+    pub ldap: LdapConfig,
     /// Where these values came from (a file name or `DEFAULT_ORIGIN`); not a key.
     #[serde(skip)]
     pub origin: String,
@@ -235,6 +237,10 @@ pub struct DeliveryConfig {
     /// Outbound connections in total and per destination domain (C6).
     pub max_connections: usize,
     pub max_connections_per_domain: usize,
+    /// Issue 17: seconds a connection waits after a message for another one to the same next
+    /// hop (0: only what already waits), and messages one connection carries at most.
+    pub connection_reuse_secs: u64,
+    pub connection_reuse_limit: usize,
     /// Opportunistic STARTTLS to remote hosts (C5).
     pub starttls: bool,
     /// Reply-To of delivery reports: the DSN responsible person (C4); empty = none.
@@ -320,6 +326,25 @@ pub enum DmarcAction {
 pub struct MetricsConfig {
     /// "address:port" where `GET /metrics` is served in the Prometheus text format; empty = off.
     pub listen: String,
+}
+
+/// `[ldap]`: the read-only address book of the users (SPEC O5, issue 18); off while both
+/// listen lists are empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LdapConfig {
+    /// LDAP listeners; StartTLS offered (a bind needs it).
+    pub listen: Vec<SocketAddr>,
+    /// LDAPS (implicit TLS) listeners.
+    pub tls_listen: Vec<SocketAddr>,
+    /// Networks (CIDR, or one address) whose clients may search without binding.
+    pub anonymous_networks: Vec<String>,
+    /// Entries per search at most.
+    pub size_limit: usize,
+    /// Concurrent LDAP sessions in total.
+    pub max_sessions: usize,
+    /// Seconds of silence before a session is closed.
+    pub inactivity_timeout_secs: u64,
 }
 
 /// `[storage]`.
@@ -433,7 +458,7 @@ pub enum LogFormat {
 /// One listening address, named as in `data_dir/listening` and by its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listener {
-    /// "smtp", "submission", "smtps", "pop3" or "pop3s".
+    /// "smtp", "submission", "smtps", "pop3", "pop3s", "ldap" or "ldaps".
     pub name: &'static str,
     /// The key it came from, e.g. "smtp.listen".
     pub key: &'static str,
@@ -488,6 +513,7 @@ impl Default for Config {
             penalty: PenaltyConfig::default(),
             metrics: MetricsConfig::default(),
             auth: SenderAuthConfig::default(),
+            ldap: LdapConfig::default(),
             origin: DEFAULT_ORIGIN.into(),
         }
     }
@@ -555,6 +581,19 @@ impl Default for Pop3Config {
     }
 }
 
+impl Default for LdapConfig {
+    fn default() -> Self {
+        LdapConfig {
+            listen: Vec::new(),
+            tls_listen: Vec::new(),
+            anonymous_networks: Vec::new(),
+            size_limit: 500,
+            max_sessions: 50,
+            inactivity_timeout_secs: 300,
+        }
+    }
+}
+
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig { mode: RelayMode::None, pop_minutes: 0, override_reject_connect: false }
@@ -577,6 +616,8 @@ impl Default for DeliveryConfig {
             second_retry_interval_secs: 3600,
             max_connections: 20,
             max_connections_per_domain: 5,
+            connection_reuse_secs: 2,
+            connection_reuse_limit: 100,
             starttls: true,
             dsn_responsible_person: String::new(),
             delay_warning_secs: 14_400,
@@ -603,6 +644,12 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig { format: LogFormat::Human, level: "info".into() }
     }
+}
+
+/// A network of `ldap.anonymous_networks`: CIDR, or one address (a /32 or /128).
+pub fn parse_network(text: &str) -> Option<ipnet::IpNet> {
+    let t = text.trim();
+    t.parse::<ipnet::IpNet>().ok().or_else(|| t.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -707,10 +754,14 @@ impl Config {
             ("delivery.second_retry_interval_secs", delivery.second_retry_interval_secs),
             ("delivery.max_connections", delivery.max_connections as u64),
             ("delivery.max_connections_per_domain", delivery.max_connections_per_domain as u64),
+            ("delivery.connection_reuse_limit", delivery.connection_reuse_limit as u64),
             ("journal.retention_days", self.journal.retention_days.into()),
             ("storage.body_chunk_kib", self.storage.body_chunk_kib.into()),
             ("penalty.login_failures", self.penalty.login_failures.into()),
             ("penalty.login_window_minutes", self.penalty.login_window_minutes),
+            ("ldap.size_limit", self.ldap.size_limit as u64),
+            ("ldap.max_sessions", self.ldap.max_sessions as u64),
+            ("ldap.inactivity_timeout_secs", self.ldap.inactivity_timeout_secs),
         ];
         for (key, value) in at_least_one {
             need(value >= 1, key, &value, "must be at least 1");
@@ -724,6 +775,8 @@ impl Config {
             let (key, rule) = (format!("{total_key}_per_ip"), format!("must be 1..{total_key} ({max})"));
             need((1..=max.max(1)).contains(&per_ip), &key, &per_ip, &rule);
         }
+        let reuse = delivery.connection_reuse_secs;
+        need(reuse <= 60, "delivery.connection_reuse_secs", &reuse, "must be at most 60 (an idle connection holds a connection slot)");
         let size = smtp.max_message_size;
         need(size >= 1024, "smtp.max_message_size", &size, "must be at least 1024 (bytes)");
         let chunk = self.storage.body_chunk_kib;
@@ -740,6 +793,12 @@ impl Config {
         for server in &self.dns.servers {
             need(server.port() != 0, "dns.servers", server, "needs a port, e.g. 53");
         }
+        for net in &self.ldap.anonymous_networks {
+            need(parse_network(net).is_some(), "ldap.anonymous_networks", net, "must be a network such as \"192.168.1.0/24\" or one address");
+        }
+        let ldap_on = !self.ldap.listen.is_empty() || !self.ldap.tls_listen.is_empty();
+        let rule = "the address book's base DN is made from the first local domain: list one in `domains`";
+        need(!ldap_on || !self.domains.is_empty(), "domains", &self.domains, rule);
         let level = &self.log.level;
         let rule = "must be off, error, warn, info, debug or trace, optionally with target=level directives";
         need(is_log_filter(level), "log.level", level, rule);
@@ -921,6 +980,8 @@ impl Config {
             ("smtps", "smtp.tls_listen", &self.smtp.tls_listen),
             ("pop3", "pop3.listen", &self.pop3.listen),
             ("pop3s", "pop3.tls_listen", &self.pop3.tls_listen),
+            ("ldap", "ldap.listen", &self.ldap.listen),
+            ("ldaps", "ldap.tls_listen", &self.ldap.tls_listen),
         ];
         lists.into_iter().flat_map(|(name, key, addrs)| addrs.iter().map(move |&addr| Listener { name, key, addr })).collect()
     }
@@ -1146,6 +1207,7 @@ mod tests {
             "delivery.second_retry_interval_secs",
             "delivery.max_connections",
             "delivery.max_connections_per_domain",
+            "delivery.connection_reuse_limit",
             "journal.retention_days",
             "storage.body_chunk_kib",
             "penalty.login_failures",
@@ -1271,6 +1333,24 @@ mod tests {
         let e = Config::load(Some(&dir.join("missing.toml")), None).unwrap_err().to_string();
         assert!(e.contains("missing.toml: cannot read"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ldap_keys_are_checked() {
+        // SPEC O5, issue 18: the address book.
+        refused(r#"ldap = { anonymous_networks = ["10.0.0.0/33"] }"#, "ldap.anonymous_networks", "must be a network");
+        refused("ldap = { size_limit = 0 }", "ldap.size_limit", "at least 1");
+        refused("ldap = { max_sessions = 0 }", "ldap.max_sessions", "at least 1");
+        refused(
+            r#"domains = []
+                   ldap = { tls_listen = ["127.0.0.1:1636"] }"#,
+            "domains",
+            "base DN",
+        );
+        refused(r#"ldap = { listen = ["127.0.0.1:1110"] }"#, "ldap.listen", "taken by pop3.listen");
+        let ok = parse(r#"ldap = { listen = ["127.0.0.1:1389"], anonymous_networks = ["192.168.1.0/24", "10.1.2.3", "2001:db8::/32"] }"#);
+        assert_eq!(ok.ldap.anonymous_networks.iter().filter_map(|n| parse_network(n)).count(), 3);
+        assert!(ok.listeners().iter().any(|l| l.name == "ldap" && l.addr.port() == 1389));
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod queue_cmd;
 mod reload;
 mod sendmail;
 mod serve;
+mod smime_cmd;
 mod status;
 
 use std::path::PathBuf;
@@ -103,6 +104,10 @@ enum Command {
     /// published record. Every message that leaves for a remote host is signed.
     #[command(subcommand)]
     Dkim(dkim_cmd::DkimCommand),
+    /// S/MIME certificates for `send --sign/--encrypt` (F8): users' own with their keys
+    /// (import), their correspondents' (add-recipient), list, remove.
+    #[command(subcommand)]
+    Smime(smime_cmd::SmimeCommand),
     /// A consistent copy of the running server's database, certificates and keys into one new
     /// archive FILE (0600).
     Backup(backup_cmd::BackupArgs),
@@ -163,6 +168,7 @@ fn main() -> ExitCode {
         (Command::Quarantine(c), Ok(cfg)) => filter_cmd::quarantine(c, &cfg),
         (Command::Cert(c), Ok(cfg)) => cert_cmd::cert(c, &cfg),
         (Command::Dkim(c), Ok(cfg)) => dkim_cmd::dkim(c, &cfg),
+        (Command::Smime(c), Ok(cfg)) => smime_cmd::smime(c, &cfg),
         (Command::Backup(a), Ok(cfg)) => backup_cmd::backup(a, &cfg),
         (Command::Restore(a), Ok(cfg)) => backup_cmd::restore(a, &cfg),
     };
@@ -217,5 +223,6 @@ fn creates_database(command: &Command) -> bool {
             | Command::List(lists::ListCommand::Add { .. } | lists::ListCommand::ImportLegacy { .. })
             | Command::Filter(filter_cmd::FilterCommand::Add(_))
             | Command::Dkim(dkim_cmd::DkimCommand::Keygen { .. })
+            | Command::Smime(smime_cmd::SmimeCommand::AddRecipient { .. })
     )
 }

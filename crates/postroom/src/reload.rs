@@ -72,6 +72,11 @@ pub const LIVE: &[&str] = &[
     "pop3.inactivity_timeout_secs",
     "pop3.max_sessions",
     "pop3.max_sessions_per_ip",
+    // O5: not the listen addresses, which wait for a restart as every listener's do.
+    "ldap.anonymous_networks",
+    "ldap.size_limit",
+    "ldap.max_sessions",
+    "ldap.inactivity_timeout_secs",
     "relay.*",
     "delivery.mail_router",
     "delivery.remote_port",

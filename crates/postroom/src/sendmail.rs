@@ -255,6 +255,15 @@ pub struct SendArgs {
     /// An HTML alternative of the text body (read from FILE).
     #[arg(long, value_name = "FILE")]
     html: Option<PathBuf>,
+    /// S/MIME-sign (F8): multipart/signed, SHA-256, with the certificate and key `postroom smime
+    /// import` kept for the user who owns the From address.
+    #[arg(long)]
+    sign: bool,
+    /// S/MIME-encrypt (F8) for every recipient and the sender (the sent copy stays readable); a
+    /// recipient without a certificate (`postroom smime add-recipient`) stops the send. With
+    /// --sign: signed, then encrypted.
+    #[arg(long)]
+    encrypt: bool,
 }
 
 /// Build the message with mail-builder; the text body comes from standard input. Unlike
@@ -290,6 +299,14 @@ fn compose_and_submit(args: SendArgs, config: &Config) -> u8 {
     let from = qualify(&args.from, &domain);
     let to: Vec<String> = args.to.iter().map(|t| qualify(t, &domain)).collect();
     let message = compose(&config.hostname, &from, &to, &args.subject, &text, html.as_deref(), &attachments);
+    // Issue 18: an S/MIME failure sends nothing, rather than the message in plain text.
+    let message = match crate::smime_cmd::protect(config, &from, &to, &message, args.sign, args.encrypt) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("postroom: message not sent: {}", crate::out::chain(&e));
+            return EX_DATAERR;
+        }
+    };
     submit(config, &from, &to, &message)
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use directory::penalty::{LoginLimits, PenaltyBox};
 use directory::{LocalDomains, PasswordPool};
+use ldap_server::{LdapServer, LdapSettings};
 use mail_framework::heartbeat::Heartbeat;
 use mail_framework::outbound::Schedule;
 use mail_framework::storage::StorageGuard;
@@ -80,6 +81,7 @@ fn session_capacity(config: &Config) -> u64 {
         (!smtp.submission_listen.is_empty() || !smtp.tls_listen.is_empty(), smtp.submission_max_sessions),
         (true, smtp.local_max_sessions),
         (pop3_runs, pop3.max_sessions),
+        (!config.ldap.listen.is_empty() || !config.ldap.tls_listen.is_empty(), config.ldap.max_sessions),
     ];
     pools.into_iter().filter(|(runs, _)| *runs).fold(0u64, |sum, (_, n)| sum.saturating_add(n as u64))
 }
@@ -181,7 +183,8 @@ async fn run(config: Config, source: crate::reload::Source) -> anyhow::Result<()
         verifier,
     };
     let smtp = SmtpServer::new(smtp_settings(&config), services);
-    let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords.clone(), tls.clone(), penalty, shutdown.clone());
+    let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords.clone(), tls.clone(), penalty.clone(), shutdown.clone());
+    let ldap = LdapServer::new(ldap_settings(&config), store.clone(), passwords.clone(), tls.clone(), penalty, shutdown.clone());
 
     let mut bound = Vec::new();
     let smtp_listeners = [
@@ -207,6 +210,16 @@ async fn run(config: Config, source: crate::reload::Source) -> anyhow::Result<()
             let listener = listen(*addr).with_context(|| format!("{key}: cannot listen on {addr}"))?;
             bound.push(format!("{name} {}", listener.local_addr()?));
             tokio::spawn(pop3.clone().serve(listener, implicit_tls));
+        }
+    }
+    // O5: the address book, LDAP with StartTLS and LDAPS; one session pool for both.
+    for (name, key, addrs, implicit_tls) in
+        [("ldap", "ldap.listen", &config.ldap.listen, false), ("ldaps", "ldap.tls_listen", &config.ldap.tls_listen, true)]
+    {
+        for addr in addrs {
+            let listener = listen(*addr).with_context(|| format!("{key}: cannot listen on {addr}"))?;
+            bound.push(format!("{name} {}", listener.local_addr()?));
+            tokio::spawn(ldap.clone().serve(listener, implicit_tls));
         }
     }
     // `[metrics] listen`: GET /metrics for Prometheus.
@@ -247,7 +260,17 @@ async fn run(config: Config, source: crate::reload::Source) -> anyhow::Result<()
     // O6: every listener is bound; a service manager waiting for us (Type=notify) may go on.
     crate::reload::notify("READY=1\nSTATUS=ready");
 
-    let mut live = Live { source, running: config.clone(), smtp: smtp.clone(), pop3: pop3.clone(), framework, outbound: outbound.clone(), tls, own };
+    let mut live = Live {
+        source,
+        running: config.clone(),
+        smtp: smtp.clone(),
+        pop3: pop3.clone(),
+        ldap: ldap.clone(),
+        framework,
+        outbound: outbound.clone(),
+        tls,
+        own,
+    };
     while signals.next().await == Signal::Reload {
         live.reload().await;
     }
@@ -263,7 +286,7 @@ async fn run(config: Config, source: crate::reload::Source) -> anyhow::Result<()
     tokio::pin!(grace);
     let mut at_once = false;
     loop {
-        let open = smtp.active_sessions() + pop3.active_sessions();
+        let open = smtp.active_sessions() + pop3.active_sessions() + ldap.active_sessions();
         if open == 0 {
             break;
         }
@@ -581,6 +604,8 @@ fn outbound_settings(c: &Config, own_addresses: Vec<SocketAddr>, reports: mail_f
         },
         max_connections: d.max_connections,
         max_connections_per_domain: d.max_connections_per_domain,
+        connection_reuse_idle: std::time::Duration::from_secs(d.connection_reuse_secs),
+        connection_reuse_limit: d.connection_reuse_limit,
         reports,
         // Bounces and forwarded mail are signed by the domain local senders use, else the first.
         dkim_domains: std::iter::once(c.local_sender_domain()).chain(c.domains.iter().cloned()).collect(),
@@ -693,6 +718,19 @@ fn pop3_settings(c: &Config) -> Pop3Settings {
     }
 }
 
+/// `[ldap]` (O5). Networks were checked by `validate`; the base DN comes from the first domain.
+fn ldap_settings(c: &Config) -> LdapSettings {
+    let l = &c.ldap;
+    LdapSettings {
+        domain: c.domains.first().cloned().unwrap_or_else(|| c.hostname.clone()),
+        anonymous_networks: l.anonymous_networks.iter().filter_map(|n| postroom::config::parse_network(n)).collect(),
+        size_limit: l.size_limit,
+        max_sessions: l.max_sessions,
+        inactivity_timeout: Duration::from_secs(l.inactivity_timeout_secs),
+        tls_handshake_timeout: Duration::from_secs(c.tls.handshake_timeout_secs),
+    }
+}
+
 /// Written atomically (a new temp file, never through a link, then rename), 0600, so a reader
 /// never sees half of it (D4).
 fn write_listening(config: &Config, lines: &[String]) -> anyhow::Result<()> {
@@ -742,6 +780,7 @@ struct Live {
     running: Config,
     smtp: SmtpServer,
     pop3: Pop3Server,
+    ldap: LdapServer,
     framework: Framework,
     outbound: OutboundQueue,
     tls: Option<ServerTls>,
@@ -774,6 +813,7 @@ impl Live {
         let c = &reload.effective;
         self.smtp.update_settings(smtp_settings(c));
         self.pop3.update_settings(pop3_settings(c));
+        self.ldap.update_settings(ldap_settings(c));
         self.framework.replace_snapins(snapin_chain(c));
         self.outbound.update_settings(outbound_settings(c, self.own.clone(), report_settings(c)));
         if let (Some(running), Some(new)) = (&self.tls, &tls) {

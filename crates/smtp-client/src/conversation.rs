@@ -263,6 +263,8 @@ pub async fn deliver_plaintext<B: BodySource>(
     attempt(settings, host, addr, envelope, body, false).await
 }
 
+/// One message over a connection of its own: [`prepare`], [`Connection::open`],
+/// [`Connection::send`], [`Connection::close`].
 async fn attempt<B: BodySource>(
     settings: &ClientSettings,
     host: &str,
@@ -271,44 +273,179 @@ async fn attempt<B: BodySource>(
     body: &mut B,
     starttls: bool,
 ) -> Result<Vec<RcptOutcome>, SessionError> {
-    check_line("HELO name", &settings.helo_name)?;
-    check_line("sender", envelope.mail_from)?;
-    for r in envelope.recipients {
-        check_line("recipient", r)?;
-    }
+    check_envelope(settings, envelope)?;
     if envelope.recipients.is_empty() {
         return Ok(Vec::new());
     }
     if settings.credentials.is_some() && !starttls {
         return Err(SessionError::TlsRequired("credentials are sent only over verified TLS, never in plaintext".into()));
     }
-    // Read once before connecting: what must be converted for a server with or without
-    // 8BITMIME, and whether it can be (crate::encode).
-    let plan = crate::encode::scan(body).await.map_err(|e| SessionError::Io(io::Error::new(e.kind(), format!("reading the message body: {e}"))))?;
+    let prepared = prepare(body, settings.dkim.clone()).await?;
+    let mut connection = Connection::open(settings, host, addr, starttls).await?;
+    let result = connection.send(envelope, body, &prepared).await;
+    connection.close().await;
+    result
+}
+
+/// Refuse an envelope (or HELO name) with text that would break the command line it goes into,
+/// before anything is sent.
+pub fn check_envelope(settings: &ClientSettings, envelope: &Envelope<'_>) -> Result<(), SessionError> {
+    check_line("HELO name", &settings.helo_name)?;
+    check_line("sender", envelope.mail_from)?;
+    for r in envelope.recipients {
+        check_line("recipient", r)?;
+    }
+    Ok(())
+}
+
+/// One message made ready to send: read once before it goes anywhere, to plan its conversion
+/// for a server with or without 8BITMIME ([`crate::encode`]) and to hash it for its DKIM
+/// signature ([`crate::dkim`]). The body is rewound afterwards.
+pub struct Prepared {
+    plan: crate::encode::Plan,
+    dkim: Option<crate::dkim::Prepared>,
+}
+
+/// Read the body to make it [`Prepared`]; `dkim`: the keys that sign it, if any.
+pub async fn prepare<B: BodySource>(body: &mut B, dkim: Option<Arc<sender_auth::sign::KeyRing>>) -> Result<Prepared, SessionError> {
+    let reading = |e: io::Error| SessionError::Io(io::Error::new(e.kind(), format!("reading the message body: {e}")));
+    let plan = crate::encode::scan(body).await.map_err(reading)?;
     // Hashed as it will be sent, before connecting; signed when DATA starts (crate::dkim).
-    let dkim = match settings.dkim.clone() {
-        Some(ring) => crate::dkim::prepare(body, &plan, ring)
-            .await
-            .map_err(|e| SessionError::Io(io::Error::new(e.kind(), format!("reading the message body: {e}"))))?,
+    let dkim = match dkim {
+        Some(ring) => crate::dkim::prepare(body, &plan, ring).await.map_err(reading)?,
         None => None,
     };
-    let tcp = connect(settings, addr).await?;
-    tracing::debug!(host, %addr, "connected");
-    let mut session = Session { settings, host, addr, transport: Transport::Plain(tcp), buf: Vec::new(), plan, dkim };
-    let result = session.run(envelope, body, starttls).await;
-    match &result {
-        // The server is waiting for a command: say goodbye. After a broken connection, a
-        // timeout, a protocol error or a body that broke off mid-DATA, just close.
-        Ok(_) | Err(SessionError::Rejected { .. } | SessionError::TlsRequired(_) | SessionError::Auth(_) | SessionError::Unconvertible(_)) => {
-            session.quit().await
+    Ok(Prepared { plan, dkim })
+}
+
+/// An open SMTP connection to one host, past EHLO, STARTTLS and AUTH, ready for mail
+/// transactions — one message after another with RSET between them (issue 17: outbound
+/// connection reuse, as Postfix's connection cache does). A connection whose last exchange
+/// broke at the protocol level (421, a timeout, a broken pipe, a reply out of step) is not
+/// [`Connection::reusable`].
+pub struct Connection {
+    session: Session,
+    /// Transactions started on it.
+    messages: usize,
+    opened: std::time::Instant,
+}
+
+impl Connection {
+    /// Connect to `addr`, read the greeting, EHLO (HELO when EHLO is refused), STARTTLS when
+    /// `starttls` and offered (always for a host with credentials, C5), AUTH for a host with
+    /// credentials.
+    pub async fn open(settings: &ClientSettings, host: &str, addr: SocketAddr, starttls: bool) -> Result<Connection, SessionError> {
+        check_line("HELO name", &settings.helo_name)?;
+        if settings.credentials.is_some() && !starttls {
+            return Err(SessionError::TlsRequired("credentials are sent only over verified TLS, never in plaintext".into()));
         }
-        Err(_) => {}
+        let tcp = connect(settings, addr).await?;
+        tracing::debug!(host, %addr, "connected");
+        let mut session = Session {
+            settings: settings.clone(),
+            host: host.into(),
+            addr,
+            transport: Transport::Plain(tcp),
+            buf: Vec::new(),
+            caps: Capabilities::default(),
+            broken: false,
+            dot_sent: false,
+        };
+        match session.open(starttls).await {
+            Ok(()) => Ok(Connection { session, messages: 0, opened: std::time::Instant::now() }),
+            Err(e) => {
+                tracing::debug!(host, %addr, error = %e, "connection failed before mail");
+                // The server is waiting for a command: say goodbye. After a broken connection, a
+                // timeout or a protocol error, just close.
+                if matches!(e, SessionError::Rejected { .. } | SessionError::TlsRequired(_) | SessionError::Auth(_)) {
+                    session.quit().await;
+                }
+                Err(e)
+            }
+        }
     }
-    match &result {
-        Ok(outcomes) => tracing::debug!(host, %addr, ?outcomes, "attempt finished"),
-        Err(e) => tracing::debug!(host, %addr, error = %e, "attempt failed"),
+
+    /// One mail transaction: MAIL FROM, RCPT TO for every recipient (pipelined with MAIL and
+    /// DATA when the server offers PIPELINING), DATA with the body streamed from `body` as
+    /// `prepared` says. The outcomes are in the order of `envelope.recipients`. The caller sends
+    /// [`Connection::reset`] before a second one.
+    pub async fn send<B: BodySource>(
+        &mut self,
+        envelope: &Envelope<'_>,
+        body: &mut B,
+        prepared: &Prepared,
+    ) -> Result<Vec<RcptOutcome>, SessionError> {
+        check_envelope(&self.session.settings, envelope)?;
+        if envelope.recipients.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.messages += 1;
+        self.session.dot_sent = false;
+        let result = self.session.message(envelope, body, prepared).await;
+        if matches!(result, Err(SessionError::Io(_) | SessionError::Timeout(_) | SessionError::Protocol(_))) {
+            // Whatever state the server is in now, it is not one to start a transaction from.
+            self.session.broken = true;
+        }
+        let (host, addr) = (&self.session.host, self.session.addr);
+        match &result {
+            Ok(outcomes) => tracing::debug!(host = %host, %addr, ?outcomes, "transaction finished"),
+            Err(e) => tracing::debug!(host = %host, %addr, error = %e, "transaction failed"),
+        }
+        result
     }
-    result
+
+    /// RSET before the next transaction on this connection: true when the server said 250 to
+    /// it. A server that closed the idle connection meanwhile fails here, before anything of
+    /// the next message was sent.
+    pub async fn reset(&mut self) -> bool {
+        if self.session.broken {
+            return false;
+        }
+        let t = self.session.settings.timeouts.mail;
+        match self.session.command("RSET", t, "RSET\r\n").await {
+            Ok(reply) if reply.code / 100 == 2 => true,
+            _ => {
+                self.session.broken = true;
+                false
+            }
+        }
+    }
+
+    /// Another transaction may follow the last one.
+    pub fn reusable(&self) -> bool {
+        !self.session.broken
+    }
+
+    /// The last [`Connection::send`] got as far as the final dot: when it failed after that, the
+    /// server may have taken the message (RFC 1047), so it must not go again at once.
+    pub fn dot_sent(&self) -> bool {
+        self.session.dot_sent
+    }
+
+    /// Transactions started on this connection.
+    pub fn messages(&self) -> usize {
+        self.messages
+    }
+
+    /// How long it has been open.
+    pub fn age(&self) -> Duration {
+        self.opened.elapsed()
+    }
+
+    pub fn host(&self) -> &str {
+        &self.session.host
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.session.addr
+    }
+
+    /// QUIT (its reply ignored) and close; a broken connection is just closed.
+    pub async fn close(mut self) {
+        if !self.session.broken {
+            self.session.quit().await;
+        }
+    }
 }
 
 /// Refuse text that would break the command line it goes into.
@@ -416,28 +553,32 @@ impl Transport {
     }
 }
 
-struct Session<'s> {
-    settings: &'s ClientSettings,
-    host: &'s str,
+struct Session {
+    settings: ClientSettings,
+    host: String,
     addr: SocketAddr,
     transport: Transport,
     /// Received bytes not yet parsed into replies.
     buf: Vec<u8>,
-    /// What the body needs before it goes to this server ([`crate::encode`]).
-    plan: crate::encode::Plan,
-    /// The body hashed for a DKIM signature, when a key signs it ([`crate::dkim`]).
-    dkim: Option<crate::dkim::Prepared>,
+    /// What the server offered in its last EHLO reply.
+    caps: Capabilities,
+    /// A write or read failed or timed out, or the server said 421: no further command.
+    broken: bool,
+    /// The current transaction's final dot was sent.
+    dot_sent: bool,
 }
 
-impl Session<'_> {
-    async fn run<B: BodySource>(&mut self, envelope: &Envelope<'_>, body: &mut B, starttls: bool) -> Result<Vec<RcptOutcome>, SessionError> {
+impl Session {
+    /// Greeting, EHLO, STARTTLS, AUTH: ready for MAIL FROM.
+    async fn open(&mut self, starttls: bool) -> Result<(), SessionError> {
         let t = self.settings.timeouts;
         let greeting = self.read_reply("greeting", t.greeting).await?;
         if greeting.code / 100 != 2 {
             return Err(SessionError::Rejected { stage: "greeting", reply: greeting });
         }
         let mut caps = self.hello().await?;
-        let credentials = self.settings.credentials.as_ref();
+        let credentials = self.settings.credentials.clone();
+        let credentials = credentials.as_ref();
         if credentials.is_some() && !caps.starttls {
             // C5: the password goes over verified TLS or not at all; mail waits.
             return Err(SessionError::TlsRequired(format!("{} offers no STARTTLS", self.host)));
@@ -452,20 +593,26 @@ impl Session<'_> {
                 return Err(SessionError::TlsRequired(format!("STARTTLS refused: {}", show(&reply))));
             } else {
                 // 454 and friends: carry on in plaintext (opportunistic TLS).
-                tracing::debug!(host = self.host, reply = %show(&reply), "STARTTLS refused; continuing without TLS");
+                tracing::debug!(host = %self.host, reply = %show(&reply), "STARTTLS refused; continuing without TLS");
             }
         }
         if let Some(c) = credentials {
             self.authenticate(&caps, &c.user, &c.password).await?;
         }
+        self.caps = caps;
+        Ok(())
+    }
+
+    /// One message's transaction on the open session.
+    async fn message<B: BodySource>(&mut self, envelope: &Envelope<'_>, body: &mut B, prepared: &Prepared) -> Result<Vec<RcptOutcome>, SessionError> {
         // RFC 6152 §3: 8-bit octets that cannot be converted do not go to a server that did not
         // ask for them; the attempt ends before MAIL FROM.
-        if !caps.eight_bit_mime
-            && let Some(why) = self.plan.unconvertible()
+        if !self.caps.eight_bit_mime
+            && let Some(why) = prepared.plan.unconvertible()
         {
             return Err(SessionError::Unconvertible(format!("8BITMIME not offered, and the message cannot be made 7-bit: {why}")));
         }
-        self.transaction(envelope, body, caps).await
+        self.transaction(envelope, body, prepared).await
     }
 
     /// EHLO, or HELO when EHLO is refused (RFC 5321 §3.2).
@@ -516,7 +663,7 @@ impl Session<'_> {
         if !self.buf.is_empty() {
             // Bytes sent before the handshake could be injected by anyone on the path
             // (CVE-2011-0411 pattern); they must not be read as replies after it.
-            tracing::warn!(host = self.host, bytes = self.buf.len(), "discarding data received after 220 to STARTTLS");
+            tracing::warn!(host = %self.host, bytes = self.buf.len(), "discarding data received after 220 to STARTTLS");
             self.buf.clear();
         }
         let Transport::Plain(tcp) = std::mem::replace(&mut self.transport, Transport::Closed) else {
@@ -528,18 +675,22 @@ impl Session<'_> {
             None => insecure_client_config(),
         };
         let connector = TlsConnector::from(config);
-        let name = server_name(self.host, self.addr.ip());
+        let name = server_name(&self.host, self.addr.ip());
         match timeout(self.settings.connect_timeout, connector.connect(name, tcp)).await {
-            Err(_) => Err(SessionError::Tls("handshake timed out".into())),
+            Err(_) => {
+                self.broken = true;
+                Err(SessionError::Tls("handshake timed out".into()))
+            }
             Ok(Err(e)) => {
+                self.broken = true;
                 if self.settings.credentials.is_some() {
-                    tracing::warn!(host = self.host, addr = %self.addr, error = %e, "TLS to a host with credentials failed; credentials not sent");
+                    tracing::warn!(host = %self.host, addr = %self.addr, error = %e, "TLS to a host with credentials failed; credentials not sent");
                 }
                 Err(SessionError::Tls(e.to_string()))
             }
             Ok(Ok(tls)) => {
                 let (_, conn) = tls.get_ref();
-                tracing::debug!(host = self.host, version = ?conn.protocol_version(), suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()), "TLS established");
+                tracing::debug!(host = %self.host, version = ?conn.protocol_version(), suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()), "TLS established");
                 self.transport = Transport::Tls(Box::new(tls));
                 Ok(())
             }
@@ -550,9 +701,9 @@ impl Session<'_> {
         &mut self,
         envelope: &Envelope<'_>,
         body: &mut B,
-        caps: Capabilities,
+        prepared: &Prepared,
     ) -> Result<Vec<RcptOutcome>, SessionError> {
-        let t = self.settings.timeouts;
+        let (t, caps) = (self.settings.timeouts, self.caps);
         let mut mail = format!("MAIL FROM:<{}>", envelope.mail_from);
         if caps.size {
             let _ = write!(mail, " SIZE={}", envelope.size);
@@ -582,7 +733,7 @@ impl Session<'_> {
             let _ = write!(mail, " AUTH={}", auth_param_value(submitter));
         }
         mail.push_str("\r\n");
-        let host = self.host;
+        let host = self.host.clone();
         let rcpt_params = |i: usize| -> String {
             let Some((notify, orcpt)) = dsn.and_then(|d| d.recipients.get(i)) else { return String::new() };
             let mut p = String::new();
@@ -609,7 +760,7 @@ impl Session<'_> {
             let mut batch = mail;
             envelope.recipients.iter().enumerate().for_each(|(i, r)| batch.push_str(&rcpt(i, r)));
             batch.push_str("DATA\r\n");
-            tracing::debug!(host = self.host, commands = envelope.recipients.len() + 2, "sending pipelined MAIL, RCPT, DATA");
+            tracing::debug!(host = %self.host, commands = envelope.recipients.len() + 2, "sending pipelined MAIL, RCPT, DATA");
             self.send("MAIL", t.mail, batch.as_bytes()).await?;
             let mail_reply = self.read_reply("MAIL", t.mail).await?;
             if mail_reply.code / 100 != 2 {
@@ -647,9 +798,10 @@ impl Session<'_> {
             _ => return Err(SessionError::Protocol(format!("unexpected reply to DATA: {}", show(&data_reply)))),
         }
 
-        self.send_body(body, !caps.eight_bit_mime, envelope.mail_from).await?;
+        self.send_body(body, prepared, !caps.eight_bit_mime, envelope.mail_from).await?;
+        self.dot_sent = true;
         let end = self.read_reply("DATA end", t.data_term).await?;
-        tracing::debug!(host = self.host, reply = %show(&end), "reply to end of data");
+        tracing::debug!(host = %self.host, reply = %show(&end), "reply to end of data");
         for outcome in outcomes.iter_mut().filter(|o| **o == RcptOutcome::Accepted) {
             *outcome = match end.code / 100 {
                 2 => RcptOutcome::Accepted,
@@ -682,27 +834,40 @@ impl Session<'_> {
     /// The DKIM-Signature fields, if any, then the body, CRLF-normalised, converted as the plan
     /// says for a server with or without 8BITMIME (`seven_bit`), dot-stuffed, then the
     /// terminating `.` line.
-    async fn send_body<B: BodySource>(&mut self, body: &mut B, seven_bit: bool, envelope_sender: &str) -> Result<(), SessionError> {
+    async fn send_body<B: BodySource>(
+        &mut self,
+        body: &mut B,
+        prepared: &Prepared,
+        seven_bit: bool,
+        envelope_sender: &str,
+    ) -> Result<(), SessionError> {
         let block_timeout = self.settings.timeouts.data_block;
         let mut endings = BareEndings::default();
-        let mut converter = crate::encode::Converter::new(&self.plan, seven_bit);
+        let mut converter = crate::encode::Converter::new(&prepared.plan, seven_bit);
         if converter.converts() {
-            tracing::debug!(host = self.host, seven_bit, "converting the message for this server");
+            tracing::debug!(host = %self.host, seven_bit, "converting the message for this server");
         }
         let mut stuffer = DotStuffer::default();
         let mut normalised = Vec::new();
         let mut converted = Vec::new();
         let mut out = Vec::new();
-        if let Some(dkim) = &self.dkim {
+        if let Some(dkim) = &prepared.dkim {
             // Signed after every change we make (conversion included), put in front of it all.
-            stuffer.stuff(&dkim.fields(seven_bit, envelope_sender, self.host), &mut out);
+            stuffer.stuff(&dkim.fields(seven_bit, envelope_sender, &self.host), &mut out);
         }
         loop {
             let chunk = body.next_chunk().await.map_err(|e| {
                 // Dropping the connection without the final dot makes the server discard the
                 // partial message.
                 SessionError::Io(io::Error::new(e.kind(), format!("reading the message body: {e}")))
-            })?;
+            });
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e);
+                }
+            };
             let Some(chunk) = chunk else { break };
             normalised.clear();
             endings.feed(&chunk, &mut normalised);
@@ -726,42 +891,51 @@ impl Session<'_> {
 
     /// Send one command line and read its reply.
     async fn command(&mut self, stage: &'static str, limit: Duration, line: &str) -> Result<Reply, SessionError> {
-        tracing::debug!(host = self.host, command = line.trim_end(), "sending");
+        tracing::debug!(host = %self.host, command = line.trim_end(), "sending");
         self.send(stage, limit, line.as_bytes()).await?;
         let reply = self.read_reply(stage, limit).await?;
-        tracing::debug!(host = self.host, reply = %show(&reply), "received");
+        tracing::debug!(host = %self.host, reply = %show(&reply), "received");
         Ok(reply)
     }
 
     async fn send(&mut self, stage: &'static str, limit: Duration, data: &[u8]) -> Result<(), SessionError> {
-        match timeout(limit, self.transport.write_all(data)).await {
+        let result = match timeout(limit, self.transport.write_all(data)).await {
             Err(_) => Err(SessionError::Timeout(stage)),
             Ok(Err(e)) => Err(SessionError::Io(e)),
             Ok(Ok(())) => Ok(()),
-        }
+        };
+        self.broken |= result.is_err();
+        result
     }
 
-    /// One complete reply within `limit`.
+    /// One complete reply within `limit`. A 421 (the server is closing, RFC 5321 §3.8) or no
+    /// complete reply leaves the session broken.
     async fn read_reply(&mut self, stage: &'static str, limit: Duration) -> Result<Reply, SessionError> {
-        let host = self.host;
-        let read = async {
-            loop {
-                match parse_reply(&self.buf) {
-                    Ok(Some((reply, used))) => {
-                        self.buf.drain(..used);
-                        return Ok(reply);
-                    }
-                    Ok(None) => {}
-                    Err(e) => return Err(SessionError::Protocol(format!("bad reply from {host} at {stage}: {e}"))),
+        let result = self.read_reply_within(stage, limit).await;
+        self.broken |= !matches!(&result, Ok(reply) if reply.code != 421);
+        result
+    }
+
+    async fn read_reply_within(&mut self, stage: &'static str, limit: Duration) -> Result<Reply, SessionError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match parse_reply(&self.buf) {
+                Ok(Some((reply, used))) => {
+                    self.buf.drain(..used);
+                    return Ok(reply);
                 }
-                let n = self.transport.read_into(&mut self.buf).await.map_err(SessionError::Io)?;
-                if n == 0 {
-                    let why = format!("{host} closed the connection at {stage}");
-                    return Err(SessionError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, why)));
-                }
+                Ok(None) => {}
+                Err(e) => return Err(SessionError::Protocol(format!("bad reply from {} at {stage}: {e}", self.host))),
             }
-        };
-        timeout(limit, read).await.map_err(|_| SessionError::Timeout(stage))?
+            let n = tokio::time::timeout_at(deadline, self.transport.read_into(&mut self.buf))
+                .await
+                .map_err(|_| SessionError::Timeout(stage))?
+                .map_err(SessionError::Io)?;
+            if n == 0 {
+                let why = format!("{} closed the connection at {stage}", self.host);
+                return Err(SessionError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, why)));
+            }
+        }
     }
 
     /// QUIT, its reply ignored, then close (with close_notify under TLS).

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use dns::{AddressAnswer, Dns, MxAnswer};
 
 /// One host to try, with its addresses.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Host {
     pub name: String,
     pub addrs: Vec<SocketAddr>,

@@ -16,6 +16,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0009_auth_sender_remote_mta.sql"),
     include_str!("../../../migrations/0010_dkim_keys.sql"),
     include_str!("../../../migrations/0011_forward_due_index.sql"),
+    include_str!("../../../migrations/0012_smime.sql"),
+    include_str!("../../../migrations/0013_user_display_name.sql"),
 ];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {

@@ -70,10 +70,12 @@ pub fn claim(c: &Connection, now: i64, limit: usize, lease_secs: i64) -> Result<
     let attempt: i64 = c
         .prepare_cached("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'attempt_seq' RETURNING CAST(value AS INTEGER)")?
         .query_row([], |r| r.get(0))?;
+    // Only the due rows are read (the partial index of migration 0011), however many wait for
+    // later: a deep queue of deferred mail costs nothing here.
     let due: Vec<Due> = {
         let mut stmt = c.prepare_cached(&format!(
-            "SELECT {DUE_COLUMNS} FROM recipients r JOIN messages m ON m.id = r.message_id
-              WHERE r.state = 'forward' AND r.held = 0 AND (r.next_attempt IS NULL OR r.next_attempt <= ?1)
+            "SELECT {DUE_COLUMNS} FROM recipients r INDEXED BY recipients_forward_due JOIN messages m ON m.id = r.message_id
+              WHERE r.state = 'forward' AND r.held = 0 AND coalesce(r.next_attempt, 0) <= ?1
               ORDER BY r.message_id, r.id LIMIT ?2"
         ))?;
         stmt.query_map(params![now, limit as i64], due_row)?.collect::<rusqlite::Result<_>>()?
@@ -88,6 +90,22 @@ pub fn claim(c: &Connection, now: i64, limit: usize, lease_secs: i64) -> Result<
         }
     }
     Ok((attempt, claimed))
+}
+
+/// Extend the claim of attempt `attempt_id` on these recipients to `until` (issue 17: a message
+/// that waited for a reused connection is about to be sent). Returns the ids the attempt still
+/// holds; a recipient deleted meanwhile, or whose claim ran out and went to another attempt, is
+/// not among them and must not be sent.
+pub fn renew_claim(c: &Connection, attempt_id: i64, recipient_ids: &[i64], until: i64) -> Result<Vec<i64>, StoreError> {
+    let mut renew =
+        c.prepare_cached("UPDATE recipients SET lease_until = ?3 WHERE id = ?1 AND state = 'attempt' AND attempt_id = ?2 RETURNING id")?;
+    let mut held = Vec::with_capacity(recipient_ids.len());
+    for id in recipient_ids {
+        if let Some(id) = renew.query_row(params![id, attempt_id, until], |r| r.get(0)).optional()? {
+            held.push(id);
+        }
+    }
+    Ok(held)
 }
 
 /// At start-up no attempt runs: every claim left by the previous process is released.
@@ -192,6 +210,6 @@ mod tests {
             })
             .unwrap();
         assert_eq!(plan, ["SEARCH recipients USING INDEX recipients_forward_due"], "{plan:?}");
-        assert_eq!(store.read_blocking(|c| Ok(next_due(c)?)).unwrap(), None);
+        assert_eq!(store.read_blocking(next_due).unwrap(), None);
     }
 }
