@@ -29,7 +29,7 @@ unit:
 
 # Python test clients (pytest, xdist, timeout) from PyPI.
 deps:
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PYTHON) -m pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
 
 e2e: build deps
 	$(PYTHON) -m pytest -n auto tests/e2e

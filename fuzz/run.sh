@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 FUZZ_TIMEOUT=${FUZZ_TIMEOUT:-10}
 FUZZ_RSS_MB=${FUZZ_RSS_MB:-2048}
-ALL_TARGETS=(smtp_command address data_reader reply_parser sasl pop3_session smtp_session mime_scan config)
+ALL_TARGETS=(smtp_command address data_reader chunk reply_parser sasl pop3_session smtp_session mime_scan config)
 TARGETS=("$@")
 [ ${#TARGETS[@]} -eq 0 ] && TARGETS=("${ALL_TARGETS[@]}")
 
@@ -40,7 +40,7 @@ max_len() {
 
 dict() {
     case $1 in
-        smtp_command | address | smtp_session | data_reader) echo fuzz/dicts/smtp.dict ;;
+        smtp_command | address | smtp_session | data_reader | chunk) echo fuzz/dicts/smtp.dict ;;
         pop3_session) echo fuzz/dicts/pop3.dict ;;
         mime_scan) echo fuzz/dicts/mime.dict ;;
         config) echo fuzz/dicts/toml.dict ;;

@@ -143,6 +143,7 @@ fuzz_target!(|data: &[u8]| {
         allow_plaintext_auth: flags & 0x20 != 0,
         require_auth: flags & 0x40 != 0,
         dsn: flags & 1 != 0,
+        etrn: flags & 2 != 0,
     };
     let mut session = Session::new(config, "192.0.2.7".into());
     let mut seen = Seen::default();

@@ -25,7 +25,9 @@ STARTTLS and then answers the handshake with garbage, so the client's TLS handsh
 
 Every transaction keeps the DATA bytes exactly as received on the wire (`raw_data`, still
 dot-stuffed, without the terminating ".\\r\\n") and un-stuffed (`message`); every connection keeps
-all the bytes the client sent (`raw`).
+all the bytes the client sent (`raw`). With "CHUNKING" in `caps` the peer also takes BDAT (RFC
+3030): `raw_data` and `message` are then the chunks' octets joined, `chunks` their sizes, and the
+reply to the LAST chunk is the DATA reply above.
 
 `start_peers(ips)` binds several peers on the same port number (Postroom's `remote_port` is one
 port for every MX host); the helpers at the end build a Postroom server wired to the peers and
@@ -119,6 +121,8 @@ class Transaction:
     mail_params: str
     rcpts: list[tuple[str, int]] = field(default_factory=list)   # (address, reply code)
     raw_data: bytes | None = None
+    # BDAT (RFC 3030): the size of each chunk received; empty when the message came by DATA.
+    chunks: list[int] = field(default_factory=list)
     data_reply: int | None = None
     mail_reply: int | None = None
     at: float = 0.0
@@ -136,7 +140,9 @@ class Transaction:
 
     @property
     def message(self) -> bytes | None:
-        return None if self.raw_data is None else unstuff(self.raw_data)
+        if self.raw_data is None:
+            return None
+        return self.raw_data if self.chunks else unstuff(self.raw_data)
 
 
 def _client_gone(sock) -> bool:
@@ -177,6 +183,20 @@ class _Wire:
         i = self.buf.index(b"\n") + 1
         line, self.buf = self.buf[:i], self.buf[i:]
         return line
+
+    def read_exact(self, n: int) -> bytes | None:
+        """Exactly n octets (a BDAT chunk), or None when the client goes away first."""
+        while len(self.buf) < n:
+            try:
+                chunk = self.sock.recv(65536)
+            except (OSError, ssl.SSLError):
+                return None
+            if not chunk:
+                return None
+            self.conn.raw += chunk
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
 
     def send(self, text: str) -> None:
         self.sock.sendall(text.encode() + b"\r\n")
@@ -449,23 +469,28 @@ class Peer:
                     chunks.append(dl)
                 with self.lock:
                     tx.raw_data = b"".join(chunks)
-                    tx.dot_at = time.monotonic()
-                    n = self._data_seen
-                    self._data_seen += 1
-                scripted = self.data_script(tx) if self.data_script is not None else None
-                delay = self.data_delay if scripted is None else scripted[0]
-                if delay:
-                    time.sleep(delay)
-                    if _client_gone(sock):
-                        return  # nobody to hear the reply: not a delivery
-                reply = _pick(self.data_reply, n) if scripted is None else scripted[1]
-                if reply == "DROP":  # the message arrived, but the connection dies before the reply
+                if not self._end_of_message(wire, sock, tx):
                     return
+                tx = None
+            elif verb == "BDAT" and "CHUNKING" in self.caps:
+                m = re.fullmatch(r"(\d+)(\s+LAST)?\s*", arg, re.I)
+                if not m:
+                    wire.send("501 5.5.4 BDAT size [LAST]")
+                    return  # the chunk's length is unknown
+                data = wire.read_exact(int(m.group(1)))
+                if data is None:
+                    return
+                if tx is None or not tx.accepted or (tx.raw_data is not None and not tx.chunks):
+                    wire.send("503 5.5.1 no valid recipients")
+                    continue
                 with self.lock:
-                    tx.data_reply = int(reply[:3])
-                wire.send(reply)
-                with self.lock:
-                    tx.replied_at = time.monotonic()
+                    tx.raw_data = (tx.raw_data or b"") + data
+                    tx.chunks.append(len(data))
+                if not m.group(2):
+                    wire.send(f"250 2.0.0 {len(data)} octets received")
+                    continue
+                if not self._end_of_message(wire, sock, tx):
+                    return
                 tx = None
             elif verb == "RSET":
                 tx = None
@@ -478,6 +503,29 @@ class Peer:
                     return
                 if not handled:
                     wire.send("502 5.5.2 not implemented")
+
+    def _end_of_message(self, wire: "_Wire", sock, tx: Transaction) -> bool:
+        """The message is in (the final dot, or the LAST chunk): reply as scripted. False when
+        the connection is to end without a reply."""
+        with self.lock:
+            tx.dot_at = time.monotonic()
+            n = self._data_seen
+            self._data_seen += 1
+        scripted = self.data_script(tx) if self.data_script is not None else None
+        delay = self.data_delay if scripted is None else scripted[0]
+        if delay:
+            time.sleep(delay)
+            if _client_gone(sock):
+                return False  # nobody to hear the reply: not a delivery
+        reply = _pick(self.data_reply, n) if scripted is None else scripted[1]
+        if reply == "DROP":  # the message arrived, but the connection dies before the reply
+            return False
+        with self.lock:
+            tx.data_reply = int(reply[:3])
+        wire.send(reply)
+        with self.lock:
+            tx.replied_at = time.monotonic()
+        return True
 
     def _mail_allowed(self, wire: "_Wire", conn: Connection) -> bool:
         """Hook: may MAIL proceed on this connection? (ExtPeer demands AUTH.)"""

@@ -368,3 +368,33 @@ def test_curl_retrieves_message(mailbox):
     r = _curl(srv, "1")
     assert r.returncode == 0, r.stderr
     assert strip_trace(r.stdout) == sent[0]
+
+
+def test_utf8_capability_and_command(sam):
+    """RFC 6856 (issue 20): CAPA lists UTF8, poplib's utf8() gets +OK before login, and an
+    ASCII user logs in after it. User names are ASCII in the directory, so there is no
+    `UTF8 USER` tag."""
+    send_mail(sam, ADDR, make_message("utf8 pop"))
+    wait_for_count(sam, NAME, PW, 1)
+    p = pop_connect(sam)
+    caps = p.capa()
+    assert "UTF8" in caps and caps["UTF8"] == [], caps
+    assert p.utf8().startswith(b"+OK"), "UTF8 refused"
+    p.user(NAME)
+    p.pass_(PW)
+    assert p.stat()[0] == 1
+    with pytest.raises(poplib.error_proto, match="not valid in this state"):
+        p.utf8()
+    p.quit()
+
+
+def test_utf8_user_name_gets_a_clean_err(sam):
+    """RFC 6856: after UTF8 a UTF-8 user name is taken, and fails like any unknown name."""
+    p = RawPop(sam.pop3)
+    assert p.cmd("UTF8").startswith(b"+OK")
+    p.send("USER jörg\r\n".encode())
+    assert p.read_line().startswith(b"+OK")
+    p.send("PASS pässwörd\r\n".encode())
+    assert p.read_line().startswith(b"-ERR [AUTH]")
+    assert p.cmd("QUIT").startswith(b"+OK")
+    p.close()

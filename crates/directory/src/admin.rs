@@ -28,6 +28,8 @@ pub struct UserInfo {
     pub forward_to: Option<String>,
     /// The forward also keeps a copy in the mailbox (D1).
     pub keep_copy: bool,
+    /// May log in to the web console (E6, issue 19).
+    pub admin: bool,
 }
 
 /// What removing an address, a user or an alias took with it (`--force`): alias targets and
@@ -106,6 +108,16 @@ impl Admin<'_> {
         self.write(move |c, _| {
             let n = c.execute("UPDATE users SET password_hash = ?2 WHERE name = ?1", params![name, password_hash])?;
             if n == 0 { Err(DirectoryError::NoSuchUser(name)) } else { Ok(()) }
+        })
+    }
+
+    /// May the user log in to the web console (E6, issue 19)? A removed user cannot be made one.
+    pub fn set_admin(&self, name: &str, admin: bool) -> Result<()> {
+        let name = name.to_string();
+        self.write(move |c, _| {
+            let id = live_user_id(c, &name)?;
+            c.execute("UPDATE users SET admin = ?2 WHERE id = ?1", params![id, admin])?;
+            Ok(())
         })
     }
 
@@ -488,7 +500,7 @@ fn user_id(c: &Connection, name: &str) -> Result<Option<i64>> {
 fn user_info(c: &Connection, name: &str) -> Result<UserInfo> {
     let row = c
         .query_row(
-            "SELECT id, name, enabled, removed, password_hash IS NOT NULL, quota_bytes, forward_to, keep_copy, display_name FROM users WHERE name = ?1",
+            "SELECT id, name, enabled, removed, password_hash IS NOT NULL, quota_bytes, forward_to, keep_copy, display_name, admin FROM users WHERE name = ?1",
             [name],
             |r| {
                 Ok(UserInfo {
@@ -501,6 +513,7 @@ fn user_info(c: &Connection, name: &str) -> Result<UserInfo> {
                     forward_to: r.get(6)?,
                     keep_copy: r.get(7)?,
                     display_name: r.get(8)?,
+                    admin: r.get(9)?,
                     addresses: Vec::new(),
                     preferred: None,
                     messages: 0,

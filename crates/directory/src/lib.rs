@@ -10,6 +10,7 @@ pub mod address_book;
 pub mod admin;
 pub mod deny_list;
 pub mod filters;
+pub mod greylist;
 pub mod mailbox;
 pub mod passwords;
 pub mod penalty;

@@ -21,22 +21,30 @@ pub enum LoginFor {
     Collect,
     /// SMTP AUTH: sending (and relaying) mail.
     Send,
+    /// The web console (E6): only an administrator who is not removed.
+    Administer,
 }
 
-/// Check a user name and password. Disabled, unknown and (for sending) removed users fail
-/// exactly like a wrong password, after the same argon2 work (A5: no user enumeration).
+/// Check a user name and password. Disabled, unknown, (for sending) removed and (for the console)
+/// non-administrator users fail exactly like a wrong password, after the same argon2 work (A5:
+/// no user enumeration).
 pub async fn authenticate(store: &Store, pool: &PasswordPool, name: &str, password: &str, purpose: LoginFor) -> Result<Option<LoginUser>> {
     let n = name.to_string();
-    let row: Option<(i64, String, Option<String>, bool, bool)> = store
+    let row: Option<(i64, String, Option<String>, bool, bool, bool)> = store
         .read(move |c| {
-            Ok(c.prepare_cached("SELECT id, name, password_hash, enabled, removed FROM users WHERE name = ?1")?
-                .query_row([n], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            Ok(c.prepare_cached("SELECT id, name, password_hash, enabled, removed, admin FROM users WHERE name = ?1")?
+                .query_row([n], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
                 .optional()?)
         })
         .await?;
     let (hash, user) = match row {
-        Some((id, name, hash, enabled, removed)) => {
-            let may = enabled && !(removed && purpose == LoginFor::Send);
+        Some((id, name, hash, enabled, removed, admin)) => {
+            let may = enabled
+                && match purpose {
+                    LoginFor::Collect => true,
+                    LoginFor::Send => !removed,
+                    LoginFor::Administer => admin && !removed,
+                };
             (hash, may.then_some(LoginUser { id, name }))
         }
         None => (None, None),

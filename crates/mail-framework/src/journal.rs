@@ -26,6 +26,10 @@ pub mod code {
     pub const SMTP_HACK_DENY: &str = "9D";
     /// SMTP server: the SPF, DKIM and DMARC verdicts on a message and what was done (E1).
     pub const SMTP_SENDER_AUTH: &str = "9A";
+    /// SMTP server: a recipient greylisted, 450 4.2.0 (9G), and a triplet's retry that passed
+    /// greylisting (9P) (issue 21).
+    pub const SMTP_GREYLISTED: &str = "9G";
+    pub const SMTP_GREYLIST_PASSED: &str = "9P";
     /// Address resolution tagged a recipient (P2).
     pub const RESOLVED: &str = "P2";
     /// Local delivery into a POP mailbox (B8).
@@ -68,6 +72,12 @@ pub mod code {
     pub const POP_DELETE: &str = "DD";
     /// LDAP address book (O5): a failed or throttled bind (A5), as POP3's DF.
     pub const LDAP_BIND_FAILED: &str = "LF";
+    /// Web console (E6, issue 19): an administrator logged in (WL), a login failed or was
+    /// throttled (WF), and a change an administrator made there (WC: `originator` is who,
+    /// `detail` what).
+    pub const CONSOLE_LOGIN: &str = "WL";
+    pub const CONSOLE_LOGIN_FAILED: &str = "WF";
+    pub const CONSOLE_CHANGE: &str = "WC";
 }
 
 /// One journal row; empty strings for facts that do not apply.
@@ -111,4 +121,63 @@ pub fn append(conn: &Connection, entry: &Entry<'_>) -> rusqlite::Result<()> {
 /// Remove up to `limit` rows older than `before` (unix seconds): the retention of F4.
 pub fn expire(conn: &Connection, before: i64, limit: usize) -> rusqlite::Result<usize> {
     conn.execute("DELETE FROM journal WHERE id IN (SELECT id FROM journal WHERE at < ?1 ORDER BY id LIMIT ?2)", params![before, limit as i64])
+}
+
+/// One stored journal row, as the web console's message trace shows it (E6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub id: i64,
+    pub at: i64,
+    pub code: String,
+    pub qid: String,
+    pub originator: String,
+    pub recipient: String,
+    pub size: Option<i64>,
+    pub ip: String,
+    pub detail: String,
+}
+
+const ROW_COLUMNS: &str = "id, at, code, qid, originator, recipient, size, ip, detail";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row {
+        id: r.get(0)?,
+        at: r.get(1)?,
+        code: r.get(2)?,
+        qid: r.get(3)?,
+        originator: r.get(4)?,
+        recipient: r.get(5)?,
+        size: r.get(6)?,
+        ip: r.get(7)?,
+        detail: r.get(8)?,
+    })
+}
+
+/// Rows between `from` and `until` (unix seconds) whose queue id is `text`, or whose sender or
+/// recipient contains it (case-insensitively; empty = every row); the newest `limit` first.
+pub fn search(conn: &Connection, text: &str, from: i64, until: i64, limit: usize) -> rusqlite::Result<Vec<Row>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {ROW_COLUMNS} FROM journal
+          WHERE at BETWEEN ?2 AND ?3
+            AND (?1 = '' OR qid = ?1 OR instr(lower(originator), lower(?1)) > 0 OR instr(lower(recipient), lower(?1)) > 0)
+          ORDER BY id DESC LIMIT ?4"
+    ))?;
+    let rows = stmt.query_map(params![text, from, until, limit as i64], row)?;
+    rows.collect()
+}
+
+/// Every row of one message (by queue id), oldest first: its whole story.
+pub fn of_message(conn: &Connection, qid: &str) -> rusqlite::Result<Vec<Row>> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM journal WHERE qid = ?1 ORDER BY id"))?;
+    let rows = stmt.query_map([qid], row)?;
+    rows.collect()
+}
+
+/// POP3 retrievals (DR) by `user` from `since` on: a retrieval names no message, so the trace
+/// of a message delivered to a mailbox shows the collections that followed its delivery.
+pub fn retrievals_by(conn: &Connection, user: &str, since: i64, limit: usize) -> rusqlite::Result<Vec<Row>> {
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM journal WHERE code = ?1 AND recipient = ?2 AND at >= ?3 ORDER BY id LIMIT ?4"))?;
+    let rows = stmt.query_map(params![code::POP_RETRIEVE, user, since, limit as i64], row)?;
+    rows.collect()
 }

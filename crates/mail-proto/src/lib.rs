@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod address;
+pub mod chunk;
 pub mod data;
 pub mod date;
 pub mod dot;
@@ -18,6 +19,7 @@ pub mod shown;
 pub mod smtp_command;
 
 pub use address::{Address, AddressError};
+pub use chunk::{Bdat, ChunkDecoder};
 pub use data::{DataDecoder, DataEvent, LineEndings, ReceivedCounter};
 pub use dot::DotStuffer;
 pub use reply::Reply;

@@ -28,6 +28,8 @@ pub enum Command {
         params: Vec<Param>,
     },
     Data,
+    /// RFC 3030 CHUNKING: `BDAT <size> [LAST]`; exactly `size` octets of message follow.
+    Bdat(crate::chunk::Bdat),
     Rset,
     Noop,
     Quit,
@@ -80,6 +82,7 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
             return Err(CommandError::Syntax("no parameters allowed"));
         }
         "DATA" => Command::Data,
+        "BDAT" => Command::Bdat(crate::chunk::parse_bdat(args).ok_or(CommandError::Syntax("BDAT chunk-size [LAST] expected"))?),
         "RSET" => Command::Rset,
         "QUIT" => Command::Quit,
         "STARTTLS" => Command::StartTls,
@@ -166,6 +169,8 @@ mod tests {
         assert!(parse(b"EHLO").is_err());
         assert_eq!(parse(b"data").unwrap(), Command::Data);
         assert!(parse(b"DATA now").is_err());
+        assert_eq!(parse(b"bdat 12 last").unwrap(), Command::Bdat(crate::chunk::Bdat { size: 12, last: true }));
+        assert!(parse(b"BDAT twelve").is_err());
         assert_eq!(parse(b"EXPN staff").unwrap(), Command::NotImplemented("EXPN".into()));
         assert_eq!(parse(b"FOO").unwrap(), Command::Unknown("FOO".into()));
         assert_eq!(parse(b"\xff\xfe").unwrap(), Command::Unknown("\u{fffd}\u{fffd}".into()));

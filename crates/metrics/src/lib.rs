@@ -63,6 +63,7 @@ pub struct Metrics {
     delivery_latency: Histogram,
     pop3_logins: Family<ByOutcome, Counter>,
     pop3_retrieved: Counter,
+    greylist: Family<ByOutcome, Counter>,
     queue_depth: Family<ByState, Gauge>,
     queue_oldest_age: Gauge,
     argon2_waiting: Gauge,
@@ -83,6 +84,7 @@ impl Metrics {
             delivery_latency: Histogram::new(LATENCY_BUCKETS),
             pop3_logins: Family::default(),
             pop3_retrieved: Counter::default(),
+            greylist: Family::default(),
             queue_depth: Family::default(),
             queue_oldest_age: Gauge::default(),
             argon2_waiting: Gauge::default(),
@@ -109,6 +111,11 @@ impl Metrics {
         );
         r.register("pop3_logins", "POP3 logins, by outcome (ok, failed)", m.pop3_logins.clone());
         r.register("pop3_retrieved", "Messages sent by POP3 RETR", m.pop3_retrieved.clone());
+        r.register(
+            "greylist",
+            "Greylisting decisions at RCPT on the MX listener, by outcome (new, early, passed, known, auto-allowed, exempt; issue 21)",
+            m.greylist.clone(),
+        );
         r.register(
             "queue_depth",
             "Recipients in the queue, by state (framework, delivery, attempt, held, bounce), read at scrape time",
@@ -226,6 +233,12 @@ pub fn refusal(stage: &'static str, spec: &'static str) {
     global().refusals.get_or_create(&ByRule { stage, rule: spec_id(&format!("({spec})")) }).inc();
 }
 
+/// Issue 21: one greylisting decision: "new", "early", "passed", "known", "auto-allowed" or
+/// "exempt".
+pub fn greylist(outcome: &'static str) {
+    global().greylist.get_or_create(&ByOutcome { outcome }).inc();
+}
+
 /// A message answered 250.
 pub fn message_received() {
     global().messages_received.inc();
@@ -301,6 +314,7 @@ mod tests {
             delivery("delivered", Some(3));
             pop3_login(true);
             pop3_retr();
+            greylist("new");
             global().set_queue_depth("delivery", 7);
             global().set_storage_free(1 << 40);
             let text = global().encode();
@@ -330,6 +344,7 @@ mod tests {
             "postroom_delivery_latency_seconds_bucket{le=\"5.0\"} 1",
             "postroom_pop3_logins_total{outcome=\"ok\"} 1",
             "postroom_pop3_retrieved_total 1",
+            "postroom_greylist_total{outcome=\"new\"} 1",
             "postroom_queue_depth{state=\"delivery\"} 7",
             "postroom_storage_free_bytes 1099511627776",
         ] {

@@ -7,6 +7,8 @@
 //! no I/O here.
 #![forbid(unsafe_code)]
 
+pub mod greylist;
+
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -180,6 +182,31 @@ pub enum Rule {
     DmarcTempError(String),
     /// E1: `[auth] dmarc = "record"`: verdicts go into the header only.
     DmarcRecordOnly(String),
+    /// Issue 21: `[greylist] enabled = false`.
+    GreylistOff,
+    /// Issue 21: a triplet not seen before (or forgotten): try again after `delay` seconds.
+    GreylistNew {
+        delay: i64,
+    },
+    /// Issue 21: a retry `waited` seconds after the first attempt, `wait` seconds too early.
+    GreylistEarly {
+        waited: i64,
+        wait: i64,
+    },
+    /// Issue 21: a retry after the delay; the client network may have become auto-allowed.
+    GreylistPassed {
+        waited: i64,
+        now_auto_allowed: bool,
+    },
+    /// Issue 21: a triplet that passed before (`passed` times).
+    GreylistKnown {
+        passed: u32,
+    },
+    /// Issue 21: a client network whose triplets passed `passed` times.
+    GreylistAutoAllowed {
+        network: String,
+        passed: u32,
+    },
 }
 
 impl fmt::Display for Rule {
@@ -241,6 +268,17 @@ impl fmt::Display for Rule {
             Rule::DmarcQuarantine(v) => write!(f, "DMARC p=quarantine: {v} (RFC 7489 §6.3, E1)"),
             Rule::DmarcTempError(v) => write!(f, "DMARC not evaluated, DNS failed: {v} (RFC 7489 §6.6.3, E1)"),
             Rule::DmarcRecordOnly(v) => write!(f, "{v}; recorded only ([auth] dmarc = record, E1)"),
+            Rule::GreylistOff => write!(f, "greylisting off ([greylist] enabled, issue 21)"),
+            Rule::GreylistNew { delay } => write!(f, "new triplet: greylisted for {delay} s (issue 21)"),
+            Rule::GreylistEarly { waited, wait } => write!(f, "retried after {waited} s, {wait} s early: still greylisted (issue 21)"),
+            Rule::GreylistPassed { waited, now_auto_allowed: false } => write!(f, "retried after {waited} s: greylisting passed (issue 21)"),
+            Rule::GreylistPassed { waited, now_auto_allowed: true } => {
+                write!(f, "retried after {waited} s: greylisting passed; the client network is auto-allowed from now on (issue 21)")
+            }
+            Rule::GreylistKnown { passed } => write!(f, "triplet passed greylisting before ({passed} times) (issue 21)"),
+            Rule::GreylistAutoAllowed { network, passed } => {
+                write!(f, "client network {network} auto-allowed after {passed} passed triplets (issue 21)")
+            }
         }
     }
 }
@@ -263,7 +301,7 @@ impl Decision {
 
     /// A refused recipient that was a relay attempt (journal 9V), rather than a local refusal.
     pub fn is_relay_refusal(&self) -> bool {
-        !self.allow && !matches!(self.rule, Rule::UnknownLocalUser | Rule::OverQuota(_))
+        !self.allow && !matches!(self.rule, Rule::UnknownLocalUser | Rule::OverQuota(_) | Rule::GreylistNew { .. } | Rule::GreylistEarly { .. })
     }
 
     /// The greeting for a refused connection (R4: 554; R9: the client is not told why).
@@ -346,6 +384,7 @@ impl Decision {
         Some(match self.rule {
             Rule::UnknownLocalUser => Reply::new(550, (1, 1), "Recipient address rejected: user unknown"),
             Rule::OverQuota(_) => Reply::new(452, (2, 2), "Mailbox full, try again later"),
+            Rule::GreylistNew { .. } | Rule::GreylistEarly { .. } => return self.greylist_reply(),
             Rule::RelayTrick(_) => Reply::new(550, (7, 1), "Relay access denied: routed addresses are not accepted"),
             // R3: IMail's wording.
             _ => Reply::new(550, (7, 1), "Relay access denied: unknown local host, not a gateway"),
@@ -543,13 +582,7 @@ impl SenderAuthPolicy {
         if !self.checks {
             return Some(Rule::SenderAuthOff);
         }
-        if let Some(user) = &c.authenticated {
-            return Some(Rule::Authenticated(user.clone()));
-        }
-        if let Some(e) = c.lists.relay_match(c.ip) {
-            return Some(Rule::RelayList(e.to_string()));
-        }
-        relay.pop_window(c).map(|login_at| Rule::PopBeforeSmtp { login_at, minutes: relay.pop_minutes })
+        relay.own_client(c)
     }
 
     /// At MAIL FROM, with the SPF result for its domain: refused only for `fail`, and only when
@@ -595,6 +628,19 @@ impl RelayPolicy {
             return Decision::refuse(Rule::EtrnNotDialUp(domain.to_string()));
         }
         Decision::allow(Rule::EtrnDialUp(domain.to_string()))
+    }
+
+    /// Is this one of the office's own clients, and by which rule: authenticated, on the relay
+    /// list, or a POP3 login within the window? Their mail is not judged as a stranger's (E1
+    /// checks, greylisting of issue 21).
+    pub fn own_client(&self, c: &ClientFacts) -> Option<Rule> {
+        if let Some(user) = &c.authenticated {
+            return Some(Rule::Authenticated(user.clone()));
+        }
+        if let Some(e) = c.lists.relay_match(c.ip) {
+            return Some(Rule::RelayList(e.to_string()));
+        }
+        self.pop_window(c).map(|login_at| Rule::PopBeforeSmtp { login_at, minutes: self.pop_minutes })
     }
 
     /// Is the client's POP3 login recent enough (R1 pop, R5)? Returns the login time.

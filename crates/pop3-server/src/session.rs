@@ -503,9 +503,22 @@ impl Session {
                 self.close(out);
             }
             b"CAPA" => self.cmd_capa(out),
+            b"UTF8" => self.cmd_utf8(rest, out),
             v if TRANSACTION_VERBS.contains(&v) => self.fail(CmdError::WrongState, out),
             _ => self.fail(CmdError::Unknown, out),
         }
+    }
+
+    /// RFC 6856 §2: the client will take UTF-8 in messages and replies. Postroom hands out
+    /// messages as they were received either way (it never downgrades), and passwords were
+    /// UTF-8 already; user names are ASCII in the directory, so the capability has no `USER`
+    /// tag and a UTF-8 name simply fails to log in like any unknown one. Names are compared
+    /// as given, without SASLprep/PRECIS normalisation: an ASCII name needs none.
+    fn cmd_utf8(&mut self, rest: &[u8], out: &mut Vec<Action>) {
+        if !trim_start(rest).is_empty() {
+            return self.fail(CmdError::Syntax, out);
+        }
+        reply(out, "+OK UTF8 enabled");
     }
 
     /// Credentials may be sent now: over TLS, or plaintext is allowed.
@@ -645,6 +658,8 @@ impl Session {
                 lines.push("SASL PLAIN");
             }
         }
+        // RFC 6856: the extension exists in every state, its command works before login.
+        lines.push("UTF8");
         lines.push("IMPLEMENTATION Postroom");
         out.push(multiline("+OK Capability list follows", lines));
     }
@@ -669,7 +684,7 @@ impl Session {
             b"DELE" => cmd_dele(maildrop, args),
             b"RSET" => cmd_rset(maildrop),
             b"NOOP" => Ok(vec![ok_line("+OK")]),
-            b"USER" | b"PASS" | b"AUTH" | b"STLS" => Err(CmdError::WrongState),
+            b"USER" | b"PASS" | b"AUTH" | b"STLS" | b"UTF8" => Err(CmdError::WrongState),
             _ => Err(CmdError::Unknown),
         };
         match result {
@@ -1283,9 +1298,9 @@ mod tests {
     fn capa() {
         let mut s = connected(config());
         let with_user = "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n\
-            AUTH-RESP-CODE\r\nPIPELINING\r\nUSER\r\nSASL PLAIN\r\nIMPLEMENTATION Postroom\r\n.\r\n";
+            AUTH-RESP-CODE\r\nPIPELINING\r\nUSER\r\nSASL PLAIN\r\nUTF8\r\nIMPLEMENTATION Postroom\r\n.\r\n";
         let without_user = "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n\
-            AUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION Postroom\r\n.\r\n";
+            AUTH-RESP-CODE\r\nPIPELINING\r\nUTF8\r\nIMPLEMENTATION Postroom\r\n.\r\n";
         assert_eq!(feed(&mut s, b"capa\r\n"), vec![r(with_user)]);
 
         let mut s = logged_in();
@@ -1293,6 +1308,19 @@ mod tests {
 
         let mut s = connected(SessionConfig { allow_plaintext_auth: false, ..config() });
         assert_eq!(feed(&mut s, b"CAPA\r\n"), vec![r(without_user)]);
+    }
+
+    #[test]
+    fn utf8_command_before_login_only() {
+        let mut s = connected(config());
+        assert_eq!(feed(&mut s, b"UTF8\r\n"), vec![r("+OK UTF8 enabled\r\n")]);
+        assert_eq!(feed(&mut s, b"utf8 now\r\n"), vec![r("-ERR syntax error\r\n")]);
+        // A UTF-8 user name is passed to the login check like any other (and fails there).
+        assert_eq!(feed(&mut s, "USER jörg\r\n".as_bytes()), vec![r("+OK\r\n")]);
+        let out = feed(&mut s, "PASS pässwörd\r\n".as_bytes());
+        assert_eq!(out, vec![Action::Login { user: "jörg".into(), password: "pässwörd".into() }]);
+        let mut s = logged_in();
+        assert_eq!(feed(&mut s, b"UTF8\r\n"), vec![r("-ERR command not valid in this state\r\n")]);
     }
 
     #[test]
@@ -1383,7 +1411,7 @@ mod tests {
             t.push_str(line);
             t.push_str("\r\n");
         }
-        t.push_str("IMPLEMENTATION Postroom\r\n.\r\n");
+        t.push_str("UTF8\r\nIMPLEMENTATION Postroom\r\n.\r\n");
         t
     }
 

@@ -27,6 +27,15 @@ pub enum UserCommand {
         /// The full name the address book shows ("Sam Jones"; O5).
         #[arg(long = "name", value_name = "FULL NAME")]
         display_name: Option<String>,
+        /// May log in to the web console (`[admin] listen`, E6).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Let the user log in to the web console, or no longer (E6): on or off.
+    Admin {
+        name: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
     },
     /// Change what the address book shows of a user: --name "Full Name" ("" removes it).
     Set {
@@ -186,11 +195,14 @@ pub fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
     let (store, domains) = open(config)?;
     let admin = Admin { store: &store, domains: &domains };
     match cmd {
-        UserCommand::Add { name, addresses, password_stdin, display_name } => {
+        UserCommand::Add { name, addresses, password_stdin, display_name, admin: administrator } => {
             let hash = if password_stdin { Some(directory::passwords::hash_password(&read_password()?)?) } else { None };
             let has_password = hash.is_some();
             admin.add_named_user(&name, display_name.as_deref(), &addresses, hash)?;
-            outln!("user {name} added with {}", addresses.join(", "));
+            if administrator {
+                admin.set_admin(&name, true)?;
+            }
+            outln!("user {name} added with {}{}", addresses.join(", "), if administrator { " (administrator)" } else { "" });
             if !has_password {
                 outln!("no password set: {name} cannot log in until `postroom user passwd {name} --password-stdin`");
             }
@@ -209,6 +221,7 @@ pub fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
             for u in admin.list_users()? {
                 // The full name after the addresses: the columns before it stay as scripts read them.
                 let full = u.display_name.as_ref().map(|n| format!("  ({n})")).unwrap_or_default();
+                let full = if u.admin { format!("{full}  [admin]") } else { full };
                 outln!("{:<20} {:<9} {:>8} {:>12}  {}{full}", u.name, state(&u), u.messages, u.bytes, u.addresses.join(", "));
             }
         }
@@ -219,6 +232,7 @@ pub fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
                 outln!("name:      {full}");
             }
             outln!("state:     {}", state(&u));
+            outln!("admin:     {}", if u.admin { "yes (web console)" } else { "no" });
             outln!("password:  {}", if u.has_password { "set" } else { "not set (no login)" });
             let shown: Vec<String> =
                 u.addresses.iter().map(|a| if u.preferred.as_ref() == Some(a) { format!("{a} (preferred)") } else { a.clone() }).collect();
@@ -230,6 +244,11 @@ pub fn user(cmd: UserCommand, config: &Config) -> anyhow::Result<()> {
             if let Some(f) = &u.forward_to {
                 outln!("forward:   {f}{}", if u.keep_copy { " (keeps a copy)" } else { "" });
             }
+        }
+        UserCommand::Admin { name, state } => {
+            let on = state == "on";
+            admin.set_admin(&name, on)?;
+            outln!("user {name}: {}", if on { "administrator: may log in to the web console" } else { "no longer an administrator" });
         }
         UserCommand::Disable { name } => {
             admin.set_enabled(&name, false)?;

@@ -59,8 +59,12 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[auth]`: SPF, DKIM and DMARC checks of inbound mail (E1).
     pub auth: SenderAuthConfig,
+    /// `[greylist]`: greylisting on the MX listener (issue 21).
+    pub greylist: GreylistConfig,
     /// `[ldap]`: the address book (O5).
     pub ldap: LdapConfig,
+    /// `[admin]`: the web console (E6, issue 19).
+    pub admin: AdminConfig,
     /// Where these values came from (a file name or `DEFAULT_ORIGIN`); not a key.
     #[serde(skip)]
     pub origin: String,
@@ -320,6 +324,28 @@ pub enum DmarcAction {
     Record,
 }
 
+/// `[greylist]`: greylisting of mail arriving on the MX listener (issue 21, postgrey's behaviour).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GreylistConfig {
+    /// Greylisting on.
+    pub enabled: bool,
+    /// Seconds after its first attempt a triplet's retry is accepted.
+    pub delay_secs: u64,
+    /// Hours after its first attempt a retry still counts as one.
+    pub retry_window_hours: u64,
+    /// Days a passed triplet or auto-allowed client is remembered since it was last seen.
+    pub max_age_days: u64,
+    /// Passed triplets after which a client network is no longer greylisted; 0 = never.
+    pub auto_allow_after: u32,
+}
+
+impl Default for GreylistConfig {
+    fn default() -> Self {
+        GreylistConfig { enabled: false, delay_secs: 300, retry_window_hours: 48, max_age_days: 35, auto_allow_after: 5 }
+    }
+}
+
 /// `[metrics]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -345,6 +371,24 @@ pub struct LdapConfig {
     pub max_sessions: usize,
     /// Seconds of silence before a session is closed.
     pub inactivity_timeout_secs: u64,
+}
+
+/// `[admin]`: the administrator's web console (SPEC E6, issue 19); off while `listen` is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Console listeners.
+    pub listen: Vec<SocketAddr>,
+    /// HTTPS with the `[tls]` certificate; false (plain HTTP) is allowed on loopback only.
+    pub https: bool,
+    /// Minutes a console session may stay idle before its administrator logs in again.
+    pub session_minutes: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: Vec::new(), https: true, session_minutes: 30 }
+    }
 }
 
 /// `[storage]`.
@@ -458,7 +502,7 @@ pub enum LogFormat {
 /// One listening address, named as in `data_dir/listening` and by its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listener {
-    /// "smtp", "submission", "smtps", "pop3", "pop3s", "ldap" or "ldaps".
+    /// "smtp", "submission", "smtps", "pop3", "pop3s", "ldap", "ldaps" or "admin".
     pub name: &'static str,
     /// The key it came from, e.g. "smtp.listen".
     pub key: &'static str,
@@ -513,7 +557,9 @@ impl Default for Config {
             penalty: PenaltyConfig::default(),
             metrics: MetricsConfig::default(),
             auth: SenderAuthConfig::default(),
+            greylist: GreylistConfig::default(),
             ldap: LdapConfig::default(),
+            admin: AdminConfig::default(),
             origin: DEFAULT_ORIGIN.into(),
         }
     }
@@ -762,6 +808,7 @@ impl Config {
             ("ldap.size_limit", self.ldap.size_limit as u64),
             ("ldap.max_sessions", self.ldap.max_sessions as u64),
             ("ldap.inactivity_timeout_secs", self.ldap.inactivity_timeout_secs),
+            ("admin.session_minutes", self.admin.session_minutes),
         ];
         for (key, value) in at_least_one {
             need(value >= 1, key, &value, "must be at least 1");
@@ -785,6 +832,16 @@ impl Config {
         let pop = self.relay.pop_minutes;
         let pop_ok = pop == 0 || (15..=65535).contains(&pop);
         need(pop_ok, "relay.pop_minutes", &pop, "must be 0 (off) or 15..65535");
+        // Issue 21: small delays are allowed (tests wait 2 s); a retry window shorter than the
+        // delay would greylist every retry for ever.
+        let grey = &self.greylist;
+        need((1..=86_400).contains(&grey.delay_secs), "greylist.delay_secs", &grey.delay_secs, "must be 1..86400 (a day)");
+        let window_ok = (1..=720).contains(&grey.retry_window_hours) && grey.retry_window_hours * 3600 > grey.delay_secs;
+        let rule = "must be 1..720 (30 days) and longer than greylist.delay_secs";
+        need(window_ok, "greylist.retry_window_hours", &grey.retry_window_hours, rule);
+        let max_age_ok = (1..=3650).contains(&grey.max_age_days) && grey.max_age_days * 24 >= grey.retry_window_hours;
+        let rule = "must be 1..3650 and at least greylist.retry_window_hours";
+        need(max_age_ok, "greylist.max_age_days", &grey.max_age_days, rule);
         let pair_ok = tls.cert.as_os_str().is_empty() == tls.key.as_os_str().is_empty();
         need(pair_ok, "tls.cert", &tls.cert, "tls.cert and tls.key must both be set or both be empty");
         let router = &delivery.mail_router;
@@ -799,6 +856,13 @@ impl Config {
         let ldap_on = !self.ldap.listen.is_empty() || !self.ldap.tls_listen.is_empty();
         let rule = "the address book's base DN is made from the first local domain: list one in `domains`";
         need(!ldap_on || !self.domains.is_empty(), "domains", &self.domains, rule);
+        // E6: an administrator's password and session cookie never cross a network in clear text.
+        for addr in self.admin.listen.iter().filter(|a| !self.admin.https && !a.ip().is_loopback()) {
+            let rule = "admin.https = false serves plain HTTP, allowed on a loopback address only: set https = true";
+            need(false, "admin.listen", addr, rule);
+        }
+        let minutes = self.admin.session_minutes;
+        need(minutes <= 24 * 60, "admin.session_minutes", &minutes, "must be at most 1440 (a day)");
         let level = &self.log.level;
         let rule = "must be off, error, warn, info, debug or trace, optionally with target=level directives";
         need(is_log_filter(level), "log.level", level, rule);
@@ -982,6 +1046,7 @@ impl Config {
             ("pop3s", "pop3.tls_listen", &self.pop3.tls_listen),
             ("ldap", "ldap.listen", &self.ldap.listen),
             ("ldaps", "ldap.tls_listen", &self.ldap.tls_listen),
+            ("admin", "admin.listen", &self.admin.listen),
         ];
         lists.into_iter().flat_map(|(name, key, addrs)| addrs.iter().map(move |&addr| Listener { name, key, addr })).collect()
     }
@@ -1226,6 +1291,14 @@ mod tests {
         refused("storage = { body_chunk_kib = 65537 }", "storage.body_chunk_kib", "65536");
         refused("relay = { pop_minutes = 5 }", "relay.pop_minutes", "must be 0 (off) or 15..65535");
         refused("relay = { pop_minutes = 65536 }", "relay.pop_minutes", "15..65535");
+        // Issue 21.
+        refused("greylist = { delay_secs = 0 }", "greylist.delay_secs", "1..86400");
+        refused("greylist = { delay_secs = 86401 }", "greylist.delay_secs", "1..86400");
+        refused("greylist = { retry_window_hours = 0 }", "greylist.retry_window_hours", "1..720");
+        refused("greylist = { delay_secs = 7200, retry_window_hours = 2 }", "greylist.retry_window_hours", "longer than greylist.delay_secs");
+        refused("greylist = { max_age_days = 0 }", "greylist.max_age_days", "1..3650");
+        refused("greylist = { max_age_days = 1, retry_window_hours = 48 }", "greylist.max_age_days", "at least greylist.retry_window_hours");
+        assert_eq!(problems("greylist = { enabled = true, delay_secs = 1, auto_allow_after = 0 }"), Vec::<String>::new());
         refused(r#"tls = { cert = "cert.pem" }"#, "tls.cert", "both");
         refused(r#"tls = { key = "key.pem" }"#, "tls.cert", "both");
         refused(r#"delivery = { mail_router = "relay.test:0" }"#, "delivery.mail_router", "host[:port]");
@@ -1333,6 +1406,17 @@ mod tests {
         let e = Config::load(Some(&dir.join("missing.toml")), None).unwrap_err().to_string();
         assert!(e.contains("missing.toml: cannot read"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn admin_keys_are_checked() {
+        refused(r#"admin = { listen = ["0.0.0.0:8443"], https = false }"#, "admin.listen", "loopback address only");
+        refused("admin = { session_minutes = 0 }", "admin.session_minutes", "at least 1");
+        refused("admin = { session_minutes = 1441 }", "admin.session_minutes", "at most 1440");
+        refused(r#"admin = { listen = ["127.0.0.1:1110"] }"#, "admin.listen", "taken by pop3.listen");
+        assert_eq!(problems(r#"admin = { listen = ["127.0.0.1:8080"], https = false }"#), Vec::<String>::new());
+        let ok = parse(r#"admin = { listen = ["[::]:8443"] }"#);
+        assert!(ok.listeners().iter().any(|l| l.name == "admin" && l.addr.port() == 8443));
     }
 
     #[test]

@@ -329,11 +329,51 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<bool> {
             (policy::Rule::LocalRecipient | policy::Rule::Postmaster, true) => "deliver locally".to_string(),
             (_, true) => "relay".to_string(),
         };
-        let rewritten = outcome.record_as.map(|a| format!(" as {a}")).unwrap_or_default();
+        let rewritten = outcome.record_as.as_ref().map(|a| format!(" as {a}")).unwrap_or_default();
         outln!("recipient {to}: {what}{rewritten} (rule: {})", d.rule);
         accepted &= d.allow;
+        if d.allow {
+            let recipient = outcome.record_as.unwrap_or(rcpt);
+            let sender = from.as_ref().map(Address::to_string).unwrap_or_default();
+            accepted &= explain_greylist(config, &store, &policy, &facts, &sender, &recipient)?;
+        }
     }
     Ok(accepted)
+}
+
+/// Issue 21: the greylisting state of the triplet (client network, sender, recipient) as the
+/// store holds it, decided as the server would decide now, without recording anything. False
+/// when the recipient would be greylisted (450) now.
+fn explain_greylist(
+    config: &Config,
+    store: &store::Store,
+    relay: &policy::RelayPolicy,
+    facts: &ClientFacts,
+    sender: &str,
+    to: &Address,
+) -> anyhow::Result<bool> {
+    let grey = crate::serve::greylist_policy(config);
+    if let Some(rule) = grey.exemption(relay, facts, to) {
+        let what = if grey.enabled { "not greylisted" } else { "off" };
+        outln!("greylist {to}: {what} (rule: {rule})");
+        return Ok(true);
+    }
+    let triplet = policy::greylist::triplet(facts.ip, sender, to);
+    let t = triplet.clone();
+    let known = store.read_blocking(move |c| Ok(directory::greylist::load(c, &t)?))?;
+    let o = grey.check(&triplet.network, &known, facts.now);
+    let what = match o.state() {
+        "new" => "new triplet, the first attempt is greylisted",
+        "early" => "waiting, a retry now is greylisted",
+        "passed" => "waited long enough, a retry now passes",
+        "known" => "passed before",
+        "auto-allowed" => "client network auto-allowed",
+        other => other,
+    };
+    let shown = if triplet.sender.is_empty() { "<>" } else { &triplet.sender };
+    let reply = o.decision.greylist_reply().map(|r| format!("; the server answers {}", r.to_string().trim_end())).unwrap_or_default();
+    outln!("greylist {to}: {what} (triplet {} {shown} {}{reply}; rule: {})", triplet.network, triplet.recipient, o.decision.rule);
+    Ok(o.decision.allow)
 }
 
 fn verdict(allow: bool) -> &'static str {

@@ -96,6 +96,8 @@ pub const LIVE: &[&str] = &[
     "storage.filter_unscannable",
     // E1: the settings; the resolver they use is `[dns]`'s, which waits for a restart.
     "auth.*",
+    // Issue 21: sessions and the hourly expiry take the new values.
+    "greylist.*",
 ];
 
 /// Does a reload apply `key`?
@@ -307,6 +309,7 @@ mod tests {
         assert!(!is_live("smtp.some_key_added_later"), "an unknown key waits for a restart");
         assert!(!is_live("relay"), "a section name alone is no key");
         assert!(is_live("tls.key") && is_live("tls.handshake_timeout_secs"));
+        assert!(is_live("greylist.enabled") && is_live("greylist.delay_secs"), "issue 21: greylisting reloads");
     }
 
     #[test]

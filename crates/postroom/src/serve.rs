@@ -183,8 +183,10 @@ async fn run(config: Config, source: crate::reload::Source) -> anyhow::Result<()
         verifier,
     };
     let smtp = SmtpServer::new(smtp_settings(&config), services);
+    spawn_greylist_expiry(store.clone(), smtp.clone());
     let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords.clone(), tls.clone(), penalty.clone(), shutdown.clone());
-    let ldap = LdapServer::new(ldap_settings(&config), store.clone(), passwords.clone(), tls.clone(), penalty, shutdown.clone());
+    let ldap = LdapServer::new(ldap_settings(&config), store.clone(), passwords.clone(), tls.clone(), penalty.clone(), shutdown.clone());
+    let console = admin_web::Console::new(console_settings(&config), store.clone(), passwords.clone(), tls.clone(), penalty, shutdown.clone());
 
     let mut bound = Vec::new();
     let smtp_listeners = [
@@ -222,6 +224,12 @@ async fn run(config: Config, source: crate::reload::Source) -> anyhow::Result<()
             tokio::spawn(ldap.clone().serve(listener, implicit_tls));
         }
     }
+    // E6: the web console, HTTPS with the certificate above (plain HTTP on loopback only).
+    for addr in &config.admin.listen {
+        let listener = listen(*addr).with_context(|| format!("admin.listen: cannot listen on {addr}"))?;
+        bound.push(format!("admin {}", listener.local_addr()?));
+        tokio::spawn(console.clone().serve(listener));
+    }
     // `[metrics] listen`: GET /metrics for Prometheus.
     if !config.metrics.listen.is_empty() {
         let addr: SocketAddr = config.metrics.listen.parse().context("metrics.listen")?;
@@ -251,6 +259,12 @@ async fn run(config: Config, source: crate::reload::Source) -> anyhow::Result<()
     // Both workers are alive from here on; `status` must not see a gap before their first round.
     framework_beat.beat();
     outbound.heartbeat().beat();
+    console.set_health(admin_web::Health {
+        listeners: bound.clone(),
+        framework: framework_beat.clone(),
+        outbound: outbound.heartbeat(),
+        storage: storage_state.clone(),
+    });
     spawn_status_writer(config.data_dir.clone(), store.clone(), framework_beat, outbound.heartbeat(), storage_state);
     tokio::spawn(outbound.clone().run());
     spawn_send_scheduler(&config, store.clone(), outbound.clone());
@@ -523,6 +537,26 @@ fn spawn_journal_retention(store: Store, retention_days: u32) {
     });
 }
 
+/// Issue 21: greylisting records past their retry window or maximum age are removed, hourly,
+/// with the settings in force then (a reload may change them). They would count as new anyway:
+/// this only keeps the tables small.
+fn spawn_greylist_expiry(store: Store, smtp: SmtpServer) {
+    tokio::spawn(async move {
+        loop {
+            let grey = smtp.greylist_policy();
+            let removed = store
+                .write(store::Durability::Normal, move |c| {
+                    Ok(directory::greylist::expire(c, store::now(), grey.retry_window_secs, grey.max_age_secs)?)
+                })
+                .await;
+            if let Err(e) = removed {
+                tracing::warn!(error = %e, "greylist expiry failed");
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    });
+}
+
 /// The certificate of `[tls]`, or the self-signed one in data_dir (made on first start, and
 /// again when hostname or a listen address changes); reloaded when its files change (O6). Its
 /// fingerprints are logged: what a mail program pins (`postroom cert show` prints them too).
@@ -655,6 +689,20 @@ fn smtp_settings(c: &Config) -> SmtpSettings {
         dsn: c.smtp.dsn,
         etrn_domains: mail_framework::outbound::EtrnDomains::new(&c.delivery.etrn_domains),
         sender_auth: sender_auth_policy(c),
+        greylist: greylist_policy(c),
+    }
+}
+
+/// Issue 21: the greylisting settings (`[greylist]`; also used by `explain`).
+pub fn greylist_policy(c: &Config) -> policy::greylist::GreylistPolicy {
+    let g = &c.greylist;
+    // Validated: small enough for seconds in an i64.
+    policy::greylist::GreylistPolicy {
+        enabled: g.enabled,
+        delay_secs: g.delay_secs as i64,
+        retry_window_secs: g.retry_window_hours as i64 * 3600,
+        max_age_secs: g.max_age_days as i64 * 86_400,
+        auto_allow_after: g.auto_allow_after,
     }
 }
 
@@ -727,6 +775,19 @@ fn ldap_settings(c: &Config) -> LdapSettings {
         size_limit: l.size_limit,
         max_sessions: l.max_sessions,
         inactivity_timeout: Duration::from_secs(l.inactivity_timeout_secs),
+        tls_handshake_timeout: Duration::from_secs(c.tls.handshake_timeout_secs),
+    }
+}
+
+/// `[admin]` (E6): read at start only; every key of the section waits for a restart (reload.rs).
+fn console_settings(c: &Config) -> admin_web::ConsoleSettings {
+    admin_web::ConsoleSettings {
+        session_idle: Duration::from_secs(c.admin.session_minutes.max(1) * 60),
+        https: c.admin.https,
+        hostname: c.hostname.clone(),
+        domains: c.domains.clone(),
+        postmaster: c.postmaster.clone(),
+        data_dir: c.data_dir.clone(),
         tls_handshake_timeout: Duration::from_secs(c.tls.handshake_timeout_secs),
     }
 }

@@ -121,7 +121,7 @@ pub fn status_json(config: &Config) -> anyhow::Result<u8> {
 /// endpoint must accept.
 fn answers(name: &str, addr: SocketAddr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { return false };
-    if matches!(name, "smtps" | "pop3s" | "metrics") {
+    if matches!(name, "smtps" | "pop3s" | "metrics" | "admin") {
         return true;
     }
     let _ = s.set_read_timeout(Some(Duration::from_secs(3)));

@@ -26,6 +26,11 @@
 //! gets a line over 998 octets. A message whose 8-bit octets cannot be converted (in header
 //! fields) is not sent to a server without 8BITMIME: [`SessionError::Unconvertible`], before
 //! MAIL FROM. `BODY=8BITMIME` goes only to a server that offers 8BITMIME.
+//!
+//! A server that offers CHUNKING (RFC 3030) gets the body in BDAT chunks of up to
+//! [`BDAT_CHUNK`] octets instead of DATA: the same octets (DKIM fields, CRLF-normalised,
+//! converted), without dot-stuffing, the last chunk marked LAST. Each chunk's reply is read
+//! before the next is sent, so a refused chunk ends the transaction at once (RFC 3030 §2).
 
 use std::fmt::Write as _;
 use std::io;
@@ -47,6 +52,8 @@ use tokio_rustls::client::TlsStream;
 const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Body bytes gathered before one write.
 const WRITE_BLOCK: usize = 64 * 1024;
+/// The largest BDAT chunk sent: a few round trips for a large message, a bounded buffer.
+pub const BDAT_CHUNK: usize = 1024 * 1024;
 
 /// How the client behaves; the same for every attempt.
 #[derive(Clone, Debug)]
@@ -481,6 +488,8 @@ struct Capabilities {
     eight_bit_mime: bool,
     starttls: bool,
     dsn: bool,
+    /// RFC 3030: the body may go in BDAT chunks.
+    chunking: bool,
     /// AUTH is offered (whatever the mechanisms).
     auth: bool,
     auth_plain: bool,
@@ -499,6 +508,7 @@ impl Capabilities {
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "STARTTLS" => caps.starttls = true,
                 "DSN" => caps.dsn = true,
+                "CHUNKING" => caps.chunking = true,
                 "AUTH" => {
                     caps.auth = true;
                     let mechanisms = line.to_ascii_uppercase();
@@ -757,23 +767,28 @@ impl Session {
 
         let data_reply = if caps.pipelining {
             // RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order.
+            // With CHUNKING the BDAT chunks follow the replies: nothing to take back if all fail.
             let mut batch = mail;
             envelope.recipients.iter().enumerate().for_each(|(i, r)| batch.push_str(&rcpt(i, r)));
-            batch.push_str("DATA\r\n");
+            if !caps.chunking {
+                batch.push_str("DATA\r\n");
+            }
             tracing::debug!(host = %self.host, commands = envelope.recipients.len() + 2, "sending pipelined MAIL, RCPT, DATA");
             self.send("MAIL", t.mail, batch.as_bytes()).await?;
             let mail_reply = self.read_reply("MAIL", t.mail).await?;
             if mail_reply.code / 100 != 2 {
                 // Read the other replies so that QUIT is not taken for message text by a server
                 // that accepted DATA anyway; the rejection stands whatever happens there.
-                if let Ok(data) = self.pipelined_replies(envelope.recipients.len(), &mut Vec::new()).await {
+                if let Ok(Some(data)) = self.pipelined_replies(envelope.recipients.len(), &mut Vec::new(), !caps.chunking).await {
                     self.end_empty_data(&data).await;
                 }
                 return Err(SessionError::Rejected { stage: "MAIL", reply: mail_reply });
             }
-            let data = self.pipelined_replies(envelope.recipients.len(), &mut outcomes).await?;
+            let data = self.pipelined_replies(envelope.recipients.len(), &mut outcomes, !caps.chunking).await?;
             if !outcomes.contains(&RcptOutcome::Accepted) {
-                self.end_empty_data(&data).await;
+                if let Some(data) = &data {
+                    self.end_empty_data(data).await;
+                }
                 return Ok(outcomes);
             }
             data
@@ -789,18 +804,16 @@ impl Session {
             if !outcomes.contains(&RcptOutcome::Accepted) {
                 return Ok(outcomes);
             }
-            self.command("DATA", t.data_init, "DATA\r\n").await?
+            if caps.chunking { None } else { Some(self.command("DATA", t.data_init, "DATA\r\n").await?) }
         };
 
-        match data_reply.code {
-            354 => {}
-            400..=599 => return Err(SessionError::Rejected { stage: "DATA", reply: data_reply }),
-            _ => return Err(SessionError::Protocol(format!("unexpected reply to DATA: {}", show(&data_reply)))),
-        }
-
-        self.send_body(body, prepared, !caps.eight_bit_mime, envelope.mail_from).await?;
-        self.dot_sent = true;
-        let end = self.read_reply("DATA end", t.data_term).await?;
+        let framing = match data_reply {
+            None => Framing::Chunks,
+            Some(r) if r.code == 354 => Framing::Dot,
+            Some(r) if (400..=599).contains(&r.code) => return Err(SessionError::Rejected { stage: "DATA", reply: r }),
+            Some(r) => return Err(SessionError::Protocol(format!("unexpected reply to DATA: {}", show(&r)))),
+        };
+        let end = self.send_body(body, prepared, !caps.eight_bit_mime, envelope.mail_from, framing).await?;
         tracing::debug!(host = %self.host, reply = %show(&end), "reply to end of data");
         for outcome in outcomes.iter_mut().filter(|o| **o == RcptOutcome::Accepted) {
             *outcome = match end.code / 100 {
@@ -812,14 +825,18 @@ impl Session {
         Ok(outcomes)
     }
 
-    /// The RCPT replies of a pipelined batch (into `outcomes`), then the DATA reply.
-    async fn pipelined_replies(&mut self, count: usize, outcomes: &mut Vec<RcptOutcome>) -> Result<Reply, SessionError> {
+    /// The RCPT replies of a pipelined batch (into `outcomes`), then the DATA reply when DATA
+    /// was sent.
+    async fn pipelined_replies(&mut self, count: usize, outcomes: &mut Vec<RcptOutcome>, data: bool) -> Result<Option<Reply>, SessionError> {
         let t = self.settings.timeouts;
         for _ in 0..count {
             let reply = self.read_reply("RCPT", t.rcpt).await?;
             outcomes.push(rcpt_outcome(reply));
         }
-        self.read_reply("DATA", t.data_init).await
+        if !data {
+            return Ok(None);
+        }
+        self.read_reply("DATA", t.data_init).await.map(Some)
     }
 
     /// After a pipelined DATA that should have failed: when the server said 354 anyway (RFC 2920
@@ -832,16 +849,29 @@ impl Session {
     }
 
     /// The DKIM-Signature fields, if any, then the body, CRLF-normalised, converted as the plan
-    /// says for a server with or without 8BITMIME (`seven_bit`), dot-stuffed, then the
-    /// terminating `.` line.
+    /// says for a server with or without 8BITMIME (`seven_bit`); after DATA dot-stuffed and
+    /// ended by the `.` line, with CHUNKING in BDAT chunks, the last one LAST. Returns the reply
+    /// to the end of the message (or to a refused chunk, which ends it early).
     async fn send_body<B: BodySource>(
         &mut self,
         body: &mut B,
         prepared: &Prepared,
         seven_bit: bool,
         envelope_sender: &str,
-    ) -> Result<(), SessionError> {
+        framing: Framing,
+    ) -> Result<Reply, SessionError> {
         let block_timeout = self.settings.timeouts.data_block;
+        // The DATA path's dot-stuffer ends the last line; BDAT content must do that itself.
+        let mut at_line_start = true;
+        let mut pass_on = |stuffer: &mut DotStuffer, converted: &[u8], out: &mut Vec<u8>| match framing {
+            Framing::Dot => stuffer.stuff(converted, out),
+            Framing::Chunks => {
+                out.extend_from_slice(converted);
+                if let Some(&last) = converted.last() {
+                    at_line_start = last == b'\n';
+                }
+            }
+        };
         let mut endings = BareEndings::default();
         let mut converter = crate::encode::Converter::new(&prepared.plan, seven_bit);
         if converter.converts() {
@@ -853,7 +883,7 @@ impl Session {
         let mut out = Vec::new();
         if let Some(dkim) = &prepared.dkim {
             // Signed after every change we make (conversion included), put in front of it all.
-            stuffer.stuff(&dkim.fields(seven_bit, envelope_sender, &self.host), &mut out);
+            pass_on(&mut stuffer, &dkim.fields(seven_bit, envelope_sender, &self.host), &mut out);
         }
         loop {
             let chunk = body.next_chunk().await.map_err(|e| {
@@ -873,10 +903,21 @@ impl Session {
             endings.feed(&chunk, &mut normalised);
             converted.clear();
             converter.feed(&normalised, &mut converted);
-            stuffer.stuff(&converted, &mut out);
-            if out.len() >= WRITE_BLOCK {
-                self.send("DATA block", block_timeout, &out).await?;
-                out.clear();
+            pass_on(&mut stuffer, &converted, &mut out);
+            match framing {
+                Framing::Dot if out.len() >= WRITE_BLOCK => {
+                    self.send("DATA block", block_timeout, &out).await?;
+                    out.clear();
+                }
+                Framing::Chunks if out.len() >= BDAT_CHUNK => {
+                    let reply = self.bdat(&out, false).await?;
+                    out.clear();
+                    if reply.code / 100 != 2 {
+                        // RFC 3030 §2: no further chunk after a refused one.
+                        return Ok(reply);
+                    }
+                }
+                _ => {}
             }
         }
         normalised.clear();
@@ -884,9 +925,37 @@ impl Session {
         converted.clear();
         converter.feed(&normalised, &mut converted);
         converter.finish(&mut converted);
-        stuffer.stuff(&converted, &mut out);
-        stuffer.finish(&mut out);
-        self.send("DATA block", block_timeout, &out).await
+        pass_on(&mut stuffer, &converted, &mut out);
+        match framing {
+            Framing::Dot => {
+                stuffer.finish(&mut out);
+                self.send("DATA block", block_timeout, &out).await?;
+                self.dot_sent = true;
+                self.read_reply("DATA end", self.settings.timeouts.data_term).await
+            }
+            Framing::Chunks => {
+                if !at_line_start {
+                    out.extend_from_slice(b"\r\n");
+                }
+                self.bdat(&out, true).await
+            }
+        }
+    }
+
+    /// One BDAT chunk (RFC 3030) and its reply. After the LAST chunk is written the server may
+    /// take the message whatever happens next, as after the final dot.
+    async fn bdat(&mut self, chunk: &[u8], last: bool) -> Result<Reply, SessionError> {
+        let t = self.settings.timeouts;
+        let mut wire = format!("BDAT {}{}\r\n", chunk.len(), if last { " LAST" } else { "" }).into_bytes();
+        wire.extend_from_slice(chunk);
+        self.send("DATA block", t.data_block, &wire).await?;
+        if last {
+            self.dot_sent = true;
+            return self.read_reply("DATA end", t.data_term).await;
+        }
+        let reply = self.read_reply("BDAT", t.data_block).await?;
+        tracing::debug!(host = %self.host, reply = %show(&reply), size = chunk.len(), "reply to a BDAT chunk");
+        Ok(reply)
     }
 
     /// Send one command line and read its reply.
@@ -946,6 +1015,15 @@ impl Session {
         }
         let _ = timeout(limit, self.transport.shutdown()).await;
     }
+}
+
+/// How the message's octets go to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// After DATA, dot-stuffed, ended by the `.` line.
+    Dot,
+    /// In BDAT chunks (RFC 3030 CHUNKING).
+    Chunks,
 }
 
 fn rcpt_outcome(reply: Reply) -> RcptOutcome {

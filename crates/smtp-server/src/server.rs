@@ -64,6 +64,8 @@ pub struct SmtpSettings {
     pub etrn_domains: mail_framework::outbound::EtrnDomains,
     /// E1: SPF, DKIM and DMARC on the MX listener (`[auth]`).
     pub sender_auth: policy::SenderAuthPolicy,
+    /// Issue 21: greylisting at RCPT (`[greylist]`).
+    pub greylist: policy::greylist::GreylistPolicy,
 }
 
 /// Which kind of SMTP listener a connection came in on (S6).
@@ -179,6 +181,11 @@ impl SmtpServer {
     /// A handle for one new session, with the settings current now.
     fn for_session(&self) -> Self {
         SmtpServer { settings: self.live.borrow().clone(), ..self.clone() }
+    }
+
+    /// Issue 21: the greylisting settings in force now (the background expiry follows a reload).
+    pub fn greylist_policy(&self) -> policy::greylist::GreylistPolicy {
+        self.live.borrow().greylist
     }
 
     /// Sessions open now, on every SMTP listener and the local socket.
@@ -944,7 +951,64 @@ impl Driver<'_> {
                 RcptVerdict::Refuse(Reply::new(451, (3, 0), "Temporary lookup failure, try again later"))
             }
             Ok(o) if !o.decision.allow => self.refuse(addr, &o.decision),
-            Ok(o) => o.record_as.map_or(RcptVerdict::Accept, RcptVerdict::AcceptAs),
+            Ok(o) => {
+                // Issue 21: only mail that would be accepted is greylisted (an unknown user
+                // still gets 550, without a triplet recorded for it).
+                if let Some(reply) = self.greylist(o.record_as.as_ref().unwrap_or(addr)).await {
+                    return RcptVerdict::Refuse(reply);
+                }
+                o.record_as.map_or(RcptVerdict::Accept, RcptVerdict::AcceptAs)
+            }
+        }
+    }
+
+    /// Issue 21: greylisting of an accepted recipient. Submission listeners and the local socket
+    /// authenticate every client, which exempts them, so in effect only MX clients that are not
+    /// the office's own are greylisted. The triplet's records are read, decided on and written
+    /// in one request to the store's writer (no two sessions both see a triplet as new), at
+    /// synchronous=NORMAL: a record lost in a power cut only means one more delay. A store
+    /// failure lets the recipient through: greylisting is a filter, not a reason to refuse.
+    async fn greylist(&self, recipient: &Address) -> Option<Reply> {
+        let s = self.server;
+        let (grey, facts) = (s.settings.greylist, self.facts_now());
+        if let Some(rule) = grey.exemption(&s.settings.policy, &facts, recipient) {
+            if grey.enabled {
+                metrics::greylist("exempt");
+                tracing::trace!(client = %facts.ip, %rule, "not greylisted");
+            }
+            return None;
+        }
+        let sender = self.sender.lock().expect("sender seen").clone();
+        let triplet = policy::greylist::triplet(facts.ip, &sender, recipient);
+        let (ip, rcpt, now) = (facts.ip.to_string(), recipient.to_string(), facts.now);
+        let outcome = s
+            .store()
+            .write(Durability::Normal, move |c| {
+                let known = directory::greylist::load(c, &triplet)?;
+                let outcome = grey.check(&triplet.network, &known, now);
+                directory::greylist::save(c, &triplet, outcome.triplet, outcome.client)?;
+                let code = match outcome.decision.rule {
+                    _ if !outcome.decision.allow => Some(code::SMTP_GREYLISTED),
+                    policy::Rule::GreylistPassed { .. } => Some(code::SMTP_GREYLIST_PASSED),
+                    _ => None,
+                };
+                if let Some(code) = code {
+                    let detail = format!("{} {}", triplet.network, outcome.decision.rule);
+                    let entry = journal::Entry { code, originator: &sender, recipient: &rcpt, ip: &ip, detail: &detail, ..Default::default() };
+                    journal::append(c, &entry)?;
+                }
+                Ok(outcome)
+            })
+            .await;
+        match outcome {
+            Ok(o) => {
+                metrics::greylist(o.state());
+                o.decision.greylist_reply()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "greylisting failed; recipient let through");
+                None
+            }
         }
     }
 

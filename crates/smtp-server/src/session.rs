@@ -4,11 +4,23 @@
 //! Input is buffered inside the session. While an action waits for its answer (a recipient
 //! check, the enqueue commit) the session processes nothing more, so pipelined commands are
 //! answered in order. The 250 after DATA is produced only by `EnqueueDone(Ok)`.
+//!
+//! CHUNKING (RFC 3030): `BDAT <size> [LAST]` is followed by exactly `size` octets, read raw
+//! (no dot-stuffing, no end-of-data line) under the command deadline ([`Phase::Chunk`]). The
+//! first chunk of a transaction starts the message as DATA does (`BeginData`), each chunk's
+//! content goes out as `BodyChunk`s through the same size, hop and header checks, and the LAST
+//! chunk ends it as the end of DATA does (`Enqueue`, 250 only after `EnqueueDone(Ok)`). The
+//! octets of a chunk that is refused (no transaction, after DATA-style failures) are still read
+//! and dropped, so they are never taken for commands; the chunks a pipelining client sent after
+//! a refused one get the same refusal until its LAST (§2). Bare CR or LF in chunk content
+//! follows `line_endings` as in DATA (see [`mail_proto::chunk`]); since the chunk framing is
+//! intact the session goes on after refusing such a message, where DATA must hang up.
 
 use mail_framework::{Dsn, Envelope, RcptDsn};
+use mail_proto::chunk::Bdat;
 use mail_proto::data::ReceivedCounter;
 use mail_proto::smtp_command::{self, Command, CommandError, Param};
-use mail_proto::{Address, AddressError, DataDecoder, DataEvent, LineEndings, Reply};
+use mail_proto::{Address, AddressError, ChunkDecoder, DataDecoder, DataEvent, LineEndings, Reply};
 
 use crate::headers::{HeaderGate, Release};
 
@@ -121,6 +133,9 @@ pub enum Action {
 pub enum Phase {
     Command,
     Data,
+    /// Reading the octets of a BDAT chunk: the command deadline applies (RFC 3030 has no data
+    /// phase), restarted when the chunk is complete; not between commands.
+    Chunk,
 }
 
 #[derive(Debug)]
@@ -159,9 +174,29 @@ enum Waiting {
     Enqueue,
 }
 
+/// How the message's octets are framed on the wire.
+#[derive(Debug)]
+enum Framing {
+    /// After DATA: dot-stuffed, ended by `CRLF.CRLF`.
+    Dot(DataDecoder),
+    /// BDAT chunks: counted octets; the message ends with the LAST chunk.
+    Chunks(ChunkDecoder),
+}
+
+/// The BDAT chunk whose octets are being read.
+#[derive(Debug)]
+struct ChunkRead {
+    remaining: u64,
+    size: u64,
+    last: bool,
+    /// The chunk is read and dropped, and answered with this (RFC 3030 §2: the server reads
+    /// the octets of a chunk it refuses).
+    discard: Option<Reply>,
+}
+
 #[derive(Debug)]
 struct DataState {
-    decoder: DataDecoder,
+    framing: Framing,
     received: ReceivedCounter,
     size: u64,
     too_big: bool,
@@ -190,6 +225,11 @@ pub struct Session {
     helo: Option<(String, bool)>,
     tx: Option<Transaction>,
     data: Option<DataState>,
+    /// A BDAT chunk being read.
+    chunk: Option<ChunkRead>,
+    /// A BDAT transaction failed: its remaining pipelined chunks get this answer until the LAST
+    /// one, or until any other command.
+    bdat_refusal: Option<Reply>,
     waiting: Waiting,
     input: Vec<u8>,
     /// Discarding the rest of an over-long command line.
@@ -214,6 +254,8 @@ impl Session {
             helo: None,
             tx: None,
             data: None,
+            chunk: None,
+            bdat_refusal: None,
             waiting: Waiting::Nothing,
             input: Vec::new(),
             skipping_line: false,
@@ -254,7 +296,21 @@ impl Session {
     }
 
     pub fn phase(&self) -> Phase {
-        if self.data.is_some() { Phase::Data } else { Phase::Command }
+        match (&self.chunk, &self.data) {
+            (Some(_), _) => Phase::Chunk,
+            (None, Some(DataState { framing: Framing::Dot(_), .. })) => Phase::Data,
+            _ => Phase::Command,
+        }
+    }
+
+    /// The next octets are message content (DATA, or a BDAT chunk), not command lines.
+    fn reading_content(&self) -> bool {
+        self.phase() != Phase::Command
+    }
+
+    /// Feed content octets; returns how many belonged to the message or the chunk.
+    fn feed_content(&mut self, bytes: &[u8], out: &mut Vec<Action>) -> usize {
+        if self.chunk.is_some() { self.feed_chunk(bytes, out) } else { self.feed_data(bytes, out) }
     }
 
     /// Completed commands so far: the driver restarts the command deadline when it changes.
@@ -289,8 +345,8 @@ impl Session {
         match event {
             Event::Connected => out.push(Action::Reply(Reply::plain(220, format!("{} ESMTP Postroom", self.config.hostname)))),
             Event::Bytes(bytes) => {
-                if self.data.is_some() && self.input.is_empty() && matches!(self.waiting, Waiting::Nothing) {
-                    let used = self.feed_data(bytes, &mut out);
+                if self.reading_content() && self.input.is_empty() && matches!(self.waiting, Waiting::Nothing) {
+                    let used = self.feed_content(bytes, &mut out);
                     self.input.extend_from_slice(&bytes[used..]);
                 } else {
                     self.input.extend_from_slice(bytes);
@@ -338,7 +394,7 @@ impl Session {
                 self.waiting = Waiting::Nothing;
                 self.tls = true;
                 self.helo = None;
-                self.tx = None;
+                self.drop_transaction(&mut out);
                 self.auth = None;
                 self.input.clear();
             }
@@ -385,6 +441,7 @@ impl Session {
             }
             Event::Timeout => {
                 out.push(Action::Reply(Reply::new(421, (4, 2), format!("{} Error: timeout exceeded", self.config.hostname))));
+                self.chunk = None;
                 if self.data.take().is_some() {
                     out.push(Action::AbortData);
                 }
@@ -398,11 +455,11 @@ impl Session {
 
     fn process_input(&mut self, out: &mut Vec<Action>) {
         while !self.closed && matches!(self.waiting, Waiting::Nothing) && !self.input.is_empty() {
-            if self.data.is_some() {
+            if self.reading_content() {
                 let input = std::mem::take(&mut self.input);
-                let used = self.feed_data(&input, out);
+                let used = self.feed_content(&input, out);
                 self.input = input[used..].to_vec();
-                if self.data.is_some() {
+                if self.reading_content() {
                     return;
                 }
                 continue;
@@ -454,16 +511,27 @@ impl Session {
     fn command(&mut self, line: &[u8], out: &mut Vec<Action>) {
         let cmd = match smtp_command::parse(line) {
             Ok(c) => c,
+            Err(e) if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"BDAT") => {
+                // The chunk's length is unknown, so its octets cannot be told from commands:
+                // refuse and hang up rather than run message content as commands.
+                self.drop_transaction(out);
+                self.syntax_error(line, e, out);
+                return self.close(out);
+            }
             Err(e) => return self.syntax_error(line, e, out),
         };
+        if !matches!(cmd, Command::Bdat(_)) {
+            self.bdat_refusal = None;
+        }
         match cmd {
             Command::Helo(name) => self.hello(name, false, out),
             Command::Ehlo(name) => self.hello(name, true, out),
             Command::Mail { from, params } => self.mail(from, params, out),
             Command::Rcpt { to, params } => self.rcpt(to, params, out),
             Command::Data => self.data_command(out),
+            Command::Bdat(bdat) => self.bdat(bdat, out),
             Command::Rset => {
-                self.tx = None;
+                self.drop_transaction(out);
                 self.reply(out, Reply::new(250, (0, 0), "Ok"));
             }
             Command::Noop => self.reply(out, Reply::new(250, (0, 0), "Ok")),
@@ -507,7 +575,7 @@ impl Session {
     /// S1: the commands this session accepts now — STARTTLS and AUTH only where EHLO offers them,
     /// ETRN where there are dial-up domains, VRFY only when it is on.
     fn help(&self) -> String {
-        let mut commands = vec!["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP"];
+        let mut commands = vec!["HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "HELP"];
         if self.config.vrfy {
             commands.push("VRFY");
         }
@@ -524,7 +592,7 @@ impl Session {
     }
 
     fn hello(&mut self, name: String, esmtp: bool, out: &mut Vec<Action>) {
-        self.tx = None;
+        self.drop_transaction(out);
         if self.config.verify_helo {
             out.push(Action::CheckHelo(name.clone()));
             self.waiting = Waiting::Helo { name, esmtp };
@@ -540,6 +608,9 @@ impl Session {
                 "PIPELINING".into(),
                 format!("SIZE {}", self.config.max_message_size),
                 "8BITMIME".into(),
+                // RFC 3030. Not BINARYMIME: stored messages are CRLF lines (S5) that go on by
+                // DATA to hosts without CHUNKING, and DKIM signs them as such.
+                "CHUNKING".into(),
                 "ENHANCEDSTATUSCODES".into(),
                 "ETRN".into(),
             ];
@@ -721,12 +792,107 @@ impl Session {
     }
 
     fn data_command(&mut self, out: &mut Vec<Action>) {
-        match &self.tx {
-            None => return self.reply(out, Reply::new(503, (5, 1), "Error: need MAIL command")),
-            Some(tx) if tx.rcpts.is_empty() => return self.reply(out, Reply::new(503, (5, 1), "Error: need RCPT command")),
-            Some(_) => {}
+        if let Some(refusal) = self.not_ready_for_content() {
+            return self.reply(out, refusal);
+        }
+        if self.data.is_some() {
+            // RFC 3030 §2: BDAT and DATA never in one transaction; the client must RSET.
+            return self.reply(out, Reply::new(503, (5, 1), "Error: DATA not allowed after BDAT in one transaction, send RSET"));
         }
         self.reply(out, Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
+        self.begin_message(Framing::Dot(DataDecoder::new(self.config.line_endings)), out);
+    }
+
+    /// Why message content cannot start now, if it cannot.
+    fn not_ready_for_content(&self) -> Option<Reply> {
+        match &self.tx {
+            None => Some(Reply::new(503, (5, 1), "Error: need MAIL command")),
+            Some(tx) if tx.rcpts.is_empty() => Some(Reply::new(503, (5, 1), "Error: need RCPT command")),
+            Some(_) => None,
+        }
+    }
+
+    /// RFC 3030 `BDAT <size> [LAST]`: the chunk's octets are read next, whatever the answer.
+    fn bdat(&mut self, Bdat { size, last }: Bdat, out: &mut Vec<Action>) {
+        let discard = self.bdat_refusal.clone().or_else(|| self.not_ready_for_content());
+        if discard.is_none() && self.data.is_none() {
+            self.begin_message(Framing::Chunks(ChunkDecoder::new(self.config.line_endings)), out);
+        }
+        self.chunk = Some(ChunkRead { remaining: size, size, last, discard });
+        if size == 0 {
+            self.end_chunk(out);
+        }
+    }
+
+    /// Feed the octets of the current chunk; returns how many belonged to it.
+    fn feed_chunk(&mut self, bytes: &[u8], out: &mut Vec<Action>) -> usize {
+        let Some(chunk) = self.chunk.as_mut() else { return 0 };
+        let n = usize::try_from(chunk.remaining).unwrap_or(usize::MAX).min(bytes.len());
+        chunk.remaining -= n as u64;
+        let (done, storing) = (chunk.remaining == 0, chunk.discard.is_none());
+        if let (true, Some(DataState { framing: Framing::Chunks(decoder), .. })) = (storing, self.data.as_mut()) {
+            let mut body = Vec::with_capacity(n);
+            decoder.feed(&bytes[..n], &mut body);
+            // Strict mode: a message with a bare line ending is refused; store no more of it.
+            if !decoder.saw_bare_line_ending() {
+                self.take_body(body, out);
+            }
+        }
+        if done {
+            self.end_chunk(out);
+        }
+        n
+    }
+
+    /// All octets of the chunk are read: answer it, or end the message at LAST.
+    fn end_chunk(&mut self, out: &mut Vec<Action>) {
+        let Some(chunk) = self.chunk.take() else { return };
+        self.commands += 1;
+        if let Some(refusal) = chunk.discard {
+            if chunk.last {
+                self.bdat_refusal = None;
+            }
+            return self.reply(out, refusal);
+        }
+        let Some(DataState { framing: Framing::Chunks(decoder), .. }) = self.data.as_mut() else { return };
+        let mut tail = Vec::new();
+        if chunk.last {
+            decoder.finish(&mut tail);
+        }
+        if decoder.saw_bare_line_ending() {
+            let r = Reply::new(550, (6, 0), "Error: bare <CR> or <LF> in message content");
+            return self.fail_bdat(r, chunk.last, out);
+        }
+        self.take_body(tail, out);
+        if chunk.last {
+            return self.end_data(out);
+        }
+        if self.data.as_ref().is_some_and(|d| d.too_big) {
+            // S4: refused at the chunk that passes the limit; nothing more is stored.
+            return self.fail_bdat(Reply::new(552, (3, 4), "Message size exceeds fixed limit"), false, out);
+        }
+        self.reply(out, Reply::new(250, (0, 0), format!("{} octets received", chunk.size)));
+    }
+
+    /// A BDAT transaction fails at this chunk: drop what was stored and refuse the rest of it.
+    fn fail_bdat(&mut self, refusal: Reply, last: bool, out: &mut Vec<Action>) {
+        self.drop_transaction(out);
+        if !last {
+            self.bdat_refusal = Some(refusal.clone());
+        }
+        self.reply(out, refusal);
+    }
+
+    /// The transaction ends unfinished (RSET, EHLO, TLS): a message being received is dropped.
+    fn drop_transaction(&mut self, out: &mut Vec<Action>) {
+        self.tx = None;
+        if self.data.take().is_some() {
+            out.push(Action::AbortData);
+        }
+    }
+
+    /// DATA or the first BDAT: the driver opens the message; its octets follow in `framing`.
+    fn begin_message(&mut self, framing: Framing, out: &mut Vec<Action>) {
         let (helo, esmtp) = self.helo.clone().unwrap_or_default();
         let single_rcpt = match self.tx.as_ref().map(|t| t.rcpts.as_slice()) {
             Some([only]) => Some(only.to_string()),
@@ -734,7 +900,7 @@ impl Session {
         };
         out.push(Action::BeginData { helo, esmtp, single_rcpt, auth: self.auth.clone() });
         self.data = Some(DataState {
-            decoder: DataDecoder::new(self.config.line_endings),
+            framing,
             received: ReceivedCounter::default(),
             size: 0,
             too_big: false,
@@ -744,26 +910,10 @@ impl Session {
 
     /// Feed DATA bytes; returns how many belonged to the message.
     fn feed_data(&mut self, bytes: &[u8], out: &mut Vec<Action>) -> usize {
-        let Some(data) = self.data.as_mut() else { return 0 };
+        let Some(DataState { framing: Framing::Dot(decoder), .. }) = self.data.as_mut() else { return 0 };
         let mut body = Vec::with_capacity(bytes.len());
-        let event = data.decoder.feed(bytes, &mut body);
-        data.size += body.len() as u64;
-        data.received.feed(&body);
-        if data.size > self.config.max_message_size {
-            // S4: read to the end, store nothing more, answer 552 then.
-            data.too_big = true;
-        }
-        if !data.too_big && !body.is_empty() {
-            match data.gate.as_mut() {
-                None => out.push(Action::BodyChunk(body)),
-                Some(gate) => {
-                    if let Some(release) = gate.feed(&body) {
-                        data.gate = None;
-                        released(release, out);
-                    }
-                }
-            }
-        }
+        let event = decoder.feed(bytes, &mut body);
+        self.take_body(body, out);
         match event {
             DataEvent::NeedMore => bytes.len(),
             DataEvent::End { consumed } => {
@@ -779,6 +929,29 @@ impl Session {
                 out.push(Action::Reply(Reply::new(521, (5, 2), format!("{} Error: bare <CR> or <LF> received", self.config.hostname))));
                 self.close(out);
                 consumed
+            }
+        }
+    }
+
+    /// Decoded message octets, from DATA or BDAT: counted for the size limit (S4) and the hop
+    /// count, held at the header gate for submitted mail (S3), then passed on.
+    fn take_body(&mut self, body: Vec<u8>, out: &mut Vec<Action>) {
+        let Some(data) = self.data.as_mut() else { return };
+        data.size += body.len() as u64;
+        data.received.feed(&body);
+        if data.size > self.config.max_message_size {
+            // S4: read to the end, store nothing more, answer 552 then.
+            data.too_big = true;
+        }
+        if !data.too_big && !body.is_empty() {
+            match data.gate.as_mut() {
+                None => out.push(Action::BodyChunk(body)),
+                Some(gate) => {
+                    if let Some(release) = gate.feed(&body) {
+                        data.gate = None;
+                        released(release, out);
+                    }
+                }
             }
         }
     }

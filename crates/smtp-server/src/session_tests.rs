@@ -841,7 +841,7 @@ fn endless_line_is_answered_once_and_discarded() {
 fn unknown_command_is_500() {
     let mut h = Harness::ready(config());
     h.cmd("FOO bar", "500 5.5.2");
-    h.cmd("BDAT 10 LAST", "500 5.5.2");
+    h.cmd("XBDAT 10 LAST", "500 5.5.2");
     h.cmd("\u{00ff}\u{00fe}", "500 5.5.2");
     h.cmd("", "500 5.5.2");
 }
@@ -1654,7 +1654,7 @@ fn help_commands(h: &mut Harness) -> Vec<String> {
 
 #[test]
 fn help_lists_the_commands_this_session_accepts() {
-    let basic = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP"];
+    let basic = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "HELP"];
     // VRFY off, no ETRN domains, no TLS, no AUTH: the basic set only.
     let mut h = Harness::ready(config_with(|c| c.vrfy = false));
     assert_eq!(help_commands(&mut h), basic);
@@ -1784,4 +1784,172 @@ fn a_refused_message_gets_the_checks_reply() {
     h.cmd("MAIL FROM:<jane@example.test>", "250 2.1.0");
     // Not waiting for a commit: ignored.
     assert_eq!(h.event(Event::DataRefused(Reply::new(451, (7, 1), "later"))), "");
+}
+
+// ----------------------------------------------------------------------------------------------
+// CHUNKING: BDAT (RFC 3030, issue 20)
+// ----------------------------------------------------------------------------------------------
+
+/// MAIL and RCPT accepted, ready for BDAT.
+fn bdat_ready(config: SessionConfig) -> Harness {
+    let mut h = Harness::ready(config);
+    h.cmd("MAIL FROM:<a@b.example>", "250 2.1.0");
+    h.cmd("RCPT TO:<jane@example.test>", "250 2.1.5");
+    h
+}
+
+#[test]
+fn ehlo_offers_chunking_but_not_binarymime() {
+    let mut h = Harness::connected(config());
+    let text = h.cmd("EHLO client.example", "250-");
+    assert!(lines(&text).contains(&"250-CHUNKING"), "{text:?}");
+    assert!(!text.contains("BINARYMIME"), "{text:?}");
+}
+
+#[test]
+fn bdat_last_is_one_message_and_250_only_after_enqueue_done() {
+    let msg = b"Subject: hi\r\n\r\n.leading dot\r\n.\r\nQUIT\r\n";
+    let mut h = bdat_ready(config());
+    let text = h.send([format!("BDAT {} LAST\r\n", msg.len()).as_bytes(), msg].concat());
+    assert_eq!(text, "", "no reply before the commit");
+    assert_eq!(h.body, msg, "the octets as sent: no unstuffing, no end-of-data line");
+    assert_eq!(h.count(&Seen::Begin), 1);
+    assert_eq!(h.enqueues.len(), 1);
+    assert_eq!(h.enqueues[0].recipients, ["jane@example.test"]);
+    assert_eq!(h.session.phase(), Phase::Command);
+    assert!(h.enqueue_done(Ok("Q1".into())).starts_with("250 2.0.0 Ok: queued as Q1"));
+    h.cmd("QUIT", "221");
+}
+
+#[test]
+fn several_chunks_in_any_split_make_one_message() {
+    let wire = b"BDAT 10\r\nSubject: xBDAT 10\r\n\r\n\r\nbody\r\nBDAT 0 LAST\r\nNOOP\r\n";
+    for size in [1, 2, 3, 7, wire.len()] {
+        let mut h = bdat_ready(config());
+        let text = h.send_chunks(wire, size);
+        assert_eq!(lines(&text), ["250 2.0.0 10 octets received", "250 2.0.0 10 octets received"], "split {size}");
+        assert_eq!(h.body, b"Subject: x\r\n\r\nbody\r\n", "split {size}");
+        assert_eq!(h.enqueues.len(), 1);
+        let text = h.enqueue_done(Ok("Q2".into()));
+        assert_eq!(lines(&text).len(), 2, "the pipelined NOOP answered after the commit: {text:?}");
+    }
+}
+
+#[test]
+fn chunk_phase_while_octets_are_owed() {
+    let mut h = bdat_ready(config());
+    assert_eq!(h.send("BDAT 5\r\nab"), "");
+    assert_eq!(h.session.phase(), Phase::Chunk);
+    assert_eq!(h.send("cde"), "250 2.0.0 5 octets received\r\n");
+    assert_eq!(h.session.phase(), Phase::Command, "between chunks");
+    // A client that stops mid-chunk: the driver's deadline sends Timeout.
+    h.send("BDAT 5 LAST\r\nxy");
+    let text = h.event(Event::Timeout);
+    assert!(text.starts_with("421 4.4.2"), "{text:?}");
+    assert_eq!((h.aborts, h.closes, h.enqueues.len()), (1, 1, 0));
+}
+
+#[test]
+fn bdat_0_last_alone_is_an_empty_message() {
+    let mut h = bdat_ready(config());
+    assert_eq!(h.send("BDAT 0 LAST\r\n"), "");
+    assert_eq!(h.enqueues.len(), 1);
+    assert!(h.body.is_empty());
+}
+
+#[test]
+fn bdat_without_transaction_is_503_and_its_octets_are_never_commands() {
+    let mut h = Harness::ready(config());
+    let text = h.send("BDAT 12\r\nQUIT\r\nQUIT\r\nNOOP\r\n");
+    assert_eq!(lines(&text), ["503 5.5.1 Error: need MAIL command", "250 2.0.0 Ok"]);
+    assert_eq!(h.closes, 0);
+    h.cmd("MAIL FROM:<a@b.example>", "250");
+    h.cmd("BDAT 4 LAST\r\nRSET", "503 5.5.1 Error: need RCPT command");
+    assert_eq!((h.count(&Seen::Begin), h.enqueues.len()), (0, 0));
+}
+
+#[test]
+fn bad_bdat_size_is_501_and_hangs_up() {
+    for bad in ["BDAT", "BDAT x", "BDAT -1", "BDAT 5 NOTLAST", "BDAT 99999999999999999999999"] {
+        let mut h = bdat_ready(config());
+        let text = h.send(format!("{bad}\r\nNOOP\r\n"));
+        assert!(text.starts_with("501 5.5.4"), "{bad}: {text:?}");
+        assert_eq!(lines(&text).len(), 1, "nothing after it runs: {text:?}");
+        assert_eq!(h.closes, 1, "{bad}");
+    }
+}
+
+#[test]
+fn bdat_then_data_is_503_and_rset_drops_the_message() {
+    let mut h = bdat_ready(config());
+    h.cmd("BDAT 3\r\nabc", "250 2.0.0 3 octets received");
+    h.cmd("DATA", "503 5.5.1");
+    h.cmd("RSET", "250");
+    assert_eq!((h.aborts, h.enqueues.len()), (1, 0));
+    // A fresh transaction may use DATA.
+    h.start_data("a@b.example", &["jane@example.test"]);
+    h.send("x\r\n.\r\n");
+    assert_eq!(h.enqueues.len(), 1);
+}
+
+#[test]
+fn size_limit_counts_across_chunks_and_the_rest_is_read_and_refused() {
+    let mut h = bdat_ready(config_with(|c| c.max_message_size = 100));
+    let sixty = "x".repeat(58) + "\r\n";
+    let wire = format!("BDAT 60\r\n{sixty}BDAT 60\r\n{sixty}BDAT 60 LAST\r\n{sixty}NOOP\r\n");
+    let text = h.send(wire);
+    assert_eq!(
+        lines(&text),
+        ["250 2.0.0 60 octets received", "552 5.3.4 Message size exceeds fixed limit", "552 5.3.4 Message size exceeds fixed limit", "250 2.0.0 Ok"]
+    );
+    assert_eq!((h.aborts, h.enqueues.len(), h.closes), (1, 0, 0));
+    // The transaction is over: the next one starts afresh.
+    h.cmd("MAIL FROM:<a@b.example>", "250");
+}
+
+#[test]
+fn size_limit_on_the_last_chunk_is_552() {
+    let mut h = bdat_ready(config_with(|c| c.max_message_size = 10));
+    h.cmd("BDAT 20 LAST\r\n01234567890123456789", "552 5.3.4");
+    assert_eq!((h.aborts, h.enqueues.len()), (1, 0));
+}
+
+#[test]
+fn bdat_strict_mode_refuses_bare_line_endings_without_hanging_up() {
+    for content in [&b"a\nb\r\n"[..], b"a\rb\r\n", b"a\r\n.\nMAIL FROM:<x@y>\r\n", b"ab\r"] {
+        let mut h = bdat_ready(config());
+        let wire = [format!("BDAT {} LAST\r\n", content.len()).as_bytes(), content, b"NOOP\r\n"].concat();
+        let text = h.send(&wire);
+        assert_eq!(lines(&text), ["550 5.6.0 Error: bare <CR> or <LF> in message content", "250 2.0.0 Ok"], "{content:?}");
+        assert_eq!((h.aborts, h.enqueues.len(), h.closes), (1, 0, 0));
+    }
+    // Not the last chunk: the rest of the transaction's chunks are read and refused.
+    let mut h = bdat_ready(config());
+    let text = h.send("BDAT 2\r\na\nBDAT 3 LAST\r\nb\r\nNOOP\r\n");
+    assert_eq!(lines(&text).iter().map(|l| &l[..3]).collect::<Vec<_>>(), ["550", "550", "250"]);
+}
+
+#[test]
+fn bdat_normalise_mode_rewrites_bare_line_endings_and_crlf_may_span_chunks() {
+    let mut h = bdat_ready(config_with(|c| c.line_endings = LineEndings::NormaliseBareLf));
+    h.send("BDAT 6\r\na\nb\rc\rBDAT 3 LAST\r\n\nde");
+    assert_eq!(h.body, b"a\r\nb\r\nc\r\nde\r\n");
+    let mut h = bdat_ready(config());
+    h.send("BDAT 2\r\na\rBDAT 1 LAST\r\n\n");
+    assert_eq!((h.body.as_slice(), h.enqueues.len()), (&b"a\r\n"[..], 1));
+}
+
+#[test]
+fn bdat_hop_limit_and_submission_headers_as_for_data() {
+    let mut h = bdat_ready(config_with(|c| c.max_hops = 1));
+    let text = h.send("BDAT 31 LAST\r\nReceived: a\r\nReceived: b\r\n\r\nx\r\n");
+    assert_eq!(lines(&text), ["554 5.4.6 Too many hops: mail loop detected"]);
+    let mut h = Harness::ready(config_with(|c| c.allow_plaintext_auth = true));
+    h.cmd("AUTH PLAIN AHNhbQBnb29k", "235");
+    h.cmd("MAIL FROM:<sam@example.test>", "250");
+    h.cmd("RCPT TO:<jane@example.test>", "250");
+    h.send("BDAT 11\r\nSubject: hiBDAT 8 LAST\r\n\r\n\r\nbody");
+    assert_eq!(h.added_headers, [(true, true)]);
+    assert!(h.message.starts_with(b"Subject: hi\r\nMessage-ID: <Q@"), "{:?}", String::from_utf8_lossy(&h.message));
+    assert!(h.message.ends_with(b"\r\n\r\nbody\r\n"));
 }

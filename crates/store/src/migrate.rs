@@ -18,6 +18,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0011_forward_due_index.sql"),
     include_str!("../../../migrations/0012_smime.sql"),
     include_str!("../../../migrations/0013_user_display_name.sql"),
+    include_str!("../../../migrations/0014_user_admin.sql"),
+    include_str!("../../../migrations/0015_greylist.sql"),
 ];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
