@@ -97,28 +97,16 @@ impl Console {
     pub async fn serve(self, listener: TcpListener) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let router = crate::routes::router(self.state.clone());
-        let mut shutdown = self.shutdown.clone();
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = until_shutdown(&mut shutdown) => return,
-            };
-            match accepted {
-                Ok((tcp, peer)) => {
-                    // Past the limit the connection is closed: the browser retries.
-                    let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
-                    let (me, router) = (self.clone(), router.clone());
-                    tokio::spawn(async move {
-                        let _slot = slot;
-                        me.connection(tcp, peer, router).await;
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin console accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+        accept::until_shutdown_accept(&listener, &self.shutdown, "admin console", |tcp, peer| {
+            // Past the limit the connection is closed: the browser retries.
+            let Ok(slot) = slots.clone().try_acquire_owned() else { return };
+            let (me, router) = (self.clone(), router.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                me.connection(tcp, peer, router).await;
+            });
+        })
+        .await
     }
 
     async fn connection(self, tcp: TcpStream, peer: SocketAddr, router: axum::Router) {
@@ -158,15 +146,10 @@ impl Console {
                     tracing::debug!(client = %ip, error = %e, "admin console connection ended with an error");
                 }
             }
-            _ = until_shutdown(&mut shutdown) => {
+            _ = accept::until_shutdown(&mut shutdown) => {
                 connection.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
             }
         }
     }
-}
-
-/// Resolves once the shutdown flag is set (or its sender is gone).
-async fn until_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|down| *down).await;
 }

@@ -97,23 +97,11 @@ impl LdapServer {
 
     /// Accept connections until shutdown; `implicit_tls` for the ldaps listener.
     pub async fn serve(self, listener: TcpListener, implicit_tls: bool) {
-        let mut shutdown = self.shutdown.clone();
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = until_shutdown(&mut shutdown) => return,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let me = LdapServer { settings: self.live.borrow().clone(), ..self.clone() };
-                    tokio::spawn(async move { me.connection(stream, peer, implicit_tls).await });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "ldap accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+        accept::until_shutdown_accept(&listener, &self.shutdown, "ldap", |stream, peer| {
+            let me = LdapServer { settings: self.live.borrow().clone(), ..self.clone() };
+            tokio::spawn(async move { me.connection(stream, peer, implicit_tls).await });
+        })
+        .await
     }
 
     async fn connection(self, tcp: TcpStream, peer: SocketAddr, implicit_tls: bool) {
@@ -203,7 +191,7 @@ impl LdapServer {
             let mut shutdown = self.shutdown.clone();
             let read = tokio::select! {
                 r = tokio::time::timeout(timeout, stream.read(&mut buf)) => r,
-                _ = until_shutdown(&mut shutdown) => {
+                _ = accept::until_shutdown(&mut shutdown) => {
                     let notice = session::notice_of_disconnection("the server is shutting down, try again later");
                     stream.write_all_within(&notice, timeout).await?;
                     stream.shutdown_within(timeout).await;
@@ -296,9 +284,4 @@ impl LdapServer {
             })
             .await;
     }
-}
-
-/// Resolves once the shutdown flag is set (or its sender is gone).
-async fn until_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|down| *down).await;
 }

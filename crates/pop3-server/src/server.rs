@@ -111,24 +111,12 @@ impl Pop3Server {
 
     /// Accept connections forever; `implicit_tls` for the pop3s listener (P2).
     pub async fn serve(self, listener: TcpListener, implicit_tls: bool) {
-        let mut shutdown = self.shutdown.clone();
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = until_shutdown(&mut shutdown) => return,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    // The settings current now, for this session's whole life.
-                    let me = Pop3Server { settings: self.live.borrow().clone(), ..self.clone() };
-                    tokio::spawn(async move { me.connection(stream, peer, implicit_tls).await });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "pop3 accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+        accept::until_shutdown_accept(&listener, &self.shutdown, "pop3", |stream, peer| {
+            // The settings current now, for this session's whole life.
+            let me = Pop3Server { settings: self.live.borrow().clone(), ..self.clone() };
+            tokio::spawn(async move { me.connection(stream, peer, implicit_tls).await });
+        })
+        .await
     }
 
     fn lock(&self, user_id: i64) -> Option<MaildropLock> {
@@ -249,7 +237,7 @@ impl Driver<'_> {
             let mut shutdown = self.server.shutdown.clone();
             let read = tokio::select! {
                 r = tokio::time::timeout_at(deadline, stream.read(&mut buf)) => r,
-                _ = until_shutdown(&mut shutdown) => {
+                _ = accept::until_shutdown(&mut shutdown) => {
                     stream.write_all_within(b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n", self.server.settings.inactivity_timeout).await?;
                     stream.shutdown_within(self.server.settings.inactivity_timeout).await;
                     return Ok(());
@@ -398,9 +386,4 @@ impl Driver<'_> {
             })
             .await;
     }
-}
-
-/// Resolves once the shutdown flag is set (or its sender is gone).
-async fn until_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|down| *down).await;
 }

@@ -195,23 +195,11 @@ impl SmtpServer {
 
     /// Accept connections on `listener` until shutdown.
     pub async fn serve(self, listener: TcpListener, kind: ListenerKind) {
-        let mut shutdown = self.services.shutdown.clone();
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = until_shutdown(&mut shutdown) => return,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let me = self.for_session();
-                    tokio::spawn(async move { me.connection(stream, peer, kind).await });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "smtp accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+        accept::until_shutdown_accept(&listener, &self.services.shutdown, "smtp", |stream, peer| {
+            let me = self.for_session();
+            tokio::spawn(async move { me.connection(stream, peer, kind).await });
+        })
+        .await
     }
 
     fn store(&self) -> &Store {
@@ -346,7 +334,7 @@ impl SmtpServer {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
-                _ = until_shutdown(&mut shutdown) => return,
+                _ = accept::until_shutdown(&mut shutdown) => return,
             };
             let (stream, _) = match accepted {
                 Ok(s) => s,
@@ -721,7 +709,7 @@ impl Driver<'_> {
             }
             let read = tokio::select! {
                 r = tokio::time::timeout_at(read_deadline, stream.read(&mut buf)) => r,
-                _ = until_shutdown(&mut shutdown), if between_commands => return self.last_command(stream, &mut buf).await,
+                _ = accept::until_shutdown(&mut shutdown), if between_commands => return self.last_command(stream, &mut buf).await,
             };
             actions = match read {
                 Err(_) if between_commands && Instant::now() >= lifetime_end => {
@@ -1034,9 +1022,4 @@ fn is_quit(line: &[u8]) -> bool {
 /// addresses (`owned`, filled in when they authenticate), never by anyone else.
 fn submitter_check(owned: Arc<Mutex<Vec<String>>>) -> crate::session::SubmitterCheck {
     Box::new(move |_user, claimed, from| policy::auth_sender(&owned.lock().expect("owned addresses"), claimed, from))
-}
-
-/// Resolves once the shutdown flag is set (or its sender is gone).
-async fn until_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|down| *down).await;
 }
