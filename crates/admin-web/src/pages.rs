@@ -61,6 +61,8 @@ pub struct Dashboard {
     pub storage_low: bool,
     pub depths: Depths,
     pub counters: Totals,
+    /// Per minute over the last minutes (how many), once there is history.
+    pub rates: Option<(Totals, f64)>,
     pub free: String,
     pub certificate: String,
 }
@@ -243,6 +245,9 @@ pub struct UserRow {
     pub bytes: String,
     pub quota: String,
     pub has_password: bool,
+    /// Where the user's mail is forwarded, "" when it is not; whether a copy stays.
+    pub forward: String,
+    pub keep_copy: bool,
 }
 
 impl From<directory::admin::UserInfo> for UserRow {
@@ -261,6 +266,8 @@ impl From<directory::admin::UserInfo> for UserRow {
             bytes: bytes(u.bytes.max(0) as u64),
             quota: u.quota_bytes.map(|q| bytes(q.max(0) as u64)).unwrap_or_else(|| "none".into()),
             has_password: u.has_password,
+            forward: u.forward_to.unwrap_or_default(),
+            keep_copy: u.keep_copy,
             name: u.name,
         }
     }
@@ -278,6 +285,105 @@ pub struct Users {
 pub struct User {
     pub nav: Nav,
     pub user: UserRow,
+}
+
+pub struct DomainRow {
+    pub name: String,
+    pub origin: &'static str,
+    /// Domains of the configuration file are changed there, not here.
+    pub removable: bool,
+}
+
+#[derive(Template)]
+#[template(path = "domains.html")]
+pub struct Domains {
+    pub nav: Nav,
+    pub domains: Vec<DomainRow>,
+}
+
+pub struct AliasRow {
+    pub alias: String,
+    pub targets: Vec<String>,
+    pub catch_all: bool,
+}
+
+#[derive(Template)]
+#[template(path = "aliases.html")]
+pub struct Aliases {
+    pub nav: Nav,
+    pub aliases: Vec<AliasRow>,
+}
+
+pub struct ListEntry {
+    pub entry: String,
+    pub detail: String,
+}
+
+pub struct AccessList {
+    pub kind: &'static str,
+    pub title: &'static str,
+    pub hint: &'static str,
+    pub rows: Vec<ListEntry>,
+}
+
+#[derive(Template)]
+#[template(path = "lists.html")]
+pub struct Lists {
+    pub nav: Nav,
+    pub lists: Vec<AccessList>,
+    pub hostauth: Vec<ListEntry>,
+    pub denied: Vec<ListEntry>,
+}
+
+#[derive(Template)]
+#[template(path = "explain.html")]
+pub struct Explain {
+    pub nav: Nav,
+    pub ip: String,
+    pub helo: String,
+    pub from: String,
+    pub to: String,
+    pub asked: bool,
+    /// None: unanswered; Some(true): every decision accepts.
+    pub accepted: Option<bool>,
+    pub lines: Vec<String>,
+    pub available: bool,
+}
+
+pub struct DkimRow {
+    pub domain: String,
+    pub selector: String,
+    pub algorithm: &'static str,
+    pub created: String,
+    pub checked: String,
+    pub signs: bool,
+    /// selector._domainkey.domain
+    pub name: String,
+    /// The TXT record's value.
+    pub value: String,
+}
+
+#[derive(Template)]
+#[template(path = "dkim.html")]
+pub struct Dkim {
+    pub nav: Nav,
+    pub keys: Vec<DkimRow>,
+    pub unusable: Vec<String>,
+}
+
+pub struct FilterRow {
+    pub id: i64,
+    pub field: &'static str,
+    pub pattern: String,
+    pub action: &'static str,
+    pub added: String,
+}
+
+#[derive(Template)]
+#[template(path = "filters.html")]
+pub struct Filters {
+    pub nav: Nav,
+    pub rules: Vec<FilterRow>,
 }
 
 #[cfg(test)]
@@ -301,6 +407,24 @@ mod tests {
             Users { nav: nav(), users: Vec::new() }.render().unwrap(),
             Trace { nav: nav(), q: String::new(), from: String::new(), until: String::new(), searched: false, rows: Vec::new() }.render().unwrap(),
             Queue { nav: nav(), rows: Vec::new(), state: String::new(), q: String::new() }.render().unwrap(),
+            Domains { nav: nav(), domains: Vec::new() }.render().unwrap(),
+            Aliases { nav: nav(), aliases: Vec::new() }.render().unwrap(),
+            lists(nav()).render().unwrap(),
+            Dkim { nav: nav(), keys: Vec::new(), unusable: Vec::new() }.render().unwrap(),
+            Filters { nav: nav(), rules: Vec::new() }.render().unwrap(),
+            Explain {
+                nav: nav(),
+                ip: String::new(),
+                helo: String::new(),
+                from: String::new(),
+                to: String::new(),
+                asked: true,
+                accepted: Some(false),
+                lines: vec!["connect: accept".into()],
+                available: true,
+            }
+            .render()
+            .unwrap(),
         ];
         for html in pages {
             for input in html.split("<input").skip(1).chain(html.split("<select").skip(1)) {
@@ -311,6 +435,25 @@ mod tests {
                 let id = tag.split("id=\"").nth(1).and_then(|s| s.split('"').next()).unwrap_or_else(|| panic!("no id: {tag}"));
                 assert!(html.contains(&format!("for=\"{id}\"")), "no label for {id}");
             }
+        }
+    }
+
+    fn lists(nav: Nav) -> Lists {
+        let entry = || ListEntry { entry: "192.0.2.0/24".into(), detail: "added today".into() };
+        let list = AccessList { kind: "relay", title: "t", hint: "h", rows: vec![entry()] };
+        Lists { nav, lists: vec![list], hostauth: vec![entry()], denied: vec![entry()] }
+    }
+
+    #[test]
+    fn every_form_of_the_new_pages_carries_the_token() {
+        let nav = || Nav { user: "admin".into(), csrf: "c".repeat(64), section: "lists", note: None };
+        let domains = Domains { nav: nav(), domains: vec![DomainRow { name: "b.test".into(), origin: "added", removable: true }] };
+        let aliases =
+            Aliases { nav: nav(), aliases: vec![AliasRow { alias: "a@b.test".into(), targets: vec!["x@b.test".into()], catch_all: false }] };
+        for (html, least) in [(domains.render().unwrap(), 3), (aliases.render().unwrap(), 4), (lists(nav()).render().unwrap(), 5)] {
+            let forms = html.matches("method=\"post\"").count();
+            assert!(forms >= least, "{forms} forms:\n{html}");
+            assert_eq!(html.matches(&format!("name=\"csrf\" value=\"{}\"", "c".repeat(64))).count(), forms);
         }
     }
 

@@ -28,6 +28,8 @@ use crate::server::{ClientIp, State};
 
 type Shared = Arc<State>;
 
+mod settings;
+
 pub(crate) fn router(state: Shared) -> Router {
     Router::new()
         .route("/", get(dashboard))
@@ -44,7 +46,18 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/users", get(users_list).post(user_add))
         .route("/users/{name}", get(user_show))
         .route("/users/{name}/{action}", post(user_change))
+        .route("/domains", get(settings::domains_list).post(settings::domain_add))
+        .route("/domains/remove", post(settings::domain_remove))
+        .route("/aliases", get(settings::aliases_list).post(settings::alias_add))
+        .route("/aliases/remove", post(settings::alias_remove))
+        .route("/lists", get(settings::lists_show))
+        .route("/lists/{kind}/{action}", post(settings::list_change))
+        .route("/explain", get(settings::explain))
+        .route("/dkim", get(settings::dkim_list).post(settings::dkim_keygen))
+        .route("/filters", get(settings::filters_list).post(settings::filter_add))
+        .route("/filters/remove", post(settings::filter_remove))
         .route("/static/console.css", get(stylesheet))
+        .route("/static/refresh.js", get(refresh_script))
         .fallback(not_found)
         .layer(axum::middleware::map_response(secure_headers))
         .with_state(state)
@@ -61,6 +74,15 @@ async fn secure_headers(mut response: Response) -> Response {
 async fn stylesheet() -> Response {
     let mut r = ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], include_str!("../static/console.css")).into_response();
     // The one answer a browser may keep: it holds nothing about the server.
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=3600"));
+    r
+}
+
+/// The header static/refresh.js sends with its requests.
+const REFRESH_HEADER: &str = "x-postroom-refresh";
+
+async fn refresh_script() -> Response {
+    let mut r = ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], include_str!("../static/refresh.js")).into_response();
     r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=3600"));
     r
 }
@@ -121,7 +143,10 @@ impl FromRequestParts<Shared> for Admin {
     async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Response> {
         let cookie = parts.headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok());
         let token = cookie.filter_map(|h| security::cookie_value(h, security::COOKIE)).next().map(str::to_string);
-        match token.and_then(|t| Some((state.sessions.touch(&t, Instant::now())?, t))) {
+        // The dashboard's live refresh (static/refresh.js) is not a person using the console.
+        let refresh = parts.headers.get(REFRESH_HEADER).is_some();
+        let session = |t: &str| if refresh { state.sessions.peek(t, Instant::now()) } else { state.sessions.touch(t, Instant::now()) };
+        match token.and_then(|t| Some((session(&t)?, t))) {
             Some((view, token)) => Ok(Admin { token, view }),
             None => Err(Redirect::to("/login").into_response()),
         }
@@ -258,6 +283,7 @@ async fn dashboard(Extract(state): Extract<Shared>, admin: Admin) -> Result<Resp
     let worker = |last: i64| if now - last <= 15 { format!("up (last active {} s ago)", now - last) } else { "DOWN (no sign of life)".to_string() };
     let depths = state.store.read(queue::depths).await?;
     let counters = crate::counters::Totals::of(&metrics::global().encode());
+    let rates = state.history.lock().expect("history").per_minute(std::time::Instant::now(), &counters);
     let free = fs2::available_space(&state.settings.data_dir).map(pages::bytes).unwrap_or_else(|e| format!("unknown ({e})"));
     let certificate = match &state.tls {
         Some(tls) => match tls::describe(&tls.certificate()) {
@@ -280,6 +306,7 @@ async fn dashboard(Extract(state): Extract<Shared>, admin: Admin) -> Result<Resp
         storage_low: health.storage.is_low(),
         depths,
         counters,
+        rates,
         free,
         certificate,
     };
@@ -555,6 +582,9 @@ struct UserChange {
     csrf: String,
     #[serde(default)]
     value: String,
+    /// The forwarding form's "keep a copy" box.
+    #[serde(default)]
+    keep: Option<String>,
 }
 
 async fn user_change(
@@ -595,6 +625,29 @@ async fn user_change(
             (directory(&state, move |d| d.set_quota(&n, quota)).await?.map(|_| text), false)
         }
         "address" => (directory(&state, move |d| d.add_user_address(&n, &value)).await?.map(|key| format!("address {key} added")), false),
+        // Never forced: an address that aliases or forwards point to stays, and the page says why.
+        "address-remove" => {
+            let removed = directory(&state, move |d| d.remove_user_address(&n, &value, false)).await?;
+            let text = removed.map(|r| match r.new_preferred {
+                Some(p) => format!("address {} removed; {p} is the preferred address now", r.address),
+                None => format!("address {} removed", r.address),
+            });
+            (text, false)
+        }
+        "prefer" => {
+            (directory(&state, move |d| d.prefer_user_address(&n, &value)).await?.map(|key| format!("{key} is the preferred address")), false)
+        }
+        "name" => (directory(&state, move |d| d.set_display_name(&n, &value)).await?.map(|_| "full name changed".to_string()), false),
+        "forward" => {
+            let keep = form.keep.is_some();
+            let forward = (!value.is_empty()).then(|| (value.clone(), keep));
+            let text = if value.is_empty() {
+                "forwarding off".to_string()
+            } else {
+                format!("mail forwarded to {value}{}", if keep { ", a copy kept" } else { "" })
+            };
+            (directory(&state, move |d| d.set_forward(&n, forward)).await?.map(|_| text), false)
+        }
         _ => return Err(Failure::NotFound("No such user action.".into())),
     };
     let what = what.map_err(Failure::Refused)?;

@@ -11,8 +11,7 @@ pub const COOKIE: &str = "__Host-postroom";
 
 /// Nothing but our own stylesheet and our own forms: no script, no inline style, no frames.
 /// A message's text shown in a page can therefore not run anything, whatever it contains.
-pub const CONTENT_SECURITY_POLICY: &str =
-    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// Sent with every answer, pages and errors alike.
 pub const HEADERS: &[(&str, &str)] = &[
@@ -102,6 +101,14 @@ impl Sessions {
         let view = session.view.clone();
         session.view.note = None;
         Some(view)
+    }
+
+    /// The session of `token` for a live refresh: valid, but not used by a person, so it does
+    /// not keep the session from idling out and leaves the next page's note alone.
+    pub fn peek(&self, token: &str, now: Instant) -> Option<SessionView> {
+        let inner = self.inner.lock().expect("sessions");
+        let session = inner.get(token)?;
+        (now.saturating_duration_since(session.last_used) < self.idle).then(|| SessionView { note: None, ..session.view.clone() })
     }
 
     /// Tell the session's next page what a change did (post, redirect, get).
@@ -198,9 +205,21 @@ mod tests {
     }
 
     #[test]
-    fn the_policy_allows_no_script() {
+    fn the_policy_allows_only_the_consoles_own_script() {
         assert!(CONTENT_SECURITY_POLICY.starts_with("default-src 'none'"));
-        assert!(!CONTENT_SECURITY_POLICY.contains("script-src"));
+        assert!(CONTENT_SECURITY_POLICY.contains("script-src 'self';"), "no inline script, nothing from elsewhere");
         assert!(!CONTENT_SECURITY_POLICY.contains("unsafe"));
+    }
+
+    #[test]
+    fn a_refresh_peeks_without_keeping_the_session_alive() {
+        let sessions = Sessions::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let (token, _) = sessions.start("admin", t0);
+        sessions.note(&token, "done".into());
+        assert_eq!(sessions.peek(&token, t0 + Duration::from_secs(50)).map(|v| v.note), Some(None), "a refresh takes no note");
+        assert_eq!(sessions.touch(&token, t0 + Duration::from_secs(55)).and_then(|v| v.note).as_deref(), Some("done"));
+        assert!(sessions.peek(&token, t0 + Duration::from_secs(100)).is_some(), "touched at 55 s");
+        assert!(sessions.peek(&token, t0 + Duration::from_secs(116)).is_none(), "peeks at 100 s did not extend it");
     }
 }

@@ -51,6 +51,22 @@ pub struct Health {
     pub storage: StorageGuard,
 }
 
+/// A question for `explain` (issue 19): would the server take this message, and by which rule?
+#[derive(Clone, Debug)]
+pub struct ExplainQuery {
+    pub ip: IpAddr,
+    /// Empty: only MAIL FROM is checked for SPF.
+    pub helo: String,
+    /// "<>" for the null sender.
+    pub from: String,
+    pub to: Vec<String>,
+}
+
+/// The function behind `postroom explain`, given by the binary (this crate cannot reach it):
+/// its lines and whether every decision accepts, or the lines so far and why it could not
+/// answer. It blocks (store, DNS): the console calls it on a blocking thread.
+pub type Explainer = Arc<dyn Fn(ExplainQuery) -> Result<(Vec<String>, bool), Vec<String>> + Send + Sync>;
+
 /// Everything a request handler reaches.
 pub(crate) struct State {
     pub settings: ConsoleSettings,
@@ -61,6 +77,10 @@ pub(crate) struct State {
     pub tls: Option<ServerTls>,
     pub sessions: Sessions,
     pub health: std::sync::RwLock<Health>,
+    pub explainer: std::sync::RwLock<Option<Explainer>>,
+    /// The traffic totals of the last minutes, for the dashboard's rates.
+    pub history: std::sync::Mutex<crate::counters::History>,
+    sampler_started: std::sync::atomic::AtomicBool,
 }
 
 /// The web console; clone it for each listener.
@@ -84,7 +104,19 @@ impl Console {
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Console {
         let sessions = Sessions::new(settings.session_idle);
-        let state = State { settings, store, passwords, penalty, lists: ListCache::default(), tls, sessions, health: Default::default() };
+        let state = State {
+            settings,
+            store,
+            passwords,
+            penalty,
+            lists: ListCache::default(),
+            tls,
+            sessions,
+            health: Default::default(),
+            explainer: Default::default(),
+            history: Default::default(),
+            sampler_started: Default::default(),
+        };
         Console { state: Arc::new(state), shutdown }
     }
 
@@ -93,10 +125,19 @@ impl Console {
         *self.state.health.write().expect("health") = health;
     }
 
+    /// Give the console the function behind `postroom explain`; without it the Explain page
+    /// says it is not available.
+    pub fn set_explainer(&self, explainer: Explainer) {
+        *self.state.explainer.write().expect("explainer") = Some(explainer);
+    }
+
     /// Accept connections until shutdown.
     pub async fn serve(self, listener: TcpListener) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let router = crate::routes::router(self.state.clone());
+        if !self.state.sampler_started.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tokio::spawn(sample_traffic(self.state.clone(), self.shutdown.clone()));
+        }
         accept::until_shutdown_accept(&listener, &self.shutdown, "admin console", |tcp, peer| {
             // Past the limit the connection is closed: the browser retries.
             let Ok(slot) = slots.clone().try_acquire_owned() else { return };
@@ -150,6 +191,19 @@ impl Console {
                 connection.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
             }
+        }
+    }
+}
+
+/// Sample the traffic totals every [`History::EVERY`](crate::counters::History::EVERY) until
+/// shutdown, so the dashboard has rates from its first view.
+async fn sample_traffic(state: Arc<State>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let totals = crate::counters::Totals::of(&metrics::global().encode());
+        state.history.lock().expect("history").record(std::time::Instant::now(), totals);
+        tokio::select! {
+            _ = tokio::time::sleep(crate::counters::History::EVERY) => {}
+            _ = accept::until_shutdown(&mut shutdown) => return,
         }
     }
 }

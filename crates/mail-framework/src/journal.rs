@@ -30,6 +30,9 @@ pub mod code {
     /// greylisting (9P) (issue 21).
     pub const SMTP_GREYLISTED: &str = "9G";
     pub const SMTP_GREYLIST_PASSED: &str = "9P";
+    /// SMTP server: a milter's verdict on a message, with the milter's name, its reply and
+    /// what it changed (issue 21).
+    pub const SMTP_MILTER: &str = "9M";
     /// Address resolution tagged a recipient (P2).
     pub const RESOLVED: &str = "P2";
     /// Local delivery into a POP mailbox (B8).

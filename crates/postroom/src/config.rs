@@ -61,6 +61,8 @@ pub struct Config {
     pub auth: SenderAuthConfig,
     /// `[greylist]`: greylisting on the MX listener (issue 21).
     pub greylist: GreylistConfig,
+    /// `[milter]`: content filters speaking the milter protocol (issue 21).
+    pub milter: MilterConfig,
     /// `[ldap]`: the address book (O5).
     pub ldap: LdapConfig,
     /// `[admin]`: the web console (E6, issue 19).
@@ -346,6 +348,48 @@ impl Default for GreylistConfig {
     }
 }
 
+/// `[milter]`: milters (Postfix's smtpd_milters), run in order at the end of DATA (issue 21).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MilterConfig {
+    /// The milters that may be used.
+    pub servers: Vec<MilterServer>,
+    /// Names of the milters the MX listener runs, in order.
+    pub mx: Vec<String>,
+    /// Names of the milters the submission listeners (and the local socket) run, in order.
+    pub submission: Vec<String>,
+}
+
+/// One entry of `milter.servers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MilterServer {
+    pub name: String,
+    /// "127.0.0.1:8891" (loopback only) or "unix:/absolute/path".
+    pub address: String,
+    /// Seconds for the connect and for each reply (a PROGRESS restarts it).
+    #[serde(default = "milter_timeout")]
+    pub timeout_secs: u64,
+    /// What an unreachable, silent or broken milter means.
+    #[serde(default)]
+    pub default_action: MilterDefault,
+}
+
+fn milter_timeout() -> u64 {
+    30
+}
+
+/// `milter.servers[].default_action`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MilterDefault {
+    /// 451 4.7.1, as Postfix.
+    #[default]
+    Tempfail,
+    /// Take the message as if the milter had accepted it.
+    Accept,
+}
+
 /// `[metrics]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -558,6 +602,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             auth: SenderAuthConfig::default(),
             greylist: GreylistConfig::default(),
+            milter: MilterConfig::default(),
             ldap: LdapConfig::default(),
             admin: AdminConfig::default(),
             origin: DEFAULT_ORIGIN.into(),
@@ -879,6 +924,7 @@ impl Config {
             Err(_) => problems.push(format!("metrics.listen = {metrics:?}: must be empty (off) or address:port, e.g. \"127.0.0.1:9425\"")),
         }
         problems.extend(self.acme_problems(&listeners));
+        problems.extend(self.milter_problems());
         if listeners.is_empty() {
             problems.push(
                 "no listener at all: smtp.listen, smtp.submission_listen, smtp.tls_listen, \
@@ -897,6 +943,46 @@ impl Config {
             return Ok(());
         }
         Err(ConfigError { origin: self.origin.clone(), problems })
+    }
+
+    /// `[milter]` (issue 21): names unique and known, addresses on loopback or a Unix socket.
+    fn milter_problems(&self) -> Vec<String> {
+        let m = &self.milter;
+        let mut problems = Vec::new();
+        for (i, server) in m.servers.iter().enumerate() {
+            let name = &server.name;
+            let name_ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !name_ok {
+                problems.push(format!("milter.servers.name = {name:?}: must be letters, digits, '-' or '_'"));
+            }
+            if m.servers[..i].iter().any(|o| o.name == *name) {
+                problems.push(format!("milter.servers.name = {name:?}: more than one milter has this name"));
+            }
+            let address = &server.address;
+            match milter::client::Address::parse(address) {
+                Some(milter::client::Address::Tcp(a)) if !a.ip().is_loopback() => problems.push(format!(
+                    "milter.servers.address = {address:?}: must be on a loopback address (the protocol has no encryption nor authentication)"
+                )),
+                Some(_) => {}
+                None => problems
+                    .push(format!("milter.servers.address = {address:?}: must be \"127.0.0.1:PORT\", \"[::1]:PORT\" or \"unix:/absolute/path\"")),
+            }
+            let t = server.timeout_secs;
+            if !(1..=3600).contains(&t) {
+                problems.push(format!("milter.servers.timeout_secs = {t:?}: must be 1..3600 (milter {name})"));
+            }
+        }
+        for (key, names) in [("milter.mx", &m.mx), ("milter.submission", &m.submission)] {
+            for (i, name) in names.iter().enumerate() {
+                if !m.servers.iter().any(|s| s.name == *name) {
+                    problems.push(format!("{key} = {names:?}: no milter named {name:?} in milter.servers"));
+                }
+                if names[..i].contains(name) {
+                    problems.push(format!("{key} = {names:?}: {name:?} is listed twice"));
+                }
+            }
+        }
+        problems
     }
 
     /// `[tls.acme]` (O6): checked only when `directory` turns it on.
@@ -1297,6 +1383,22 @@ mod tests {
         refused("greylist = { retry_window_hours = 0 }", "greylist.retry_window_hours", "1..720");
         refused("greylist = { delay_secs = 7200, retry_window_hours = 2 }", "greylist.retry_window_hours", "longer than greylist.delay_secs");
         refused("greylist = { max_age_days = 0 }", "greylist.max_age_days", "1..3650");
+        refused("milter = { mx = [\"x\"] }", "milter.mx", "no milter named \"x\"");
+        let server = |address: &str| format!("milter = {{ servers = [{{ name = \"m\", address = \"{address}\" }}], submission = [\"m\", \"m\"] }}");
+        refused(&server("127.0.0.1:8891"), "milter.submission", "listed twice");
+        refused(&server("192.0.2.1:8891"), "milter.servers.address", "loopback");
+        refused(&server("localhost:8891"), "milter.servers.address", "unix:/absolute/path");
+        refused(&server("unix:run/m.sock"), "milter.servers.address", "unix:/absolute/path");
+        refused("milter = { servers = [{ name = \"a b\", address = \"unix:/m\" }] }", "milter.servers.name", "letters");
+        refused(
+            "milter = { servers = [{ name = \"m\", address = \"unix:/m\" }, { name = \"m\", address = \"unix:/n\" }] }",
+            "milter.servers.name",
+            "more than one",
+        );
+        refused("milter = { servers = [{ name = \"m\", address = \"unix:/m\", timeout_secs = 0 }] }", "milter.servers.timeout_secs", "1..3600");
+        let ok = "milter = { servers = [{ name = \"m\", address = \"[::1]:1\", default_action = \"accept\" }], mx = [\"m\"] }";
+        assert_eq!(problems(ok), Vec::<String>::new());
+        assert_eq!(parse(ok).milter.servers[0].timeout_secs, 30);
         refused("greylist = { max_age_days = 1, retry_window_hours = 48 }", "greylist.max_age_days", "at least greylist.retry_window_hours");
         assert_eq!(problems("greylist = { enabled = true, delay_secs = 1, auto_allow_after = 0 }"), Vec::<String>::new());
         refused(r#"tls = { cert = "cert.pem" }"#, "tls.cert", "both");

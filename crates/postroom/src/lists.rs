@@ -266,10 +266,45 @@ pub struct ExplainArgs {
     helo: Option<String>,
 }
 
-/// Walk one message through the policy module, exactly as the SMTP server would. True when
-/// every decision accepts.
+/// Walk one message through the policy module, exactly as the SMTP server would, and print
+/// each decision. True when every decision accepts.
 pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<bool> {
     let (store, domains) = open(config)?;
+    let mut out = Vec::new();
+    let accepted = explain_lines(&args, config, &store, &domains, &mut out);
+    for line in &out {
+        outln!("{line}");
+    }
+    accepted
+}
+
+/// The web console's `explain` form (issue 19): the same walk as `postroom explain`, on the
+/// running server's store; the lines it prints, and whether every decision accepts. Blocks
+/// (the store, DNS): the console calls it on a blocking thread.
+pub fn explainer(config: Config, store: store::Store) -> admin_web::Explainer {
+    Arc::new(move |q: admin_web::ExplainQuery| {
+        let domains = directory::LocalDomains::new(&config.domains, &config.postmaster);
+        let helo = Some(q.helo).filter(|h| !h.is_empty());
+        let args = ExplainArgs { ip: q.ip, pop_login: false, user: None, from: q.from, to: q.to, etrn: None, helo };
+        let mut out = Vec::new();
+        match explain_lines(&args, &config, &store, &domains, &mut out) {
+            Ok(accepted) => Ok((out, accepted)),
+            Err(e) => {
+                out.push(format!("cannot answer: {e:#}"));
+                Err(out)
+            }
+        }
+    })
+}
+
+/// [`explain`]'s walk, each decision a line of `out`.
+fn explain_lines(
+    args: &ExplainArgs,
+    config: &Config,
+    store: &store::Store,
+    domains: &directory::LocalDomains,
+    out: &mut Vec<String>,
+) -> anyhow::Result<bool> {
     let policy = crate::serve::relay_policy(config);
     let ip = normalise_ip(args.ip);
     let ip_text = ip.to_string();
@@ -288,7 +323,7 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<bool> {
         bail!("no such user: {} (see `postroom user list`)", args.user.as_deref().unwrap_or_default());
     };
     let now = store::now();
-    let rbl_listed = rbl_listed(config, ip, &lists);
+    let rbl_listed = rbl_listed(config, ip, &lists, out);
     let facts = ClientFacts {
         ip,
         // An IP literal is ours when it names the first SMTP listener.
@@ -302,23 +337,23 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<bool> {
         listener_auth: crate::serve::mx_auth(config),
     };
     let d = policy.connect(&facts);
-    outln!("connect: {} (rule: {})", verdict(d.allow), d.rule);
+    out.push(format!("connect: {} (rule: {})", verdict(d.allow), d.rule));
     let mut accepted = d.allow;
     let d = policy::plaintext_auth(config.tls.allow_plaintext_auth == postroom::config::PlaintextAuth::Loopback, ip);
     // Informational: a client without TLS is told to start it, not refused.
-    outln!("credentials without TLS: {} (rule: {})", if d.allow { "allowed" } else { "TLS first" }, d.rule);
+    out.push(format!("credentials without TLS: {} (rule: {})", if d.allow { "allowed" } else { "TLS first" }, d.rule));
     if let Some(node) = &args.etrn {
         let domain = node.trim_start_matches('@').to_ascii_lowercase();
         let dial_up = mail_framework::outbound::EtrnDomains::new(&config.delivery.etrn_domains).contains(&domain);
         let d = policy.etrn(&facts, &domain, dial_up);
-        outln!("ETRN {node}: {} (rule: {})", verdict(d.allow), d.rule);
+        out.push(format!("ETRN {node}: {} (rule: {})", verdict(d.allow), d.rule));
         accepted &= d.allow;
     }
     let from = if args.from == "<>" { None } else { Some(parse_address(&args.from).context("--from")?) };
     let d = policy.sender(&facts, from.as_ref(), &owned);
-    outln!("sender {}: {} (rule: {})", args.from, verdict(d.allow), d.rule);
+    out.push(format!("sender {}: {} (rule: {})", args.from, verdict(d.allow), d.rule));
     accepted &= d.allow;
-    accepted &= explain_sender_auth(config, &policy, &facts, from.as_ref(), args.helo.as_deref().unwrap_or_default());
+    accepted &= explain_sender_auth(config, &policy, &facts, from.as_ref(), args.helo.as_deref().unwrap_or_default(), out);
     for to in &args.to {
         let rcpt = parse_address(to).with_context(|| format!("--to {to}"))?;
         let (p, f, dom, r) = (policy.clone(), facts.clone(), domains.clone(), rcpt.clone());
@@ -330,14 +365,23 @@ pub fn explain(args: ExplainArgs, config: &Config) -> anyhow::Result<bool> {
             (_, true) => "relay".to_string(),
         };
         let rewritten = outcome.record_as.as_ref().map(|a| format!(" as {a}")).unwrap_or_default();
-        outln!("recipient {to}: {what}{rewritten} (rule: {})", d.rule);
+        out.push(format!("recipient {to}: {what}{rewritten} (rule: {})", d.rule));
         accepted &= d.allow;
         if d.allow {
             let recipient = outcome.record_as.unwrap_or(rcpt);
             let sender = from.as_ref().map(Address::to_string).unwrap_or_default();
-            accepted &= explain_greylist(config, &store, &policy, &facts, &sender, &recipient)?;
+            accepted &= explain_greylist(config, store, &policy, &facts, &sender, &recipient, out)?;
         }
     }
+    // Issue 21: the milters the message would meet at the end of DATA — the submission
+    // listeners' for a user who logs in, the MX listener's otherwise. Only they can say then
+    // what they decide.
+    let (listener, milters) = if args.user.is_some() { ("submission", &config.milter.submission) } else { ("MX", &config.milter.mx) };
+    out.push(if milters.is_empty() {
+        format!("milters ({listener} listener): none")
+    } else {
+        format!("milters ({listener} listener): {}, in that order, at the end of DATA", milters.join(", "))
+    });
     Ok(accepted)
 }
 
@@ -351,11 +395,12 @@ fn explain_greylist(
     facts: &ClientFacts,
     sender: &str,
     to: &Address,
+    out: &mut Vec<String>,
 ) -> anyhow::Result<bool> {
     let grey = crate::serve::greylist_policy(config);
     if let Some(rule) = grey.exemption(relay, facts, to) {
         let what = if grey.enabled { "not greylisted" } else { "off" };
-        outln!("greylist {to}: {what} (rule: {rule})");
+        out.push(format!("greylist {to}: {what} (rule: {rule})"));
         return Ok(true);
     }
     let triplet = policy::greylist::triplet(facts.ip, sender, to);
@@ -372,7 +417,7 @@ fn explain_greylist(
     };
     let shown = if triplet.sender.is_empty() { "<>" } else { &triplet.sender };
     let reply = o.decision.greylist_reply().map(|r| format!("; the server answers {}", r.to_string().trim_end())).unwrap_or_default();
-    outln!("greylist {to}: {what} (triplet {} {shown} {}{reply}; rule: {})", triplet.network, triplet.recipient, o.decision.rule);
+    out.push(format!("greylist {to}: {what} (triplet {} {shown} {}{reply}; rule: {})", triplet.network, triplet.recipient, o.decision.rule));
     Ok(o.decision.allow)
 }
 
@@ -393,16 +438,23 @@ fn parse_address(text: &str) -> anyhow::Result<Address> {
 /// E1: the SPF verdict for the sender and what the DMARC policy of its domain would do to an
 /// unsigned message `From:` the same address, looked up through `[dns]` as the server would.
 /// True unless one of them refuses.
-fn explain_sender_auth(config: &Config, relay: &policy::RelayPolicy, facts: &ClientFacts, from: Option<&Address>, helo: &str) -> bool {
+fn explain_sender_auth(
+    config: &Config,
+    relay: &policy::RelayPolicy,
+    facts: &ClientFacts,
+    from: Option<&Address>,
+    helo: &str,
+    out: &mut Vec<String>,
+) -> bool {
     let checks = crate::serve::sender_auth_policy(config);
     if let Some(rule) = checks.exemption(relay, facts) {
-        outln!("SPF, DKIM, DMARC: not checked (rule: {rule})");
+        out.push(format!("SPF, DKIM, DMARC: not checked (rule: {rule})"));
         return true;
     }
     let verifier = match sender_auth::verify::Verifier::new(&config.dns.servers) {
         Ok(v) => v,
         Err(e) => {
-            outln!("SPF, DKIM, DMARC: cannot be checked: {e}");
+            out.push(format!("SPF, DKIM, DMARC: cannot be checked: {e}"));
             return true;
         }
     };
@@ -417,14 +469,14 @@ fn explain_sender_auth(config: &Config, relay: &policy::RelayPolicy, facts: &Cli
     });
     let spf = &verdict.spf.mail_from;
     let at_mail = checks.at_mail_from(spf.result, &spf.domain);
-    outln!("SPF for {author} from {}: {} (rule: {})", facts.ip, verdict_word(&at_mail), at_mail.rule);
+    out.push(format!("SPF for {author} from {}: {} (rule: {})", facts.ip, verdict_word(&at_mail), at_mail.rule));
     if let Some(h) = &verdict.spf.helo {
-        outln!("SPF for HELO {helo}: {} (for the header only)", h.result);
+        out.push(format!("SPF for HELO {helo}: {} (for the header only)", h.result));
     }
     let policy = verdict.dmarc.policy.map_or("none published", |p| p.as_str());
     let domain = if verdict.dmarc.domain.is_empty() { "(no domain)" } else { verdict.dmarc.domain.as_str() };
     let d = checks.at_end_of_data(&verdict.facts());
-    outln!("DMARC policy of {domain}: {policy}; an unsigned message From: {author}: {} (rule: {})", verdict_word(&d), d.rule);
+    out.push(format!("DMARC policy of {domain}: {policy}; an unsigned message From: {author}: {} (rule: {})", verdict_word(&d), d.rule));
     at_mail.allow && d.allow
 }
 
@@ -438,7 +490,7 @@ fn verdict_word(d: &policy::Decision) -> &'static str {
     }
 }
 
-fn rbl_listed(config: &Config, ip: IpAddr, lists: &AccessLists) -> Option<(String, std::net::Ipv4Addr)> {
+fn rbl_listed(config: &Config, ip: IpAddr, lists: &AccessLists, out: &mut Vec<String>) -> Option<(String, std::net::Ipv4Addr)> {
     if lists.rbl.is_empty() {
         return None;
     }
@@ -449,7 +501,7 @@ fn rbl_listed(config: &Config, ip: IpAddr, lists: &AccessLists) -> Option<(Strin
             match dns.rbl(ip, zone).await {
                 dns::RblAnswer::Listed(answer) => return Some((zone.clone(), answer)),
                 dns::RblAnswer::NotListed => {}
-                dns::RblAnswer::Error(e) => outln!("note: {e}; the server would let the client in (fail open)"),
+                dns::RblAnswer::Error(e) => out.push(format!("note: {e}; the server would let the client in (fail open)")),
             }
         }
         None

@@ -98,6 +98,8 @@ pub const LIVE: &[&str] = &[
     "auth.*",
     // Issue 21: sessions and the hourly expiry take the new values.
     "greylist.*",
+    // Issue 21: sessions accepted after the reload run the new milters.
+    "milter.*",
 ];
 
 /// Does a reload apply `key`?
@@ -310,6 +312,7 @@ mod tests {
         assert!(!is_live("relay"), "a section name alone is no key");
         assert!(is_live("tls.key") && is_live("tls.handshake_timeout_secs"));
         assert!(is_live("greylist.enabled") && is_live("greylist.delay_secs"), "issue 21: greylisting reloads");
+        assert!(is_live("milter.servers") && is_live("milter.mx") && is_live("milter.submission"), "issue 21: milters reload");
     }
 
     #[test]

@@ -187,6 +187,7 @@ async fn run(config: Config, source: crate::reload::Source) -> anyhow::Result<()
     let pop3 = Pop3Server::new(pop3_settings(&config), store.clone(), passwords.clone(), tls.clone(), penalty.clone(), shutdown.clone());
     let ldap = LdapServer::new(ldap_settings(&config), store.clone(), passwords.clone(), tls.clone(), penalty.clone(), shutdown.clone());
     let console = admin_web::Console::new(console_settings(&config), store.clone(), passwords.clone(), tls.clone(), penalty, shutdown.clone());
+    console.set_explainer(crate::lists::explainer(config.clone(), store.clone()));
 
     let mut bound = Vec::new();
     let smtp_listeners = [
@@ -690,7 +691,31 @@ fn smtp_settings(c: &Config) -> SmtpSettings {
         etrn_domains: mail_framework::outbound::EtrnDomains::new(&c.delivery.etrn_domains),
         sender_auth: sender_auth_policy(c),
         greylist: greylist_policy(c),
+        milters: milters(c),
     }
+}
+
+/// Issue 21: `[milter]`, each listener's milters in order (names validated).
+fn milters(c: &Config) -> smtp_server::milters::Milters {
+    let m = &c.milter;
+    let pick = |names: &[String]| -> Vec<milter::client::Milter> {
+        names
+            .iter()
+            .filter_map(|n| m.servers.iter().find(|s| s.name == *n))
+            .filter_map(|s| {
+                Some(milter::client::Milter {
+                    name: s.name.clone(),
+                    address: milter::client::Address::parse(&s.address)?,
+                    timeout: Duration::from_secs(s.timeout_secs),
+                    default_action: match s.default_action {
+                        postroom::config::MilterDefault::Tempfail => milter::DefaultAction::Tempfail,
+                        postroom::config::MilterDefault::Accept => milter::DefaultAction::Accept,
+                    },
+                })
+            })
+            .collect()
+    };
+    smtp_server::milters::Milters { mx: pick(&m.mx), submission: pick(&m.submission) }
 }
 
 /// Issue 21: the greylisting settings (`[greylist]`; also used by `explain`).

@@ -6,6 +6,7 @@
 mod auth;
 mod headers;
 pub mod local;
+pub mod milters;
 pub mod received;
 pub mod server;
 pub mod session;

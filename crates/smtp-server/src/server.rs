@@ -66,6 +66,8 @@ pub struct SmtpSettings {
     pub sender_auth: policy::SenderAuthPolicy,
     /// Issue 21: greylisting at RCPT (`[greylist]`).
     pub greylist: policy::greylist::GreylistPolicy,
+    /// Issue 21: the milters of each kind of listener (`[milter]`).
+    pub milters: crate::milters::Milters,
 }
 
 /// Which kind of SMTP listener a connection came in on (S6).
@@ -284,7 +286,7 @@ impl SmtpServer {
         if checks && self.settings.sender_auth.spf_refuse_fail && self.settings.sender_auth.exemption(&self.settings.policy, &facts).is_none() {
             session = session.with_spf_at_mail();
         }
-        self.drive(stream, facts, session, owned, sender, checks).await;
+        self.drive(stream, facts, session, owned, sender, kind).await;
     }
 
     fn session_config(&self, kind: ListenerKind, facts: &ClientFacts, stream: &Stream) -> SessionConfig {
@@ -314,10 +316,17 @@ impl SmtpServer {
         session: Session,
         owned: Arc<Mutex<Vec<String>>>,
         sender: SenderSeen,
-        checks: bool,
+        kind: ListenerKind,
     ) {
+        // E1: as `connection` decided (only the MX listener checks senders).
+        let checks = kind == ListenerKind::Mx && self.services.verifier.is_some();
         let ip = facts.ip;
-        let mut driver = Driver { server: self, facts, session, incoming: None, owned, sender, out: Vec::new(), checks, spf: None, held: None };
+        let milters = match kind {
+            ListenerKind::Mx => self.settings.milters.mx.clone(),
+            ListenerKind::Submission | ListenerKind::Smtps | ListenerKind::Local => self.settings.milters.submission.clone(),
+        };
+        let mut driver =
+            Driver { server: self, facts, session, incoming: None, owned, sender, out: Vec::new(), checks, spf: None, held: None, kind, milters };
         if let Err(e) = driver.run(&mut stream).await {
             tracing::debug!(client = %ip, error = %e, "smtp session ended with an error");
         }
@@ -397,7 +406,7 @@ impl SmtpServer {
             .with_sender_check(remember_sender(&sender, check))
             .with_submitter_check(submitter_check(owned.clone()))
             .authenticated_as(&user);
-        self.drive(stream, facts, session, owned, sender, false).await;
+        self.drive(stream, facts, session, owned, sender, ListenerKind::Local).await;
     }
 
     /// Query every blackhole list zone at once (R4); errors fail open and are journaled.
@@ -502,6 +511,9 @@ struct Driver<'a> {
     /// E1: the message being checked, held until its verdict is known (the header of the
     /// verdict goes first, and a refused message is never stored).
     held: Option<Held>,
+    kind: ListenerKind,
+    /// Issue 21: the milters of this session's listener, in order.
+    milters: Vec<milter::client::Milter>,
 }
 
 /// A message held back for the checks: the Received field to write, and the message as the
@@ -510,6 +522,18 @@ struct Held {
     received: String,
     helo: String,
     message: Vec<u8>,
+    /// E1: the sender-authentication checks apply (else only the milters hold it).
+    auth: bool,
+    /// E1: the Authentication-Results field, which goes on top.
+    results: String,
+}
+
+/// Why a held message is not stored.
+enum Stop {
+    /// This reply takes the place of 250.
+    Refused(Reply),
+    /// A milter discarded it: 250 all the same.
+    Discarded,
 }
 
 /// The sender of the last MAIL FROM the session checked. The session refuses a nested MAIL
@@ -602,8 +626,9 @@ impl Driver<'_> {
                             single_rcpt: single_rcpt.as_deref(),
                             now: store::now(),
                         });
-                        if self.checks && s.sender_auth.exemption(&s.policy, &self.facts_now()).is_none() {
-                            self.held = Some(Held { received: header, helo, message: Vec::new() });
+                        let auth = self.checks && s.sender_auth.exemption(&s.policy, &self.facts_now()).is_none();
+                        if auth || !self.milters.is_empty() {
+                            self.held = Some(Held { received: header, helo, message: Vec::new(), auth, results: String::new() });
                         } else {
                             self.held = None;
                             store_failed = incoming.push(header.as_bytes()).await.is_err();
@@ -614,7 +639,10 @@ impl Driver<'_> {
                         // S3: in order with the message bytes, as the session placed them.
                         if let (Some(incoming), false) = (self.incoming.as_mut(), store_failed) {
                             let headers = submission_headers(message_id, date, incoming.qid(), &self.server.settings.hostname, store::now());
-                            store_failed = incoming.push(headers.as_bytes()).await.is_err();
+                            match self.held.as_mut() {
+                                Some(held) => held.message.extend_from_slice(headers.as_bytes()),
+                                None => store_failed = incoming.push(headers.as_bytes()).await.is_err(),
+                            }
                         }
                     }
                     Action::BodyChunk(bytes) if self.held.is_some() => {
@@ -625,19 +653,28 @@ impl Driver<'_> {
                             store_failed = incoming.push(&bytes).await.is_err();
                         }
                     }
-                    Action::Enqueue(envelope) if self.held.is_some() => {
-                        let held = self.held.take().expect("held");
-                        match self.sender_auth(held, &envelope).await {
-                            Ok(failed) => {
-                                store_failed |= failed;
+                    Action::Enqueue(mut envelope) if self.held.is_some() => {
+                        let mut held = self.held.take().expect("held");
+                        let mut checked = if held.auth { self.sender_auth(&mut held, &envelope).await.map_err(Stop::Refused) } else { Ok(()) };
+                        if checked.is_ok() && !self.milters.is_empty() && !store_failed {
+                            checked = self.milters(&mut held, &mut envelope).await;
+                        }
+                        match checked {
+                            Ok(()) => {
+                                store_failed |= self.store_held(held).await;
                                 pending.push_front(Action::Enqueue(envelope));
                             }
-                            Err(reply) => {
+                            Err(stop) => {
+                                let qid = self.incoming.as_ref().map(|i| i.qid().to_string()).unwrap_or_default();
                                 if let Some(incoming) = self.incoming.take() {
                                     incoming.abort().await;
                                 }
                                 store_failed = false;
-                                pending.extend(self.session.handle(Event::DataRefused(reply)));
+                                let event = match stop {
+                                    Stop::Refused(reply) => Event::DataRefused(reply),
+                                    Stop::Discarded => Event::EnqueueDone(Ok(qid)),
+                                };
+                                pending.extend(self.session.handle(event));
                             }
                         }
                     }
@@ -885,11 +922,10 @@ impl Driver<'_> {
     }
 
     /// E1: SPF, DKIM and DMARC on the held message, and the policy's decision. Accepted: the
-    /// Authentication-Results field, the Received field and the message (less the results
-    /// fields that claim our name, RFC 8601 §5) go to the store, into the quarantine when the
-    /// decision says so; `Ok(true)` when a store write failed. Refused: the reply that takes
-    /// the place of 250; nothing was stored.
-    async fn sender_auth(&mut self, held: Held, envelope: &mail_framework::Envelope) -> Result<bool, Reply> {
+    /// Authentication-Results field is held for the top and the message loses the results
+    /// fields that claim our name (RFC 8601 §5); into the quarantine when the decision says so.
+    /// Refused: the reply that takes the place of 250; nothing was stored.
+    async fn sender_auth(&mut self, held: &mut Held, envelope: &mail_framework::Envelope) -> Result<(), Reply> {
         let s = self.server;
         let verifier = s.services.verifier.as_ref().expect("checks need a verifier");
         let client =
@@ -903,19 +939,96 @@ impl Driver<'_> {
             s.journal_from(code::SMTP_REJECTED, self.facts.ip, &envelope.mail_from, &recipients, &decision.rule.to_string());
             return Err(reply);
         }
-        let Some(incoming) = self.incoming.as_mut() else { return Ok(true) };
+        let Some(incoming) = self.incoming.as_mut() else { return Ok(()) };
         s.journal_from(code::SMTP_SENDER_AUTH, self.facts.ip, &envelope.mail_from, &recipients, &format!("{}: {}", incoming.qid(), decision.rule));
         if let Some(reason) = decision.quarantine_reason() {
             incoming.quarantine(reason);
         }
-        let results = verdict.header(&s.settings.hostname);
-        let message = sender_auth::verify::header::strip_own(&held.message, &s.settings.hostname);
-        for part in [results.as_bytes(), held.received.as_bytes(), &message] {
+        held.results = verdict.header(&s.settings.hostname);
+        held.message = sender_auth::verify::header::strip_own(&held.message, &s.settings.hostname).into_owned();
+        Ok(())
+    }
+
+    /// Issue 21: the listener's milters on the held message, in order, after the sender
+    /// authentication (they see its Authentication-Results field, not our Received field).
+    /// Their header and body changes are applied to the held bytes, their recipient changes
+    /// to `envelope`; a quarantine marks the `Incoming`. Each milter's verdict is journaled.
+    async fn milters(&mut self, held: &mut Held, envelope: &mut mail_framework::Envelope) -> Result<(), Stop> {
+        let s = self.server;
+        let Some(incoming) = self.incoming.as_mut() else { return Ok(()) };
+        let ip = self.facts.ip;
+        let view = [held.results.as_bytes(), &held.message].concat();
+        let (headers, body) = crate::milters::split(&view);
+        let mut macros = vec![
+            ("j".to_string(), s.settings.hostname.clone()),
+            ("daemon_name".to_string(), self.kind.name().to_string()),
+            ("daemon_addr".to_string(), self.facts.local_ip.to_string()),
+            ("v".to_string(), "Postroom".to_string()),
+            ("_".to_string(), format!("[{ip}] [{ip}]")),
+            ("i".to_string(), incoming.qid().to_string()),
+        ];
+        if let Some(user) = self.session.authenticated() {
+            macros.push(("auth_authen".to_string(), user.to_string()));
+        }
+        let message = milter::Message {
+            client: Some(milter::Client { hostname: format!("[{ip}]"), address: milter::ClientAddress::Inet { ip, port: 0 } }),
+            helo: held.helo.clone(),
+            mail_from: envelope.mail_from.clone(),
+            mail_params: Vec::new(),
+            recipients: envelope.recipients.iter().map(|r| milter::Recipient { address: r.clone(), params: Vec::new() }).collect(),
+            headers,
+            body,
+            macros,
+        };
+        let limit = usize::try_from(s.settings.max_message_size).unwrap_or(usize::MAX);
+        let run = crate::milters::run(&self.milters, message, limit).await;
+        let recipients = envelope.recipients.join(",");
+        for detail in &run.journal {
+            s.journal_from(code::SMTP_MILTER, ip, &envelope.mail_from, &recipients, &format!("{}: {detail}", incoming.qid()));
+        }
+        match run.end {
+            crate::milters::End::Refuse(reply) => {
+                let detail = format!("{}: refused by a milter: {}", incoming.qid(), reply.to_string().trim_end());
+                s.journal_from(code::SMTP_REJECTED, ip, &envelope.mail_from, &recipients, &detail);
+                return Err(Stop::Refused(reply));
+            }
+            crate::milters::End::Discard => return Err(Stop::Discarded),
+            crate::milters::End::Quarantine(reason) => incoming.quarantine(reason),
+            crate::milters::End::Pass => {}
+        }
+        // Recipients added and removed; their DSN parameters follow them (new ones have none).
+        let now: Vec<String> = run.message.recipients.iter().map(|r| r.address.clone()).collect();
+        if now != envelope.recipients {
+            if !envelope.dsn.recipients.is_empty() {
+                let old: Vec<(String, mail_framework::RcptDsn)> =
+                    envelope.recipients.iter().cloned().zip(envelope.dsn.recipients.iter().cloned()).collect();
+                envelope.dsn.recipients =
+                    now.iter().map(|r| old.iter().find(|(a, _)| a.eq_ignore_ascii_case(r)).map(|(_, d)| d.clone()).unwrap_or_default()).collect();
+            }
+            envelope.recipients = now;
+        }
+        if run.content_changed {
+            // Our Received field stays right below our Authentication-Results field if that is
+            // still there, else on top (a milter's insertion at 0 lands above it).
+            let results = crate::milters::split(held.results.as_bytes()).0;
+            let at = results.first().and_then(|f| run.message.headers.iter().position(|h| h == f)).map_or(0, |i| i + 1);
+            held.message = crate::milters::join(&run.message.headers, &run.message.body, &held.received, at);
+            held.results.clear();
+            held.received.clear();
+        }
+        Ok(())
+    }
+
+    /// The held message into the store: the Authentication-Results field (if any), the Received
+    /// field, the message. True when a store write failed.
+    async fn store_held(&mut self, held: Held) -> bool {
+        let Some(incoming) = self.incoming.as_mut() else { return true };
+        for part in [held.results.as_bytes(), held.received.as_bytes(), &held.message] {
             if incoming.push(part).await.is_err() {
-                return Ok(true);
+                return true;
             }
         }
-        Ok(false)
+        false
     }
 
     /// The policy's RCPT decision (relay-trick screen, directory lookup, relay rules), on a
