@@ -23,6 +23,7 @@ from helpers import (
     make_message,
     pop_login_from,
     smtp_from,
+    subject_of,
     wait_for_subjects,
     wait_journal,
 )
@@ -187,3 +188,29 @@ def test_off_by_default_changes_nothing(make_server):
     assert journal_lines(srv, "9G") == []
     line, status = explain_greylist(srv, "127.0.0.5", JANE, ADDR)
     assert line.startswith(f"greylist {ADDR}: off") and status == 0, line
+
+
+def test_many_clients_at_once_share_one_triplet_record(make_server):
+    """Issue 21 under concurrency: 16 sessions of one /24 racing on a new triplet are all held,
+    and only one of them records it as new (the decision and the record are one write); after
+    the delay 16 sessions at once all pass, and each message arrives exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = greylist_server(make_server)
+    ips = [f"127.0.0.{10 + i}" for i in range(16)]
+    with ThreadPoolExecutor(len(ips)) as pool:
+        held = list(pool.map(lambda ip: attempt(srv, ip, ADDR)[0][0], ips))
+    for reply in held:
+        assert_greylisted(reply, DELAY)
+    time.sleep(1)
+    new = [line for line in journal_lines(srv, "9G") if "127.0.0.0/24" in line and "new triplet" in line]
+    assert len(new) == 1, new
+    time.sleep(DELAY + 0.5)
+    subjects = [f"concurrent {i}" for i in range(len(ips))]
+    with ThreadPoolExecutor(len(ips)) as pool:
+        results = list(pool.map(lambda a: attempt(srv, a[0], ADDR, subject=a[1]), zip(ips, subjects)))
+    for (rcpt,), data in results:
+        expect(rcpt, 250)
+        assert data is not None
+    got = [subject_of(m) for m in wait_for_subjects(srv, NAME, PW, subjects)]
+    assert sorted(got) == sorted(subjects), f"each exactly once: {got}"

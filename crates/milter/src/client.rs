@@ -154,28 +154,41 @@ mod tests {
         assert_eq!(c.verdict, Verdict::Accept);
     }
 
+    /// A fake milter on `stream`: it answers every packet with what `answer` says (nothing for
+    /// None) until the MTA hangs up.
+    async fn fake_milter<S>(mut s: S, answer: fn(u8) -> Vec<Packet>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut d = Decoder::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            d.push(&buf[..n]);
+            while let Ok(Some(p)) = d.next_packet() {
+                for reply in answer(p.code) {
+                    s.write_all(&reply.encode()).await.unwrap();
+                }
+            }
+        }
+    }
+
+    /// Version 6, no actions, every step and every reply.
+    fn negotiated() -> Packet {
+        Packet::new(b'O', [6u32, 0, 0].iter().flat_map(|n| n.to_be_bytes()).collect())
+    }
+
     /// A milter that answers negotiation and then says nothing: the timeout applies.
     #[tokio::test]
     async fn a_silent_milter_times_out() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut d = Decoder::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                if n == 0 {
-                    return;
-                }
-                d.push(&buf[..n]);
-                while let Ok(Some(p)) = d.next_packet() {
-                    if p.code == b'O' {
-                        let data: Vec<u8> = [6u32, 0, 0].iter().flat_map(|n| n.to_be_bytes()).collect();
-                        s.write_all(&Packet::new(b'O', data).encode()).await.unwrap();
-                    }
-                }
-            }
+            let (s, _) = listener.accept().await.unwrap();
+            fake_milter(s, |code| if code == b'O' { vec![negotiated()] } else { vec![] }).await;
         });
         let c = check(&milter(Address::Tcp(addr), DefaultAction::Tempfail), message(), 1 << 20).await;
         assert!(matches!(c.verdict, Verdict::Tempfail(_)), "{c:?}");
@@ -185,38 +198,22 @@ mod tests {
     /// A milter that accepts at CONNECT, over a Unix socket.
     #[tokio::test]
     async fn an_accepting_milter_over_a_unix_socket() {
-        let dir = std::env::temp_dir().join(format!("milter-test-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("m.sock");
-        let _ = std::fs::remove_file(&path);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut d = Decoder::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                if n == 0 {
-                    return;
-                }
-                d.push(&buf[..n]);
-                while let Ok(Some(p)) = d.next_packet() {
-                    let reply = match p.code {
-                        b'O' => Packet::new(b'O', [6u32, 0, 0].iter().flat_map(|n| n.to_be_bytes()).collect()),
-                        b'C' => Packet::new(b'p', vec![]),
-                        _ => continue,
-                    };
-                    s.write_all(&reply.encode()).await.unwrap();
-                    if p.code == b'C' {
-                        s.write_all(&Packet::new(b'a', vec![]).encode()).await.unwrap();
-                    }
-                }
-            }
+            let (s, _) = listener.accept().await.unwrap();
+            fake_milter(s, |code| match code {
+                b'O' => vec![negotiated()],
+                // PROGRESS, then ACCEPT.
+                b'C' => vec![Packet::new(b'p', vec![]), Packet::new(b'a', vec![])],
+                _ => vec![],
+            })
+            .await;
         });
         let c = check(&milter(Address::Unix(path.clone()), DefaultAction::Tempfail), message(), 1 << 20).await;
         assert_eq!(c.verdict, Verdict::Accept, "{c:?}");
         // The PROGRESS restarted the timer; the ACCEPT at CONNECT ends the conversation there.
         assert_eq!(c.outcome.unwrap().stage, crate::Stage::Connect);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
